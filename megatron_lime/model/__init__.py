@@ -1,0 +1,6 @@
+"""The LIME model: plain PyTorch (see lime.py)."""
+
+from megatron_lime.model.lime import LimeBlock, LimeModel, LimeOutput, RMSNorm, language_model_loss
+from megatron_lime.model.positions import sinusoid_table
+
+__all__ = ["LimeBlock", "LimeModel", "LimeOutput", "RMSNorm", "language_model_loss", "sinusoid_table"]

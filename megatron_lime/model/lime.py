@@ -1,0 +1,170 @@
+"""LIME: a decoder-only Transformer with sinusoidal positions, RMSNorm, a non-gated SiLU MLP
+and an output head tied to the token embedding. Plain PyTorch: nothing distributed here.
+
+    x = embed(tokens) * sqrt(d) + PE[positions]
+    for each block:  x = x + attn(rms_norm(x));  x = x + fc_out(silu(fc_in(rms_norm(x))))
+    logits = rms_norm(x) @ embed.weight^T
+
+No linear layer has a bias (as in PaLM and LLaMA: biases add nothing measurable at this
+scale and complicate the fused kernels and the conversion).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_lime import kernels
+from megatron_lime.config import LimeConfig
+from megatron_lime.model.attention import CausalSelfAttention
+from megatron_lime.model.positions import sinusoid_table
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LimeConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
+        self.fc_out = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(kernels.silu(self.fc_in(x)))  # (b, s, d) -> (b, s, f) -> (b, s, d)
+
+
+class LimeBlock(nn.Module):
+    def __init__(self, config: LimeConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attention = CausalSelfAttention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attn_norm(x), document_ids)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class LimeOutput:
+    logits: torch.Tensor  # (b, s, vocab)
+    loss: torch.Tensor | None = None  # scalar: mean (or sum) of cross-entropy over trained tokens
+    num_loss_tokens: torch.Tensor | None = None  # scalar: how many tokens the loss covers
+
+
+class LimeModel(nn.Module):
+    def __init__(self, config: LimeConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LimeBlock(config) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        # Not persistent: it is a function of the config, so checkpoints never carry it.
+        self.register_buffer("position_table", torch.empty(config.max_position_embeddings, config.hidden_size),
+                             persistent=False)
+        self.embedding_scale = math.sqrt(config.hidden_size)
+        self.activation_checkpointing = False  # switched on by training.wrap, never by the model
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection: the token embedding itself (one tensor, tied)."""
+        return self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2/Megatron initialisation; also (re)computes the position table.
+
+        Call after `to_empty()` when the model was built on the meta device.
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_output = name.endswith("attention.out_proj") or name.endswith("mlp.fc_out")
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual_output else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.reset_position_table()
+
+    @torch.no_grad()
+    def reset_position_table(self) -> None:
+        table = sinusoid_table(self.config.max_position_embeddings, self.config.hidden_size,
+                               self.config.position_base, device=self.position_table.device)
+        self.position_table.copy_(table)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+    ) -> LimeOutput:
+        """Logits for every position, and the loss when labels are given.
+
+        input_ids:    (b, s) int token ids, s <= max_position_embeddings.
+        labels:       (b, s) int next-token targets (already shifted: labels[:, t] follows input_ids[:, t]);
+                      -100 marks a position without a target.
+        loss_mask:    (b, s) 0/1 (or float weights): which positions the loss covers.
+        position_ids: (b, s) or (s,) positions; default 0..s-1. Packed sequences restart them per document.
+        document_ids: (b, s) ids; tokens attend only within their own document (packing without cross-talk).
+        loss_reduction: "mean" over covered tokens, or "sum" (the caller divides by a global count).
+        """
+        b, s = input_ids.shape
+        if s > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {s} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if position_ids is None:
+            positions = self.position_table[:s]  # (s, d)
+        else:
+            positions = F.embedding(position_ids, self.position_table)  # (b, s, d) or (s, d)
+        x = self.tok_embeddings(input_ids) * self.embedding_scale + positions  # (b, s, d)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, document_ids, use_reentrant=False)
+            else:
+                x = layer(x, document_ids)
+        x = self.final_norm(x)
+        logits = F.linear(x, self.lm_head_weight)  # (b, s, vocab)
+        if labels is None:
+            return LimeOutput(logits=logits)
+        loss, count = language_model_loss(logits, labels, loss_mask, loss_reduction)
+        return LimeOutput(logits=logits, loss=loss, num_loss_tokens=count)
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None,
+                        reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy in fp32 over the positions that have a label and a non-zero mask.
+
+    Returns (loss, number of covered tokens); `reduction` is "mean" or "sum".
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                reduction="none")  # (b*s,)
+    weights = (labels.flatten() != -100).float()  # (b*s,)
+    if loss_mask is not None:
+        weights = weights * loss_mask.flatten().float()
+    total = (per_token * weights).sum()
+    count = weights.sum()
+    if reduction == "sum":
+        return total, count
+    return total / count.clamp(min=1.0), count

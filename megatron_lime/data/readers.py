@@ -1,0 +1,193 @@
+"""Streaming readers of raw text corpora: JSONL, JSONL.gz, parquet, `datasets` saved to disk, plain text.
+
+Used by tools/preprocess_data.py (which splits the reading into chunks for worker processes)
+and tools/train_tokenizer.py. Every problem with a record raises `BadRecordError`, which names
+the file, the line or row, and what was wrong.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+# A directory holding one of these was written by `datasets.Dataset.save_to_disk`.
+DATASETS_MARKERS = ("state.json", "dataset_dict.json")
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be used: where it is and what was wrong."""
+
+    def __init__(self, path: str, location: str, reason: str):
+        super().__init__(f"{path}: {location}: {reason}")
+        self.path, self.location, self.reason = path, location, reason
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """One input to read: a file, or a directory written by `datasets.save_to_disk`."""
+
+    path: str
+    kind: str  # "jsonl", "parquet", "text" or "datasets"
+
+    @property
+    def compressed(self) -> bool:
+        return self.path.endswith(".gz")
+
+
+def file_kind(path: str) -> str | None:
+    if path.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if path.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if path.endswith(TEXT_SUFFIXES):
+        return "text"
+    return None
+
+
+def is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in DATASETS_MARKERS)
+
+
+def find_inputs(pattern: str, allow_text: bool = False) -> list[InputSource]:
+    """Expand --input: a file, a directory (searched recursively, sorted), a glob, or a saved `datasets` dataset."""
+    if is_saved_dataset(pattern):
+        return [InputSource(pattern, "datasets")]
+    if os.path.isdir(pattern):
+        candidates = sorted(os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names)
+    elif os.path.isfile(pattern):
+        candidates = [pattern]
+    else:
+        candidates = sorted(glob.glob(pattern, recursive=True))
+        if not candidates:
+            raise FileNotFoundError(f"--input {pattern}: no such file, directory or glob match")
+    sources = []
+    for path in candidates:
+        kind = file_kind(path)
+        if kind == "text" and not allow_text:
+            kind = None
+        if kind is not None:
+            sources.append(InputSource(path, kind))
+        elif path == pattern:
+            raise ValueError(
+                f"{path}: unsupported input type (expected {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}"
+                f"{', ' + ', '.join(TEXT_SUFFIXES) if allow_text else ''}, or a dataset saved with datasets.save_to_disk)"
+            )
+    if not sources:
+        raise FileNotFoundError(f"--input {pattern}: no JSONL, JSONL.gz or parquet files found")
+    return sources
+
+
+def open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def parse_jsonl_line(line: bytes, path: str, line_number: int, keys: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The values of `keys` in one JSONL line; None for a blank line. Raises BadRecordError."""
+    if not line.strip():
+        return None
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecordError(path, f"line {line_number}", f"invalid UTF-8 at byte {e.start} of the line") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecordError(path, f"line {line_number}", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise BadRecordError(path, f"line {line_number}", f"expected a JSON object, got {type(record).__name__}")
+    values = []
+    for key in keys:
+        if key not in record:
+            raise BadRecordError(path, f"line {line_number}", f"missing key {key!r} (keys: {', '.join(list(record)[:10])})")
+        value = record[key]
+        if not isinstance(value, str):
+            raise BadRecordError(path, f"line {line_number}", f"key {key!r} is {type(value).__name__}, expected a string")
+        values.append(value)
+    return tuple(values)
+
+
+def check_string_value(value: object, path: str, row: int, key: str) -> str:
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise BadRecordError(path, f"row {row}", f"column {key!r} is {kind}, expected a string")
+    return value
+
+
+def open_parquet(path: str, keys: tuple[str, ...]):
+    """A pyarrow ParquetFile, after checking it opens and has the columns (BadRecordError otherwise)."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise BadRecordError(path, "file", f"unreadable parquet file ({type(e).__name__}: {e})") from None
+    columns = parquet.schema_arrow.names
+    for key in keys:
+        if key not in columns:
+            raise BadRecordError(path, "file", f"missing column {key!r} (columns: {', '.join(columns)})")
+    return parquet
+
+
+def load_saved_dataset(path: str, keys: tuple[str, ...]):
+    """A `datasets.Dataset` saved to disk (a DatasetDict must have a single split, or a 'train' split)."""
+    import datasets
+
+    dataset = datasets.load_from_disk(path)
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" in dataset:
+            dataset = dataset["train"]
+        elif len(dataset) == 1:
+            dataset = next(iter(dataset.values()))
+        else:
+            raise ValueError(f"{path}: a DatasetDict with splits {list(dataset)}; point --input at one split's directory")
+    for key in keys:
+        if key not in dataset.column_names:
+            raise BadRecordError(path, "dataset", f"missing column {key!r} (columns: {', '.join(dataset.column_names)})")
+    return dataset
+
+
+def iter_records(source: InputSource, keys: tuple[str, ...], batch_size: int = 1024) -> Iterator[tuple[str, ...]]:
+    """Yield the `keys` values of every record of one input, one tuple per record (in order)."""
+    if source.kind == "jsonl":
+        with open_binary(source.path) as f:
+            for line_number, line in enumerate(f, start=1):
+                values = parse_jsonl_line(line, source.path, line_number, keys)
+                if values is not None:
+                    yield values
+    elif source.kind == "text":
+        # A plain-text file is one document (the tokenizer trainer only).
+        with open_binary(source.path) as f:
+            data = f.read()
+        try:
+            yield (data.decode("utf-8"),) * len(keys)
+        except UnicodeDecodeError as e:
+            raise BadRecordError(source.path, f"byte {e.start}", "invalid UTF-8") from None
+    elif source.kind == "parquet":
+        parquet = open_parquet(source.path, keys)
+        row = 0
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=list(keys)):
+            columns = [batch.column(k).to_pylist() for k in keys]
+            for i, values in enumerate(zip(*columns)):
+                for key, value in zip(keys, values):
+                    check_string_value(value, source.path, row + i, key)
+                yield values
+            row += batch.num_rows
+    elif source.kind == "datasets":
+        dataset = load_saved_dataset(source.path, keys)
+        row = 0
+        for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
+            columns = [batch.column(k).to_pylist() for k in keys]
+            for i, values in enumerate(zip(*columns)):
+                for key, value in zip(keys, values):
+                    check_string_value(value, source.path, row + i, key)
+                yield values
+            row += batch.num_rows
+    else:
+        raise ValueError(f"unknown input kind {source.kind!r}")

@@ -1,0 +1,142 @@
+"""Small, deterministic test data for everyone's tests: a corpus, a tokenizer, a preprocessed dataset.
+
+    corpus = write_tiny_corpus(str(tmp / "corpus.jsonl"))
+    tokenizer_dir = train_tiny_tokenizer(str(tmp / "tokenizer"), corpus)
+    prefix, tokenizer_dir = make_tiny_pretraining_data(str(tmp))   # all three steps
+
+Everything is idempotent: when the outputs already exist they are reused, so a pytest
+session-scoped fixture (tmp_path_factory) pays for them once. The tokenizer and the
+preprocessing go through the real tools/train_tokenizer.py and tools/preprocess_data.py code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import random
+import sys
+from types import ModuleType
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Modules whose docstrings make the English text (sorted, so the corpus never depends on import order).
+DOCSTRING_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures", "contextlib",
+    "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip",
+    "hashlib", "heapq", "html", "http.client", "inspect", "ipaddress", "itertools", "json", "logging",
+    "mimetypes", "operator", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "shutil", "socket",
+    "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing",
+    "unittest", "urllib.parse", "uuid", "zipfile",
+)
+
+# Text a lossless tokenizer must survive; spliced into some documents.
+HARD_STRINGS = (
+    "line one\nline two\n\n\nafter blank lines",
+    "tabs\tand\t\tmore tabs\t",
+    "runs of spaces:     five, then two  done   ",
+    "   leading spaces and a trailing one ",
+    "emoji: 😀 👍🏽 🇫🇷 and a family 👨‍👩‍👧",
+    "CJK: 中文字符, 日本語のテキスト, 한국어 문장",
+    "accents: café naïve résumé, combining e\u0301",
+    "a literal \u2581 meta symbol and <eos> <user> <assistant> <pad> written as text",
+    "windows line end\r\nand a form feed\f and NUL-free control \x07 char",
+    "digits 1234567890 and 3.14159, 2,000,000",
+)
+
+
+def _docstring_paragraphs() -> list[str]:
+    paragraphs: list[str] = []
+    seen: set[str] = set()
+    for module_name in sorted(DOCSTRING_MODULES):
+        module = importlib.import_module(module_name)
+        objects = [module] + [getattr(module, name) for name in sorted(vars(module)) if not name.startswith("_")]
+        for obj in objects:
+            doc = getattr(obj, "__doc__", None)
+            if not isinstance(doc, str) or len(doc) < 80 or doc in seen:
+                continue
+            seen.add(doc)
+            paragraphs.append(doc.strip())
+    return paragraphs
+
+
+def write_tiny_corpus(path: str, num_docs: int = 200, seed: int = 0) -> str:
+    """Write a JSONL in FineWeb-Edu's schema (text, id, dump, url, ...) of English text; returns path.
+
+    Documents are 1 to 6 standard-library docstrings each (a few hundred to a few thousand
+    characters); every tenth document also contains one of `HARD_STRINGS`.
+    """
+    if os.path.isfile(path):
+        return path
+    rng = random.Random(seed)
+    paragraphs = _docstring_paragraphs()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        for i in range(num_docs):
+            parts = [paragraphs[rng.randrange(len(paragraphs))] for _ in range(rng.randint(1, 6))]
+            if i % 10 == 3:
+                parts.insert(rng.randint(0, len(parts)), HARD_STRINGS[(i // 10) % len(HARD_STRINGS)])
+            text = "\n\n".join(parts)
+            record = {
+                "text": text,
+                "id": f"<urn:uuid:{hashlib.md5(f'{seed}-{i}'.encode()).hexdigest()}>",
+                "dump": "CC-MAIN-2025-05",
+                "url": f"https://docs.example.org/{seed}/{i}.html",
+                "file_path": "s3://commoncrawl/crawl-data/CC-MAIN-2025-05/segments/tiny/warc/tiny.warc.gz",
+                "language": "en",
+                "language_score": round(0.9 + 0.1 * rng.random(), 4),
+                "token_count": len(text.split()),
+                "score": round(2.5 + 2.0 * rng.random(), 4),
+                "int_score": rng.randint(3, 4),
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp_path, path)
+    return path
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import tools/<name>.py as a module (tools/ is not a package)."""
+    module_name = f"lime_tools_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = os.path.join(REPO_ROOT, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    # Registered before running it: dataclasses and pickling (worker processes) look it up by name.
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_tiny_tokenizer(out_dir: str, corpus: str, vocab_size: int = 512) -> str:
+    """Train our tokenizer on `corpus` with tools/train_tokenizer.py (about a second); returns out_dir."""
+    if os.path.isfile(os.path.join(out_dir, "tokenizer.model")) and os.path.isfile(os.path.join(out_dir, "tokenizer_info.json")):
+        return out_dir
+    rc = load_tool("train_tokenizer").main(
+        ["--input", corpus, "--output-dir", out_dir, "--vocab-size", str(vocab_size)]
+    )
+    if rc != 0:
+        raise RuntimeError(f"tools/train_tokenizer.py failed (exit {rc}) on {corpus}")
+    return out_dir
+
+
+def make_tiny_pretraining_data(tmp_dir: str, num_docs: int = 200, vocab_size: int = 512) -> tuple[str, str]:
+    """Corpus + tokenizer + tools/preprocess_data.py --append-eod; returns (prefix, tokenizer_dir).
+
+    prefix is `<tmp_dir>/tiny_text_document` (pass it as --data-path).
+    """
+    corpus = write_tiny_corpus(os.path.join(tmp_dir, "tiny_corpus.jsonl"), num_docs=num_docs)
+    tokenizer_dir = train_tiny_tokenizer(os.path.join(tmp_dir, "tokenizer"), corpus, vocab_size=vocab_size)
+    output_prefix = os.path.join(tmp_dir, "tiny")
+    prefix = output_prefix + "_text_document"
+    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+        rc = load_tool("preprocess_data").main([
+            "--input", corpus, "--output-prefix", output_prefix, "--tokenizer-model", tokenizer_dir,
+            "--append-eod", "--workers", "1", "--quiet",
+        ])
+        if rc != 0:
+            raise RuntimeError(f"tools/preprocess_data.py failed (exit {rc}) on {corpus}")
+    return prefix, tokenizer_dir

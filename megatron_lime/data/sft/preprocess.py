@@ -1,0 +1,226 @@
+"""Tokenise an SFT mixture into the pair of indexed datasets the SFT loader reads.
+
+    {prefix}_text_document.bin/.idx       every example's tokens, one document per example
+    {prefix}_loss_mask_document.bin/.idx  uint8, one 0/1 per token: 1 = a trained target
+    {prefix}_summary.json                 the per-dataset counts printed at the end
+
+Steps per dataset: read rows -> adapter -> (seeded cap) -> tokenise + template -> over-length
+policy -> copies by weight. All datasets' examples are then shuffled together with the mixture
+seed (so Megatron-style contiguous splits of the file are representative) and written to
+temporary names that are renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype
+from megatron_lime.data.sft.adapters import BadRecordError, get_adapter
+from megatron_lime.data.sft.mixture import Mixture, MixtureEntry
+from megatron_lime.data.sft.readers import RowLocation, iter_rows, unreadable_reason
+from megatron_lime.data.sft.template import SFTExample, SFTTokenizer, TemplateIds, encode_examples, render
+
+logger = logging.getLogger(__name__)
+
+TOKENIZE_CHUNK = 512  # examples per encode_batch call
+BAD_RECORDS_SHOWN = 5  # skipped bad rows whose reason is logged, per dataset
+
+
+class SFTDataError(ValueError):
+    """A bad row, when bad rows are not skipped: names the dataset, the file and the row."""
+
+
+def text_prefix(output_prefix: str) -> str:
+    return f"{output_prefix}_text_document"
+
+
+def loss_mask_prefix(output_prefix: str) -> str:
+    return f"{output_prefix}_loss_mask_document"
+
+
+def loss_mask_prefix_for(text_document_prefix: str) -> str:
+    """The loss-mask prefix that goes with a `..._text_document` prefix."""
+    if not text_document_prefix.endswith("_text_document"):
+        raise ValueError(f"an SFT data prefix must end in '_text_document' (as written by "
+                         f"tools/preprocess_sft_data.py), got {text_document_prefix!r}")
+    return text_document_prefix.removesuffix("_text_document") + "_loss_mask_document"
+
+
+@dataclass
+class DatasetSummary:
+    """What happened to one dataset of the mixture."""
+
+    name: str
+    path: str
+    rows_read: int = 0
+    filtered: int = 0  # rows the adapter leaves out on purpose (e.g. other languages)
+    skipped_bad: int = 0
+    examples: int = 0  # examples the adapter produced
+    multi_turn: int = 0  # of the written distinct examples: conversations with more than one trained turn
+    not_selected: int = 0  # left out by max_examples
+    dropped_too_long: int = 0
+    truncated_context: int = 0
+    truncated_turns: int = 0
+    distinct_written: int = 0
+    written: int = 0  # including copies made by weight
+    tokens: int = 0
+    trained_tokens: int = 0
+    bad_record_examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Rendered:
+    tokens: np.ndarray  # (n,) int64
+    loss_mask: np.ndarray  # (n,) uint8
+
+
+def _read_examples(entry: MixtureEntry, summary: DatasetSummary, skip_bad_records: bool) -> list[SFTExample]:
+    adapter = get_adapter(entry.name, entry.options)
+    examples: list[SFTExample] = []
+
+    def bad(location: RowLocation, reason: str) -> None:
+        message = f"{entry.name}: {location}: {reason}"
+        if not skip_bad_records:
+            raise SFTDataError(message + " (pass --skip-bad-records to skip such rows and count them)")
+        summary.skipped_bad += 1
+        if len(summary.bad_record_examples) < BAD_RECORDS_SHOWN:
+            summary.bad_record_examples.append(message)
+            logger.warning("skipping bad record: %s", message)
+
+    rows = iter_rows(entry.path, entry.split)
+    for location, row in tqdm(rows, desc=f"reading {entry.name}", unit=" rows", mininterval=1.0, leave=False):
+        summary.rows_read += 1
+        reason = unreadable_reason(row)
+        if reason is not None:
+            bad(location, reason)
+            continue
+        try:
+            example = adapter.convert(row)
+        except BadRecordError as e:
+            bad(location, str(e))
+            continue
+        if example is None:
+            summary.filtered += 1
+            continue
+        examples.append(example)
+    summary.examples = len(examples)
+    return examples
+
+
+def _render_selected(examples: list[SFTExample], entry: MixtureEntry, mixture: Mixture, ids: TemplateIds,
+                     tokenizer: SFTTokenizer, rng: np.random.Generator, summary: DatasetSummary) -> list[_Rendered]:
+    """Tokenise examples (in a seeded random order when capped) until the cap is reached."""
+    cap = entry.max_examples
+    order = rng.permutation(len(examples)) if cap is not None and cap < len(examples) else np.arange(len(examples))
+    max_tokens = mixture.seq_length + 1  # the last <eos> is only ever a target, never an input position
+    kept: list[_Rendered] = []
+    progress = tqdm(total=min(len(examples), cap or len(examples)), desc=f"tokenising {entry.name}",
+                    unit=" examples", mininterval=1.0, leave=False)
+    examined = 0
+    for start in range(0, len(order), TOKENIZE_CHUNK):
+        if cap is not None and len(kept) >= cap:
+            break
+        chunk = [examples[i] for i in order[start:start + TOKENIZE_CHUNK]]
+        for example, encoded in zip(chunk, encode_examples(chunk, tokenizer)):
+            if cap is not None and len(kept) >= cap:
+                break
+            examined += 1
+            rendered = render(encoded, ids, max_tokens, mixture.over_length)  # type: ignore[arg-type]
+            if rendered is None:
+                summary.dropped_too_long += 1
+                continue
+            summary.truncated_context += rendered.context_truncated
+            summary.truncated_turns += rendered.turns_dropped > 0
+            summary.multi_turn += len(example.turns) - rendered.turns_dropped > 1
+            kept.append(_Rendered(np.asarray(rendered.token_ids, dtype=np.int64),
+                                  np.asarray(rendered.loss_mask, dtype=np.uint8)))
+            progress.update(1)
+    progress.close()
+    summary.not_selected = len(examples) - examined
+    summary.distinct_written = len(kept)
+    return kept
+
+
+def _copies_by_weight(kept: list[_Rendered], weight: float, rng: np.random.Generator) -> list[_Rendered]:
+    """floor(weight) copies of every example plus a seeded random subset for the fraction."""
+    whole, fraction = int(math.floor(weight)), weight - math.floor(weight)
+    extra = rng.choice(len(kept), size=int(round(fraction * len(kept))), replace=False) if kept else []
+    return kept * whole + [kept[i] for i in sorted(extra)]
+
+
+def preprocess_mixture(mixture: Mixture, tokenizer: SFTTokenizer, output_prefix: str,
+                       skip_bad_records: bool = False, vocab_size: int | None = None) -> list[DatasetSummary]:
+    """Tokenise every dataset of the mixture and write the text / loss-mask pair; returns the summaries."""
+    ids = TemplateIds.from_tokenizer(tokenizer)
+    vocab_size = vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size")
+    summaries: list[DatasetSummary] = []
+    written: list[_Rendered] = []
+    for index, entry in enumerate(mixture.datasets):
+        summary = DatasetSummary(name=entry.name, path=entry.path)
+        rng = np.random.default_rng([mixture.seed, index])
+        examples = _read_examples(entry, summary, skip_bad_records)
+        kept = _render_selected(examples, entry, mixture, ids, tokenizer, rng, summary)
+        copies = _copies_by_weight(kept, entry.weight, rng)
+        summary.written = len(copies)
+        summary.tokens = int(sum(r.tokens.size for r in copies))
+        summary.trained_tokens = int(sum(int(r.loss_mask.sum()) for r in copies))
+        summaries.append(summary)
+        written.extend(copies)
+        logger.info("%s: %d examples written", entry.name, summary.written)
+    if not written:
+        raise SFTDataError(f"{mixture.source}: the mixture produced no examples (see the summary counts)")
+
+    order = np.random.default_rng([mixture.seed, len(mixture.datasets)]).permutation(len(written))
+    _write_pair(output_prefix, [written[i] for i in order], best_dtype(vocab_size))
+    with open(f"{output_prefix}_summary.json.tmp", "w", encoding="utf-8") as f:
+        json.dump({"mixture": mixture.source, "seq_length": mixture.seq_length, "over_length": mixture.over_length,
+                   "seed": mixture.seed, "datasets": [asdict(s) for s in summaries]}, f, indent=2)
+    os.replace(f"{output_prefix}_summary.json.tmp", f"{output_prefix}_summary.json")
+    return summaries
+
+
+def _batches(items: list[_Rendered], size: int = 4096) -> Iterator[list[_Rendered]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _write_pair(output_prefix: str, examples: list[_Rendered], token_dtype: type) -> None:
+    with IndexedDatasetWriter(text_prefix(output_prefix), token_dtype) as text_writer, \
+            IndexedDatasetWriter(loss_mask_prefix(output_prefix), np.uint8) as mask_writer:
+        for batch in tqdm(list(_batches(examples)), desc="writing", unit=" batches", leave=False):
+            lengths = np.array([e.tokens.size for e in batch], dtype=np.int64)
+            text_writer.add_documents(np.concatenate([e.tokens for e in batch]), lengths)
+            mask_writer.add_documents(np.concatenate([e.loss_mask for e in batch]), lengths)
+
+
+SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("rows_read", "rows read"), ("filtered", "filtered"), ("skipped_bad", "skipped bad"),
+    ("examples", "examples"), ("not_selected", "over cap"), ("dropped_too_long", "dropped too long"),
+    ("truncated_context", "truncated ctx"), ("truncated_turns", "truncated turns"), ("multi_turn", "multi-turn"),
+    ("written", "written"), ("tokens", "tokens"), ("trained_tokens", "trained tokens"),
+)
+
+
+def format_summary(summaries: list[DatasetSummary]) -> str:
+    """The per-dataset table printed at the end of preprocessing, with a total row."""
+    names = [s.name for s in summaries] + ["total"]
+    rows = [[getattr(s, key) for key, _ in SUMMARY_COLUMNS] for s in summaries]
+    rows.append([sum(r[i] for r in rows) for i in range(len(SUMMARY_COLUMNS))])
+    headers = ["dataset"] + [title for _, title in SUMMARY_COLUMNS]
+    cells = [[name] + [f"{v:,}" for v in row] for name, row in zip(names, rows)]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(c) for c in cells[:-1]] + [line(["-" * w for w in widths]), line(cells[-1])]
+    return "\n".join(out)

@@ -1,0 +1,200 @@
+"""Read the rows of a dataset as users download it: parquet, JSONL, JSON, or `datasets` saved to disk.
+
+A path is a file, a directory or a glob. A directory written by `Dataset.save_to_disk` /
+`DatasetDict.save_to_disk` is loaded with `datasets.load_from_disk`; any other directory (a hub
+snapshot, say) is searched recursively for data files, and when a split is named only the files
+whose path names that split are read (`data/train-00000-of-00001.parquet` for split "train"),
+as the hub lays them out.
+
+Every row comes with its location (file and row number) so errors can name it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+
+@dataclass(frozen=True)
+class RowLocation:
+    file: str
+    row: int  # 0-based row number within the file (for JSON lines: line number - 1)
+    line: int | None = None  # 1-based line number, for JSON lines
+
+    def __str__(self) -> str:
+        return f"{self.file}, line {self.line}" if self.line is not None else f"{self.file}, row {self.row}"
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read at all (not one bad row)."""
+
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json"))
+
+
+def _split_pattern(split: str) -> re.Pattern:
+    # "train" matches data/train-0000.parquet, train.jsonl, train/part-0.parquet, but not "pretrain.json".
+    return re.compile(rf"(^|[/\\_.-]){re.escape(split)}([/\\_.-]|$)")
+
+
+def resolve_data_files(path: str, split: str | None = None) -> list[str]:
+    """The data files (or one saved-dataset directory) a path names, sorted; raises when there are none."""
+    if _is_saved_dataset(path):
+        return [path]
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        found = sorted(
+            os.path.join(root, name)
+            for root, dirs, names in os.walk(path)
+            for name in names
+            if name.endswith(DATA_SUFFIXES) and not name.startswith(".")
+            and name not in ("dataset_info.json", "state.json", "dataset_dict.json")
+        )
+        if split is not None:
+            pattern = _split_pattern(split)
+            of_split = [f for f in found if pattern.search(os.path.relpath(f, path))]
+            found = of_split or found
+        if not found:
+            raise DataFileError(f"{path}: no data files ({', '.join(DATA_SUFFIXES)}) in this directory")
+        return found
+    matches = sorted(glob.glob(path, recursive=True))
+    if not matches:
+        raise DataFileError(f"{path}: no such file, directory or glob match")
+    files: list[str] = []
+    for match in matches:
+        files.extend(resolve_data_files(match, split) if os.path.isdir(match) else [match])
+    return files
+
+
+def iter_rows(path: str, split: str | None = None) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
+    """Every row of every file `path` names, with its location."""
+    for file in resolve_data_files(path, split):
+        yield from iter_file_rows(file, split)
+
+
+def iter_file_rows(file: str, split: str | None = None) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
+    if os.path.isdir(file):
+        yield from _iter_saved_dataset(file, split)
+    elif file.endswith(".parquet"):
+        yield from _iter_parquet(file)
+    elif file.endswith((".jsonl", ".jsonl.gz")):
+        yield from _iter_json_lines(file)
+    elif file.endswith((".json", ".json.gz")):
+        yield from _iter_json(file)
+    else:
+        raise DataFileError(f"{file}: unsupported file type (expected one of {', '.join(DATA_SUFFIXES)}, "
+                            "or a directory written by datasets' save_to_disk)")
+
+
+def _iter_parquet(file: str) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataFileError(f"{file}: not a readable parquet file ({e})") from e
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield RowLocation(file, row), record
+            row += 1
+
+
+def _iter_json_lines(file: str) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
+    row = 0
+    with _open_text(file) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            location = RowLocation(file, row, line_number)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield location, _Unreadable(f"invalid JSON: {e.msg} at column {e.colno}")
+            else:
+                yield location, record
+            row += 1
+
+
+def _iter_json(file: str) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
+    """A JSON array of rows, a {"split": [rows]} object with one list, or JSON lines named .json."""
+    with _open_text(file) as f:
+        first_char = ""
+        while (c := f.read(1)) and c.isspace():
+            pass
+        first_char = c
+    if first_char == "{":
+        with _open_text(file) as f:
+            first_line = f.readline()
+        try:
+            json.loads(first_line)
+            is_json_lines = True  # a complete object on the first line: JSON lines under a .json name
+        except json.JSONDecodeError:
+            is_json_lines = False
+        if is_json_lines:
+            yield from _iter_json_lines(file)
+            return
+    with _open_text(file) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{file}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise DataFileError(f"{file}: a JSON object must hold exactly one list of rows; found lists under "
+                                f"{lists or 'no key'}")
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataFileError(f"{file}: expected a JSON array of rows, got {type(data).__name__}")
+    for row, record in enumerate(data):
+        yield RowLocation(file, row), record
+
+
+def _iter_saved_dataset(directory: str, split: str | None) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
+    import datasets
+
+    loaded = datasets.load_from_disk(directory)
+    if isinstance(loaded, datasets.DatasetDict):
+        name = split or "train"
+        if name not in loaded:
+            raise DataFileError(f"{directory}: the saved DatasetDict has no split {name!r} "
+                                f"(splits: {', '.join(loaded)})")
+        loaded = loaded[name]
+        directory = os.path.join(directory, name)
+    for row, record in enumerate(loaded):
+        yield RowLocation(directory, row), record
+
+
+class _Unreadable(dict):
+    """Stands in for a JSON line that does not parse, so the caller reports it as a bad row."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
+
+
+def unreadable_reason(record: Any) -> str | None:
+    """Why a yielded row could not be read, or None for a real row."""
+    if isinstance(record, _Unreadable):
+        return record.reason
+    if not isinstance(record, dict):
+        return f"expected a JSON object (a row), got {type(record).__name__}"
+    return None

@@ -1,17 +1,35 @@
-"""Fused RMSNorm and SiLU. PLACEHOLDER until the kernels land: reference implementations only."""
+"""Fused RMSNorm and SiLU kernels (C++ for CPU, CUDA for GPU), with pure-PyTorch references.
+
+    from megatron_lime import kernels
+    y = kernels.rms_norm(x, weight, eps)   # x (..., n), weight (n,) -> (..., n)
+    h = kernels.silu(x)                    # any shape -> same shape
+    kernels.backend()                      # e.g. "fused-cpu": what the default device uses
+
+The backend is chosen once at import (see _backend.py: LIME_KERNELS=auto|reference|fused|apex)
+and dispatched per tensor device, so CPU tensors take the CPU kernels even on a GPU machine.
+"""
+
+from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from megatron_lime.kernels import _backend
+from megatron_lime.kernels._backend import KernelsUnavailableError
+from megatron_lime.kernels.rms_norm import FusedRMSNorm, RMSNormFunction, rms_norm, rms_norm_ref
+from megatron_lime.kernels.silu import FusedSiLU, SiLUFunction, silu, silu_ref
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+def backend(device: torch.device | str | None = None) -> str:
+    """The implementation used for tensors on `device`: "fused-cuda", "apex", "fused-cpu" or "reference".
+
+    With no device: CUDA's when a GPU is present, else CPU's.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _backend.SELECTION.for_device(torch.device(device))
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
-
-
-def backend() -> str:
-    return "reference"
+__all__ = [
+    "FusedRMSNorm", "FusedSiLU", "KernelsUnavailableError", "RMSNormFunction", "SiLUFunction", "backend",
+    "rms_norm", "rms_norm_ref", "silu", "silu_ref",
+]

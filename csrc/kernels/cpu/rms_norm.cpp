@@ -1,0 +1,215 @@
+// Fused RMSNorm for CPU: y = x / sqrt(mean(x^2) + eps) * weight over the last dimension.
+//
+// Forward:  one pass computes sum(x^2) for a row, a second pass (the row is now in L1/L2)
+//           writes y once; rstd = 1 / sqrt(mean(x^2) + eps) is kept, one fp32 per row.
+// Backward: with r = rstd and n the row length,
+//             dx = r * w * dy - x * (r^3 / n) * sum(dy * w * x)
+//             dw = sum over rows of dy * x * r
+//           one pass for the dot product, a second writes dx and adds dy * x * r into the
+//           thread's own fp32 weight-gradient row; the per-thread rows are summed at the end.
+// Rows are split over OpenMP threads; 8 fp32 lanes (AVX2) with a scalar tail for any n.
+#include "../checks.h"
+#include "parallel.h"
+#include "rms_norm.h"
+#include "vec.h"
+
+#include <cmath>
+#include <vector>
+
+namespace lime::cpu {
+namespace {
+
+constexpr const char* kFwd = "lime::rms_norm_fwd (CPU)";
+constexpr const char* kBwd = "lime::rms_norm_bwd (CPU)";
+
+template <typename T, typename A>
+void rms_norm_fwd_rows(const T* x, const A* w, T* y, A* rstd, int64_t begin, int64_t end, int64_t n, A eps) {
+  for (int64_t row = begin; row < end; ++row) {
+    const T* xr = x + row * n;
+    T* yr = y + row * n;
+    int64_t j = 0;
+    A sum_sq = 0;
+#if LIME_HAVE_AVX2
+    if constexpr (HasVec<T>::value) {
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+        const __m256 a = load8(xr + j), b = load8(xr + j + kLanes);
+        acc0 = _mm256_fmadd_ps(a, a, acc0);
+        acc1 = _mm256_fmadd_ps(b, b, acc1);
+      }
+      for (; j + kLanes <= n; j += kLanes) {
+        const __m256 a = load8(xr + j);
+        acc0 = _mm256_fmadd_ps(a, a, acc0);
+      }
+      sum_sq = horizontal_sum(_mm256_add_ps(acc0, acc1));
+    }
+#endif
+    for (; j < n; ++j) {
+      const A v = static_cast<A>(xr[j]);
+      sum_sq += v * v;
+    }
+    const A r = A(1) / std::sqrt(sum_sq / static_cast<A>(n) + eps);
+    rstd[row] = r;
+    j = 0;
+#if LIME_HAVE_AVX2
+    if constexpr (HasVec<T>::value) {
+      const __m256 rv = _mm256_set1_ps(r);
+      for (; j + kLanes <= n; j += kLanes) {
+        store8(yr + j, _mm256_mul_ps(_mm256_mul_ps(load8(xr + j), rv), _mm256_loadu_ps(w + j)));
+      }
+    }
+#endif
+    for (; j < n; ++j) yr[j] = static_cast<T>(static_cast<A>(xr[j]) * r * w[j]);
+  }
+}
+
+template <typename T, typename A>
+void rms_norm_bwd_rows(const T* dy, const T* x, const A* w, const A* rstd, T* dx, A* dw_partial, int64_t begin,
+                       int64_t end, int64_t n) {
+  for (int64_t row = begin; row < end; ++row) {
+    const T* dyr = dy + row * n;
+    const T* xr = x + row * n;
+    T* dxr = dx + row * n;
+    const A r = rstd[row];
+    int64_t j = 0;
+    A dot = 0;  // sum(dy * w * x)
+#if LIME_HAVE_AVX2
+    if constexpr (HasVec<T>::value) {
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+        acc0 = _mm256_fmadd_ps(_mm256_mul_ps(load8(dyr + j), _mm256_loadu_ps(w + j)), load8(xr + j), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_mul_ps(load8(dyr + j + kLanes), _mm256_loadu_ps(w + j + kLanes)),
+                               load8(xr + j + kLanes), acc1);
+      }
+      for (; j + kLanes <= n; j += kLanes) {
+        acc0 = _mm256_fmadd_ps(_mm256_mul_ps(load8(dyr + j), _mm256_loadu_ps(w + j)), load8(xr + j), acc0);
+      }
+      dot = horizontal_sum(_mm256_add_ps(acc0, acc1));
+    }
+#endif
+    for (; j < n; ++j) dot += static_cast<A>(dyr[j]) * w[j] * static_cast<A>(xr[j]);
+    const A c = dot * r * r * r / static_cast<A>(n);
+    j = 0;
+#if LIME_HAVE_AVX2
+    if constexpr (HasVec<T>::value) {
+      const __m256 rv = _mm256_set1_ps(r), cv = _mm256_set1_ps(c);
+      for (; j + kLanes <= n; j += kLanes) {
+        const __m256 dyv = load8(dyr + j), xv = load8(xr + j);
+        // dx = r * (w * dy) - c * x
+        store8(dxr + j, _mm256_fmsub_ps(rv, _mm256_mul_ps(_mm256_loadu_ps(w + j), dyv), _mm256_mul_ps(cv, xv)));
+        // dw += (dy * x) * r
+        _mm256_storeu_ps(dw_partial + j,
+                         _mm256_fmadd_ps(_mm256_mul_ps(dyv, xv), rv, _mm256_loadu_ps(dw_partial + j)));
+      }
+    }
+#endif
+    for (; j < n; ++j) {
+      const A dyv = static_cast<A>(dyr[j]), xv = static_cast<A>(xr[j]);
+      dxr[j] = static_cast<T>(r * (w[j] * dyv) - c * xv);
+      dw_partial[j] += dyv * xv * r;
+    }
+  }
+}
+
+at::ScalarType acc_dtype(const torch::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_fwd_inputs(const torch::Tensor& x, const torch::Tensor& weight) {
+  check_device(x, kFwd, "x", c10::DeviceType::CPU);
+  check_device(weight, kFwd, "weight", c10::DeviceType::CPU);
+  check_floating(x, kFwd, "x");
+  check_floating(weight, kFwd, "weight");
+  check_contiguous(x, kFwd, "x");
+  check_rms_norm_shapes(x, weight, kFwd);
+}
+
+}  // namespace
+
+void rms_norm_fwd_out(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& y,
+                      torch::Tensor& rstd) {
+  check_fwd_inputs(x, weight);
+  TORCH_CHECK(eps >= 0, kFwd, ": eps must be >= 0, got ", eps);
+  check_device(y, kFwd, "y", c10::DeviceType::CPU);
+  check_contiguous(y, kFwd, "y");
+  check_same_dtype(x, y, kFwd, "x", "y");
+  check_same_shape(x, y, kFwd, "x", "y");
+  check_device(rstd, kFwd, "rstd", c10::DeviceType::CPU);
+  check_contiguous(rstd, kFwd, "rstd");
+  check_rstd(rstd, x, kFwd);
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  // The weight is tiny (one row): converting it to the accumulation type once lets the row
+  // loops take one weight type whatever the parameter's dtype (fp32 master weights with bf16
+  // activations under autocast, or bf16 weights with bf16 activations).
+  const torch::Tensor w = weight.to(acc_dtype(x)).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lime_rms_norm_fwd_cpu", [&] {
+    using A = typename Acc<scalar_t>::type;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const A* wp = w.data_ptr<A>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    A* rp = rstd.data_ptr<A>();
+    parallel_slices(rows, threads_for(rows, n), [&](int64_t begin, int64_t end, int) {
+      rms_norm_fwd_rows<scalar_t, A>(xp, wp, yp, rp, begin, end, n, static_cast<A>(eps));
+    });
+  });
+}
+
+std::tuple<torch::Tensor, torch::Tensor> rms_norm_fwd(const torch::Tensor& x, const torch::Tensor& weight,
+                                                      double eps) {
+  check_fwd_inputs(x, weight);
+  torch::Tensor y = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  torch::Tensor rstd = torch::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc_dtype(x)));
+  rms_norm_fwd_out(x, weight, eps, y, rstd);
+  return {y, rstd};
+}
+
+void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
+                      const torch::Tensor& rstd, torch::Tensor& dx, torch::Tensor& dw) {
+  for (const auto& [t, name] : {std::pair{&dy, "dy"}, {&x, "x"}, {&weight, "weight"}, {&rstd, "rstd"},
+                                {&dx, "dx"}, {&dw, "dw"}}) {
+    check_device(*t, kBwd, name, c10::DeviceType::CPU);
+    check_contiguous(*t, kBwd, name);
+  }
+  check_floating(x, kBwd, "x");
+  check_floating(weight, kBwd, "weight");
+  check_rms_norm_shapes(x, weight, kBwd);
+  check_same_dtype(dy, x, kBwd, "dy", "x");
+  check_same_shape(dy, x, kBwd, "dy", "x");
+  check_same_dtype(dx, x, kBwd, "dx", "x");
+  check_same_shape(dx, x, kBwd, "dx", "x");
+  check_same_dtype(dw, weight, kBwd, "dw", "weight");
+  check_same_shape(dw, weight, kBwd, "dw", "weight");
+  check_rstd(rstd, x, kBwd);
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  const int num_threads = threads_for(rows, n);
+  const at::ScalarType acc = acc_dtype(x);
+  const torch::Tensor w = weight.to(acc).contiguous();
+  // One weight-gradient row per thread: no atomics and no false sharing in the row loop.
+  torch::Tensor dw_partial = torch::zeros({num_threads, n}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lime_rms_norm_bwd_cpu", [&] {
+    using A = typename Acc<scalar_t>::type;
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const A* wp = w.data_ptr<A>();
+    const A* rp = rstd.data_ptr<A>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    A* partial = dw_partial.data_ptr<A>();
+    parallel_slices(rows, num_threads, [&](int64_t begin, int64_t end, int thread) {
+      rms_norm_bwd_rows<scalar_t, A>(dyp, xp, wp, rp, dxp, partial + thread * n, begin, end, n);
+    });
+  });
+  // Second stage: num_threads x n -> n, in the accumulation type, then cast once.
+  dw.copy_(dw_partial.sum(0));
+}
+
+std::tuple<torch::Tensor, torch::Tensor> rms_norm_bwd(const torch::Tensor& dy, const torch::Tensor& x,
+                                                      const torch::Tensor& weight, const torch::Tensor& rstd) {
+  check_device(x, kBwd, "x", c10::DeviceType::CPU);
+  check_device(weight, kBwd, "weight", c10::DeviceType::CPU);
+  torch::Tensor dx = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  torch::Tensor dw = torch::empty_like(weight, at::MemoryFormat::Contiguous);
+  rms_norm_bwd_out(dy, x, weight, rstd, dx, dw);
+  return {dx, dw};
+}
+
+}  // namespace lime::cpu

@@ -1,0 +1,22 @@
+// Fused RMSNorm for CPU tensors (rms_norm.cpp has the maths).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace lime::cpu {
+
+// x (..., n) contiguous, weight (n,) -> y (..., n) in x's dtype, rstd (...) in fp32 (fp64 for fp64 x).
+std::tuple<torch::Tensor, torch::Tensor> rms_norm_fwd(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+// The same into preallocated y and rstd (lets a benchmark separate allocation from compute).
+void rms_norm_fwd_out(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& y,
+                      torch::Tensor& rstd);
+
+// dy, x (..., n), weight (n,), rstd (...) from the forward -> dx (..., n) in x's dtype, dw (n,) in weight's dtype.
+std::tuple<torch::Tensor, torch::Tensor> rms_norm_bwd(const torch::Tensor& dy, const torch::Tensor& x,
+                                                      const torch::Tensor& weight, const torch::Tensor& rstd);
+void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
+                      const torch::Tensor& rstd, torch::Tensor& dx, torch::Tensor& dw);
+
+}  // namespace lime::cpu

@@ -1,0 +1,178 @@
+"""Write a Hugging Face folder for a LIME model, and read one back into our consolidated format.
+
+The folder loads with no network through
+
+    AutoTokenizer.from_pretrained(path)
+    AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, trust_remote_code=True)
+
+and holds: config.json (model_type "lime", auto_map, tie_word_embeddings), configuration_lime.py
+and modeling_lime.py (standalone, copied from hf_files/), model.safetensors (the tied embedding
+stored once, names from weight_map.py), generation_config.json, the tokenizer files with the
+chat template, README.md (a model card filled from the run) and lime_config.json (the run's record,
+so `--from-hf` can give training its history back).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from megatron_lime.conversion.card import render_model_card
+from megatron_lime.conversion.checkpoints import (
+    LIME_CONFIG_FILE, WEIGHTS_FILE, LimeWeights, atomic_directory, read_hf_export, write_consolidated,
+)
+from megatron_lime.conversion.weight_map import lime_config_to_hf, lime_to_hf_state_dict
+
+logger = logging.getLogger(__name__)
+
+HF_FILES_DIR = Path(__file__).parent / "hf_files"
+REMOTE_CODE_FILES = ("configuration_lime.py", "modeling_lime.py")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The transformers versions modeling_lime.py is written for (see its docstring).
+SUPPORTED_TRANSFORMERS = ">=4.56, <=5.24"
+
+# Renders `[<context>text]<user>question<assistant>` (the SFT template, data/sft/template.py):
+# a system or context message, first and at most once, becomes the <context> block; earlier
+# assistant turns end with <eos>, as in training. No spaces are added around the tags.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] in ['system', 'context'] -%}"
+    "{%- if not loop.first -%}{{ raise_exception('a system/context message must come first') }}{%- endif -%}"
+    "<context>{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "<user>{{ message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "<assistant>{{ message['content'] }}<eos>"
+    "{%- else -%}"
+    "{{ raise_exception('unknown role: ' + message['role'] + ' (use system, context, user or assistant)') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<assistant>{%- endif -%}"
+)
+
+# The model card's decoding, used when generate() is called without arguments.
+CARD_GENERATION = dict(max_new_tokens=128, num_beams=4, early_stopping=True, repetition_penalty=1.15,
+                       no_repeat_ngram_size=3, do_sample=False)
+
+
+def hf_config_dict(weights: LimeWeights, pad_id: int, eos_id: int, dtype: str) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "architectures": ["LimeForCausalLM"],
+        "model_type": "lime",
+        "auto_map": {
+            "AutoConfig": "configuration_lime.LimeConfig",
+            "AutoModel": "modeling_lime.LimeModel",
+            "AutoModelForCausalLM": "modeling_lime.LimeForCausalLM",
+        },
+        **lime_config_to_hf(weights.config),
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_id,
+        "bos_token_id": None,
+        "torch_dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype],
+        "lime_preset": weights.config.name,
+        "transformers_version": transformers.__version__,
+    }
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_length: int) -> "Any":
+    """Tokenizer files + chat template + pad/eos; returns the LimeTokenizer."""
+    from megatron_lime.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model only "
+                         f"{model_vocab_size} embedding rows: wrong tokenizer for this checkpoint")
+    if tokenizer.vocab_size < model_vocab_size:
+        logger.warning("tokenizer has %d ids, the model %d embedding rows (the extra rows are never produced "
+                       "by the tokenizer)", tokenizer.vocab_size, model_vocab_size)
+    missing = [name for name, i in (("<user>", tokenizer.user_id), ("<assistant>", tokenizer.assistant_id),
+                                    ("<context>", tokenizer.context_id)) if i is None]
+    if missing:
+        raise ValueError(f"tokenizer {tokenizer_path} lacks {missing}: the chat template needs them")
+    tokenizer.save_hf(str(out))
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config.update({
+        "tokenizer_class": config.get("tokenizer_class", "PreTrainedTokenizerFast"),
+        "pad_token": tokenizer.id_to_piece(tokenizer.pad_id),
+        "eos_token": tokenizer.id_to_piece(tokenizer.eos_id),
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": max_length,
+    })
+    _write_json(config_path, config)
+    return tokenizer
+
+
+def export_to_hf(weights: LimeWeights, tokenizer_path: str, output_dir: str | Path, dtype: str = "bf16") -> Path:
+    """Write the Hugging Face folder for `weights` (see the module docstring); returns its path.
+
+    The folder is built in a temporary sibling directory and renamed into place when complete.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    output_dir = Path(output_dir)
+    config = weights.config
+    with atomic_directory(output_dir) as tmp:
+        logger.info("writing tokenizer files from %s", tokenizer_path)
+        tokenizer = _write_tokenizer(tokenizer_path, tmp, config.vocab_size, config.max_position_embeddings)
+
+        hf_state = lime_to_hf_state_dict(weights.state_dict, config.num_layers)
+        hf_state = {name: t.detach().to("cpu", DTYPES[dtype]).contiguous() for name, t in hf_state.items()}
+        logger.info("writing %s: %d tensors, %.1fM parameters, %s", WEIGHTS_FILE, len(hf_state),
+                    sum(t.numel() for t in hf_state.values()) / 1e6, dtype)
+        save_file(hf_state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+
+        _write_json(tmp / "config.json", hf_config_dict(weights, tokenizer.pad_id, tokenizer.eos_id, dtype))
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(HF_FILES_DIR / name, tmp / name)
+
+        from transformers import GenerationConfig
+
+        generation = GenerationConfig(pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+                                      bos_token_id=None, **CARD_GENERATION)
+        generation.validate()
+        generation.save_pretrained(str(tmp))
+
+        _write_json(tmp / LIME_CONFIG_FILE, {**weights.metadata, "model": config.to_dict()})
+        (tmp / "README.md").write_text(
+            render_model_card(weights, tokenizer, dtype=dtype, supported_transformers=SUPPORTED_TRANSFORMERS),
+            encoding="utf-8")
+    logger.info("exported %s to %s", weights.source, output_dir)
+    return output_dir
+
+
+def import_from_hf(hf_dir: str | Path, output_dir: str | Path) -> LimeWeights:
+    """Hugging Face LIME folder -> our consolidated format (fp32), ready for `--load DIR --finetune`.
+
+    The run's record (lime_config.json in the export) is carried over; "tokenizer" points to the
+    original tokenizer when the record names one that still exists, else to the export itself
+    (whose tokenizer.json megatron_lime.tokenizer.load_tokenizer reads).
+    """
+    hf_dir = Path(hf_dir)
+    weights = read_hf_export(hf_dir)
+    state_dict = {name: t.to(torch.float32) for name, t in weights.state_dict.items()}
+    metadata = dict(weights.metadata)
+    original_tokenizer = metadata.get("tokenizer")
+    if not original_tokenizer or not Path(original_tokenizer).exists():
+        metadata["tokenizer"] = str(hf_dir.absolute())
+    metadata["converted_from_hf"] = str(hf_dir.absolute())
+    write_consolidated(Path(output_dir), state_dict, metadata)
+    logger.info("wrote consolidated checkpoint %s from %s", output_dir, hf_dir)
+    return LimeWeights(state_dict, weights.config, metadata, "consolidated", f"consolidated checkpoint {output_dir}")

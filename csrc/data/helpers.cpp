@@ -1,0 +1,159 @@
+// Index builders for the GPT pretraining datasets (megatron_lime/data/gpt_dataset.py).
+//
+// build_sample_idx: where each packed sample of seq_length + 1 tokens starts.
+//   The documents, in the order given by document_index (already shuffled, one block per
+//   epoch), form one token stream. Sample i covers stream positions
+//   [i * seq_length, i * seq_length + seq_length] (seq_length + 1 tokens; the last token of
+//   sample i is the first of sample i + 1, because inputs are tokens[:-1] and labels
+//   tokens[1:]). Row i of the result is (position in document_index, offset in that
+//   document) of stream position i * seq_length; row num_samples is the end of the last
+//   sample. This is the layout Megatron-LM's GPTDataset uses, so the semantics match.
+//
+// build_blending_indices: which dataset (and which of its samples) blended sample i is.
+//   Greedy: each sample goes to the dataset furthest below its target share so far, so
+//   after n samples every dataset has within one sample of weight * n.
+//
+// Both run in O(output) with the GIL released; inputs are checked and errors raise ValueError.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename Index>
+py::array_t<Index> build_sample_idx(const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& sizes,
+                                    const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& document_index,
+                                    int64_t seq_length, int64_t num_samples) {
+  if (sizes.ndim() != 1 || document_index.ndim() != 1) {
+    throw std::invalid_argument("build_sample_idx: sizes and document_index must be 1-d");
+  }
+  if (seq_length < 1) {
+    throw std::invalid_argument("build_sample_idx: seq_length must be >= 1, got " + std::to_string(seq_length));
+  }
+  if (num_samples < 0) {
+    throw std::invalid_argument("build_sample_idx: num_samples must be >= 0");
+  }
+  const int64_t num_documents = sizes.shape(0);
+  const int64_t index_length = document_index.shape(0);
+  if (index_length > static_cast<int64_t>(std::numeric_limits<Index>::max())) {
+    throw std::invalid_argument("build_sample_idx: document_index too long for the index dtype");
+  }
+  const int32_t* size = sizes.data();
+  const int64_t* order = document_index.data();
+
+  // Validate once (cheap next to the walk) so the walk needs no checks.
+  int64_t total_tokens = 0;
+  for (int64_t j = 0; j < index_length; ++j) {
+    const int64_t doc = order[j];
+    if (doc < 0 || doc >= num_documents) {
+      throw std::invalid_argument("build_sample_idx: document_index[" + std::to_string(j) + "] = " + std::to_string(doc) +
+                                  " is outside [0, " + std::to_string(num_documents) + ")");
+    }
+    if (size[doc] < 0) {
+      throw std::invalid_argument("build_sample_idx: negative size for document " + std::to_string(doc));
+    }
+    total_tokens += size[doc];
+  }
+  if (total_tokens < 1) {
+    throw std::invalid_argument("build_sample_idx: the documents have no tokens");
+  }
+  // The last sample ends at stream position num_samples * seq_length, which must exist.
+  if (num_samples > 0 && num_samples * seq_length + 1 > total_tokens) {
+    throw std::invalid_argument("build_sample_idx: " + std::to_string(num_samples) + " samples of " +
+                                std::to_string(seq_length) + " + 1 tokens need " +
+                                std::to_string(num_samples * seq_length + 1) + " tokens, the documents have " +
+                                std::to_string(total_tokens));
+  }
+
+  py::array_t<Index> result({num_samples + 1, static_cast<int64_t>(2)});
+  Index* out = result.mutable_data();
+  {
+    py::gil_scoped_release release;
+    int64_t j = 0;            // position in document_index
+    int64_t doc_start = 0;    // stream position of document order[j]'s first token
+    for (int64_t i = 0; i <= num_samples; ++i) {
+      const int64_t position = i * seq_length;
+      // Skip documents that end at or before `position` (empty documents are skipped too).
+      while (doc_start + size[order[j]] <= position) {
+        doc_start += size[order[j]];
+        ++j;
+      }
+      out[2 * i] = static_cast<Index>(j);
+      out[2 * i + 1] = static_cast<Index>(position - doc_start);
+    }
+  }
+  return result;
+}
+
+py::tuple build_blending_indices(const py::array_t<double, py::array::c_style | py::array::forcecast>& weights,
+                                 int64_t size) {
+  if (weights.ndim() != 1 || weights.shape(0) < 1) {
+    throw std::invalid_argument("build_blending_indices: weights must be a non-empty 1-d array");
+  }
+  const int64_t num_datasets = weights.shape(0);
+  if (num_datasets > std::numeric_limits<int16_t>::max()) {
+    throw std::invalid_argument("build_blending_indices: at most 32767 datasets");
+  }
+  if (size < 0) {
+    throw std::invalid_argument("build_blending_indices: size must be >= 0");
+  }
+  const double* weight = weights.data();
+  double total = 0.0;
+  for (int64_t d = 0; d < num_datasets; ++d) {
+    if (!(weight[d] >= 0.0) || !std::isfinite(weight[d])) {
+      throw std::invalid_argument("build_blending_indices: weights must be finite and >= 0");
+    }
+    total += weight[d];
+  }
+  if (total <= 0.0) {
+    throw std::invalid_argument("build_blending_indices: weights sum to zero");
+  }
+
+  py::array_t<int16_t> dataset_index(size);
+  py::array_t<int64_t> dataset_sample_index(size);
+  int16_t* which = dataset_index.mutable_data();
+  int64_t* sample = dataset_sample_index.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::vector<double> share(num_datasets);
+    for (int64_t d = 0; d < num_datasets; ++d) share[d] = weight[d] / total;
+    std::vector<int64_t> taken(num_datasets, 0);
+    for (int64_t i = 0; i < size; ++i) {
+      // Deficit of dataset d once sample i is placed: share * (i + 1) - taken.
+      int64_t best = 0;
+      double best_deficit = -std::numeric_limits<double>::infinity();
+      for (int64_t d = 0; d < num_datasets; ++d) {
+        const double deficit = share[d] * static_cast<double>(i + 1) - static_cast<double>(taken[d]);
+        if (deficit > best_deficit) {
+          best_deficit = deficit;
+          best = d;
+        }
+      }
+      which[i] = static_cast<int16_t>(best);
+      sample[i] = taken[best]++;
+    }
+  }
+  return py::make_tuple(dataset_index, dataset_sample_index);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_data_helpers, m) {
+  m.doc() = "Sample and blending index builders for megatron_lime.data.gpt_dataset";
+  m.def("build_sample_idx_int32", &build_sample_idx<int32_t>, py::arg("sizes"), py::arg("document_index"),
+        py::arg("seq_length"), py::arg("num_samples"),
+        "Sample index (num_samples + 1, 2) int32: (position in document_index, offset) of each sample's first token.");
+  m.def("build_sample_idx_int64", &build_sample_idx<int64_t>, py::arg("sizes"), py::arg("document_index"),
+        py::arg("seq_length"), py::arg("num_samples"), "As build_sample_idx_int32, int64 (document_index >= 2^31 entries).");
+  m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
+        "(dataset_index int16[size], dataset_sample_index int64[size]) realising the weights greedily.");
+}

@@ -217,6 +217,7 @@ class SFTDataset(Dataset):
         example_ids = self.plan.examples[self.plan.starts[k]:self.plan.starts[k + 1]]
         for document, example in enumerate(example_ids.tolist()):
             tokens, mask = self.source.example(example)  # (n,), (n,)
+            tokens = tokens.astype(np.int64)  # stored as uint16: -100 must not wrap around
             n = len(tokens) - 1  # positions: the last token is only a target
             span = slice(cursor, cursor + n)
             input_ids[span] = tokens[:-1]

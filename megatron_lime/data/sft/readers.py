@@ -97,7 +97,7 @@ def iter_file_rows(file: str, split: str | None = None) -> Iterator[tuple[RowLoc
     elif file.endswith((".jsonl", ".jsonl.gz")):
         yield from _iter_json_lines(file)
     elif file.endswith((".json", ".json.gz")):
-        yield from _iter_json(file)
+        yield from _iter_json(file, split)
     else:
         raise DataFileError(f"{file}: unsupported file type (expected one of {', '.join(DATA_SUFFIXES)}, "
                             "or a directory written by datasets' save_to_disk)")
@@ -133,35 +133,29 @@ def _iter_json_lines(file: str) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
             row += 1
 
 
-def _iter_json(file: str) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
-    """A JSON array of rows, a {"split": [rows]} object with one list, or JSON lines named .json."""
+def _iter_json(file: str, split: str | None = None) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
+    """A JSON array of rows, an object of splits ({"train": [rows], ...}), one object, or JSON lines named .json."""
     with _open_text(file) as f:
-        first_char = ""
-        while (c := f.read(1)) and c.isspace():
-            pass
-        first_char = c
-    if first_char == "{":
-        with _open_text(file) as f:
-            first_line = f.readline()
-        try:
-            json.loads(first_line)
-            is_json_lines = True  # a complete object on the first line: JSON lines under a .json name
-        except json.JSONDecodeError:
-            is_json_lines = False
-        if is_json_lines:
-            yield from _iter_json_lines(file)
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            yield from _iter_json_lines(file)  # one object per line, under a .json name
             return
-    with _open_text(file) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataFileError(f"{file}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        raise DataFileError(f"{file}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
     if isinstance(data, dict):
-        lists = [key for key, value in data.items() if isinstance(value, list)]
-        if len(lists) != 1:
-            raise DataFileError(f"{file}: a JSON object must hold exactly one list of rows; found lists under "
-                                f"{lists or 'no key'}")
-        data = data[lists[0]]
+        splits = {k: v for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+        if splits and len(splits) == len(data):  # every value is a list of rows: an object of splits
+            if len(splits) == 1:
+                data = next(iter(splits.values()))
+            elif split in splits:
+                data = splits[split]
+            else:
+                raise DataFileError(f"{file}: a JSON object of several splits ({', '.join(splits)}); name one of "
+                                    f"them as the split (got {split!r})")
+        else:
+            data = [data]  # a single row
     if not isinstance(data, list):
         raise DataFileError(f"{file}: expected a JSON array of rows, got {type(data).__name__}")
     for row, record in enumerate(data):

@@ -1,0 +1,106 @@
+""":"
+# Pretrain LIME-1B on FineWeb-Edu (the model card's run): DeepSpeed ZeRO-1 + bf16, data parallel.
+#
+# Run it either way (overrides are Megatron-style flags at the end; they win over the ones below):
+#   bash examples/pretrain_lime_1b.sh [overrides]        starts deepspeed on every local GPU
+#                                                        (no GPU: 2 CPU processes with gloo)
+#   deepspeed [launcher options] examples/pretrain_lime_1b.sh [overrides]
+#                                                        the launcher runs this file with python on
+#                                                        each rank; the python part at the bottom
+#                                                        asks bash for the arrays below
+# Paths come from the environment:
+#   DATA_PATH        dataset prefix, or a blend "0.7 PREFIX_A 0.3 PREFIX_B" (tools/preprocess_data.py)
+#   TOKENIZER_MODEL  tokenizer directory (tools/train_tokenizer.py) or sentencepiece .model
+#   SAVE_DIR         checkpoints (CHECKPOINT_PATH is accepted too); LOAD_DIR defaults to SAVE_DIR, so
+#                    rerunning the same command resumes where a stopped run left off
+#   HOSTFILE         multi-node with bash: a DeepSpeed hostfile (see examples/hostfile)
+#   MASTER_PORT      rendezvous port for the bash form (default 29500)
+# Tiny CPU smoke run:
+#   bash examples/pretrain_lime_1b.sh --model lime-tiny --data-path PREFIX --tokenizer-model DIR \
+#       --save /tmp/ckpt --load /tmp/ckpt --train-iters 20 --micro-batch-size 2 --global-batch-size 4 \
+#       --log-interval 1 --eval-interval 10
+#
+# Arithmetic (lime-1b: 982.9M parameters, 6N + 12 L d s = 6.20e9 training FLOPs per token at s = 512):
+#   tokens per step  = global batch 512 x seq 512 = 262,144
+#                      (8 GPUs: micro batch 16 x accumulation 4 x 8 ranks = 512)
+#   steps            = ceil(20e9 / 262,144) = 76,294  ->  20,000,014,336 tokens in all
+#   warmup           = 5% of 76,294 = 3,815 steps, then linear decay from 5e-4 to 5e-6
+#   compute          = 6.20e9 x 20.0e9 = 1.24e20 FLOPs
+#   expected time    = 1.24e20 / (8 x 312e12 FLOP/s x MFU) on 8 x A100 80GB (bf16 dense peak 312 TFLOP/s):
+#                      22.3 h at 62% MFU (this stack's target), 27.6 h at 50%, 34.5 h at 40%.
+#                      Measure yours: the log line prints MFU every --log-interval steps.
+
+set -euo pipefail
+SCRIPT="${BASH_SOURCE[0]}"
+SCRIPT_DIR="$(cd "$(dirname "$SCRIPT")" && pwd)"
+
+DATA_PATH="${DATA_PATH:-data/fineweb-edu/fineweb_edu_CC-MAIN-2025-05_text_document}"
+TOKENIZER_MODEL="${TOKENIZER_MODEL:-tokenizers/lime-50k}"
+SAVE_DIR="${SAVE_DIR:-${CHECKPOINT_PATH:-checkpoints/lime-1b-pretrain}}"
+LOAD_DIR="${LOAD_DIR:-$SAVE_DIR}"
+read -r -a DATA_PATH_WORDS <<< "$DATA_PATH"
+
+MODEL_ARGS=(
+    --model lime-1b             # 32 layers, d 1536, FFN 6144, 24 heads, vocab 50,000
+    --seq-length 512
+)
+TRAINING_ARGS=(
+    --recipe pretrain           # AdamW b1 0.9, b2 0.95, eps 1e-8; peak 5e-4, 5% warmup, polynomial decay to 5e-6
+    --micro-batch-size 16
+    --global-batch-size 512
+    --train-tokens 20000000000
+    --weight-decay 0.1
+    --clip-grad 1.0
+    --seed 1234
+    --deepspeed-config "$SCRIPT_DIR/ds_config_zero1_bf16.json"
+    --zero-stage 1
+)
+DATA_ARGS=(
+    --data-path "${DATA_PATH_WORDS[@]}"
+    --tokenizer-model "$TOKENIZER_MODEL"
+    --split 969,30,1
+    --dataset-type gpt
+    --num-workers 2
+)
+CHECKPOINT_ARGS=(
+    --save "$SAVE_DIR"
+    --load "$LOAD_DIR"
+    --save-interval 1000
+    --keep-last 3
+)
+LOGGING_ARGS=(
+    --log-interval 10
+    --eval-interval 1000
+    --eval-iters 10
+    --tensorboard-dir "$SAVE_DIR/tensorboard"
+)
+ALL_ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}")
+
+if [[ "${1:-}" == "--print-args" ]]; then  # asked by the python part below: NUL-separated
+    printf '%s\0' "${ALL_ARGS[@]}"
+    exit 0
+fi
+
+# bash form: start the launcher, which runs this same file with python on every rank.
+if [[ -n "${HOSTFILE:-}" ]]; then
+    LAUNCHER=(deepspeed --hostfile "$HOSTFILE")
+elif NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && [[ "$NUM_GPUS" -gt 0 ]]; then
+    LAUNCHER=(deepspeed --num_gpus "$NUM_GPUS")
+else
+    export DS_ACCELERATOR=cpu     # DeepSpeed's CPU accelerator; the loop uses gloo
+    LAUNCHER=(deepspeed --num_gpus "${CPU_PROCESSES:-2}")
+fi
+exec "${LAUNCHER[@]}" --master_port "${MASTER_PORT:-29500}" "$SCRIPT" "$@"
+":"""
+# Python form: DeepSpeed runs `python examples/pretrain_lime_1b.sh --local_rank=N [overrides]`.
+import os
+import subprocess
+import sys
+
+script = os.path.abspath(__file__)
+flags = subprocess.run(["bash", script, "--print-args"], check=True, stdout=subprocess.PIPE).stdout
+base_args = [arg for arg in flags.decode().split("\0") if arg]
+sys.path.insert(0, os.path.dirname(os.path.dirname(script)))  # a checkout works without pip install
+from megatron_lime.training.pretrain import main  # noqa: E402
+
+sys.exit(main(base_args + sys.argv[1:]))

@@ -1,0 +1,135 @@
+"""Pure pieces of the training stack: LR schedule, batch arithmetic, DeepSpeed config,
+parameter groups, sample order, consolidated checkpoints, MFU."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_lime.config import LimeConfig
+from megatron_lime.model import LimeModel
+from megatron_lime.training.checkpointing import load_consolidated, resolve_load, save_consolidated
+from megatron_lime.training.config import TrainingConfig, parse_training_args, train_iters
+from megatron_lime.training.data import MicroBatchSampler
+from megatron_lime.training.metrics import StepMetrics, peak_tflops_for
+from megatron_lime.training.schedule import lr_at, lr_for_config, warmup_steps
+from megatron_lime.training.wrap import build_deepspeed_config, parameter_groups
+
+
+def test_polynomial_schedule_values():
+    kw = dict(peak=5e-4, min_lr=5e-6, warmup=50, decay_steps=1000)
+    assert lr_at(0, **kw) == pytest.approx(5e-4 / 50)
+    assert lr_at(49, **kw) == pytest.approx(5e-4)  # warmup end: the peak
+    assert lr_at(50, **kw) == pytest.approx(5e-4)  # decay starts at the peak
+    assert lr_at(525, **kw) == pytest.approx(5e-6 + (5e-4 - 5e-6) * 0.5)  # mid-decay, linear (power 1)
+    assert lr_at(525, **kw, power=2.0) == pytest.approx(5e-6 + (5e-4 - 5e-6) * 0.25)
+    assert lr_at(999, **kw) == pytest.approx(5e-6 + (5e-4 - 5e-6) / 950)
+    assert lr_at(1000, **kw) == 5e-6 and lr_at(5000, **kw) == 5e-6  # end: the minimum, held
+    values = [lr_at(s, **kw) for s in range(50, 1001)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_cosine_and_constant_schedules():
+    kw = dict(peak=1.0, min_lr=0.1, warmup=10, decay_steps=110)
+    assert lr_at(60, **kw, style="cosine") == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(10, **kw, style="cosine") == pytest.approx(1.0)
+    assert lr_at(110, **kw, style="cosine") == pytest.approx(0.1)
+    assert lr_at(4, **kw, style="constant") == pytest.approx(0.5)
+    assert lr_at(100, **kw, style="constant") == 1.0
+    with pytest.raises(ValueError, match="unknown lr decay style"):
+        lr_at(50, **kw, style="exponential")
+
+
+def test_card_recipe_schedule_over_the_20b_token_run():
+    args = parse_training_args(["--model", "lime-1b", "--train-tokens", "20000000000",
+                                "--global-batch-size", "512", "--micro-batch-size", "16"])
+    steps = train_iters(args)
+    assert steps == math.ceil(20e9 / (512 * 512)) == 76294
+    assert warmup_steps(args.optimizer, steps) == round(0.05 * 76294) == 3815
+    assert lr_for_config(3814, args.optimizer, steps) == pytest.approx(5e-4)
+    assert lr_for_config(steps, args.optimizer, steps) == pytest.approx(5e-6)
+    sft = parse_training_args(["--model", "lime-1b", "--train-iters", "1000", "--recipe", "sft"])
+    assert warmup_steps(sft.optimizer, 1000) == 100
+    assert lr_for_config(99, sft.optimizer, 1000) == pytest.approx(8e-5)
+    assert lr_for_config(550, sft.optimizer, 1000) == pytest.approx(1e-5 + (8e-5 - 1e-5) * 0.5)
+
+
+def test_batch_arithmetic():
+    training = TrainingConfig(micro_batch_size=16, global_batch_size=512, train_iters=1)
+    assert training.gradient_accumulation_steps(8) == 4
+    assert training.gradient_accumulation_steps(16) == 2
+    with pytest.raises(ValueError, match=r"divisible by --micro-batch-size \(16\) x data-parallel size \(3\) = 48"):
+        training.gradient_accumulation_steps(3)
+    with pytest.raises(ValueError, match="must be divisible by --micro-batch-size"):
+        TrainingConfig(micro_batch_size=3, global_batch_size=512, train_iters=1)
+
+
+def test_deepspeed_config_comes_from_the_flags():
+    args = parse_training_args(["--model", "lime-tiny", "--train-iters", "1", "--micro-batch-size", "2",
+                                "--global-batch-size", "8", "--clip-grad", "0.5"])
+    with open("examples/ds_config_zero1_bf16.json") as handle:
+        example = json.load(handle)
+    config = build_deepspeed_config(args, data_parallel_size=2, bf16=False, base=example)
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (8, 2, 2)
+    assert config["gradient_clipping"] == 0.5 and config["bf16"]["enabled"] is False
+    assert config["zero_optimization"]["stage"] == 1
+    assert config["zero_optimization"]["reduce_bucket_size"] == example["zero_optimization"]["reduce_bucket_size"]
+    with pytest.raises(ValueError, match="train_batch_size=64 but the flags give 8"):
+        build_deepspeed_config(args, 2, False, base={"train_batch_size": 64})
+    with pytest.raises(ValueError, match="may not set 'optimizer'"):
+        build_deepspeed_config(args, 2, False, base={"optimizer": {"type": "Adam"}})
+
+
+def test_weight_decay_groups():
+    model = LimeModel(LimeConfig.from_name("lime-tiny"))
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "tok_embeddings.weight" in decayed and "layers.0.attention.qkv.weight" in decayed
+    assert not_decayed == {"final_norm.weight"} | {f"layers.{i}.{n}.weight" for i in range(2)
+                                                    for n in ("attn_norm", "mlp_norm")}
+    assert len(decayed) + len(not_decayed) == len(list(model.parameters()))
+
+
+def test_sampler_keeps_the_global_batch_whatever_the_data_parallel_size():
+    def step_samples(world, micro, consumed, total=48):
+        per_rank = [list(MicroBatchSampler(total, consumed, micro, r, world)) for r in range(world)]
+        return per_rank
+
+    two = step_samples(2, 2, 0)
+    assert two[0][:2] == [[0, 1], [4, 5]] and two[1][:2] == [[2, 3], [6, 7]]
+    # Global batch 8: step 3 covers samples 24..31 at world size 2 or 1.
+    one = step_samples(1, 2, 24)
+    assert sorted(i for mb in one[0][:4] for i in mb) == list(range(24, 32))
+    assert sorted(i for r in range(2) for mb in step_samples(2, 2, 24)[r][:2] for i in mb) == list(range(24, 32))
+
+
+def test_consolidated_round_trip(tmp_path):
+    config = LimeConfig.from_name("lime-tiny")
+    model = LimeModel(config)
+    save_consolidated(str(tmp_path), model, {"model": config.to_dict(), "iteration": 7})
+    state_dict, meta = load_consolidated(str(tmp_path))
+    assert meta["iteration"] == 7 and LimeConfig.from_dict(meta["model"]) == config
+    assert set(state_dict) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state_dict[name], tensor), name
+    assert resolve_load(str(tmp_path), universal=False).kind == "consolidated"
+    with pytest.raises(FileNotFoundError, match="neither a consolidated"):
+        (tmp_path / "empty").mkdir()
+        resolve_load(str(tmp_path / "empty"), universal=False)
+
+
+def test_mfu_arithmetic():
+    config = LimeConfig.from_name("lime-1b")
+    metrics = StepMetrics(iteration=1, train_iters=1, consumed_samples=1, consumed_tokens=1, loss=1.0, lr=1.0,
+                          grad_norm=1.0, ms_per_step=1.0, tokens_per_second=8 * 25_000.0, world_size=8,
+                          flops_per_token=config.flops_per_token(512), peak_tflops=312.0, memory_gib=1.0,
+                          memory_kind="allocated", skipped_in_window=0, skipped_total=0)
+    assert metrics.tflops_per_device == pytest.approx(25_000 * 6.1986e9 / 1e12, rel=1e-4)
+    assert metrics.mfu == pytest.approx(metrics.tflops_per_device / 312.0)
+    assert "MFU 49.7%" in metrics.line()
+    assert peak_tflops_for(torch.device("cpu")) is None and peak_tflops_for(torch.device("cpu"), 100.0) == 100.0

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import sys
+import warnings
 from types import ModuleType
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,15 +51,17 @@ HARD_STRINGS = (
 def _docstring_paragraphs() -> list[str]:
     paragraphs: list[str] = []
     seen: set[str] = set()
-    for module_name in sorted(DOCSTRING_MODULES):
-        module = importlib.import_module(module_name)
-        objects = [module] + [getattr(module, name) for name in sorted(vars(module)) if not name.startswith("_")]
-        for obj in objects:
-            doc = getattr(obj, "__doc__", None)
-            if not isinstance(doc, str) or len(doc) < 80 or doc in seen:
-                continue
-            seen.add(doc)
-            paragraphs.append(doc.strip())
+    with warnings.catch_warnings():  # typing.io and friends warn when touched
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for module_name in sorted(DOCSTRING_MODULES):
+            module = importlib.import_module(module_name)
+            objects = [module] + [getattr(module, name) for name in sorted(vars(module)) if not name.startswith("_")]
+            for obj in objects:
+                doc = getattr(obj, "__doc__", None)
+                if not isinstance(doc, str) or len(doc) < 80 or doc in seen:
+                    continue
+                seen.add(doc)
+                paragraphs.append(doc.strip())
     return paragraphs
 
 

@@ -338,39 +338,54 @@ def train_tokenizer(texts: Iterable[str], output_dir: str, vocab_size: int = 50_
     if vocab_size <= num_reserved:
         raise ValueError(f"vocab_size {vocab_size} must exceed the {num_reserved} special and byte pieces")
     num_documents = 0
+    # sentencepiece turns an exception raised by the iterator into a bare RuntimeError;
+    # keep the original (a BadRecordError naming file and line) to re-raise it.
+    reader_errors: list[Exception] = []
 
     def documents() -> Iterable[str]:
         nonlocal num_documents
-        for text in texts:
-            if text:
-                num_documents += 1
-                # sentencepiece skips sentences longer than max_sentence_length; cutting keeps the rest.
-                yield text[:max_document_chars]
+        try:
+            for text in texts:
+                if text:
+                    num_documents += 1
+                    # sentencepiece skips sentences longer than max_sentence_length; cutting keeps the rest.
+                    yield text[:max_document_chars]
+        except Exception as e:
+            reader_errors.append(e)
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(documents()),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        character_coverage=0.9999,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        split_by_unicode_script=True,
-        max_sentence_length=4 * max_document_chars,  # in bytes
-        pad_id=0, pad_piece=SPECIAL_TOKENS.pad,
-        eos_id=1, eos_piece=SPECIAL_TOKENS.eos,
-        unk_id=2, unk_piece=SPECIAL_TOKENS.unk,
-        bos_id=-1,
-        # Control symbols get single ids but are never produced from raw text by encode().
-        control_symbols=[SPECIAL_TOKENS.user, SPECIAL_TOKENS.assistant, SPECIAL_TOKENS.context],
-        num_threads=num_threads,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(documents()),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=0.9999,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            split_by_unicode_script=True,
+            max_sentence_length=4 * max_document_chars,  # in bytes
+            pad_id=0, pad_piece=SPECIAL_TOKENS.pad,
+            eos_id=1, eos_piece=SPECIAL_TOKENS.eos,
+            unk_id=2, unk_piece=SPECIAL_TOKENS.unk,
+            bos_id=-1,
+            # Control symbols get single ids but are never produced from raw text by encode().
+            control_symbols=[SPECIAL_TOKENS.user, SPECIAL_TOKENS.assistant, SPECIAL_TOKENS.context],
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError:
+        if reader_errors:
+            raise reader_errors[0] from None
+        if num_documents == 0:
+            raise ValueError("no non-empty documents to train the tokenizer on") from None
+        raise
+    if reader_errors:
+        raise reader_errors[0]
     if num_documents == 0:
         raise ValueError("no non-empty documents to train the tokenizer on")
 

@@ -117,6 +117,9 @@ class IndexedDatasetWriter:
         other = IndexedDataset(other_prefix)
         if other.dtype != self.dtype:
             raise ValueError(f"{other.bin_path}: dtype {np.dtype(other.dtype)} differs from {np.dtype(self.dtype)}")
+        if not np.array_equal(other.document_indices, np.arange(len(other) + 1)):
+            raise ValueError(f"{other.idx_path}: documents split into sentences (document_indices is not 0..n); "
+                             "only one-sequence-per-document datasets can be merged")
         with open(other.bin_path, "rb") as source:
             while block := source.read(64 << 20):
                 self.bin_file.write(block)

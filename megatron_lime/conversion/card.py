@@ -99,7 +99,7 @@ from transformers import AutoTokenizer, AutoModelForCausalLM
 import torch
 
 path = "path/to/this/folder"
-tokenizer = AutoTokenizer.from_pretrained(path)
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, trust_remote_code=True)
 
 prompt = "<user>" + "Write five questions for a Data Scientist interview." + "<assistant>"
@@ -113,7 +113,10 @@ outputs = model.generate(
 print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-`device_map="auto"` also works when `accelerate` is installed.
+`device_map="auto"` also works when `accelerate` is installed. Pass `trust_remote_code=True` to
+`AutoTokenizer` as well: transformers 5.x reads config.json while loading a tokenizer, and without
+it stops for up to 15 s at an interactive "run the custom code?" prompt (the tokenizer itself is a
+plain fast tokenizer and runs no custom code).
 
 ### Prompt format
 

@@ -1,0 +1,217 @@
+"""Text generation from a LIME checkpoint or a Hugging Face export (tools/generate.py is the CLI).
+
+Both sources end up as the exported Hugging Face model class (modeling_lime.LimeForCausalLM), so
+generation uses transformers' `generate` exactly as users of the export do:
+
+  * an exported folder loads through AutoTokenizer / AutoModelForCausalLM (trust_remote_code=True);
+  * a DeepSpeed or consolidated checkpoint is converted in memory with the same weight map as the
+    export, and prompts are encoded with megatron_lime's tokenizer.
+
+Prompts follow the SFT template, `[<context>context]<user>question<assistant>` (no spaces around
+the tags), unless `raw=True` (base models: the text is continued as is).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, TextIO
+
+import torch
+
+from megatron_lime.conversion.checkpoints import LimeWeights, detect_checkpoint_kind, load_lime_weights
+from megatron_lime.conversion.weight_map import HF_TIED_HEAD, lime_config_to_hf, lime_to_hf_state_dict
+
+Strategy = Literal["greedy", "beam", "sample", "card"]
+STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample", "card")
+
+
+@dataclass
+class DecodingSettings:
+    """What `generate` is asked to do; `card` reproduces the model card's call exactly."""
+
+    strategy: Strategy = "greedy"
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    num_beams: int = 4  # beam only
+    temperature: float = 0.8  # sample only
+    top_p: float = 0.95  # sample only
+    top_k: int = 0  # sample only; 0 = off
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def generate_kwargs(self, pad_id: int, eos_id: int) -> dict[str, Any]:
+        """Every decoding argument spelled out, so the export's generation_config.json defaults never leak in."""
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        common = dict(pad_token_id=pad_id, eos_token_id=eos_id)
+        if self.strategy == "card":
+            return dict(max_new_tokens=128, num_beams=4, early_stopping=True, repetition_penalty=1.15,
+                        no_repeat_ngram_size=3, min_new_tokens=16, do_sample=False, top_p=None, temperature=None,
+                        top_k=None, **common)
+        kwargs = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                      repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
+                      **common)
+        if self.strategy == "greedy":
+            return dict(kwargs, do_sample=False, num_beams=1, top_p=None, temperature=None, top_k=None)
+        if self.strategy == "beam":
+            return dict(kwargs, do_sample=False, num_beams=self.num_beams, early_stopping=True, top_p=None,
+                        temperature=None, top_k=None)
+        return dict(kwargs, do_sample=True, num_beams=1, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k or None)
+
+    @property
+    def streams(self) -> bool:
+        """transformers streams only single-beam decoding; beam search prints its result at the end."""
+        return self.strategy in ("greedy", "sample")
+
+
+class TokenStreamer:
+    """A transformers streamer (put/end) that prints text as tokens arrive.
+
+    The first `put` is the prompt (generate sends it first) and is skipped. Text is decoded from
+    all tokens so far and only the new suffix is printed; a trailing U+FFFD (half of a multi-byte
+    character split across byte-fallback tokens) is held back until the character completes.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], out: TextIO = sys.stdout):
+        self.decode = decode
+        self.out = out
+        self.tokens: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        if value.dim() > 1:
+            if value.shape[0] != 1:
+                raise ValueError("TokenStreamer streams one sequence (batch size 1)")
+            value = value[0]
+        self.tokens.extend(int(t) for t in value.tolist())
+        text = self.decode(self.tokens)
+        stable = len(text.rstrip("\ufffd"))
+        if stable > self.printed:
+            self.out.write(text[self.printed:stable])
+            self.out.flush()
+            self.printed = stable
+
+    def end(self) -> None:
+        text = self.decode(self.tokens)
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+        self.printed = len(text)
+
+
+@dataclass
+class Generator:
+    """A Hugging Face LimeForCausalLM with the prompt encoder and decoder that fit its tokenizer."""
+
+    model: Any  # modeling_lime.LimeForCausalLM
+    encode_prompt: Callable[[str, str | None, bool], list[int]]  # (question, context, raw) -> ids
+    decode: Callable[[list[int]], str]  # ids -> text, special tokens dropped
+    pad_id: int
+    eos_id: int
+    source: str
+
+    @torch.no_grad()
+    def generate(self, prompt: str, settings: DecodingSettings, context: str | None = None, raw: bool = False,
+                 stream_to: TextIO | None = None) -> list[int]:
+        """The new token ids for one prompt (streamed to `stream_to` as they come when the strategy allows)."""
+        ids = self.encode_prompt(prompt, context, raw)
+        if not ids:
+            raise ValueError("empty prompt")
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)  # (1, s)
+        streamer = TokenStreamer(self.decode, stream_to) if stream_to is not None and settings.streams else None
+        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     streamer=streamer, **settings.generate_kwargs(self.pad_id, self.eos_id))
+        new_ids = output[0, len(ids):].tolist()
+        if stream_to is not None and streamer is None:
+            stream_to.write(self.decode(new_ids) + "\n")
+            stream_to.flush()
+        return new_ids
+
+
+def hf_model_from_weights(weights: LimeWeights, pad_id: int, eos_id: int, dtype: torch.dtype,
+                          device: str | torch.device) -> Any:
+    """The exported model class holding `weights` (converted in memory with the export's weight map)."""
+    from megatron_lime.conversion.hf_files.configuration_lime import LimeConfig as HFLimeConfig
+    from megatron_lime.conversion.hf_files.modeling_lime import LimeForCausalLM
+
+    hf_config = HFLimeConfig(**lime_config_to_hf(weights.config), pad_token_id=pad_id, eos_token_id=eos_id)
+    hf_state = lime_to_hf_state_dict(weights.state_dict, weights.config.num_layers)
+    # Built on the meta device and filled by assignment: no time spent on a random initialisation.
+    with torch.device("meta"):
+        model = LimeForCausalLM(hf_config)
+    missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)
+    if set(missing) != {HF_TIED_HEAD} or unexpected:
+        raise KeyError(f"converted weights do not fit the HF model: missing {missing}, unexpected {unexpected}")
+    model.lm_head.weight = model.model.embed_tokens.weight  # the tie, redone after assignment
+    model.generation_config.pad_token_id = pad_id
+    model.generation_config.eos_token_id = eos_id
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_generator(path: str | Path, tokenizer_path: str | None = None, tag: str | None = None,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Generator:
+    """A Generator for an exported folder, a DeepSpeed save dir or a consolidated checkpoint."""
+    path = Path(path)
+    if detect_checkpoint_kind(path) == "hf" and tag is None:
+        return _load_hf_export(path, dtype, device)
+    weights = load_lime_weights(path, tag=tag)
+    tokenizer_path = tokenizer_path or weights.metadata.get("tokenizer")
+    if not tokenizer_path:
+        raise ValueError(f"{path}: lime_config.json records no tokenizer; pass --tokenizer")
+    from megatron_lime.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > weights.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids, more than the model's "
+                         f"{weights.config.vocab_size}: wrong tokenizer for this checkpoint")
+    special = {i for i in (tokenizer.pad_id, tokenizer.eos_id, tokenizer.user_id, tokenizer.assistant_id,
+                           tokenizer.context_id, tokenizer.unk_id) if i is not None}
+
+    def encode_prompt(question: str, context: str | None, raw: bool) -> list[int]:
+        if raw:
+            return tokenizer.encode(question)
+        if tokenizer.user_id is None or tokenizer.assistant_id is None:
+            raise ValueError(f"tokenizer {tokenizer_path} has no <user>/<assistant> tokens; use raw prompts")
+        ids = []
+        if context is not None:
+            if tokenizer.context_id is None:
+                raise ValueError(f"tokenizer {tokenizer_path} has no <context> token")
+            ids += [tokenizer.context_id, *tokenizer.encode(context)]
+        return ids + [tokenizer.user_id, *tokenizer.encode(question), tokenizer.assistant_id]
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode([i for i in ids if i not in special])
+
+    model = hf_model_from_weights(weights, tokenizer.pad_id, tokenizer.eos_id, dtype, device)
+    return Generator(model, encode_prompt, decode, tokenizer.pad_id, tokenizer.eos_id, weights.source)
+
+
+def _load_hf_export(path: Path, dtype: torch.dtype, device: str | torch.device) -> Generator:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # trust_remote_code for the tokenizer too: transformers 5.x reads config.json while loading a
+    # tokenizer, and a custom model_type would otherwise stop at an interactive prompt.
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=True)
+    model = model.to(device).eval()
+
+    def encode_prompt(question: str, context: str | None, raw: bool) -> list[int]:
+        if raw:
+            return tokenizer(question, add_special_tokens=False)["input_ids"]
+        messages = ([{"role": "system", "content": context}] if context is not None else []) + \
+            [{"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return Generator(model, encode_prompt, decode, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                     f"Hugging Face folder {path}")

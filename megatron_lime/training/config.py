@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -190,10 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EITHER_OR_FLAGS = (("train_iters", "train_tokens"), ("lr_warmup_iters", "lr_warmup_fraction"))
+
+
+def _last_index(argv: list[str], dest: str) -> int:
+    flag = "--" + dest.replace("_", "-")
+    return max(i for i, arg in enumerate(argv) if arg == flag or arg.startswith(flag + "="))
+
+
 def parse_training_args(argv: list[str] | None = None) -> TrainArgs:
     """Parse the command line into TrainArgs; later flags win over earlier ones (so overrides go last)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
+    # Pairs that say the same thing two ways: the one given last wins, so an override appended
+    # to a script's flags (`--train-iters 20` after the script's `--train-tokens`) replaces it.
+    for first, second in EITHER_OR_FLAGS:
+        if getattr(ns, first) is not None and getattr(ns, second) is not None:
+            loser = first if _last_index(argv, first) < _last_index(argv, second) else second
+            setattr(ns, loser, None)
     recipe = RECIPES[ns.recipe]
     model_base = LimeConfig.from_name(ns.model)
     if ns.seq_length is not None and ns.max_position_embeddings is None:
@@ -201,7 +217,7 @@ def parse_training_args(argv: list[str] | None = None) -> TrainArgs:
     try:
         model = dataclass_from_args(LimeConfig, ns, base=model_base)
         bases = {name: dict(recipe.get(name, {})) for name in SECTIONS}
-        if ns.lr_warmup_iters is not None:  # the user's warmup in steps replaces the recipe's fraction
+        if ns.lr_warmup_iters is not None:  # warmup in steps replaces the recipe's fraction
             bases["optimizer"].pop("lr_warmup_fraction", None)
         sections = {name: dataclass_from_args(cls, ns, base=cls(**bases[name])) for name, cls in SECTIONS.items()}
         args = TrainArgs(model=model, recipe=ns.recipe, local_rank=ns.local_rank, **sections)

@@ -1,0 +1,183 @@
+"""Real launches of examples/pretrain_lime_1b.sh on CPU (gloo) with lime-tiny on a corpus made here.
+
+One module-scoped set of runs, several assertions each (DeepSpeed start-up is the slow part):
+  full     bash examples/pretrain_lime_1b.sh        2 processes, 20 steps, uninterrupted
+  first    deepspeed --num_gpus 2 examples/...       same flags, stops at step 10 (--exit-interval)
+  resumed  deepspeed --num_gpus 2 examples/...       resumes `first` to step 20: equal to `full`, bitwise
+  single   deepspeed --num_gpus 1 examples/...       resumes `first` (universal checkpoint) at world size 1
+  sigterm  deepspeed --num_gpus 2 examples/...       a long run stopped by SIGTERM to the launcher
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "examples", "pretrain_lime_1b.sh")
+LOG_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss (\S+) \| lr (\S+) \| grad norm (\S+) \|")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        env.pop(key, None)
+    return env
+
+
+def overrides(data, save: str, load: str, *extra: str) -> list[str]:
+    prefix, tokenizer = data
+    return ["--model", "lime-tiny", "--seq-length", "64", "--data-path", prefix, "--tokenizer-model", tokenizer,
+            "--save", save, "--load", load, "--train-iters", "20", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--log-interval", "1", "--eval-interval", "10", "--eval-iters", "2",
+            "--save-interval", "10", "--num-workers", "0", "--lr", "3e-3", "--split", "90,10,0",
+            "--tensorboard-dir", os.path.join(save, "tb"), *extra]
+
+
+def launch(command: list[str], env: dict[str, str], timeout: int = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=timeout)
+    return result
+
+
+def deepspeed_command(num_processes: int, *args: str) -> list[str]:
+    return ["deepspeed", "--num_gpus", str(num_processes), "--master_port", str(free_port()), SCRIPT, *args]
+
+
+def losses(output: str) -> dict[int, float]:
+    return {int(m.group(1)): float(m.group(3)) for m in LOG_LINE.finditer(output)}
+
+
+def module_weights(tag_dir: str) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+
+
+def check(result: subprocess.CompletedProcess, what: str) -> str:
+    assert result.returncode == 0, f"{what} failed ({result.returncode}):\n{result.stdout[-6000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from megatron_lime.testing import make_tiny_pretraining_data
+
+    return make_tiny_pretraining_data(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    full_dir, first_dir = str(root / "full"), str(root / "first")
+    full = check(launch(["bash", SCRIPT, *overrides(tiny_data, full_dir, full_dir)],
+                        cpu_env(MASTER_PORT=str(free_port()), CPU_PROCESSES="2")), "bash form")
+    first = check(launch(deepspeed_command(2, *overrides(tiny_data, first_dir, first_dir, "--exit-interval", "10")),
+                         cpu_env()), "first half")
+    resumed_dir = str(root / "resumed")
+    subprocess.run(["cp", "-r", first_dir, resumed_dir], check=True)
+    resumed = check(launch(deepspeed_command(2, *overrides(tiny_data, resumed_dir, resumed_dir)), cpu_env()),
+                    "resume")
+    return dict(full=full, full_dir=full_dir, first=first, first_dir=first_dir, resumed=resumed,
+                resumed_dir=resumed_dir, root=root)
+
+
+def test_two_process_run_trains_and_logs(runs):
+    output = runs["full"]
+    per_step = losses(output)
+    assert sorted(per_step) == list(range(1, 21))
+    assert sum(per_step[i] for i in range(16, 21)) / 5 < sum(per_step[i] for i in range(1, 6)) / 5 - 0.5
+    assert "2 data-parallel ranks on cpu" in output
+    assert "micro batch 2 x accumulation 2 x 2 = global batch 8" in output
+    line = next(l for l in output.splitlines() if "iteration       20/" in l)
+    for field in ("consumed samples          160", "consumed tokens          10240", "tokens/s", "/device)",
+                  "TFLOP/s/device", "MFU n/a on CPU", "peak memory", "ms/step"):
+        assert field in line, field
+    assert len(re.findall(r"validation loss at iteration (10|20) \| lm loss value: \S+ \| lm loss PPL", output)) == 2
+    assert os.listdir(os.path.join(runs["full_dir"], "tb"))
+
+
+def test_checkpoint_layout_and_contract(runs):
+    save = runs["full_dir"]
+    assert open(os.path.join(save, "latest")).read().strip() == "global_step20"
+    tag_dir = os.path.join(save, "global_step20")
+    meta = json.load(open(os.path.join(tag_dir, "lime_config.json")))
+    assert meta["iteration"] == 20 and meta["consumed_samples"] == 160 and meta["consumed_tokens"] == 160 * 64
+    assert meta["model"]["num_layers"] == 2 and meta["model"]["max_position_embeddings"] == 64
+    assert meta["dataset_type"] == "gpt" and meta["world_size"] == 2 and meta["data_path"]
+    assert meta["args"]["training"]["global_batch_size"] == 8 and meta["tokenizer"]
+    ds_config = json.load(open(os.path.join(tag_dir, "ds_config.json")))
+    assert ds_config["train_batch_size"] == 8 and ds_config["gradient_accumulation_steps"] == 2
+    assert ds_config["zero_optimization"]["stage"] == 1 and ds_config["bf16"]["enabled"] is False
+    assert {f"rng_state_rank{r}.pt" for r in range(2)} <= set(os.listdir(tag_dir))
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} <= set(os.listdir(tag_dir))
+    assert os.path.isdir(os.path.join(save, "global_step10"))
+    weights = module_weights(tag_dir)
+    assert "tok_embeddings.weight" in weights and "position_table" not in weights
+
+
+def test_stop_and_resume_reproduces_the_uninterrupted_run(runs):
+    first, resumed, full = losses(runs["first"]), losses(runs["resumed"]), losses(runs["full"])
+    assert sorted(first) == list(range(1, 11)) and sorted(resumed) == list(range(11, 21))
+    assert "loaded" in runs["resumed"] and "iteration 10, consumed samples 80" in runs["resumed"]
+    assert {**first, **resumed} == full
+    final_full = module_weights(os.path.join(runs["full_dir"], "global_step20"))
+    final_resumed = module_weights(os.path.join(runs["resumed_dir"], "global_step20"))
+    for name, tensor in final_full.items():
+        assert torch.equal(tensor, final_resumed[name]), f"{name} differs after resume"
+
+
+def test_resume_at_another_data_parallel_size(runs, tiny_data):
+    first_dir = os.path.join(runs["root"], "universal")
+    subprocess.run(["cp", "-r", runs["first_dir"], first_dir], check=True)
+    tag_dir = os.path.join(first_dir, "global_step10")
+    refused = launch(deepspeed_command(1, *overrides(tiny_data, first_dir, first_dir)), cpu_env())
+    assert refused.returncode != 0 and "saved with data-parallel size 2, this run has 1" in refused.stdout
+    convert = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+                              "--input_folder", tag_dir, "--output_folder", tag_dir + "_universal"],
+                             env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+    assert convert.returncode == 0, convert.stdout[-4000:]
+    single = check(launch(deepspeed_command(1, *overrides(tiny_data, first_dir, first_dir, "--universal-checkpoint")),
+                          cpu_env()), "world size 1 resume")
+    assert "1 data-parallel ranks" in single and "accumulation 4 x 1" in single
+    resumed, full = losses(single), losses(runs["full"])
+    assert sorted(resumed) == list(range(11, 21))
+    for step in resumed:  # same samples, same math; only the order of the reductions differs
+        assert resumed[step] == pytest.approx(full[step], rel=2e-5, abs=0), step
+
+
+def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
+    save = str(tmp_path / "preempted")
+    args = overrides(tiny_data, save, save, "--train-iters", "100000", "--save-interval", "100000",
+                     "--eval-interval", "0")
+    process = subprocess.Popen(deepspeed_command(2, *args), env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 180
+    for line in process.stdout:
+        lines.append(line)
+        if LOG_LINE.search(line) and int(LOG_LINE.search(line).group(1)) >= 3:
+            process.send_signal(signal.SIGTERM)  # what a scheduler's preemption sends the launcher
+            break
+        assert time.monotonic() < deadline, "".join(lines[-50:])
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert "termination signal received" in output, output[-4000:]
+    tag = open(os.path.join(save, "latest")).read().strip()
+    step = int(tag.removeprefix("global_step"))
+    assert 3 <= step < 100000
+    meta = json.load(open(os.path.join(save, tag, "lime_config.json")))
+    assert meta["iteration"] == step and meta["consumed_samples"] == 8 * step

@@ -14,9 +14,8 @@ lime_config.json = {"model": LimeConfig.to_dict(), "iteration": N, "consumed_sam
 "consumed_tokens": T, "tokenizer": path, "data_path": [...], "dataset_type": "gpt"|"sft", "args": {...}};
 only "model" is required.
 
-`write_consolidated` / `read_consolidated` implement the consolidated format here because the
-trainer's own reader/writer (megatron_lime/training/checkpointing.py) was not yet available when
-this module was written; both follow the same format and should be unified.
+The consolidated format itself is the trainer's (megatron_lime/training/checkpointing.py:
+save_consolidated / load_consolidated); `write_consolidated` only adds the atomic rename.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.conversion.weight_map import hf_config_to_lime, hf_to_lime_state_dict
@@ -164,21 +163,28 @@ def read_deepspeed(save_dir: Path, tag: str | None = None) -> LimeWeights:
 
 
 def read_consolidated(directory: Path) -> LimeWeights:
-    config, metadata = read_lime_config(directory / LIME_CONFIG_FILE)
-    state_dict = load_file(directory / WEIGHTS_FILE)
+    from megatron_lime.training.checkpointing import load_consolidated
+
+    state_dict, metadata = load_consolidated(str(directory))
+    config = LimeConfig.from_dict(metadata["model"])
     validate_state_dict(state_dict, config, str(directory / WEIGHTS_FILE))
     return LimeWeights(state_dict, config, metadata, "consolidated", f"consolidated checkpoint {directory}")
 
 
 def write_consolidated(directory: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Write DIR/model.safetensors + DIR/lime_config.json atomically (a temp dir renamed into place)."""
+    """Write DIR/model.safetensors + DIR/lime_config.json (the trainer's save_consolidated), atomically."""
+    from megatron_lime.model import LimeModel
+    from megatron_lime.training.checkpointing import save_consolidated
+
     if "model" not in metadata:
         raise ValueError("consolidated metadata needs a \"model\" entry (LimeConfig.to_dict())")
-    directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        with open(tmp / LIME_CONFIG_FILE, "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
+    config = LimeConfig.from_dict(metadata["model"])
+    validate_state_dict(state_dict, config, f"weights for {directory}")
+    with torch.device("meta"):
+        model = LimeModel(config)
+    model.load_state_dict(state_dict, assign=True)  # the tensors themselves, nothing copied
+    with atomic_directory(Path(directory)) as tmp:
+        save_consolidated(str(tmp), model, metadata)
 
 
 def read_hf_export(directory: Path) -> LimeWeights:

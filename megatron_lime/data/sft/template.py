@@ -15,7 +15,7 @@ the `<eos>` that ends it. Context, tags and user turns are masked (0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
 OverLengthPolicy = Literal["drop", "truncate"]

@@ -345,3 +345,28 @@ def test_card_mixture_example_is_valid():
     mixture = load_mixture(os.path.join(repo, "examples", "sft_mixture_lime_1b.yaml"), data_root="/data/sft")
     assert {d.name for d in mixture.datasets} >= set(ADAPTERS) - {"projecte-aina/RAG_Multilingual"}
     assert mixture.seq_length == 512
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer.path)
+
+
+def test_training_tokens_match_transformers_prompt_and_chat_template(tokenizer, hf_tokenizer):
+    """What users run (transformers' tokenizer on the card's prompt, or the export's chat template)
+    gives the same ids as the training examples."""
+    from megatron_lime.conversion.hf_export import CHAT_TEMPLATE
+
+    examples = [e for rows in EXPECTED.values() for e in rows if e is not None]
+    for example, rendered in zip(examples, render_examples(examples, tokenizer)):
+        question = example.turns[0].user
+        prompt_ids = hf_tokenizer("<user>" + question + "<assistant>", add_special_tokens=False)["input_ids"]
+        start = rendered.token_ids.index(tokenizer.user_id)
+        assert rendered.token_ids[start:start + len(prompt_ids)] == prompt_ids
+        messages = ([{"role": "system", "content": example.context}] if example.context else []) + [
+            message for turn in example.turns
+            for message in ({"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant})]
+        text = hf_tokenizer.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False)
+        assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == rendered.token_ids

@@ -126,9 +126,11 @@ def test_conversation_rules():
         {"role": "user", "content": "Part one."}, {"role": "user", "content": "Part two."},
         {"role": "assistant", "content": " Answer. "}, {"role": "user", "content": "Unanswered follow-up"}])
     assert merged == SFTExample(turns=(Turn("Part one.\n\nPart two.", "Answer."),), context="Be brief.\n\nUse English.")
+    greeting_first = conversation_to_example([{"from": "gpt", "value": "Hi, ask me anything."},
+                                              {"from": "human", "value": "Why is the sky blue?"},
+                                              {"from": "gpt", "value": "Rayleigh scattering."}], "from", "value")
+    assert greeting_first == one_turn("Why is the sky blue?", "Rayleigh scattering.")
     bad_conversations = {
-        "starts with the assistant": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hey"},
-                                      {"role": "assistant", "content": "Yes?"}],
         "unknown role 'narrator'": [{"role": "narrator", "content": "Once"}],
         "system message after the first turn": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                                 {"role": "system", "content": "c"}, {"role": "user", "content": "d"},

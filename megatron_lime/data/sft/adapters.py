@@ -8,9 +8,10 @@ How conversations become examples (the same for every dataset; see README.md):
     sequence as history (`<user> u1 <assistant> a1 <eos> <user> u2 <assistant> a2 <eos>`);
   * system messages at the start become the context block (`<context> system text`);
   * consecutive messages of the same role are joined with a blank line;
-  * a trailing user message without a reply is dropped (there is nothing to train on);
-  * a conversation that starts with the assistant, has a system message after the first
-    turn, an unknown role or an empty message is a bad record.
+  * assistant messages before the first user message (a greeting) are dropped, and so is a
+    trailing user message without a reply (there is nothing to train on);
+  * a conversation with no user message followed by a reply, a system message after the
+    first turn, an unknown role or an empty message is a bad record.
 
 A row an adapter deliberately leaves out (RAG_Multilingual rows not in the chosen languages)
 returns None and is counted as filtered, not as bad.
@@ -80,12 +81,12 @@ def conversation_to_example(messages: Any, role_key: str = "role", content_key: 
     context = None
     if merged and merged[0][0] == "system":
         context = merged.pop(0)[1]
+    if merged and merged[0][0] == "assistant":
+        merged.pop(0)  # a greeting before the user speaks: there is no request it answers
     if merged and merged[-1][0] == "user":
         merged.pop()  # a question without a reply: nothing to train on
-    if not merged:
+    if not merged or merged[0][0] != "user":
         raise BadRecordError(f"column {column!r} has no user message followed by an assistant reply")
-    if merged[0][0] != "user":
-        raise BadRecordError(f"column {column!r}: the conversation starts with the {merged[0][0]}, not the user")
     turns = []
     for (user_role, user_text), (reply_role, reply_text) in zip(merged[0::2], merged[1::2]):
         if user_role != "user" or reply_role != "assistant":

@@ -98,6 +98,8 @@ def validate_state_dict(state_dict: dict[str, torch.Tensor], config: LimeConfig,
 
 
 def detect_checkpoint_kind(path: Path) -> CheckpointKind:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
     # An export also holds model.safetensors and lime_config.json (the run's record), so config.json decides.
     if (path / "config.json").is_file():
         return "hf"

@@ -126,6 +126,14 @@ def load_consolidated(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return load_file(weights), meta
 
 
+def holds_checkpoint(path: str) -> bool:
+    """Whether `path` has anything --load could read (a fresh --save directory, e.g. with only logs, has not)."""
+    if not os.path.isdir(path):
+        return False
+    markers = {LATEST, LATEST_UNIVERSAL, CONSOLIDATED_WEIGHTS, "mp_rank_00_model_states.pt"}
+    return any(name in markers or TAG_PATTERN.match(name) for name in os.listdir(path))
+
+
 def is_consolidated(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONSOLIDATED_WEIGHTS))
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeModel
 from megatron_lime.training.checkpointing import (Checkpointer, LoadSource, TrainState, check_model_matches,
-                                                  load_consolidated, resolve_load)
+                                                  holds_checkpoint, load_consolidated, resolve_load)
 from megatron_lime.training.config import TrainArgs, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler, build_datasets, build_loader, to_device
 from megatron_lime.training.metrics import MetricsLogger, StepMetrics, cpu_peak_rss_gib, peak_memory_gib, peak_tflops_for
@@ -251,8 +251,7 @@ def find_load_source(args: TrainArgs, metrics: MetricsLogger) -> LoadSource | No
     path = args.checkpoint.load
     if not path:
         return None
-    empty = not os.path.isdir(path) or not os.listdir(path)
-    if empty and not args.checkpoint.finetune:
+    if not holds_checkpoint(path) and not args.checkpoint.finetune:
         metrics.print(f"WARNING: --load {path} holds no checkpoint yet: starting from scratch")
         return None
     return resolve_load(path, args.checkpoint.universal_checkpoint)

@@ -84,6 +84,8 @@ def build_deepspeed_config(args: TrainArgs, data_parallel_size: int, bf16: bool,
     config.pop("fp16", None)
     zero = config.setdefault("zero_optimization", {})
     zero["stage"] = training.zero_stage
+    if args.checkpoint.universal_checkpoint:  # optimizer state re-partitioned for this data-parallel size
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     config.setdefault("zero_allow_untested_optimizer", True)  # a torch AdamW is what we pass
     config.setdefault("steps_per_print", 2**31 - 1)  # the loop logs; keep DeepSpeed quiet
     config.setdefault("wall_clock_breakdown", False)

@@ -44,7 +44,7 @@ def sample_output(tmp_path_factory, tokenizer_dir):
     prefix = str(tmp / "out" / "sft")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = preprocess(["--mixture", mixture, "--tokenizer", tokenizer_dir, "--output-prefix", prefix])
+        rc = preprocess(["--mixture", mixture, "--tokenizer", tokenizer_dir, "--output-prefix", prefix, "--quiet"])
     assert rc == 0
     return prefix, stdout.getvalue(), tmp
 

@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="Seed of caps, fractional weights and the shuffle (overrides the mixture's).")
     parser.add_argument("--skip-bad-records", action="store_true",
                         help="Skip rows that cannot become examples and count them, instead of stopping.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars (the summary is still printed).")
     return parser.parse_args(argv)
 
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if mixture.seq_length <= 0:
             raise MixtureError(f"--seq-length must be positive, got {mixture.seq_length}")
         tokenizer = load_tokenizer(args.tokenizer)
-        summaries = preprocess_mixture(mixture, tokenizer, args.output_prefix, skip_bad_records=args.skip_bad_records)
+        summaries = preprocess_mixture(mixture, tokenizer, args.output_prefix, skip_bad_records=args.skip_bad_records,
+                                       progress=not args.quiet)
     except (SFTDataError, MixtureError, DataFileError, IndexedDatasetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -72,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     for summary in summaries:
         for message in summary.bad_record_examples:
             print(f"skipped: {message}")
+    seconds = time.perf_counter() - start
+    examples, tokens = sum(s.written for s in summaries), sum(s.tokens for s in summaries)
     print(f"\nwrote {text_prefix(args.output_prefix)}.{{bin,idx}} and {loss_mask_prefix(args.output_prefix)}.{{bin,idx}} "
-          f"in {time.perf_counter() - start:.1f} s")
+          f"in {seconds:.1f} s ({examples / seconds:,.0f} examples/s, {tokens / seconds:,.0f} tokens/s)")
     return 0
 
 

@@ -82,7 +82,8 @@ class _Rendered:
     loss_mask: np.ndarray  # (n,) uint8
 
 
-def _read_examples(entry: MixtureEntry, summary: DatasetSummary, skip_bad_records: bool) -> list[SFTExample]:
+def _read_examples(entry: MixtureEntry, summary: DatasetSummary, skip_bad_records: bool,
+                   progress: bool) -> list[SFTExample]:
     adapter = get_adapter(entry.name, entry.options)
     examples: list[SFTExample] = []
 
@@ -96,7 +97,8 @@ def _read_examples(entry: MixtureEntry, summary: DatasetSummary, skip_bad_record
             logger.warning("skipping bad record: %s", message)
 
     rows = iter_rows(entry.path, entry.split)
-    for location, row in tqdm(rows, desc=f"reading {entry.name}", unit=" rows", mininterval=1.0, leave=False):
+    for location, row in tqdm(rows, desc=f"reading {entry.name}", unit=" rows", mininterval=0.5,
+                              dynamic_ncols=True, disable=not progress):
         summary.rows_read += 1
         reason = unreadable_reason(row)
         if reason is not None:
@@ -116,14 +118,15 @@ def _read_examples(entry: MixtureEntry, summary: DatasetSummary, skip_bad_record
 
 
 def _render_selected(examples: list[SFTExample], entry: MixtureEntry, mixture: Mixture, ids: TemplateIds,
-                     tokenizer: SFTTokenizer, rng: np.random.Generator, summary: DatasetSummary) -> list[_Rendered]:
+                     tokenizer: SFTTokenizer, rng: np.random.Generator, summary: DatasetSummary,
+                     progress: bool) -> list[_Rendered]:
     """Tokenise examples (in a seeded random order when capped) until the cap is reached."""
     cap = entry.max_examples
     order = rng.permutation(len(examples)) if cap is not None and cap < len(examples) else np.arange(len(examples))
     max_tokens = mixture.seq_length + 1  # the last <eos> is only ever a target, never an input position
     kept: list[_Rendered] = []
-    progress = tqdm(total=min(len(examples), cap or len(examples)), desc=f"tokenising {entry.name}",
-                    unit=" examples", mininterval=1.0, leave=False)
+    bar = tqdm(total=min(len(examples), cap or len(examples)), desc=f"tokenising {entry.name}",
+               unit=" examples", mininterval=0.5, dynamic_ncols=True, disable=not progress)
     examined = 0
     for start in range(0, len(order), TOKENIZE_CHUNK):
         if cap is not None and len(kept) >= cap:
@@ -142,8 +145,8 @@ def _render_selected(examples: list[SFTExample], entry: MixtureEntry, mixture: M
             summary.multi_turn += len(example.turns) - rendered.turns_dropped > 1
             kept.append(_Rendered(np.asarray(rendered.token_ids, dtype=np.int64),
                                   np.asarray(rendered.loss_mask, dtype=np.uint8)))
-            progress.update(1)
-    progress.close()
+            bar.update(1)
+    bar.close()
     summary.not_selected = len(examples) - examined
     summary.distinct_written = len(kept)
     return kept
@@ -157,8 +160,12 @@ def _copies_by_weight(kept: list[_Rendered], weight: float, rng: np.random.Gener
 
 
 def preprocess_mixture(mixture: Mixture, tokenizer: SFTTokenizer, output_prefix: str,
-                       skip_bad_records: bool = False, vocab_size: int | None = None) -> list[DatasetSummary]:
-    """Tokenise every dataset of the mixture and write the text / loss-mask pair; returns the summaries."""
+                       skip_bad_records: bool = False, vocab_size: int | None = None,
+                       progress: bool = True) -> list[DatasetSummary]:
+    """Tokenise every dataset of the mixture and write the text / loss-mask pair; returns the summaries.
+
+    Raises SFTDataError on the first bad row unless skip_bad_records; `progress` shows tqdm bars.
+    """
     ids = TemplateIds.from_tokenizer(tokenizer)
     vocab_size = vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size")
     summaries: list[DatasetSummary] = []
@@ -166,8 +173,8 @@ def preprocess_mixture(mixture: Mixture, tokenizer: SFTTokenizer, output_prefix:
     for index, entry in enumerate(mixture.datasets):
         summary = DatasetSummary(name=entry.name, path=entry.path)
         rng = np.random.default_rng([mixture.seed, index])
-        examples = _read_examples(entry, summary, skip_bad_records)
-        kept = _render_selected(examples, entry, mixture, ids, tokenizer, rng, summary)
+        examples = _read_examples(entry, summary, skip_bad_records, progress)
+        kept = _render_selected(examples, entry, mixture, ids, tokenizer, rng, summary, progress)
         copies = _copies_by_weight(kept, entry.weight, rng)
         summary.written = len(copies)
         summary.tokens = int(sum(r.tokens.size for r in copies))
@@ -179,7 +186,7 @@ def preprocess_mixture(mixture: Mixture, tokenizer: SFTTokenizer, output_prefix:
         raise SFTDataError(f"{mixture.source}: the mixture produced no examples (see the summary counts)")
 
     order = np.random.default_rng([mixture.seed, len(mixture.datasets)]).permutation(len(written))
-    _write_pair(output_prefix, [written[i] for i in order], best_dtype(vocab_size))
+    _write_pair(output_prefix, [written[i] for i in order], best_dtype(vocab_size), progress)
     with open(f"{output_prefix}_summary.json.tmp", "w", encoding="utf-8") as f:
         json.dump({"mixture": mixture.source, "seq_length": mixture.seq_length, "over_length": mixture.over_length,
                    "seed": mixture.seed, "datasets": [asdict(s) for s in summaries]}, f, indent=2)
@@ -192,10 +199,11 @@ def _batches(items: list[_Rendered], size: int = 4096) -> Iterator[list[_Rendere
         yield items[start:start + size]
 
 
-def _write_pair(output_prefix: str, examples: list[_Rendered], token_dtype: type) -> None:
+def _write_pair(output_prefix: str, examples: list[_Rendered], token_dtype: type, progress: bool) -> None:
     with IndexedDatasetWriter(text_prefix(output_prefix), token_dtype) as text_writer, \
             IndexedDatasetWriter(loss_mask_prefix(output_prefix), np.uint8) as mask_writer:
-        for batch in tqdm(list(_batches(examples)), desc="writing", unit=" batches", leave=False):
+        for batch in tqdm(list(_batches(examples)), desc="writing", unit=" batches", dynamic_ncols=True,
+                          disable=not progress):
             lengths = np.array([e.tokens.size for e in batch], dtype=np.int64)
             text_writer.add_documents(np.concatenate([e.tokens for e in batch]), lengths)
             mask_writer.add_documents(np.concatenate([e.loss_mask for e in batch]), lengths)

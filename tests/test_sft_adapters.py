@@ -196,6 +196,9 @@ def test_readers_parquet_glob_directory_and_split(tmp_path):
     sample_rows.write_parquet(str(tmp_path / "hub" / "data" / "train-00001-of-00002.parquet"), ROWS[2:])
     sample_rows.write_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"), [{"instruction": "t", "n": 9}])
     (tmp_path / "hub" / "README.md").write_text("# card")
+    (tmp_path / "hub" / "dataset_infos.json").write_text("{}")
+    os.makedirs(tmp_path / "hub" / ".cache" / "huggingface")
+    (tmp_path / "hub" / ".cache" / "huggingface" / "x.json").write_text("{}")
     assert read_all(tmp_path / "hub", "train") == ROWS
     assert read_all(tmp_path / "hub", "test") == [{"instruction": "t", "n": 9}]
     assert read_all(str(tmp_path / "hub" / "data" / "train-*.parquet")) == ROWS

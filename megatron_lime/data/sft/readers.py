@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
+# JSON files in dataset directories that describe the data rather than hold it.
+METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"})
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,12 @@ def resolve_data_files(path: str, split: str | None = None) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
-        found = sorted(
-            os.path.join(root, name)
-            for root, dirs, names in os.walk(path)
-            for name in names
-            if name.endswith(DATA_SUFFIXES) and not name.startswith(".")
-            and name not in ("dataset_info.json", "state.json", "dataset_dict.json")
-        )
+        found = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # e.g. .cache/ of huggingface-cli
+            found += [os.path.join(root, name) for name in names
+                      if name.endswith(DATA_SUFFIXES) and not name.startswith(".") and name not in METADATA_FILES]
+        found.sort()
         if split is not None:
             pattern = _split_pattern(split)
             of_split = [f for f in found if pattern.search(os.path.relpath(f, path))]

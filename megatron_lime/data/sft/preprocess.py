@@ -181,7 +181,7 @@ def preprocess_mixture(mixture: Mixture, tokenizer: SFTTokenizer, output_prefix:
         summary.trained_tokens = int(sum(int(r.loss_mask.sum()) for r in copies))
         summaries.append(summary)
         written.extend(copies)
-        logger.info("%s: %d examples written", entry.name, summary.written)
+        logger.debug("%s: %d examples written", entry.name, summary.written)
     if not written:
         raise SFTDataError(f"{mixture.source}: the mixture produced no examples (see the summary counts)")
 

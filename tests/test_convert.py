@@ -83,6 +83,9 @@ def test_export_folder_has_every_file_and_the_tied_weight_once(tiny_run):
     generation = json.loads((folder / "generation_config.json").read_text())
     assert (generation["pad_token_id"], generation["eos_token_id"]) == (tokenizer.pad_id, tokenizer.eos_id)
     assert (config["pad_token_id"], config["eos_token_id"]) == (tokenizer.pad_id, tokenizer.eos_id)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert (tokenizer_config["pad_token"], tokenizer_config["eos_token"]) == ("<pad>", "<eos>")
+    assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]  # no token_type_ids
     # The modeling code must not depend on megatron_lime: exports are used where it is not installed.
     for name in ("modeling_lime.py", "configuration_lime.py"):
         tree = ast.parse((folder / name).read_text())

@@ -115,6 +115,9 @@ def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_
         "eos_token": tokenizer.id_to_piece(tokenizer.eos_id),
         "chat_template": CHAT_TEMPLATE,
         "model_max_length": max_length,
+        # Without this, transformers 4.x fast tokenizers also return token_type_ids, which
+        # generate() rejects for a model that has none.
+        "model_input_names": ["input_ids", "attention_mask"],
     })
     _write_json(config_path, config)
     return tokenizer

@@ -338,6 +338,9 @@ datasets:
         "over_length must be one of": "over_length: wrap\ndatasets:\n  - {name: yahma/alpaca-cleaned, path: a}\n",
         "'datasets' must be a non-empty list": "seed: 1\n",
         "invalid YAML": "datasets: [\n",
+        "options must be a mapping": "datasets:\n  - {name: yahma/alpaca-cleaned, path: a, options: [en]}\n",
+        "weight must be a number": "datasets:\n  - {name: yahma/alpaca-cleaned, path: a, weight: lots}\n",
+        "seq_length must be an integer": "seq_length: 5x\ndatasets:\n  - {name: yahma/alpaca-cleaned, path: a}\n",
     }
     for i, (message, text) in enumerate(cases.items()):
         path = write_yaml(tmp_path / f"bad{i}.yaml", text)

@@ -90,6 +90,12 @@ def mixture_from_dict(values: Any, source: str = "<memory>", data_root: str | No
             if not raw.get(required):
                 raise MixtureError(f"{where}: '{required}' is required")
         where = f"{source}: datasets[{i}] ({raw['name']})"
+        if not isinstance(raw.get("options") or {}, dict):
+            raise MixtureError(f"{where}: options must be a mapping, got {raw['options']!r}")
+        if raw.get("split") is not None and not isinstance(raw["split"], str):
+            raise MixtureError(f"{where}: split must be a name like 'train', got {raw['split']!r}")
+        if not isinstance(raw.get("weight", 1.0), (int, float)) or isinstance(raw.get("weight"), bool):
+            raise MixtureError(f"{where}: weight must be a number, got {raw['weight']!r}")
         path = expand(raw["path"])
         if not os.path.isabs(path):
             path = os.path.join(root or base_dir, path)
@@ -105,6 +111,9 @@ def mixture_from_dict(values: Any, source: str = "<memory>", data_root: str | No
         except ValueError as e:
             raise MixtureError(f"{where}: {e}") from None
         entries.append(entry)
+    for key in ("seed", "seq_length"):
+        if key in values and type(values[key]) is not int:
+            raise MixtureError(f"{source}: {key} must be an integer, got {values[key]!r}")
     mixture = Mixture(datasets=entries, seed=int(values.get("seed", 1234)),
                       seq_length=int(values.get("seq_length", 512)),
                       over_length=str(values.get("over_length", "truncate")), data_root=root, source=source)

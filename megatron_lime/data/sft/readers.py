@@ -174,8 +174,12 @@ def _iter_saved_dataset(directory: str, split: str | None) -> Iterator[tuple[Row
                                 f"(splits: {', '.join(loaded)})")
         loaded = loaded[name]
         directory = os.path.join(directory, name)
-    for row, record in enumerate(loaded):
-        yield RowLocation(directory, row), record
+    row = 0
+    # Arrow batches: far faster than datasets' row-by-row Python conversion on 300k-row sets.
+    for table in loaded.with_format("arrow").iter(batch_size=1024):
+        for record in table.to_pylist():
+            yield RowLocation(directory, row), record
+            row += 1
 
 
 class _Unreadable(dict):

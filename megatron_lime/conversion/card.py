@@ -7,9 +7,9 @@ from typing import Any
 from megatron_lime.conversion.checkpoints import LimeWeights
 
 # Training arguments worth showing on the card, when the run recorded them (Megatron names).
-_CARD_ARGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
+_CARD_ARGS = ("recipe", "seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
               "lr_warmup_fraction", "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "clip_grad",
-              "bf16", "seed")
+              "zero_stage", "seed")
 
 
 def _count(n: float | int | None) -> str:
@@ -35,7 +35,11 @@ def render_model_card(weights: LimeWeights, tokenizer: Any, dtype: str, supporte
     data_paths = meta.get("data_path") or []
     if isinstance(data_paths, str):
         data_paths = [data_paths]
-    args = meta.get("args") or {}
+    # The trainer records its flags grouped ({"training": {...}, "optimizer": {...}}); flat works too.
+    recorded = meta.get("args") or {}
+    args = {k: v for k, v in recorded.items() if not isinstance(v, dict)}
+    for group in (v for v in recorded.values() if isinstance(v, dict)):
+        args.update(group)
     arg_rows = "\n".join(f"| {name} | {args[name]} |" for name in _CARD_ARGS if name in args)
     data_rows = "\n".join(f"- `{p}`" for p in data_paths) or "- not recorded"
     title = f"LIME ({config.name})" if config.name != "custom" else "LIME"

@@ -37,6 +37,10 @@ from megatron_lime.conversion.weight_map import hf_config_to_lime, hf_to_lime_st
 logger = logging.getLogger(__name__)
 
 LIME_CONFIG_FILE = "lime_config.json"
+# The run's record inside a Hugging Face export. Not named lime_config.json: the trainer takes a
+# folder with model.safetensors + lime_config.json for a consolidated checkpoint, and an export's
+# weights have Hugging Face names (convert it back with --from-hf).
+EXPORT_RUN_FILE = "lime_run.json"
 WEIGHTS_FILE = "model.safetensors"
 CheckpointKind = Literal["deepspeed", "consolidated", "hf"]
 
@@ -100,7 +104,7 @@ def validate_state_dict(state_dict: dict[str, torch.Tensor], config: LimeConfig,
 def detect_checkpoint_kind(path: Path) -> CheckpointKind:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    # An export also holds model.safetensors and lime_config.json (the run's record), so config.json decides.
+    # An export also holds model.safetensors, so config.json decides.
     if (path / "config.json").is_file():
         return "hf"
     if (path / WEIGHTS_FILE).is_file() and (path / LIME_CONFIG_FILE).is_file():
@@ -202,8 +206,8 @@ def read_hf_export(directory: Path) -> LimeWeights:
     state_dict = hf_to_lime_state_dict(hf_state, config.num_layers)
     validate_state_dict(state_dict, config, str(directory))
     metadata: dict[str, Any] = {}
-    if (directory / LIME_CONFIG_FILE).is_file():
-        _, metadata = read_lime_config(directory / LIME_CONFIG_FILE)
+    if (directory / EXPORT_RUN_FILE).is_file():
+        _, metadata = read_lime_config(directory / EXPORT_RUN_FILE)
     metadata["model"] = config.to_dict()
     return LimeWeights(state_dict, config, metadata, "hf", f"Hugging Face folder {directory}")
 

@@ -8,7 +8,7 @@ The folder loads with no network through
 and holds: config.json (model_type "lime", auto_map, tie_word_embeddings), configuration_lime.py
 and modeling_lime.py (standalone, copied from hf_files/), model.safetensors (the tied embedding
 stored once, names from weight_map.py), generation_config.json, the tokenizer files with the
-chat template, README.md (a model card filled from the run) and lime_config.json (the run's record,
+chat template, README.md (a model card filled from the run) and lime_run.json (the run's record,
 so `--from-hf` can give training its history back).
 """
 
@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from megatron_lime.conversion.card import render_model_card
 from megatron_lime.conversion.checkpoints import (
-    LIME_CONFIG_FILE, WEIGHTS_FILE, LimeWeights, atomic_directory, read_hf_export, write_consolidated,
+    EXPORT_RUN_FILE, WEIGHTS_FILE, LimeWeights, atomic_directory, read_hf_export, write_consolidated,
 )
 from megatron_lime.conversion.weight_map import lime_config_to_hf, lime_to_hf_state_dict
 
@@ -153,7 +153,7 @@ def export_to_hf(weights: LimeWeights, tokenizer_path: str, output_dir: str | Pa
         generation.validate()
         generation.save_pretrained(str(tmp))
 
-        _write_json(tmp / LIME_CONFIG_FILE, {**weights.metadata, "model": config.to_dict()})
+        _write_json(tmp / EXPORT_RUN_FILE, {**weights.metadata, "model": config.to_dict()})
         (tmp / "README.md").write_text(
             render_model_card(weights, tokenizer, dtype=dtype, supported_transformers=SUPPORTED_TRANSFORMERS),
             encoding="utf-8")
@@ -164,7 +164,7 @@ def export_to_hf(weights: LimeWeights, tokenizer_path: str, output_dir: str | Pa
 def import_from_hf(hf_dir: str | Path, output_dir: str | Path) -> LimeWeights:
     """Hugging Face LIME folder -> our consolidated format (fp32), ready for `--load DIR --finetune`.
 
-    The run's record (lime_config.json in the export) is carried over; "tokenizer" points to the
+    The run's record (lime_run.json in the export) is carried over; "tokenizer" points to the
     original tokenizer when the record names one that still exists, else to the export itself
     (whose tokenizer.json megatron_lime.tokenizer.load_tokenizer reads).
     """

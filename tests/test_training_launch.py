@@ -163,17 +163,24 @@ def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
     save = str(tmp_path / "preempted")
     args = overrides(tiny_data, save, save, "--train-iters", "100000", "--save-interval", "100000",
                      "--eval-interval", "0")
+    # Its own process group, signalled as a whole: what SLURM's preemption or a Ctrl-C in a terminal does.
     process = subprocess.Popen(deepspeed_command(2, *args), env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     deadline = time.monotonic() + 180
     for line in process.stdout:
         lines.append(line)
         if LOG_LINE.search(line) and int(LOG_LINE.search(line).group(1)) >= 3:
-            process.send_signal(signal.SIGTERM)  # what a scheduler's preemption sends the launcher
+            os.killpg(process.pid, signal.SIGTERM)
             break
-        assert time.monotonic() < deadline, "".join(lines[-50:])
-    rest, _ = process.communicate(timeout=120)
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("no third log line within 180 s:\n" + "".join(lines[-50:]))
+    try:
+        rest, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
     output = "".join(lines) + rest
     assert "termination signal received" in output, output[-4000:]
     tag = open(os.path.join(save, "latest")).read().strip()

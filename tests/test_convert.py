@@ -298,3 +298,8 @@ def test_conversion_from_a_two_process_zero1_checkpoint(tiny_run, tmp_path):
     assert not torch.equal(exported["tok_embeddings.weight"], module["tok_embeddings.weight"].float())
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "fp32 master weights from 2 rank(s)" in card and "| Steps (iterations) | 2 |" in card
+    # The same weights when the tag is named, or the tag directory itself is given.
+    for source in (load_lime_weights(save_dir, tag="global_step2"), load_lime_weights(save_dir / "global_step2")):
+        assert all(torch.equal(source.state_dict[name], tensor) for name, tensor in expected.items())
+    with pytest.raises(FileNotFoundError, match="checkpoint tag 'global_step9' does not exist"):
+        load_lime_weights(save_dir, tag="global_step9")

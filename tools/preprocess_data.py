@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import itertools
 import multiprocessing
 import os
@@ -264,47 +265,46 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     progress = Progress(args.quiet, args.log_interval)
     max_in_flight = 2 * args.workers
     # fork: workers start in milliseconds (spawn would re-import numpy/sentencepiece in each).
-    context = multiprocessing.get_context("fork")
-    pool = context.Pool(args.workers, initializer=init_worker,
-                        initargs=(args.tokenizer_model, keys, args.append_eod, args.skip_bad_records))
+    pool = concurrent.futures.ProcessPoolExecutor(
+        args.workers, mp_context=multiprocessing.get_context("fork"), initializer=init_worker,
+        initargs=(args.tokenizer_model, keys, args.append_eod, args.skip_bad_records))
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+
+    def collect() -> None:
+        result = pending.popleft().result()
+        if isinstance(result, BadRecordError):
+            raise result
+        for writer, tokens, lengths in zip(writers, result.tokens, result.lengths):
+            writer.add_documents(tokens, lengths)
+        num_tokens = sum(t.size for t in result.tokens)
+        summary["documents"] += result.num_documents
+        summary["tokens"] += num_tokens
+        summary["empty_skipped"] += result.num_empty
+        summary["bad_records"] += result.num_bad
+        summary["bytes"] += result.num_bytes
+        for message in result.bad_records:
+            if len(bad_shown) < MAX_BAD_RECORDS_SHOWN:
+                bad_shown.append(message)
+                print(f"warning: skipped bad record: {message}", file=sys.stderr)
+        progress.update(result.num_documents, num_tokens, result.num_bytes)
+
     try:
-        pending: collections.deque = collections.deque()
-
-        def collect() -> None:
-            result = pending.popleft().get()
-            if isinstance(result, BadRecordError):
-                raise result
-            for writer, tokens, lengths in zip(writers, result.tokens, result.lengths):
-                writer.add_documents(tokens, lengths)
-            num_tokens = sum(t.size for t in result.tokens)
-            summary["documents"] += result.num_documents
-            summary["tokens"] += num_tokens
-            summary["empty_skipped"] += result.num_empty
-            summary["bad_records"] += result.num_bad
-            summary["bytes"] += result.num_bytes
-            for message in result.bad_records:
-                if len(bad_shown) < MAX_BAD_RECORDS_SHOWN:
-                    bad_shown.append(message)
-                    print(f"warning: skipped bad record: {message}", file=sys.stderr)
-            progress.update(result.num_documents, num_tokens, result.num_bytes)
-
         for chunk in iter_chunks(sources, keys, args.skip_bad_records):
-            pending.append(pool.apply_async(encode_chunk, (chunk,)))
+            pending.append(pool.submit(encode_chunk, chunk))
             if len(pending) >= max_in_flight:
                 collect()
         while pending:
             collect()
-        pool.close()
         for writer in writers:
             writer.finalize()
     except BaseException:
-        pool.terminate()
         for writer in writers:
             writer.abort()
         raise
     finally:
+        # On error: queued chunks are cancelled, the few running ones finish (milliseconds).
+        pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
-        pool.join()
     summary["seconds"] = time.perf_counter() - start
     return summary
 

@@ -28,6 +28,9 @@ class BadRecordError(ValueError):
         super().__init__(f"{path}: {location}: {reason}")
         self.path, self.location, self.reason = path, location, reason
 
+    def __reduce__(self):  # travels from worker processes to the main one
+        return type(self), (self.path, self.location, self.reason)
+
 
 @dataclass(frozen=True)
 class InputSource:

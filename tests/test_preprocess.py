@@ -1,0 +1,191 @@
+"""tools/preprocess_data.py: every input kind, ids equal the tokenizer's, bad input handling."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from megatron_lime.data.indexed_dataset import IndexedDataset
+from megatron_lime.testing import load_tool, train_tiny_tokenizer, write_tiny_corpus
+from megatron_lime.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    corpus = write_tiny_corpus(str(root / "corpus.jsonl"), num_docs=120)
+    tokenizer_dir = train_tiny_tokenizer(str(root / "tokenizer"), corpus)
+    with open(corpus, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return corpus, tokenizer_dir, records
+
+
+def preprocess(*args: str) -> int:
+    return load_tool("preprocess_data").main(["--quiet", *args])
+
+
+def read_all(prefix: str) -> list[list[int]]:
+    ds = IndexedDataset(prefix)
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def expected_ids(tokenizer_dir: str, texts: list[str], append_eod: bool = True) -> list[list[int]]:
+    tok = load_tokenizer(tokenizer_dir)
+    return [tok.encode(t) + ([tok.eos_id] if append_eod else []) for t in texts if t]
+
+
+def outputs_in(directory) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if ".bin" in n or ".idx" in n)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jsonl_round_trip(data, tmp_path, workers, capsys):
+    corpus, tokenizer_dir, records = data
+    prefix = str(tmp_path / "out")
+    assert preprocess("--input", corpus, "--output-prefix", prefix, "--tokenizer-model", tokenizer_dir,
+                      "--append-eod", "--workers", str(workers)) == 0
+    docs = read_all(prefix + "_text_document")
+    assert docs == expected_ids(tokenizer_dir, [r["text"] for r in records])
+    ds = IndexedDataset(prefix + "_text_document", vocab_size=512)
+    assert ds.dtype is np.uint16
+    assert ds.document_indices.tolist() == list(range(len(records) + 1))
+    summary = capsys.readouterr().out
+    assert f"{len(records)} documents" in summary and "0 empty documents skipped" in summary
+    # Decoding the stored ids gives back the text exactly.
+    tok = load_tokenizer(tokenizer_dir)
+    assert tok.decode(docs[3][:-1]) == records[3]["text"]
+
+
+def test_gz_parquet_directory_and_several_keys(data, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus, tokenizer_dir, records = data
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    first, second = records[:50], records[50:]
+    with gzip.open(shards / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        for r in first:
+            f.write(json.dumps(r) + "\n")
+    pq.write_table(pa.Table.from_pylist(second), shards / "b.parquet", row_group_size=17)
+    prefix = str(tmp_path / "multi")
+    assert preprocess("--input", str(shards), "--output-prefix", prefix, "--tokenizer-model", tokenizer_dir,
+                      "--json-keys", "text", "url", "--workers", "2") == 0
+    assert read_all(prefix + "_text_document") == expected_ids(tokenizer_dir, [r["text"] for r in records], False)
+    assert read_all(prefix + "_url_document") == expected_ids(tokenizer_dir, [r["url"] for r in records], False)
+    # A glob picks the same files.
+    assert preprocess("--input", str(shards / "*"), "--output-prefix", str(tmp_path / "glob"),
+                      "--tokenizer-model", tokenizer_dir) == 0
+    assert read_all(str(tmp_path / "glob_text_document")) == read_all(prefix + "_text_document")
+
+
+def test_saved_datasets_dataset(data, tmp_path):
+    import datasets
+
+    corpus, tokenizer_dir, records = data
+    path = str(tmp_path / "saved")
+    datasets.Dataset.from_list(records[:30]).save_to_disk(path)
+    assert preprocess("--input", path, "--output-prefix", str(tmp_path / "ds"), "--tokenizer-model", tokenizer_dir,
+                      "--append-eod", "--tokenizer-type", "SentencePieceTokenizer") == 0
+    assert read_all(str(tmp_path / "ds_text_document")) == expected_ids(tokenizer_dir, [r["text"] for r in records[:30]])
+
+
+def test_hugging_face_tokenizer_directory(data, tmp_path):
+    corpus, tokenizer_dir, records = data
+    hf_dir = str(tmp_path / "hf")
+    load_tokenizer(tokenizer_dir).save_hf(hf_dir)
+    assert preprocess("--input", corpus, "--output-prefix", str(tmp_path / "hf_out"), "--tokenizer-model", hf_dir,
+                      "--append-eod", "--tokenizer-type", "HuggingFaceTokenizer", "--workers", "2") == 0
+    assert read_all(str(tmp_path / "hf_out_text_document")) == expected_ids(tokenizer_dir, [r["text"] for r in records])
+
+
+def test_empty_documents_skipped_and_counted(data, tmp_path, capsys):
+    _, tokenizer_dir, _ = data
+    path = tmp_path / "with_empty.jsonl"
+    path.write_text('{"text": "one"}\n{"text": ""}\n\n{"text": "two"}\n')
+    assert preprocess("--input", str(path), "--output-prefix", str(tmp_path / "e"), "--tokenizer-model", tokenizer_dir) == 0
+    assert len(read_all(str(tmp_path / "e_text_document"))) == 2
+    assert "1 empty documents skipped" in capsys.readouterr().out
+
+
+BAD_LINES = [
+    ('{"text": "ok"}\n{"text": "broken\n', "line 2: malformed JSON"),
+    ('{"text": "ok"}\n{"txt": "no key"}\n', "line 2: missing key 'text'"),
+    ('{"text": "ok"}\n{"text": ["a list"]}\n', "line 2: key 'text' is list, expected a string"),
+    ('{"text": "ok"}\n{"text": null}\n', "line 2: key 'text' is NoneType"),
+    ('{"text": "ok"}\n[1, 2]\n', "line 2: expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_LINES + [(b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: invalid UTF-8")])
+def test_bad_jsonl_fails_cleanly(data, tmp_path, capsys, content, message):
+    _, tokenizer_dir, _ = data
+    path = tmp_path / "bad.jsonl"
+    # Many good lines first, so the bad one is in a later chunk than the first.
+    good = '{"text": "fine text"}\n' * 3000
+    path.write_bytes(good.encode() + (content if isinstance(content, bytes) else content.encode()))
+    out_dir = tmp_path / "out"
+    rc = preprocess("--input", str(path), "--output-prefix", str(out_dir / "bad"), "--tokenizer-model", tokenizer_dir,
+                    "--workers", "2")
+    assert rc == 1
+    line = int(message.split()[1].rstrip(":")) + 3000
+    assert f"{path}: line {line}: {message.split(': ', 1)[1]}" in capsys.readouterr().err
+    assert not out_dir.exists() or outputs_in(out_dir) == []
+
+
+def test_skip_bad_records(data, tmp_path, capsys):
+    _, tokenizer_dir, _ = data
+    path = tmp_path / "mixed.jsonl"
+    lines = [b'{"text": "good one"}', b'{"text": "bro', b'{"other": 1}', b'{"text": 3}', b'{"text": "\xff"}', b'{"text": "good two"}']
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert preprocess("--input", str(path), "--output-prefix", str(tmp_path / "s"), "--tokenizer-model", tokenizer_dir,
+                      "--skip-bad-records") == 0
+    assert read_all(str(tmp_path / "s_text_document")) == expected_ids(tokenizer_dir, ["good one", "good two"], False)
+    captured = capsys.readouterr()
+    assert "4 bad records skipped" in captured.out
+    assert f"{path}: line 5: invalid UTF-8" in captured.err
+
+
+def test_unreadable_parquet(data, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, tokenizer_dir, records = data
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.Table.from_pylist(records[:10]), shards / "a.parquet")
+    (shards / "b.parquet").write_bytes(b"PAR1 this is not parquet")
+    out = tmp_path / "out"
+    assert preprocess("--input", str(shards), "--output-prefix", str(out / "p"), "--tokenizer-model", tokenizer_dir) == 1
+    assert f"{shards / 'b.parquet'}: file: unreadable parquet file" in capsys.readouterr().err
+    assert not out.exists() or outputs_in(out) == []
+    # Skipping: the good file's documents are kept and the bad file counted.
+    assert preprocess("--input", str(shards), "--output-prefix", str(out / "p"), "--tokenizer-model", tokenizer_dir,
+                      "--skip-bad-records") == 0
+    assert len(read_all(str(out / "p_text_document"))) == 10
+    assert "1 bad records skipped" in capsys.readouterr().out
+
+
+def test_parquet_null_and_missing_column(data, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, tokenizer_dir, _ = data
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "nulls.parquet")
+    assert preprocess("--input", str(tmp_path / "nulls.parquet"), "--output-prefix", str(tmp_path / "n"),
+                      "--tokenizer-model", tokenizer_dir) == 1
+    assert f"{tmp_path / 'nulls.parquet'}: row 1: column 'text' is null" in capsys.readouterr().err
+    pq.write_table(pa.table({"body": ["a"]}), tmp_path / "nokey.parquet")
+    assert preprocess("--input", str(tmp_path / "nokey.parquet"), "--output-prefix", str(tmp_path / "k"),
+                      "--tokenizer-model", tokenizer_dir) == 1
+    assert "missing column 'text' (columns: body)" in capsys.readouterr().err
+    assert outputs_in(tmp_path) == []
+
+
+def test_missing_input(data, tmp_path, capsys):
+    _, tokenizer_dir, _ = data
+    assert preprocess("--input", str(tmp_path / "nothing*.jsonl"), "--output-prefix", str(tmp_path / "x"),
+                      "--tokenizer-model", tokenizer_dir) == 1
+    assert "no such file" in capsys.readouterr().err

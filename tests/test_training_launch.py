@@ -188,3 +188,46 @@ def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
     assert 3 <= step < 100000
     meta = json.load(open(os.path.join(save, tag, "lime_config.json")))
     assert meta["iteration"] == step and meta["consumed_samples"] == 8 * step
+
+
+@pytest.fixture(scope="module")
+def tiny_sft_data(tiny_data, tmp_path_factory):
+    """~300 dolly-schema examples, preprocessed with the pretraining run's tokenizer (seq 64)."""
+    from megatron_lime.sample_data import write_instruction_set
+    from megatron_lime.testing import load_tool
+
+    tmp = tmp_path_factory.mktemp("sft")
+    write_instruction_set(str(tmp / "dolly.jsonl"), max_examples=300)
+    (tmp / "m.yaml").write_text(f"seq_length: 64\nover_length: truncate\ndatasets:\n"
+                                f"  - {{name: databricks/databricks-dolly-15k, path: {tmp / 'dolly.jsonl'}}}\n")
+    rc = load_tool("preprocess_sft_data").main(["--mixture", str(tmp / "m.yaml"), "--tokenizer", tiny_data[1],
+                                                "--output-prefix", str(tmp / "dolly"), "--quiet"])
+    assert rc == 0
+    return str(tmp / "dolly_text_document")
+
+
+def test_sft_script_finetunes_from_consolidated_weights(runs, tiny_data, tiny_sft_data, tmp_path):
+    from megatron_lime.config import LimeConfig
+    from megatron_lime.model import LimeModel
+    from megatron_lime.training.checkpointing import save_consolidated
+
+    pretrained_meta = json.load(open(os.path.join(runs["full_dir"], "global_step20", "lime_config.json")))
+    model = LimeModel(LimeConfig.from_dict(pretrained_meta["model"]))
+    model.load_state_dict(module_weights(os.path.join(runs["full_dir"], "global_step20")))
+    consolidated = str(tmp_path / "consolidated")
+    save_consolidated(consolidated, model, {"model": pretrained_meta["model"]})
+    save = str(tmp_path / "sft")
+    env = cpu_env(MASTER_PORT=str(free_port()), CPU_PROCESSES="2", PRETRAINED=consolidated, SAVE_DIR=save,
+                  DATA_PATH=tiny_sft_data, TOKENIZER_MODEL=tiny_data[1], SFT_ITERS="6")
+    output = check(launch(["bash", os.path.join(REPO, "examples", "sft_lime_1b.sh"), "--model", "lime-tiny",
+                           "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
+                           "--log-interval", "1", "--eval-interval", "6", "--eval-iters", "1", "--num-workers", "1",
+                           "--split", "90,10,0"], env), "sft script")
+    assert f"loaded weights from consolidated checkpoint {consolidated}" in output
+    per_step = losses(output)
+    assert sorted(per_step) == list(range(1, 7))
+    # From scratch the first loss is about ln(512) = 6.24; the pretrained weights already know the text.
+    assert per_step[1] < 5.9, per_step
+    meta = json.load(open(os.path.join(save, "global_step6", "lime_config.json")))
+    assert meta["dataset_type"] == "sft" and meta["iteration"] == 6
+    assert meta["args"]["optimizer"]["lr"] == 8e-5 and meta["args"]["optimizer"]["lr_warmup_fraction"] == 0.1

@@ -137,7 +137,6 @@ class LimePreTrainedModel(PreTrainedModel):
 def _positions_and_mask(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    batch_size: int,
     query_length: int,
     past_length: int,
     device: torch.device,
@@ -223,9 +222,9 @@ class LimeModel(LimePreTrainedModel):
             cache = None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (b, q, d)
-        b, q_len = inputs_embeds.shape[:2]
+        q_len = inputs_embeds.shape[1]
         past_length = cache.get_seq_length() if cache is not None else 0
-        position_ids, mask = _positions_and_mask(attention_mask, position_ids, b, q_len, past_length,
+        position_ids, mask = _positions_and_mask(attention_mask, position_ids, q_len, past_length,
                                                  inputs_embeds.device)
         longest = int(position_ids.max())
         if longest >= self.config.max_position_embeddings:

@@ -68,8 +68,8 @@ def test_the_model_cards_snippet_runs(exported):
 def test_kv_cache_gives_the_same_tokens_as_no_cache(exported, decoding):
     tokenizer, model = card_model(exported["hf"], torch.float32)
     inputs = tokenizer("<user>How do I sort a list?<assistant>", return_tensors="pt")
-    kwargs = CARD_KWARGS if decoding == "card" else dict(max_new_tokens=40, do_sample=False, num_beams=1,
-                                                         repetition_penalty=1.0, no_repeat_ngram_size=0)
+    kwargs = CARD_KWARGS if decoding == "card" else dict(max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                                                         num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
     kwargs = dict(kwargs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     query_lengths = []
     hook = model.model.register_forward_pre_hook(
@@ -88,14 +88,15 @@ def test_left_padded_batch_generates_what_each_prompt_does_alone(exported):
     prompts = ["<user>Hi<assistant>", "<user>Explain the heapq module in one long sentence, please.<assistant>"]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     assert (batch["attention_mask"] == 0).any()
-    kwargs = dict(max_new_tokens=24, do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                  no_repeat_ngram_size=0,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     together = model.generate(**batch, **kwargs)
     for row, prompt in enumerate(prompts):
         single = tokenizer(prompt, return_tensors="pt")
         new_alone = model.generate(**single, **kwargs)[0, single["input_ids"].shape[1]:]
         new_together = together[row, batch["input_ids"].shape[1]:]
-        assert len(new_alone) > 0 and new_together[:len(new_alone)].tolist() == new_alone.tolist()
+        assert len(new_alone) == 24 and new_together.tolist() == new_alone.tolist()
 
 
 def test_context_beyond_max_positions_is_a_clear_error(exported):
@@ -107,11 +108,11 @@ def test_context_beyond_max_positions_is_a_clear_error(exported):
 def test_checkpoint_and_export_generate_the_same_tokens(exported):
     from_checkpoint = load_generator(exported["ckpt"])
     from_export = load_generator(exported["hf"])
-    settings = DecodingSettings(strategy="greedy", max_new_tokens=20)
+    settings = DecodingSettings(strategy="greedy", max_new_tokens=20, min_new_tokens=20)
     for prompt, context in (("What is a deque?", None), ("Which module?", "The collections module has deque.")):
         a = from_checkpoint.generate(prompt, settings, context=context)
         b = from_export.generate(prompt, settings, context=context)
-        assert a == b and len(a) > 0
+        assert a == b and len(a) == 20
     # bf16 export vs fp32 checkpoint: same weights (bf16-exact in this test), same template ids.
     assert from_checkpoint.encode_prompt("Hi", "ctx", False) == from_export.encode_prompt("Hi", "ctx", False)
 

@@ -303,3 +303,12 @@ def test_conversion_from_a_two_process_zero1_checkpoint(tiny_run, tmp_path):
         assert all(torch.equal(source.state_dict[name], tensor) for name, tensor in expected.items())
     with pytest.raises(FileNotFoundError, match="checkpoint tag 'global_step9' does not exist"):
         load_lime_weights(save_dir, tag="global_step9")
+    # DeepSpeed's universal checkpoint of the same step (what resuming at another world size uses).
+    universal = subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+         "--input_folder", str(save_dir / "global_step2"), "--output_folder", str(save_dir / "global_step2_universal")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert universal.returncode == 0, universal.stdout[-3000:]
+    from_universal = load_lime_weights(save_dir, tag="global_step2_universal")
+    assert "universal" in from_universal.source and from_universal.metadata["iteration"] == 2
+    assert all(torch.equal(from_universal.state_dict[name], tensor) for name, tensor in expected.items())

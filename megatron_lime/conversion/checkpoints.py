@@ -6,7 +6,8 @@ Three layouts are recognised (see `load_lime_weights`):
                *_optim_states.pt (one per data-parallel rank) and lime_config.json. The fp32
                master weights are gathered from the optimizer partitions (any data-parallel
                size, ZeRO stage 1 or 2); without them the module weights are used, in the dtype
-               they were saved in.
+               they were saved in. A universal checkpoint (ds_to_universal's <tag>_universal/,
+               named with --tag or given as the directory) is read from its zero/<param>/fp32.pt.
   consolidated DIR/model.safetensors (megatron_lime names) + DIR/lime_config.json.
   Hugging Face DIR/config.json (model_type "lime") + model.safetensors, as written by the export.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,14 +139,21 @@ def read_deepspeed(save_dir: Path, tag: str | None = None) -> LimeWeights:
     save_dir, tag_dir, tag = _deepspeed_tag_dir(save_dir, tag)
     config_path = tag_dir / LIME_CONFIG_FILE
     if not config_path.is_file():
-        config_path = save_dir / LIME_CONFIG_FILE
+        # ds_to_universal does not copy our file: the source tag (name without the suffix) has it.
+        config_path = save_dir / tag.removesuffix("_universal") / LIME_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{tag_dir / LIME_CONFIG_FILE}: missing; the trainer writes it beside every "
                                 "DeepSpeed checkpoint and conversion needs its model config")
     config, metadata = read_lime_config(config_path)
     optimizer_files = sorted(tag_dir.glob("*_optim_states.pt"))
     state_dict = None
-    if optimizer_files:
+    if (tag_dir / "zero").is_dir():
+        # A universal checkpoint (deepspeed.checkpoint.ds_to_universal): zero/<param>/fp32.pt each
+        # hold one whole fp32 master parameter.
+        state_dict = {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+                      for p in sorted((tag_dir / "zero").iterdir()) if (p / "fp32.pt").is_file()}
+        source = f"DeepSpeed universal checkpoint {tag_dir}: fp32 master weights"
+    elif optimizer_files:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         try:
             state_dict = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
@@ -164,7 +173,9 @@ def read_deepspeed(save_dir: Path, tag: str | None = None) -> LimeWeights:
     state_dict = _strip_wrapper_prefixes(state_dict)
     state_dict = {k: v for k, v in state_dict.items() if k != "position_table"}
     validate_state_dict(state_dict, config, str(tag_dir))
-    metadata.setdefault("iteration", int(tag.removeprefix("global_step")) if tag.startswith("global_step") else None)
+    step = re.fullmatch(r"global_step(\d+)(_universal)?", tag)
+    if "iteration" not in metadata and step:
+        metadata["iteration"] = int(step.group(1))
     return LimeWeights(state_dict, config, metadata, "deepspeed", source)
 
 

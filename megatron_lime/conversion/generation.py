@@ -13,6 +13,7 @@ the tags), unless `raw=True` (base models: the text is continued as is).
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 
 from megatron_lime.conversion.checkpoints import LimeWeights, detect_checkpoint_kind, load_lime_weights
 from megatron_lime.conversion.weight_map import HF_TIED_HEAD, lime_config_to_hf, lime_to_hf_state_dict
+
+logger = logging.getLogger(__name__)
 
 Strategy = Literal["greedy", "beam", "sample", "card"]
 STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample", "card")
@@ -159,7 +162,11 @@ def load_generator(path: str | Path, tokenizer_path: str | None = None, tag: str
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Generator:
     """A Generator for an exported folder, a DeepSpeed save dir or a consolidated checkpoint."""
     path = Path(path)
-    if detect_checkpoint_kind(path) == "hf" and tag is None:
+    if detect_checkpoint_kind(path) == "hf":
+        if tag is not None:
+            raise ValueError(f"{path}: --tag applies to DeepSpeed checkpoints, this is a Hugging Face folder")
+        if tokenizer_path is not None:
+            logger.warning("%s carries its own tokenizer; ignoring --tokenizer %s", path, tokenizer_path)
         return _load_hf_export(path, dtype, device)
     weights = load_lime_weights(path, tag=tag)
     tokenizer_path = tokenizer_path or weights.metadata.get("tokenizer")

@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Benchmark tools/preprocess_data.py end to end, and the sample index for a 20B-token corpus.
+
+    python benchmarks/bench_preprocess.py --workdir /tmp/lime-bench [--workers 1 2] [--mb 50]
+
+1. Generates a ~50 MB JSONL (FineWeb-Edu schema) of English text: docstrings of every
+   importable standard-library module, class, function and method (plus numpy, torch,
+   pyarrow, datasets: the standard library alone has too little distinct text for a 32k
+   vocabulary), 1-6 per document.
+2. Trains a 32k-entry LIME tokenizer (tools/train_tokenizer.py code) on part of it.
+3. Runs `python tools/preprocess_data.py --append-eod --workers N` as a subprocess for each
+   N: wall time from process start to the files being complete; documents/s, tokens/s, MB/s;
+   peak RSS of the main process and of a worker. Also at half the input size, to show memory
+   does not grow with the input.
+4. Start-up: the same command on a one-document input.
+5. Sample index for a simulated 20B-token corpus: 20M documents with log-normal lengths
+   (mean ~1,000 tokens), a sparse .bin and a real .idx, GPTDataset's document shuffle +
+   C++ build_sample_idx + sample shuffle for one epoch at seq_length 512, then the cached reload.
+
+Prints a table and writes results.json in --workdir. Nothing is assumed: every figure is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Installed libraries with long English docstrings, to give a 32k vocabulary enough distinct text.
+EXTRA_MODULES = ("numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "torch", "torch.nn", "torch.nn.functional",
+                 "torch.linalg", "torch.fft", "torch.special", "torch.distributed", "torch.optim", "torch.utils.data",
+                 "pyarrow", "pyarrow.compute", "pyarrow.parquet", "datasets", "tqdm", "yaml")
+SKIP_MODULES = {"antigravity", "this", "idlelib", "turtle", "turtledemo", "tkinter", "lib2to3", "pydoc_data",
+                "ensurepip", "venv", "__main__", "xxsubtype", "_tkinter"}
+
+
+def stdlib_module_names() -> list[str]:
+    """Top-level standard-library modules and the submodules of its packages (no tests, no GUIs)."""
+    import pkgutil
+
+    names = []
+    for name in sorted(sys.stdlib_module_names):
+        if name in SKIP_MODULES or name.startswith("_"):
+            continue
+        names.append(name)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            for info in pkgutil.walk_packages(spec.submodule_search_locations, prefix=name + "."):
+                if "test" not in info.name and "._" not in info.name and "__main__" not in info.name:
+                    names.append(info.name)
+    return names
+
+
+def stdlib_docstrings() -> list[str]:
+    """Every docstring of 80+ characters of the standard library (and EXTRA_MODULES): modules, classes, functions, methods."""
+    docs: dict[str, None] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in stdlib_module_names() + list(EXTRA_MODULES):
+            try:
+                module = importlib.import_module(name)
+            except BaseException:  # platform-specific modules (winreg, msvcrt, ...)
+                continue
+            stack = [module] + [getattr(module, a, None) for a in sorted(dir(module)) if not a.startswith("_")]
+            for obj in stack:
+                candidates = [obj]
+                if isinstance(obj, type):
+                    candidates += [getattr(obj, a, None) for a in sorted(vars(obj)) if not a.startswith("__")]
+                for c in candidates:
+                    doc = getattr(c, "__doc__", None)
+                    if isinstance(doc, str) and len(doc) >= 80:
+                        docs[doc.strip()] = None
+    return list(docs)
+
+
+def write_corpus(path: str, target_bytes: int, paragraphs: list[str], seed: int = 0) -> dict:
+    if os.path.isfile(path):
+        return {"path": path, "bytes": os.path.getsize(path)}
+    rng = random.Random(seed)
+    tmp = path + ".tmp"
+    written = docs = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        while written < target_bytes:
+            text = "\n\n".join(paragraphs[rng.randrange(len(paragraphs))] for _ in range(rng.randint(1, 6)))
+            record = {"text": text, "id": f"<urn:uuid:{docs:08d}>", "dump": "CC-MAIN-2025-05",
+                      "url": f"https://docs.python.org/{docs}", "file_path": "bench", "language": "en",
+                      "language_score": 0.95, "token_count": len(text.split()), "score": 3.1, "int_score": 3}
+            line = json.dumps(record, ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            docs += 1
+    os.replace(tmp, path)
+    return {"path": path, "bytes": written}
+
+
+def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> dict:
+    """Wall time and peak memory of one preprocess_data.py process tree."""
+    for ext in (".bin", ".idx"):
+        if os.path.exists(prefix + "_text_document" + ext):
+            os.remove(prefix + "_text_document" + ext)
+    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", corpus,
+           "--output-prefix", prefix, "--tokenizer-model", tokenizer, "--append-eod",
+           "--workers", str(workers), "--quiet"]
+    # /usr/bin/time is not always there: measure the children's peak RSS with a wrapper process.
+    wrapper = ("import resource, subprocess, sys, json; "
+               "p = subprocess.run(sys.argv[1:]); "
+               "print(json.dumps({'rc': p.returncode, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}), file=sys.stderr)")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"preprocess_data.py failed:\n{proc.stdout}\n{proc.stderr}")
+    memory = json.loads(proc.stderr.strip().splitlines()[-1])
+    if memory["rc"] != 0:
+        raise RuntimeError(f"preprocess_data.py exited {memory['rc']}:\n{proc.stdout}\n{proc.stderr}")
+    sys.path.insert(0, REPO)
+    from megatron_lime.data.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix + "_text_document")
+    return {"workers": workers, "wall_s": wall, "documents": len(ds), "tokens": ds.num_tokens,
+            "input_mb": os.path.getsize(corpus) / 1e6, "docs_per_s": len(ds) / wall, "tokens_per_s": ds.num_tokens / wall,
+            "mb_per_s": os.path.getsize(corpus) / 1e6 / wall, "peak_rss_mb": memory["maxrss_kb"] / 1024,
+            "summary": proc.stdout.strip().splitlines()[-1]}
+
+
+def bench_sample_index(workdir: str, num_documents: int, seq_length: int) -> dict:
+    import numpy as np
+
+    from megatron_lime.data.gpt_dataset import GPTDataset
+    from megatron_lime.data.indexed_dataset import IndexedDataset, dataset_paths, write_index
+
+    prefix = os.path.join(workdir, "sim20b_text_document")
+    bin_path, idx_path = dataset_paths(prefix)
+    rng = np.random.default_rng(0)
+    # Log-normal lengths: median ~600, mean ~1,000 tokens, like FineWeb-Edu documents.
+    lengths = np.clip(rng.lognormal(mean=np.log(600), sigma=1.0, size=num_documents), 16, 100_000).astype(np.int32)
+    write_index(idx_path, np.uint16, lengths)
+    with open(bin_path, "wb") as f:  # sparse: no disk space used, reads give zeros
+        f.truncate(int(lengths.sum(dtype=np.int64)) * 2)
+    ds = IndexedDataset(prefix)
+    tokens = ds.num_tokens
+    num_samples = (tokens - 1) // seq_length  # one full epoch
+    cache = os.path.join(workdir, "sim20b-cache")
+    if os.path.isdir(cache):
+        for name in os.listdir(cache):
+            os.remove(os.path.join(cache, name))
+    start = time.perf_counter()
+    built = GPTDataset(ds, (0, num_documents), seq_length, num_samples, seed=1234, cache_dir=cache)
+    build_s = time.perf_counter() - start
+    start = time.perf_counter()
+    loaded = GPTDataset(IndexedDataset(prefix), (0, num_documents), seq_length, num_samples, seed=1234, cache_dir=cache)
+    load_s = time.perf_counter() - start
+    assert len(loaded) == len(built) and loaded[len(loaded) - 1]["input_ids"].shape == (seq_length,)
+    start = time.perf_counter()
+    from megatron_lime.data.gpt_dataset import build_sample_index
+
+    build_sample_index(lengths, built.document_index, seq_length, num_samples)
+    cpp_s = time.perf_counter() - start
+    return {"documents": num_documents, "tokens": tokens, "seq_length": seq_length, "samples": len(built),
+            "build_and_cache_s": build_s, "build_sample_idx_cpp_only_s": cpp_s, "cached_reload_s": load_s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/lime-bench")
+    parser.add_argument("--mb", type=float, default=50.0, help="Size of the generated JSONL in MB.")
+    parser.add_argument("--vocab-size", type=int, default=32_000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=2, help="Runs per setting; the best is reported.")
+    parser.add_argument("--index-documents", type=int, default=20_000_000)
+    parser.add_argument("--skip-index", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    sys.path.insert(0, REPO)
+    from megatron_lime.testing import load_tool
+
+    results: dict = {"machine": f"{os.cpu_count()} CPUs", "python": sys.version.split()[0]}
+    paragraphs = stdlib_docstrings()
+    corpus = write_corpus(os.path.join(args.workdir, f"corpus_{args.mb:g}mb.jsonl"), int(args.mb * 1e6), paragraphs)
+    half = write_corpus(os.path.join(args.workdir, f"corpus_{args.mb / 2:g}mb.jsonl"), int(args.mb * 5e5), paragraphs, seed=1)
+    tiny = write_corpus(os.path.join(args.workdir, "corpus_one_doc.jsonl"), 1, paragraphs)
+    results["corpus"] = {"paragraphs": len(paragraphs), **corpus}
+    tokenizer = os.path.join(args.workdir, f"tokenizer_{args.vocab_size}")
+    if not os.path.isfile(os.path.join(tokenizer, "tokenizer_info.json")):
+        start = time.perf_counter()
+        rc = load_tool("train_tokenizer").main(["--input", corpus["path"], "--output-dir", tokenizer, "--vocab-size",
+                                                str(args.vocab_size), "--num-documents", "20000", "--num-threads", "2"])
+        if rc != 0:
+            return rc
+        results["tokenizer_train_s"] = time.perf_counter() - start
+
+    runs = []
+    for workers in args.workers:
+        best = min((run_preprocess(corpus["path"], tokenizer, os.path.join(args.workdir, "out"), workers)
+                    for _ in range(args.repeats)), key=lambda r: r["wall_s"])
+        runs.append(best)
+        print(f"{workers} worker(s): {best['wall_s']:.2f} s, {best['docs_per_s']:,.0f} docs/s, "
+              f"{best['tokens_per_s']:,.0f} tokens/s, {best['mb_per_s']:.1f} MB/s, peak RSS {best['peak_rss_mb']:.0f} MB",
+              flush=True)
+    results["preprocess"] = runs
+    half_run = run_preprocess(half["path"], tokenizer, os.path.join(args.workdir, "half"), max(args.workers))
+    results["preprocess_half_input"] = half_run
+    print(f"half input ({half_run['input_mb']:.0f} MB), {max(args.workers)} workers: peak RSS {half_run['peak_rss_mb']:.0f} MB "
+          f"(full input: {runs[-1]['peak_rss_mb']:.0f} MB)", flush=True)
+    startup = min((run_preprocess(tiny["path"], tokenizer, os.path.join(args.workdir, "tiny"), max(args.workers))
+                   for _ in range(3)), key=lambda r: r["wall_s"])
+    results["startup_one_document_s"] = startup["wall_s"]
+    print(f"start-up (one document, end to end): {startup['wall_s']:.2f} s", flush=True)
+
+    if not args.skip_index:
+        index = bench_sample_index(args.workdir, args.index_documents, 512)
+        results["sample_index"] = index
+        print(f"sample index: {index['documents']:,} documents, {index['tokens'] / 1e9:.1f}B tokens, {index['samples']:,} "
+              f"samples of 512: built + cached in {index['build_and_cache_s']:.1f} s (C++ build_sample_idx alone "
+              f"{index['build_sample_idx_cpp_only_s']:.2f} s), cached reload {index['cached_reload_s']:.2f} s", flush=True)
+    with open(os.path.join(args.workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"results -> {os.path.join(args.workdir, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

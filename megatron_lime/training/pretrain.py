@@ -112,9 +112,10 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]], lr: float, 
     """Forward and backward every micro-batch of this rank, then one optimizer step (DeepSpeed may skip it)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    local_tokens = sum(float(count_trained_tokens(b)) for b in micro_batches)
-    (global_tokens,) = all_reduce_sum([local_tokens], device)
-    scale = engine.dp_world_size / max(global_tokens, 1.0)
+    # Kept on the device: no host sync until the loss is read back at the end of the step.
+    global_tokens = torch.stack([count_trained_tokens(b) for b in micro_batches]).sum().double()
+    dist.all_reduce(global_tokens)
+    scale = (engine.dp_world_size / global_tokens.clamp(min=1.0)).float()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch in micro_batches:
         output = engine(**batch, loss_reduction="sum")
@@ -122,7 +123,8 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]], lr: float, 
         engine.step()  # DeepSpeed steps the optimizer only after the last micro-batch
         loss_sum += output.loss.detach().double()
     dist.all_reduce(loss_sum)
-    loss = loss_sum.item() / max(global_tokens, 1.0)
+    loss_sum, global_tokens = loss_sum.item(), global_tokens.item()
+    loss = loss_sum / max(global_tokens, 1.0)
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else None
     skipped = not engine.was_step_applied() or not math.isfinite(loss)

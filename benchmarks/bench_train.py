@@ -1,0 +1,153 @@
+"""Throughput of the training step on one device: tokens/s, TFLOP/s and MFU.
+
+    python benchmarks/bench_train.py --model lime-1b --seq-length 512 --micro-batch-size 16     # one GPU
+    python benchmarks/bench_train.py --model lime-mini --seq-length 256 --micro-batch-size 8    # CPU
+
+It times our real step (megatron_lime.training.pretrain.train_step on the DeepSpeed ZeRO-1
+engine built by training.wrap: token counting, all-reduces, LR setting, clipping, skip check)
+on random tokens. On CPU it also times a minimal plain-PyTorch loop on the same model, batch
+and optimizer (AdamW with the same groups, clip_grad_norm_, fp32) in the same process,
+alternating the two in rounds so both see the same machine state, and prints the overhead
+of our stack (target: under 5%). On a GPU the step is bf16 (DeepSpeed's BF16 optimizer) and
+MFU uses the peak of the GPU from training.metrics (or --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_lime.config import PRESETS, LimeConfig  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="lime-mini", choices=list(PRESETS))
+    parser.add_argument("--seq-length", type=int, default=None, help="default: the preset's max positions")
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round and method")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: on for GPUs with bf16, off on CPU")
+    parser.add_argument("--recompute-activations", action="store_true")
+    parser.add_argument("--torch-compile", action="store_true")
+    parser.add_argument("--attention-backend", default=None, choices=["auto", "flash", "sdpa"])
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--skip-plain", action="store_true", help="only time our stack")
+    return parser.parse_args()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, steps: int, device: torch.device) -> float:
+    """Seconds per step over `steps` calls of step()."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> int:
+    options = parse_args()
+    from megatron_lime.model import LimeModel
+    from megatron_lime.training.config import parse_training_args
+    from megatron_lime.training.metrics import peak_tflops_for
+    from megatron_lime.training.pretrain import build_model, init_distributed, train_step
+    from megatron_lime.training.wrap import build_optimizer, use_bf16, wrap_model
+
+    flags = ["--model", options.model, "--train-iters", "1000000", "--micro-batch-size", str(options.micro_batch_size),
+             "--global-batch-size", str(options.micro_batch_size), "--lr", "1e-4", "--min-lr", "1e-5",
+             "--lr-warmup-iters", "0"]
+    if options.seq_length:
+        flags += ["--seq-length", str(options.seq_length)]
+    if options.bf16 is not None:
+        flags += ["--bf16" if options.bf16 else "--no-bf16"]
+    if options.recompute_activations:
+        flags += ["--recompute-activations"]
+    if options.torch_compile:
+        flags += ["--torch-compile"]
+    if options.attention_backend:
+        flags += ["--attention-backend", options.attention_backend]
+    args = parse_training_args(flags)
+    env = init_distributed()
+    device = env.device
+    seq, batch_size = args.seq_length, options.micro_batch_size
+    config: LimeConfig = args.model
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (batch_size, seq + 1), generator=generator)
+    batch = {"input_ids": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
+             "loss_mask": torch.ones(batch_size, seq, device=device)}
+
+    engine, _ = wrap_model(build_model(config, args.training.seed, device), args, device, 1)
+    engine.train()
+    bf16 = use_bf16(args, device)
+
+    def our_step() -> None:
+        train_step(engine, [batch], args.optimizer.lr, device)
+
+    plain_step = None
+    if device.type == "cpu" and not options.skip_plain:
+        plain_model = build_model(config, args.training.seed, device)
+        plain_model.activation_checkpointing = args.training.recompute_activations
+        plain_optimizer = build_optimizer(plain_model, args, device)
+        plain_params = list(plain_model.parameters())
+
+        def plain_step() -> None:
+            output = plain_model(**batch)
+            output.loss.backward()
+            torch.nn.utils.clip_grad_norm_(plain_params, args.training.clip_grad)
+            plain_optimizer.step()
+            plain_optimizer.zero_grad(set_to_none=True)
+            output.loss.item()  # our step reads the loss back too
+
+    for _ in range(options.warmup):
+        our_step()
+        if plain_step:
+            plain_step()
+    ours, plain = [], []
+    for _ in range(options.rounds):
+        ours.append(timed(our_step, options.steps, device))
+        if plain_step:
+            plain.append(timed(plain_step, options.steps, device))
+
+    flops_per_token = config.flops_per_token(seq)
+    peak = peak_tflops_for(device, options.peak_tflops)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{config.name}: {config.num_parameters() / 1e6:.1f}M parameters, seq {seq}, micro batch {batch_size}, "
+          f"{'bf16' if bf16 else 'fp32'}, {device_name}; {options.rounds} rounds x {options.steps} steps, median")
+
+    def report(name: str, seconds: list[float]) -> float:
+        per_step = statistics.median(seconds)
+        tokens_per_second = batch_size * seq / per_step
+        tflops = tokens_per_second * flops_per_token / 1e12
+        mfu = "MFU n/a on CPU" if peak is None and device.type == "cpu" else (
+            "MFU n/a (unknown GPU: pass --peak-tflops)" if peak is None else f"MFU {100 * tflops / peak:.1f}%")
+        print(f"  {name:<28} {1000 * per_step:9.1f} ms/step  {tokens_per_second:10.0f} tokens/s  "
+              f"{tflops:8.3f} TFLOP/s  {mfu}")
+        return per_step
+
+    ours_step = report("megatron-lime (DeepSpeed)", ours)
+    if plain:
+        plain_seconds = report("plain PyTorch loop", plain)
+        print(f"  overhead of our stack: {100 * (ours_step / plain_seconds - 1):+.1f}% (target < 5%)")
+    if device.type == "cuda":
+        print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -126,10 +125,28 @@ def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> di
     from megatron_lime.data.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix + "_text_document")
-    return {"workers": workers, "wall_s": wall, "documents": len(ds), "tokens": ds.num_tokens,
+    return {"workers": workers, "wall_s": wall, "load_average_1min_after": os.getloadavg()[0], "documents": len(ds), "tokens": ds.num_tokens,
             "input_mb": os.path.getsize(corpus) / 1e6, "docs_per_s": len(ds) / wall, "tokens_per_s": ds.num_tokens / wall,
             "mb_per_s": os.path.getsize(corpus) / 1e6 / wall, "peak_rss_mb": memory["maxrss_kb"] / 1024,
             "summary": proc.stdout.strip().splitlines()[-1]}
+
+
+def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_000_000) -> dict:
+    """The ceiling: one process encoding already-parsed texts, nothing else (same corpus and tokenizer)."""
+    from megatron_lime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    texts, size = [], 0
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(line)
+            if size >= max_bytes:
+                break
+    start = time.perf_counter()
+    tokens = sum(len(ids) for ids in tok.encode_batch(texts))
+    seconds = time.perf_counter() - start
+    return {"documents": len(texts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
 def bench_sample_index(workdir: str, num_documents: int, seq_length: int) -> dict:
@@ -198,18 +215,22 @@ def main() -> int:
             return rc
         results["tokenizer_train_s"] = time.perf_counter() - start
 
+    alone = bench_sentencepiece_alone(corpus["path"], tokenizer)
+    results["sentencepiece_alone_one_core"] = alone
+    print(f"sentencepiece alone (one process, parsed texts): {alone['tokens_per_s']:,.0f} tokens/s", flush=True)
     runs = []
     for workers in args.workers:
         best = min((run_preprocess(corpus["path"], tokenizer, os.path.join(args.workdir, "out"), workers)
                     for _ in range(args.repeats)), key=lambda r: r["wall_s"])
         runs.append(best)
         print(f"{workers} worker(s): {best['wall_s']:.2f} s, {best['docs_per_s']:,.0f} docs/s, "
-              f"{best['tokens_per_s']:,.0f} tokens/s, {best['mb_per_s']:.1f} MB/s, peak RSS {best['peak_rss_mb']:.0f} MB",
+              f"{best['tokens_per_s']:,.0f} tokens/s, {best['mb_per_s']:.1f} MB/s, largest process RSS {best['peak_rss_mb']:.0f} MB "
+              f"(load average {best['load_average_1min_after']:.1f} on {os.cpu_count()} CPUs)",
               flush=True)
     results["preprocess"] = runs
     half_run = run_preprocess(half["path"], tokenizer, os.path.join(args.workdir, "half"), max(args.workers))
     results["preprocess_half_input"] = half_run
-    print(f"half input ({half_run['input_mb']:.0f} MB), {max(args.workers)} workers: peak RSS {half_run['peak_rss_mb']:.0f} MB "
+    print(f"half input ({half_run['input_mb']:.0f} MB), {max(args.workers)} workers: largest process RSS {half_run['peak_rss_mb']:.0f} MB "
           f"(full input: {runs[-1]['peak_rss_mb']:.0f} MB)", flush=True)
     startup = min((run_preprocess(tiny["path"], tokenizer, os.path.join(args.workdir, "tiny"), max(args.workers))
                    for _ in range(3)), key=lambda r: r["wall_s"])

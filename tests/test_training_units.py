@@ -133,3 +133,16 @@ def test_mfu_arithmetic():
     assert metrics.mfu == pytest.approx(metrics.tflops_per_device / 312.0)
     assert "MFU 49.7%" in metrics.line()
     assert peak_tflops_for(torch.device("cpu")) is None and peak_tflops_for(torch.device("cpu"), 100.0) == 100.0
+
+
+def test_keep_last_prunes_only_older_checkpoints(tmp_path):
+    from megatron_lime.training.checkpointing import Checkpointer
+
+    for step in (5, 10, 15, 20):
+        (tmp_path / f"global_step{step}").mkdir()
+    (tmp_path / "global_step20_universal").mkdir()
+    (tmp_path / "tensorboard").mkdir()
+    checkpointer = Checkpointer(str(tmp_path), 5, 2, meta_base={}, ds_config={}, rank=0, world_size=1)
+    checkpointer._prune(keep="global_step20")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step15", "global_step20", "global_step20_universal",
+                                                          "tensorboard"]

@@ -197,3 +197,36 @@ def test_dataloader_batches(tiny):
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=4)))
     assert batch["input_ids"].shape == (4, 64) and batch["labels"].dtype == torch.long
     assert batch["loss_mask"].shape == (4, 64)
+
+
+def _distributed_build(rank: int, world_size: int, init_file: str, prefix: str, cache: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        built = {"n": 0}
+        original = gpt_dataset.build_sample_index
+
+        def counting(*args, **kwargs):
+            built["n"] += 1
+            return original(*args, **kwargs)
+
+        gpt_dataset.build_sample_index = counting
+        train = build_pretraining_datasets([prefix], "90,9,1", 32, 11, (100, 10, 0), cache_path=cache)[0]
+        np.save(f"{out}-{rank}.npy", np.array([built["n"], *train[42]["input_ids"].tolist()]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rank_zero_builds_other_ranks_load(tiny, tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    args = (2, str(tmp_path / "init"), tiny, str(tmp_path / "cache"), str(tmp_path / "out"))
+    procs = [context.Process(target=_distributed_build, args=(rank, *args)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    rank0, rank1 = np.load(str(tmp_path / "out-0.npy")), np.load(str(tmp_path / "out-1.npy"))
+    assert rank0[0] == 2 and rank1[0] == 0  # rank 0 built train and valid; rank 1 only loaded
+    np.testing.assert_array_equal(rank0[1:], rank1[1:])

@@ -182,8 +182,11 @@ class IndexCache:
         if distributed and rank != 0:
             torch.distributed.barrier()  # rank 0 builds first
             if not self.complete(names):
-                raise RuntimeError(f"rank {rank}: index cache {self.stem}-* missing after rank 0 built it; "
-                                   "is the cache directory on a file system all ranks share?")
+                # Rank 0 could not write it (read-only directory) or the directory is not shared
+                # between nodes: the build is deterministic, so build the same arrays here.
+                logger.warning("rank %d: index cache %s-* not found after rank 0's build; building in memory "
+                               "(use a --data-cache-path that all ranks share)", rank, self.stem)
+                return build()
             return self.load(names)
         try:
             if self.complete(names):

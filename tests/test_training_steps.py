@@ -96,3 +96,11 @@ def test_bf16_path_trains_with_fp32_master_weights(tmp_path, tiny_data):
                                  weights_only=False)["optimizer_state_dict"]
     masters = optimizer_state["single_partition_of_fp32_groups"]
     assert all(master.dtype == torch.float32 for master in masters)
+    # The loop's schedule reached the optimizer: the LR of the last step (index 3) of a 4-step run.
+    from megatron_lime.training.config import OptimizerConfig
+    from megatron_lime.training.schedule import lr_for_config
+
+    expected_lr = lr_for_config(3, OptimizerConfig(lr=3e-3, min_lr=5e-6, lr_warmup_fraction=0.05), 4)
+    groups = optimizer_state["base_optimizer_state"]["param_groups"]
+    assert [g["lr"] for g in groups] == [pytest.approx(expected_lr)] * 2
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and groups[0]["betas"] == (0.9, 0.95)

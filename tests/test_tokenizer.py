@@ -175,3 +175,22 @@ def test_hf_directory_copied_without_sentencepiece(tokenizer_dir, tmp_path):
         shutil.copy(os.path.join(tokenizer_dir, name), only_hf / name)
     tok = load_tokenizer(str(only_hf))
     assert isinstance(tok, HuggingFaceTokenizer) and tok.eos_id == 1 and tok.user_id == 3
+
+
+def test_train_tokenizer_from_parquet_and_text_with_byte_budget(texts, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": texts[:100]}), tmp_path / "part.parquet")
+    (tmp_path / "notes.txt").write_text("\n".join(texts[100:150]), encoding="utf-8")
+    out = str(tmp_path / "tok")
+    budget = 100_000
+    assert load_tool("train_tokenizer").main(["--input", str(tmp_path / "part.parquet"), str(tmp_path / "notes.txt"),
+                                              "--output-dir", out, "--vocab-size", "400", "--max-bytes", str(budget)]) == 0
+    with open(os.path.join(out, "tokenizer_info.json")) as f:
+        info = json.load(f)
+    # Documents are taken until the byte budget is reached (the last one may cross it).
+    sizes = [len(t.encode("utf-8")) for t in texts[:100]]
+    expected = next(i + 1 for i in range(len(sizes)) if sum(sizes[:i + 1]) >= budget)
+    assert info["trained_on_documents"] == expected
+    assert load_tokenizer(out).decode(load_tokenizer(out).encode(texts[120])) == texts[120]

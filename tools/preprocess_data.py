@@ -154,6 +154,8 @@ WORKER: dict[str, object] = {}
 
 
 def init_worker(tokenizer_path: str, keys: tuple[str, ...], append_eod: bool, skip_bad: bool) -> None:
+    # One process per core already: a Hugging Face tokenizer must not start its own thread pool too.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = load_tokenizer(tokenizer_path)
     WORKER.update(tokenizer=tokenizer, keys=keys, append_eod=append_eod, skip_bad=skip_bad,
                   dtype=best_dtype(tokenizer.vocab_size))

@@ -321,7 +321,7 @@ def _read_json(path: str, default: dict) -> dict:
 
 
 def train_tokenizer(texts: Iterable[str], output_dir: str, vocab_size: int = 50_000, num_threads: int = 1,
-                    max_document_chars: int = 100_000) -> str:
+                    max_document_chars: int = 100_000, verbose: bool = False) -> str:
     """Train a lossless sentencepiece BPE tokenizer and write our tokenizer directory; returns it.
 
     `output_dir` gets `tokenizer.model` (sentencepiece), the Hugging Face files
@@ -376,7 +376,7 @@ def train_tokenizer(texts: Iterable[str], output_dir: str, vocab_size: int = 50_
             # Control symbols get single ids but are never produced from raw text by encode().
             control_symbols=[SPECIAL_TOKENS.user, SPECIAL_TOKENS.assistant, SPECIAL_TOKENS.context],
             num_threads=num_threads,
-            minloglevel=2,
+            minloglevel=0 if verbose else 2,  # 0: sentencepiece logs its progress
         )
     except RuntimeError:
         if reader_errors:

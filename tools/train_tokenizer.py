@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234, help="Seed of the document sampling.")
     parser.add_argument("--max-document-chars", type=int, default=100_000, help="Longer documents are cut to this many characters.")
     parser.add_argument("--num-threads", type=int, default=1, help="sentencepiece trainer threads.")
+    parser.add_argument("--verbose", action="store_true", help="Show sentencepiece's training log (progress of long runs).")
     args = parser.parse_args(argv)
     if not 0.0 < args.sample_fraction <= 1.0:
         parser.error(f"--sample-fraction must be in (0, 1], got {args.sample_fraction}")
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = {"documents": 0, "bytes": 0}
     try:
         train_tokenizer(sample_documents(args, stats), args.output_dir, vocab_size=args.vocab_size,
-                        num_threads=args.num_threads, max_document_chars=args.max_document_chars)
+                        num_threads=args.num_threads, max_document_chars=args.max_document_chars,
+                        verbose=args.verbose)
     except (BadRecordError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

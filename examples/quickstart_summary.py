@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""Print the quickstart's learning summary from its logs: validation loss at the start and the end."""
+
+import math
+import re
+import sys
+
+VALIDATION = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.eE+-]+)")
+
+
+def validation_losses(log_path: str) -> list[tuple[int, float]]:
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        return [(int(m.group(1)), float(m.group(2))) for m in VALIDATION.finditer(log.read())]
+
+
+def main() -> int:
+    out_dir, vocab_size = sys.argv[1], int(sys.argv[2])
+    print(f"summary (ln(vocab {vocab_size}) = {math.log(vocab_size):.2f}, the loss of a uniform guess):")
+    for stage in ("pretrain", "sft"):
+        losses = validation_losses(f"{out_dir}/logs/{stage}.log")
+        if not losses:
+            print(f"  {stage}: no validation loss in {out_dir}/logs/{stage}.log")
+            return 1
+        (first_step, first), (last_step, last) = losses[0], losses[-1]
+        print(f"  {stage:8s} validation loss: {first:.3f} at step {first_step} -> {last:.3f} at step {last_step}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,8 @@
 [8192, 6144]. For each dtype it prints, per implementation, the median milliseconds of the
 forward and of forward+backward, the effective bandwidth (bytes the op must move / time:
 forward reads x and writes y; backward reads dy and x and writes dx), and each one's time
-relative to ours (x slower). All implementations run in the same process on the same inputs.
+relative to ours (x slower). All implementations run in the same process on the same inputs,
+timed round-robin so that load from other processes falls on all of them alike.
 
 On CPU a fresh 50 MB output is page-faulted in as it is first written, which costs about as much
 as the arithmetic; the "allocation" table times our kernels writing into fresh outputs and into
@@ -49,22 +50,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iterations: int) -> float:
-    """Median wall time of fn() in ms, each call synchronised (so GPU time is counted)."""
-    for _ in range(warmup):
-        fn()
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                          iterations: int) -> dict[str, float]:
+    """Median wall time in ms of each fn, timed round-robin (one call of each per round), so load
+    from other processes on a shared machine falls on every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     synchronize(device)
-    samples = []
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def time_implementation(name: str, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
-                        grad_out: torch.Tensor, device: torch.device, warmup: int, iterations: int) -> Timing:
+def forward_and_backward_calls(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
+                               grad_out: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
     """Forward alone (no autograd) and forward+backward (gradients of every input) of fn(*inputs)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     detached = [t.detach() for t in inputs]
@@ -78,8 +83,22 @@ def time_implementation(name: str, fn: Callable[..., torch.Tensor], inputs: list
             leaf.grad = None  # a fresh gradient each time, as in training (no accumulation pass)
         fn(*leaves).backward(grad_out)
 
-    return Timing(name, median_ms(forward, device, warmup, iterations),
-                  median_ms(forward_backward, device, warmup, iterations))
+    return forward, forward_backward
+
+
+def time_implementations(impls: dict[str, Callable[..., torch.Tensor]], inputs: list[torch.Tensor],
+                         grad_out: torch.Tensor, device: torch.device, warmup: int, iterations: int) -> list[Timing]:
+    calls = {name: forward_and_backward_calls(fn, inputs, grad_out) for name, fn in impls.items()}
+    for name, (forward, forward_backward) in calls.items():
+        start = time.perf_counter()
+        forward()
+        forward_backward()
+        if "compile" in name:
+            tqdm.write(f"  ({name}: first calls, compilation included, took {time.perf_counter() - start:.0f} s)",
+                       file=sys.stderr)
+    forward_ms = interleaved_median_ms({name: c[0] for name, c in calls.items()}, device, warmup, iterations)
+    forward_backward_ms = interleaved_median_ms({name: c[1] for name, c in calls.items()}, device, warmup, iterations)
+    return [Timing(name, forward_ms[name], forward_backward_ms[name]) for name in impls]
 
 
 def implementations(op: str, device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
@@ -149,9 +168,8 @@ def allocation_table(op: str, inputs: list[torch.Tensor], dtype_name: str, warmu
         reused_bwd = lambda: ext.silu_bwd_out(dy, x, dx)  # noqa: E731
     rows = []
     for name, fresh, reused in (("forward", fresh_fwd, reused_fwd), ("backward", fresh_bwd, reused_bwd)):
-        fresh_ms = median_ms(fresh, device, warmup, iterations)
-        reused_ms = median_ms(reused, device, warmup, iterations)
-        rows.append((name, fresh_ms, reused_ms))
+        ms = interleaved_median_ms({"fresh": fresh, "reused": reused}, device, warmup, iterations)
+        rows.append((name, ms["fresh"], ms["reused"]))
     mb = x.numel() * x.element_size() / 1e6
     print(f"  allocation ({op} {dtype_name}, one {mb:.0f} MB output per kernel; "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}):")
@@ -185,14 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         hidden = args.hidden if op == "rms_norm" else 4 * args.hidden
         inputs = make_inputs(op, args.rows, hidden, dtype, device)
         grad_out = torch.randn_like(inputs[0])
-        timings = []
-        for impl_name, fn in implementations(op, device).items():
-            compile_start = time.perf_counter()
-            timing = time_implementation(impl_name, fn, inputs, grad_out, device, args.warmup, iterations)
-            if "compile" in impl_name:
-                tqdm.write(f"  ({impl_name}: first calls including compilation took "
-                           f"{time.perf_counter() - compile_start:.0f} s in all)", file=sys.stderr)
-            timings.append(timing)
+        timings = time_implementations(implementations(op, device), inputs, grad_out, device, args.warmup,
+                                       iterations)
         print_table(op, dtype_name, (args.rows, hidden), inputs[0].element_size(), timings)
         if device.type == "cpu":
             allocation_table(op, inputs, dtype_name, args.warmup, iterations)

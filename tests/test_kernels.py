@@ -22,8 +22,8 @@ EPS = 1e-5
 # Odd shapes on purpose: hidden sizes that are not multiples of the 8-lane vector width
 # (scalar tails), 1-D/2-D/3-D inputs, and ones large enough to be split over threads
 # (5 x 123 x 123 and 64 x 1536 exceed the per-thread minimum, so the weight gradient's
-# per-thread partial sums are reduced).
-RMS_NORM_SHAPES = [(5, 123, 123), (64, 1536), (7, 64), (3, 5, 17), (2, 1), (129,)]
+# per-thread partial sums are reduced; 4096 rows make the weight gradient a long sum).
+RMS_NORM_SHAPES = [(5, 123, 123), (64, 1536), (4096, 40), (7, 64), (3, 5, 17), (2, 1), (129,)]
 SILU_SHAPES = [(5, 123, 123), (8, 1536), (3, 7), (1,), (2, 3, 4, 5)]
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

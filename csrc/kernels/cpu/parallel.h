@@ -19,22 +19,24 @@ inline int threads_for(int64_t items, int64_t cost) {
   return static_cast<int>(std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), by_size, std::max<int64_t>(items, 1)}));
 }
 
-// Calls body(begin, end, thread_index) on `num_threads` contiguous slices of [0, items).
-// Contiguous slices keep each thread on its own pages and cache lines.
+// Calls body(begin, end, thread_index) on contiguous slices of [0, items), handed out to
+// `num_threads` threads a slice at a time. Several slices per thread, taken dynamically: a
+// thread that was descheduled (a busy machine, a data-loader process) does not hold the
+// others up at the end. Contiguous slices keep each thread on its own pages and cache lines.
 template <typename Body>
 inline void parallel_slices(int64_t items, int num_threads, const Body& body) {
   if (num_threads <= 1) {
     if (items > 0) body(int64_t{0}, items, 0);
     return;
   }
-#pragma omp parallel num_threads(num_threads)
-  {
-    const int64_t thread = omp_get_thread_num();
-    const int64_t team = omp_get_num_threads();
-    const int64_t chunk = (items + team - 1) / team;
-    const int64_t begin = std::min(items, thread * chunk);
-    const int64_t end = std::min(items, begin + chunk);
-    if (begin < end) body(begin, end, static_cast<int>(thread));
+  constexpr int64_t kSlicesPerThread = 8;
+  const int64_t slices = std::min<int64_t>(items, kSlicesPerThread * num_threads);
+  const int64_t slice = (items + slices - 1) / slices;
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+  for (int64_t index = 0; index < slices; ++index) {
+    const int64_t begin = index * slice;
+    const int64_t end = std::min(items, begin + slice);
+    if (begin < end) body(begin, end, omp_get_thread_num());
   }
 }
 

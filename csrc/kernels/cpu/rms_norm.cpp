@@ -5,14 +5,16 @@
 // Backward: with r = rstd and n the row length,
 //             dx = r * w * dy - x * (r^3 / n) * sum(dy * w * x)
 //             dw = sum over rows of dy * x * r
-//           one pass for the dot product, a second writes dx and adds dy * x * r into the
-//           thread's own fp32 weight-gradient row; the per-thread rows are summed at the end.
+//           one pass for the dot product, a second writes dx and adds dy * x * r into an
+//           fp32 row per block of 32 rows, which goes into the thread's own fp64 weight-gradient
+//           row; the per-thread rows are summed at the end.
 // Rows are split over OpenMP threads; 8 fp32 lanes (AVX2) with a scalar tail for any n.
 #include "../checks.h"
 #include "parallel.h"
 #include "rms_norm.h"
 #include "vec.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -21,6 +23,7 @@ namespace {
 
 constexpr const char* kFwd = "lime::rms_norm_fwd (CPU)";
 constexpr const char* kBwd = "lime::rms_norm_bwd (CPU)";
+constexpr int64_t kGradBlockRows = 32;
 
 template <typename T, typename A>
 void rms_norm_fwd_rows(const T* x, const A* w, T* y, A* rstd, int64_t begin, int64_t end, int64_t n, A eps) {
@@ -63,9 +66,11 @@ void rms_norm_fwd_rows(const T* x, const A* w, T* y, A* rstd, int64_t begin, int
   }
 }
 
+// dx for rows [begin, end), and their dy * x * r summed into dw_block (n values, overwritten).
 template <typename T, typename A>
-void rms_norm_bwd_rows(const T* dy, const T* x, const A* w, const A* rstd, T* dx, A* dw_partial, int64_t begin,
+void rms_norm_bwd_rows(const T* dy, const T* x, const A* w, const A* rstd, T* dx, A* dw_block, int64_t begin,
                        int64_t end, int64_t n) {
+  std::fill(dw_block, dw_block + n, A(0));
   for (int64_t row = begin; row < end; ++row) {
     const T* dyr = dy + row * n;
     const T* xr = x + row * n;
@@ -98,15 +103,14 @@ void rms_norm_bwd_rows(const T* dy, const T* x, const A* w, const A* rstd, T* dx
         // dx = r * (w * dy) - c * x
         store8(dxr + j, _mm256_fmsub_ps(rv, _mm256_mul_ps(_mm256_loadu_ps(w + j), dyv), _mm256_mul_ps(cv, xv)));
         // dw += (dy * x) * r
-        _mm256_storeu_ps(dw_partial + j,
-                         _mm256_fmadd_ps(_mm256_mul_ps(dyv, xv), rv, _mm256_loadu_ps(dw_partial + j)));
+        _mm256_storeu_ps(dw_block + j, _mm256_fmadd_ps(_mm256_mul_ps(dyv, xv), rv, _mm256_loadu_ps(dw_block + j)));
       }
     }
 #endif
     for (; j < n; ++j) {
       const A dyv = static_cast<A>(dyr[j]), xv = static_cast<A>(xr[j]);
       dxr[j] = static_cast<T>(r * (w[j] * dyv) - c * xv);
-      dw_partial[j] += dyv * xv * r;
+      dw_block[j] += dyv * xv * r;
     }
   }
 }
@@ -184,8 +188,9 @@ void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const tor
   const int num_threads = threads_for(rows, n);
   const at::ScalarType acc = acc_dtype(x);
   const torch::Tensor w = weight.to(acc).contiguous();
-  // One weight-gradient row per thread: no atomics and no false sharing in the row loop.
-  torch::Tensor dw_partial = torch::zeros({num_threads, n}, x.options().dtype(acc));
+  // One weight-gradient row per thread: no atomics and no false sharing in the row loop. It is
+  // fp64: it sums one fp32 block sum per 32 rows, and 8192 rows make 256 of them per row.
+  torch::Tensor dw_partial = torch::zeros({num_threads, n}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lime_rms_norm_bwd_cpu", [&] {
     using A = typename Acc<scalar_t>::type;
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
@@ -193,12 +198,20 @@ void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const tor
     const A* wp = w.data_ptr<A>();
     const A* rp = rstd.data_ptr<A>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
-    A* partial = dw_partial.data_ptr<A>();
+    double* partial = dw_partial.data_ptr<double>();
     parallel_slices(rows, num_threads, [&](int64_t begin, int64_t end, int thread) {
-      rms_norm_bwd_rows<scalar_t, A>(dyp, xp, wp, rp, dxp, partial + thread * n, begin, end, n);
+      // Rows are summed kGradBlockRows at a time into an fp32 scratch row (vectorised), which is
+      // then added to the thread's fp64 row: no fp32 running sum is longer than a block.
+      std::vector<A> block(n);
+      double* thread_partial = partial + thread * n;
+      for (int64_t block_begin = begin; block_begin < end; block_begin += kGradBlockRows) {
+        const int64_t block_end = std::min(end, block_begin + kGradBlockRows);
+        rms_norm_bwd_rows<scalar_t, A>(dyp, xp, wp, rp, dxp, block.data(), block_begin, block_end, n);
+        for (int64_t j = 0; j < n; ++j) thread_partial[j] += static_cast<double>(block[j]);
+      }
     });
   });
-  // Second stage: num_threads x n -> n, in the accumulation type, then cast once.
+  // Second stage: num_threads x n -> n in fp64, then cast once to the weight's dtype.
   dw.copy_(dw_partial.sum(0));
 }
 

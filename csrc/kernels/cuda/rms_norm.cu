@@ -119,12 +119,13 @@ __global__ void rms_norm_dw_partial_kernel(const T* __restrict__ dy, const T* __
 }
 
 // Stage 2: one thread per column sums the chunks' partial rows and casts to the weight dtype.
+// The running sum is fp64: it adds up to kMaxGradChunks partials, a long chain for fp32.
 template <typename A, typename W>
 __global__ void rms_norm_dw_final_kernel(const A* __restrict__ partial, W* __restrict__ dw, int64_t chunks,
                                          int64_t n) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= n) return;
-  A total = 0;
+  double total = 0;
 #pragma unroll 8
   for (int64_t c = 0; c < chunks; ++c) total += partial[c * n + col];
   dw[col] = static_cast<W>(total);

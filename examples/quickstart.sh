@@ -34,14 +34,15 @@ mkdir -p "$OUT/logs" "$OUT/.done"
 
 case "$SIZE" in
     default)
-        MODEL=lime-mini VOCAB=4096 SEQ=256
+        MODEL=lime-mini VOCAB=4096 SEQ=256 MAX_POSITIONS=256
         PRETRAIN_ITERS=600 PRETRAIN_EVAL_INTERVAL=100 SFT_ITERS=150
-        MICRO=8 GLOBAL=16 LR=3e-3 SFT_LR=5e-4 SFT_EXAMPLES=3000 CORPUS_MB=8
+        MICRO=8 GLOBAL=16 LR=3e-3 MIN_LR=3e-5 SFT_LR=5e-4 SFT_MIN_LR=6e-5 SFT_EXAMPLES=3000 CORPUS_MB=8
         ;;
     smallest)
-        MODEL=lime-tiny VOCAB=512 SEQ=128
+        # 256 positions although it trains on 128: the card's generate call asks for 128 new tokens.
+        MODEL=lime-tiny VOCAB=512 SEQ=128 MAX_POSITIONS=256
         PRETRAIN_ITERS=40 PRETRAIN_EVAL_INTERVAL=20 SFT_ITERS=10
-        MICRO=4 GLOBAL=8 LR=3e-3 SFT_LR=5e-4 SFT_EXAMPLES=300 CORPUS_MB=0.4
+        MICRO=4 GLOBAL=8 LR=3e-3 MIN_LR=3e-5 SFT_LR=5e-4 SFT_MIN_LR=6e-5 SFT_EXAMPLES=300 CORPUS_MB=0.4
         ;;
     *) echo "QUICKSTART_SIZE must be 'default' or 'smallest', got '$SIZE'" >&2; exit 2 ;;
 esac
@@ -97,18 +98,17 @@ tail -n 1 "$OUT/logs/preprocess.log" | sed 's/^/             /'
 
 # 4. pretrain -----------------------------------------------------------------------------------
 COMMON_TRAIN_ARGS=(
-    --model "$MODEL" --vocab-size "$VOCAB" --seq-length "$SEQ"
-    --tokenizer-model "$OUT/tokenizer"
+    --model "$MODEL" --vocab-size "$VOCAB" --seq-length "$SEQ" --max-position-embeddings "$MAX_POSITIONS"
     --micro-batch-size "$MICRO" --global-batch-size "$GLOBAL"
     --log-interval 10 --eval-iters 4 --num-workers 0
     --tensorboard-dir "$OUT/tensorboard"
 )
 run_stage pretrain "pretraining $MODEL for $PRETRAIN_ITERS steps with deepspeed on $HARDWARE" "$OUT/checkpoints/pretrain" \
-    env MASTER_PORT="${MASTER_PORT:-29511}" bash "$REPO/examples/pretrain_lime_1b.sh" "${COMMON_TRAIN_ARGS[@]}" \
-        --data-path "$OUT/data/sample_text_document" --split 98,2,0 \
-        --train-iters "$PRETRAIN_ITERS" --lr "$LR" --min-lr "$(python -c "print($LR / 100)")" \
-        --eval-interval "$PRETRAIN_EVAL_INTERVAL" --save-interval "$PRETRAIN_ITERS" \
-        --save "$OUT/checkpoints/pretrain" --load "$OUT/checkpoints/pretrain"
+    env MASTER_PORT="${MASTER_PORT:-29511}" SAVE_DIR="$OUT/checkpoints/pretrain" \
+        DATA_PATH="$OUT/data/sample_text_document" TOKENIZER_MODEL="$OUT/tokenizer" \
+    bash "$REPO/examples/pretrain_lime_1b.sh" "${COMMON_TRAIN_ARGS[@]}" --split 98,2,0 \
+        --train-iters "$PRETRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" \
+        --eval-interval "$PRETRAIN_EVAL_INTERVAL" --save-interval "$PRETRAIN_ITERS"
 
 # 5. sft-data -----------------------------------------------------------------------------------
 cat > "$OUT/data/sft_mixture.yaml" <<EOF
@@ -128,11 +128,10 @@ grep -E '^total' "$OUT/logs/sft-data.log" | sed 's/^/             /'
 
 # 6. sft ----------------------------------------------------------------------------------------
 run_stage sft "instruction-tuning for $SFT_ITERS steps (packed, prompt masked)" "$OUT/checkpoints/sft" \
-    env MASTER_PORT="${MASTER_PORT:-29512}" bash "$REPO/examples/sft_lime_1b.sh" "${COMMON_TRAIN_ARGS[@]}" \
-        --data-path "$OUT/data/sft_text_document" --split 95,5,0 \
-        --train-iters "$SFT_ITERS" --lr "$SFT_LR" --min-lr "$(python -c "print($SFT_LR / 8)")" \
-        --eval-interval "$SFT_ITERS" --save-interval "$SFT_ITERS" \
-        --load "$OUT/checkpoints/pretrain" --save "$OUT/checkpoints/sft"
+    env MASTER_PORT="${MASTER_PORT:-29512}" SAVE_DIR="$OUT/checkpoints/sft" PRETRAINED="$OUT/checkpoints/pretrain" \
+        DATA_PATH="$OUT/data/sft_text_document" TOKENIZER_MODEL="$OUT/tokenizer" SFT_ITERS="$SFT_ITERS" \
+    bash "$REPO/examples/sft_lime_1b.sh" "${COMMON_TRAIN_ARGS[@]}" --split 95,5,0 \
+        --lr "$SFT_LR" --min-lr "$SFT_MIN_LR" --eval-interval "$SFT_ITERS" --save-interval "$SFT_ITERS"
 
 # 7. convert ------------------------------------------------------------------------------------
 run_stage convert "exporting to a Hugging Face folder" "$OUT/hf" \
@@ -148,7 +147,7 @@ if ! python "$REPO/examples/card_generate.py" "$OUT/hf" "$QUESTION" > "$OUT/logs
     tail -n 25 "$OUT/logs/generate.log" | sed 's/^/    /' >&2
     exit 1
 fi
-sed 's/^/             /' "$OUT/logs/generate.log"
+grep -E '^(question|answer)' "$OUT/logs/generate.log" | sed 's/^/             /'
 echo "[generate  ] done in $(( $(date +%s) - GENERATE_START ))s"
 
 # Summary ---------------------------------------------------------------------------------------

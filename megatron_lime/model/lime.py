@@ -136,7 +136,9 @@ class LimeModel(nn.Module):
             positions = self.position_table[:s]  # (s, d)
         else:
             positions = F.embedding(position_ids, self.position_table)  # (b, s, d) or (s, d)
-        x = self.tok_embeddings(input_ids) * self.embedding_scale + positions  # (b, s, d)
+        embeddings = self.tok_embeddings(input_ids)  # (b, s, d)
+        # The table stays fp32; the sum takes the embedding's dtype (bf16 under DeepSpeed's bf16 mode).
+        x = embeddings * self.embedding_scale + positions.to(embeddings.dtype)  # (b, s, d)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, document_ids, use_reentrant=False)

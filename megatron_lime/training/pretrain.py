@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                            f"where it stopped (changing the global batch size mid-run is not supported)")
 
     evaluator = Evaluator(valid_set, args, env, metrics)
+    if state.iteration == 0:  # the starting point (about ln(vocab) from scratch) that later validations are read against
+        evaluator.maybe_run(engine, state)
     sampler = MicroBatchSampler(total_iters * global_batch, state.consumed_samples,
                                 args.training.micro_batch_size, env.rank, env.world_size)
     batches = iter(build_loader(train_set, sampler, args.data.num_workers, env.device.type == "cuda"))

@@ -82,10 +82,6 @@ def build_deepspeed_config(args: TrainArgs, data_parallel_size: int, bf16: bool,
     # check_grad_overflow: a NaN/inf gradient norm skips the step instead of corrupting AdamW's state.
     config["bf16"] = {**config.get("bf16", {}), "enabled": bf16, "check_grad_overflow": True}
     config.pop("fp16", None)
-    if bf16:
-        # DeepSpeed casts parameters only; the model's sinusoid table (a buffer) would stay fp32 and
-        # promote the whole residual stream to fp32. bf16 buffers keep every activation in bf16.
-        config["data_types"] = {**config.get("data_types", {}), "buffer_dtype": "bf16"}
     zero = config.setdefault("zero_optimization", {})
     zero["stage"] = training.zero_stage
     if args.checkpoint.universal_checkpoint:  # optimizer state re-partitioned for this data-parallel size

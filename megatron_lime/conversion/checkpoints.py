@@ -35,15 +35,16 @@ from safetensors.torch import load_file
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.conversion.weight_map import hf_config_to_lime, hf_to_lime_state_dict
+from megatron_lime.training.checkpointing import CONSOLIDATED_WEIGHTS as WEIGHTS_FILE
+from megatron_lime.training.checkpointing import LIME_CONFIG as LIME_CONFIG_FILE
+from megatron_lime.training.checkpointing import read_json
 
 logger = logging.getLogger(__name__)
 
-LIME_CONFIG_FILE = "lime_config.json"
 # The run's record inside a Hugging Face export. Not named lime_config.json: the trainer takes a
 # folder with model.safetensors + lime_config.json for a consolidated checkpoint, and an export's
 # weights have Hugging Face names (convert it back with --from-hf).
 EXPORT_RUN_FILE = "lime_run.json"
-WEIGHTS_FILE = "model.safetensors"
 CheckpointKind = Literal["deepspeed", "consolidated", "hf"]
 
 # Prefixes that wrappers add to parameter names (torch.compile, DDP-style wrappers).
@@ -61,17 +62,9 @@ class LimeWeights:
     source: str = ""  # one line for logs and the model card: where the weights came from
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-
-
 def read_lime_config(path: Path) -> tuple[LimeConfig, dict[str, Any]]:
     """LimeConfig and the full metadata from a lime_config.json."""
-    metadata = _read_json(path)
+    metadata = read_json(path)
     if "model" not in metadata:
         raise ValueError(f"{path}: no \"model\" entry (expected {{\"model\": LimeConfig.to_dict(), ...}})")
     return LimeConfig.from_dict(metadata["model"]), metadata
@@ -206,11 +199,11 @@ def write_consolidated(directory: Path, state_dict: dict[str, torch.Tensor], met
 
 def read_hf_export(directory: Path) -> LimeWeights:
     """Weights of a Hugging Face LIME folder (ours or one saved by save_pretrained), with megatron_lime names."""
-    hf_config = _read_json(directory / "config.json")
+    hf_config = read_json(directory / "config.json")
     config = hf_config_to_lime(hf_config, name=hf_config.get("lime_preset", "custom"))
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         hf_state = {k: v for shard in shards for k, v in load_file(directory / shard).items()}
     else:
         hf_state = load_file(directory / WEIGHTS_FILE)

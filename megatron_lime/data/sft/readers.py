@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from megatron_lime.data.readers import is_saved_dataset
+
 DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
 # JSON files in dataset directories that describe the data rather than hold it.
 METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"})
@@ -45,11 +47,6 @@ def _open_text(path: str):
     return open(path, encoding="utf-8")
 
 
-def _is_saved_dataset(path: str) -> bool:
-    return os.path.isdir(path) and any(
-        os.path.exists(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json"))
-
-
 def _split_pattern(split: str) -> re.Pattern:
     # "train" matches data/train-0000.parquet, train.jsonl, train/part-0.parquet, but not "pretrain.json".
     return re.compile(rf"(^|[/\\_.-]){re.escape(split)}([/\\_.-]|$)")
@@ -57,7 +54,7 @@ def _split_pattern(split: str) -> re.Pattern:
 
 def resolve_data_files(path: str, split: str | None = None) -> list[str]:
     """The data files (or one saved-dataset directory) a path names, sorted; raises when there are none."""
-    if _is_saved_dataset(path):
+    if is_saved_dataset(path):
         return [path]
     if os.path.isfile(path):
         return [path]

@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -62,7 +63,6 @@ def timed(step, steps: int, device: torch.device) -> float:
 
 def main() -> int:
     options = parse_args()
-    from megatron_lime.model import LimeModel
     from megatron_lime.training.config import parse_training_args
     from megatron_lime.training.metrics import peak_tflops_for
     from megatron_lime.training.pretrain import build_model, init_distributed, train_step
@@ -99,20 +99,22 @@ def main() -> int:
     def our_step() -> None:
         train_step(engine, [batch], args.optimizer.lr, device)
 
-    plain_step = None
+    plain_step: Callable[[], None] | None = None
     if device.type == "cpu" and not options.skip_plain:
         plain_model = build_model(config, args.training.seed, device)
         plain_model.activation_checkpointing = args.training.recompute_activations
         plain_optimizer = build_optimizer(plain_model, args, device)
         plain_params = list(plain_model.parameters())
 
-        def plain_step() -> None:
+        def plain_step_impl() -> None:
             output = plain_model(**batch)
             output.loss.backward()
             torch.nn.utils.clip_grad_norm_(plain_params, args.training.clip_grad)
             plain_optimizer.step()
             plain_optimizer.zero_grad(set_to_none=True)
             output.loss.item()  # our step reads the loss back too
+
+        plain_step = plain_step_impl
 
     for _ in range(options.warmup):
         our_step()
@@ -144,7 +146,7 @@ def main() -> int:
               f"{tflops:8.3f} TFLOP/s  {mfu}")
         return per_step
 
-    ours_step = report("megatron-lime (DeepSpeed)", ours)
+    report("megatron-lime (DeepSpeed)", ours)
     if plain:
         report("plain PyTorch loop", plain)
         ratios = [a / b for a, b in zip(ours, plain)]

@@ -8,7 +8,6 @@ and the Hugging Face export writes the same fields into config.json.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 

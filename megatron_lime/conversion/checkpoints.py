@@ -21,7 +21,6 @@ save_consolidated / load_consolidated); `write_consolidated` only adds the atomi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re

@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 def _flash_attn():
     """The flash_attn module, or None when it is not installed."""
     try:
-        import flash_attn  # noqa: F401
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
         return None

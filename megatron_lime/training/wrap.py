@@ -20,13 +20,13 @@ embedding is a matrix the output head multiplies with, so it is regularised like
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 import torch
 from torch import nn
 
 from megatron_lime.model import LimeModel
+from megatron_lime.training.checkpointing import read_json
 from megatron_lime.training.config import TrainArgs
 
 
@@ -92,16 +92,6 @@ def build_deepspeed_config(args: TrainArgs, data_parallel_size: int, bf16: bool,
     return config
 
 
-def load_deepspeed_config(path: str | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
-
-
 def build_optimizer(model: nn.Module, args: TrainArgs, device: torch.device) -> torch.optim.Optimizer:
     opt = args.optimizer
     return torch.optim.AdamW(parameter_groups(model, opt.weight_decay), lr=opt.lr,
@@ -123,7 +113,7 @@ def wrap_model(model: LimeModel, args: TrainArgs, device: torch.device, data_par
             block.compile()  # in place: parameter names (and checkpoints) stay as they were
     bf16 = use_bf16(args, device)
     ds_config = build_deepspeed_config(args, data_parallel_size, bf16,
-                                       load_deepspeed_config(args.training.deepspeed_config))
+                                       read_json(args.training.deepspeed_config) if args.training.deepspeed_config else None)
     optimizer = build_optimizer(model, args, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_config

@@ -77,31 +77,14 @@ LOGGING_ARGS=(
 )
 ALL_ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}")
 
-if [[ "${1:-}" == "--print-args" ]]; then  # asked by the python part below: NUL-separated
-    printf '%s\0' "${ALL_ARGS[@]}"
-    exit 0
-fi
-
-# bash form: start the launcher, which runs this same file with python on every rank.
-if [[ -n "${HOSTFILE:-}" ]]; then
-    LAUNCHER=(deepspeed --hostfile "$HOSTFILE")
-elif NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && [[ "$NUM_GPUS" -gt 0 ]]; then
-    LAUNCHER=(deepspeed --num_gpus "$NUM_GPUS")
-else
-    export DS_ACCELERATOR=cpu     # DeepSpeed's CPU accelerator; the loop uses gloo
-    LAUNCHER=(deepspeed --num_gpus "${CPU_PROCESSES:-2}")
-fi
-exec "${LAUNCHER[@]}" --master_port "${MASTER_PORT:-29500}" "$SCRIPT" "$@"
+source "$SCRIPT_DIR/launch.sh"
+launch_or_print_args "$SCRIPT" "$@"
 ":"""
-# Python form: DeepSpeed runs `python examples/pretrain_lime_1b.sh --local_rank=N [overrides]`.
+# Python form: DeepSpeed runs `python SCRIPT --local_rank=N [overrides]` on every rank.
 import os
-import subprocess
 import sys
 
-script = os.path.abspath(__file__)
-flags = subprocess.run(["bash", script, "--print-args"], check=True, stdout=subprocess.PIPE).stdout
-base_args = [arg for arg in flags.decode().split("\0") if arg]
-sys.path.insert(0, os.path.dirname(os.path.dirname(script)))  # a checkout works without pip install
-from megatron_lime.training.pretrain import main  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout works without pip install
+from megatron_lime.training.launch import run_example_script  # noqa: E402
 
-sys.exit(main(base_args + sys.argv[1:]))
+sys.exit(run_example_script(os.path.abspath(__file__), sys.argv[1:]))

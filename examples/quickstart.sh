@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole LIME pipeline, end to end, on an embedded sample corpus: nothing to download.
 #
-#   bash examples/quickstart.sh              # about 8 minutes on a 2-core CPU; faster on a GPU
+#   bash examples/quickstart.sh              # about 9 minutes on a 2-core CPU; faster on a GPU
 #
 # Stages (each prints what it did, how long it took and where its output is; a re-run skips
 # stages that completed; a failure names the stage and its log):

@@ -174,23 +174,22 @@ def iter_records(source: InputSource, keys: tuple[str, ...], batch_size: int = 1
             raise BadRecordError(source.path, f"byte {e.start}", "invalid UTF-8") from None
     elif source.kind == "parquet":
         parquet = open_parquet(source.path, keys)
-        row = 0
-        for batch in parquet.iter_batches(batch_size=batch_size, columns=list(keys)):
-            columns = [batch.column(k).to_pylist() for k in keys]
-            for i, values in enumerate(zip(*columns)):
-                for key, value in zip(keys, values):
-                    check_string_value(value, source.path, row + i, key)
-                yield values
-            row += batch.num_rows
+        yield from _iter_arrow_batches(parquet.iter_batches(batch_size=batch_size, columns=list(keys)),
+                                       source.path, keys)
     elif source.kind == "datasets":
         dataset = load_saved_dataset(source.path, keys)
-        row = 0
-        for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
-            columns = [batch.column(k).to_pylist() for k in keys]
-            for i, values in enumerate(zip(*columns)):
-                for key, value in zip(keys, values):
-                    check_string_value(value, source.path, row + i, key)
-                yield values
-            row += batch.num_rows
+        yield from _iter_arrow_batches(dataset.with_format("arrow").iter(batch_size=batch_size), source.path, keys)
     else:
         raise ValueError(f"unknown input kind {source.kind!r}")
+
+
+def _iter_arrow_batches(batches, path: str, keys: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    """Rows of Arrow record batches (parquet or a saved `datasets` dataset), each value checked to be a string."""
+    row = 0
+    for batch in batches:
+        columns = [batch.column(k).to_pylist() for k in keys]
+        for i, values in enumerate(zip(*columns)):
+            for key, value in zip(keys, values):
+                check_string_value(value, path, row + i, key)
+            yield values
+        row += batch.num_rows

@@ -1,0 +1,120 @@
+"""The one way this project writes a file: to a temporary name beside it, fsync, rename.
+
+A reader (another rank, a resumed run, a user's `ls`) sees either the old file or the whole new
+one, never a prefix; a crash leaves at most a `.NAME.tmp-*` file, which nothing reads. Files are
+created with `open()`'s default mode, so they follow the user's umask like everything else.
+
+    with atomic_write("out/index.npy", "wb") as f: np.save(f, array)
+    write_json("out/config.json", {...})
+    read_json("out/config.json")          # ValueError "FILE:LINE: not valid JSON: ..." on bad input
+    with atomic_directory("hf-out") as tmp: ...   # a whole folder, renamed into place at the end
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+TMP_MARK = ".tmp-"  # every temporary name this module makes contains it
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (the directory entry), where the OS allows opening directories."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; on success fsync it and rename it to `path`.
+
+    On an exception the temporary file is removed and `path` is left as it was.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2, sort_keys: bool = True) -> None:
+    write_text(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a malformed one raises ValueError naming the file, line and reason."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+class atomic_directory:
+    """`with atomic_directory(out) as tmp:` fill tmp; on success tmp replaces out, on error it is removed.
+
+    Readers never see a half-written `out`: the final step is a rename within one filesystem.
+    An existing `out` is replaced only after the new one is complete. Whether an existing `out`
+    may be replaced at all is the caller's decision (see conversion's --overwrite checks).
+    """
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target).absolute()
+        self.tmp = _tmp_name(self.target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            os.rename(self.target, old)
+        os.rename(self.tmp, self.target)
+        _fsync_dir(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old)

@@ -198,6 +198,14 @@ class IndexedDatasetWriter:
             with contextlib.suppress(OSError):
                 self._bin_writer.__exit__(DatasetWriteError, DatasetWriteError(self.bin_path, OSError("aborted")), None)
 
+    def remove_outputs(self) -> None:
+        """Delete this writer's finalized pair (after a later step of the same run failed)."""
+        if self.finalized:
+            for path in (self.idx_path, self.bin_path):  # the .idx first: a lone .bin never looks complete
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self.finalized = False
+
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
 
@@ -206,6 +214,22 @@ class IndexedDatasetWriter:
             self.finalize()
         else:
             self.abort()
+
+
+def finalize_all(writers: list[IndexedDatasetWriter]) -> None:
+    """Finalize pairs that belong together (one per --json-keys key; SFT's text and loss mask): all or none.
+
+    When one fails, the others' temporary files are removed and the pairs this call already
+    renamed into place are deleted again, so no partial set of outputs looks complete.
+    """
+    try:
+        for writer in writers:
+            writer.finalize()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+            writer.remove_outputs()
+        raise
 
 
 def write_index(idx_path: str, dtype: type, sequence_lengths: np.ndarray,

@@ -11,7 +11,7 @@ import torch
 from megatron_lime.data import builder
 from megatron_lime.data.builder import DatasetConfig, build_blending_indices, build_datasets, parse_data_path
 from megatron_lime.data.gpt_dataset import GPTDataset, build_pretraining_datasets
-from megatron_lime.data.indexed_dataset import IndexedDatasetError, IndexedDatasetWriter, write_index
+from megatron_lime.data.indexed_dataset import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, write_index
 from megatron_lime.data.sft import dataset as sft_dataset
 from megatron_lime.data.sft.dataset import SFTDataset, build_sft_datasets
 
@@ -150,6 +150,22 @@ def test_token_ids_are_checked_against_the_vocabulary_on_open(tmp_path):
     sft = write_sft(tmp_path, "s", 10, 300)
     with pytest.raises(IndexedDatasetError, match=r"s_text_document\.bin: token id 3\d\d .* vocabulary of 300 ids"):
         build_sft_datasets([sft], "1,0,0", SEQ, 1, (5, 0, 0), vocab_size=300)
+
+
+def test_the_token_id_scan_is_cached_with_the_data_fingerprint(tmp_path, monkeypatch):
+    prefix = write_gpt(str(tmp_path / "g"), [20] * 5, 0)
+    cache = str(tmp_path / "cache")
+    build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (5, 0, 0), cache_path=cache, vocab_size=5)
+    assert any("TokenRange" in name for name in os.listdir(cache))
+
+    def must_not_scan(self):
+        raise AssertionError("the .bin was scanned again although its token range is cached")
+
+    monkeypatch.setattr(IndexedDataset, "token_range", must_not_scan)
+    build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (5, 0, 0), cache_path=cache, vocab_size=5)
+    monkeypatch.undo()
+    with pytest.raises(IndexedDatasetError, match="token id 4"):  # the cached range still catches a smaller vocabulary
+        build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (5, 0, 0), cache_path=cache, vocab_size=4)
 
 
 def _builds_in_process(rank: int, world: int, init_file: str, kind: str, prefix: str, caches: list[str],

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from megatron_lime.data.indexed_dataset import strip_extension
+from megatron_lime.data.indexed_dataset import IndexedDataset, strip_extension
 from megatron_lime.files import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -242,6 +242,23 @@ class IndexCache:
 
 def default_cache_dir(prefix: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
+
+
+def check_token_ids(indexed: IndexedDataset, vocab_size: int, cache_dir: str | None) -> None:
+    """Raise IndexedDatasetError (naming the file and the first bad id) if a token id is outside [0, vocab_size).
+
+    The smallest and largest ids come from one vectorised pass over the .bin (np.min/np.max over
+    the memory map: 0.02 s warm, 0.3 s cold for 100M tokens, see data/README.md), cached under
+    the data's content fingerprint like the other index arrays, so a 20B-token corpus is read
+    once per node and version of the data, not at every start.
+    """
+    cache = IndexCache(cache_dir, "TokenRange", {"class": "TokenRange", "format_version": INDEX_FORMAT_VERSION,
+                                                  "prefix": os.path.abspath(indexed.prefix),
+                                                  "content_fingerprint": indexed.fingerprint()})
+    token_range = cache.load_or_build(("min_max",), lambda: {"min_max": np.array(indexed.token_range(), dtype=np.int64)})
+    smallest, largest = (int(v) for v in token_range["min_max"])
+    if smallest < 0 or largest >= vocab_size:
+        indexed.check_token_ids(vocab_size)
 
 
 # ---------------------------------------------------------------------------------------

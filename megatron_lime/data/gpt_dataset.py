@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from megatron_lime.data.builder import (INDEX_FORMAT_VERSION, DatasetConfig, IndexCache, build_datasets,
-                                        data_helpers)
+                                        check_token_ids, data_helpers)
 from megatron_lime.data.indexed_dataset import IndexedDataset
 
 
@@ -162,7 +162,7 @@ class GPTDataset(Dataset):
     def open(cls, prefix: str, config: DatasetConfig) -> IndexedDataset:
         indexed = IndexedDataset(prefix, vocab_size=config.vocab_size)
         if config.vocab_size is not None:
-            indexed.check_token_ids(config.vocab_size)
+            check_token_ids(indexed, config.vocab_size, config.cache_dir_for(prefix))
         return indexed
 
     @classmethod

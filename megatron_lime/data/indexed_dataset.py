@@ -371,14 +371,17 @@ class IndexedDataset:
         """The largest token id in the .bin: one vectorised pass over the memory map (-1 when empty)."""
         return int(self._bin.max()) if self.num_tokens else -1
 
-    def check_token_ids(self, vocab_size: int) -> None:
-        """Raise IndexedDatasetError naming the file and the first offending document if any id is >= vocab_size.
+    def token_range(self) -> tuple[int, int]:
+        """(smallest, largest) token id; vectorised passes over the memory map (the smallest is free for unsigned dtypes)."""
+        if not self.num_tokens:
+            return 0, -1
+        smallest = int(self._bin.min()) if np.issubdtype(self.dtype, np.signedinteger) else 0
+        return smallest, self.max_token_id()
 
-        Cost: one read of the .bin (np.max over the memory map); measured in megatron_lime/data/README.md.
-        """
-        largest = self.max_token_id()
-        if largest < vocab_size and (not np.issubdtype(self.dtype, np.signedinteger) or self.num_tokens == 0
-                                     or int(self._bin.min()) >= 0):
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Raise IndexedDatasetError naming the file and the first offending document if an id is outside [0, vocab_size)."""
+        smallest, largest = self.token_range()
+        if smallest >= 0 and largest < vocab_size:
             return
         bad = np.flatnonzero((self._bin >= vocab_size) | (self._bin < 0))
         position = int(bad[0])

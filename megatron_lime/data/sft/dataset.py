@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from megatron_lime.data.builder import (INDEX_FORMAT_VERSION, SPLIT_NAMES, DatasetConfig, IndexCache,
-                                        build_datasets, parse_split)
+                                        build_datasets, check_token_ids, parse_split)
 from megatron_lime.data.indexed_dataset import IndexedDataset
 from megatron_lime.data.sft.preprocess import loss_mask_prefix_for
 
@@ -49,7 +49,8 @@ class SFTDatasetError(ValueError):
 class SFTExampleSource:
     """The text / loss-mask pair written by tools/preprocess_sft_data.py, checked to belong together."""
 
-    def __init__(self, text_prefix: str, eod_id: int | None = None, vocab_size: int | None = None):
+    def __init__(self, text_prefix: str, eod_id: int | None = None, vocab_size: int | None = None,
+                 cache_dir: str | None = None):
         self.text_prefix = text_prefix
         self.mask_prefix = loss_mask_prefix_for(text_prefix)
         self.tokens = IndexedDataset(text_prefix, vocab_size=vocab_size)
@@ -57,7 +58,7 @@ class SFTExampleSource:
         if self.loss_masks.dtype != np.uint8:
             raise SFTDatasetError(f"{self.mask_prefix}: loss masks must be uint8, got {np.dtype(self.loss_masks.dtype)}")
         if vocab_size is not None:
-            self.tokens.check_token_ids(vocab_size)
+            check_token_ids(self.tokens, vocab_size, cache_dir)
         if self.loss_masks.max_token_id() > 1:
             raise SFTDatasetError(f"{self.loss_masks.bin_path}: loss mask values must be 0 or 1, found "
                                   f"{self.loss_masks.max_token_id()}: corrupt or not a loss mask")
@@ -237,7 +238,8 @@ class SFTDataset(Dataset):
 
     @classmethod
     def open(cls, prefix: str, config: DatasetConfig) -> SFTExampleSource:
-        return SFTExampleSource(prefix, (config.options or {}).get("eod_id"), config.vocab_size)
+        return SFTExampleSource(prefix, (config.options or {}).get("eod_id"), config.vocab_size,
+                                config.cache_dir_for(prefix))
 
     @classmethod
     def split(cls, source: SFTExampleSource, fractions: list[float], config: DatasetConfig) -> list[np.ndarray | None]:

@@ -216,13 +216,17 @@ class IndexedDatasetWriter:
             self.abort()
 
 
-def finalize_all(writers: list[IndexedDatasetWriter]) -> None:
-    """Finalize pairs that belong together (one per --json-keys key; SFT's text and loss mask): all or none.
+@contextlib.contextmanager
+def written_together(writers: list[IndexedDatasetWriter]):
+    """`with written_together(writers):` fill pairs that belong together (one per --json-keys key;
+    SFT's text and loss mask), appending writers as they are opened; all are finalized or none.
 
-    When one fails, the others' temporary files are removed and the pairs this call already
-    renamed into place are deleted again, so no partial set of outputs looks complete.
+    An exception in the body aborts every writer (temporary files removed). When finalizing
+    one fails, the pairs already renamed into place are deleted again (they are this run's),
+    so no partial set of outputs looks complete.
     """
     try:
+        yield writers
         for writer in writers:
             writer.finalize()
     except BaseException:

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype, finalize_all
+from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype, written_together
 from megatron_lime.data.readers import (GZIP_ERRORS, BadRecordError, InputSource, check_string_value, find_inputs,
                                         gzip_error_reason, load_saved_dataset, open_binary, open_parquet,
                                         parse_jsonl_line)
@@ -316,24 +316,21 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         progress.update(result.num_documents, num_tokens, result.num_bytes)
 
     try:
-        for key in keys:
-            writers.append(IndexedDatasetWriter(f"{args.output_prefix}_{key}_document", dtype))
-        for chunk in iter_chunks(sources, keys, args.skip_bad_records):
-            pending.append(pool.submit(encode_chunk, chunk))
-            if len(pending) >= max_in_flight:
+        with written_together(writers):
+            for key in keys:
+                writers.append(IndexedDatasetWriter(f"{args.output_prefix}_{key}_document", dtype))
+            for chunk in iter_chunks(sources, keys, args.skip_bad_records):
+                pending.append(pool.submit(encode_chunk, chunk))
+                if len(pending) >= max_in_flight:
+                    collect()
+            while pending:
                 collect()
-        while pending:
-            collect()
-        if writers[0].num_documents == 0 and not args.allow_empty:
-            raise NoDocumentsError(
-                f"--input {args.input}: no documents ({summary['documents']:,} records, {summary['empty_skipped']:,} "
-                f"of them empty, {summary['blank_lines']:,} blank lines, {summary['bad_records']:,} bad records "
-                f"skipped); nothing written (pass --allow-empty to write an empty dataset)")
-        finalize_all(writers)
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
+            if writers[0].num_documents == 0 and not args.allow_empty:
+                raise NoDocumentsError(
+                    f"--input {args.input}: no documents ({summary['documents']:,} records, "
+                    f"{summary['empty_skipped']:,} of them empty, {summary['blank_lines']:,} blank lines, "
+                    f"{summary['bad_records']:,} bad records skipped); nothing written "
+                    f"(pass --allow-empty to write an empty dataset)")
     finally:
         # On error: queued chunks are cancelled, the few running ones finish (milliseconds).
         pool.shutdown(wait=True, cancel_futures=True)

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_lime.data.indexed_dataset import (DatasetWriteError, IndexedDatasetError, IndexedDatasetWriter, best_dtype,
-                                                finalize_all)
+                                                written_together)
 from megatron_lime.data.sft.adapters import BadRecordError, get_adapter
 from megatron_lime.data.sft.mixture import Mixture, MixtureEntry, MixtureError, load_mixture
 from megatron_lime.data.sft.readers import DataFileError, RowLocation, iter_rows, unreadable_reason
@@ -212,8 +212,7 @@ def _batches(items: list[_Rendered], size: int = 4096) -> Iterator[list[_Rendere
 def _write_pair(output_prefix: str, examples: list[_Rendered], token_dtype: type,
                 progress: bool) -> list[IndexedDatasetWriter]:
     """Write the text / loss-mask pairs (both or neither); returns their finalized writers."""
-    writers: list[IndexedDatasetWriter] = []
-    try:
+    with written_together([]) as writers:
         text_writer = IndexedDatasetWriter(text_prefix(output_prefix), token_dtype)
         writers.append(text_writer)
         mask_writer = IndexedDatasetWriter(loss_mask_prefix(output_prefix), np.uint8)
@@ -223,11 +222,6 @@ def _write_pair(output_prefix: str, examples: list[_Rendered], token_dtype: type
             lengths = np.array([e.tokens.size for e in batch], dtype=np.int64)
             text_writer.add_documents(np.concatenate([e.tokens for e in batch]), lengths)
             mask_writer.add_documents(np.concatenate([e.loss_mask for e in batch]), lengths)
-        finalize_all(writers)
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
     return writers
 
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from megatron_lime.data.builder import (INDEX_FORMAT_VERSION, DatasetConfig, IndexCache, build_datasets,
-                                        check_token_ids, data_helpers)
+from megatron_lime.data.builder import (INDEX_FORMAT_VERSION, SPLIT_NAMES, DatasetConfig, IndexCache,
+                                        build_datasets, check_token_ids, data_helpers)
 from megatron_lime.data.indexed_dataset import IndexedDataset
 
 
@@ -54,9 +54,6 @@ def split_document_ranges(num_documents: int, fractions: list[float]) -> list[tu
     excess = bounds[-1] - num_documents
     bounds = [bounds[0]] + [b - excess for b in bounds[1:]]
     return [(bounds[i], bounds[i + 1]) for i in range(len(fractions))]
-
-
-SPLIT_NAMES = ("train", "valid", "test")
 
 
 class GPTDataset(Dataset):

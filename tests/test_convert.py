@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_lime.checkpoint import CheckpointError, torch_load
 from megatron_lime.config import LimeConfig
 from megatron_lime.conversion.checkpoints import load_lime_weights, write_consolidated
 from megatron_lime.conversion.weight_map import HF_TO_LIME_WEIGHTS, hf_to_lime_state_dict, lime_to_hf_state_dict
@@ -288,8 +289,8 @@ def test_conversion_from_a_two_process_zero1_checkpoint(tiny_run, tmp_path):
 
     assert convert("--load", str(save_dir), "--output", str(tmp_path / "hf"), "--dtype", "fp32") == 0
     exported = hf_to_lime_state_dict(load_file(tmp_path / "hf" / "model.safetensors"), num_layers=2)
-    expected = torch.load(save_dir / "expected_fp32.pt")
-    module = torch.load(save_dir / "global_step2" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    expected = torch_load(save_dir / "expected_fp32.pt")
+    module = torch_load(save_dir / "global_step2" / "mp_rank_00_model_states.pt")["module"]
     assert exported.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(exported[name], tensor), name
@@ -301,7 +302,7 @@ def test_conversion_from_a_two_process_zero1_checkpoint(tiny_run, tmp_path):
     # The same weights when the tag is named, or the tag directory itself is given.
     for source in (load_lime_weights(save_dir, tag="global_step2"), load_lime_weights(save_dir / "global_step2")):
         assert all(torch.equal(source.state_dict[name], tensor) for name, tensor in expected.items())
-    with pytest.raises(FileNotFoundError, match="checkpoint tag 'global_step9' does not exist"):
+    with pytest.raises(CheckpointError, match="checkpoint tag 'global_step9' does not exist"):
         load_lime_weights(save_dir, tag="global_step9")
     # DeepSpeed's universal checkpoint of the same step (what resuming at another world size uses).
     universal = subprocess.run(
@@ -312,3 +313,23 @@ def test_conversion_from_a_two_process_zero1_checkpoint(tiny_run, tmp_path):
     from_universal = load_lime_weights(save_dir, tag="global_step2_universal")
     assert "universal" in from_universal.source and from_universal.metadata["iteration"] == 2
     assert all(torch.equal(from_universal.state_dict[name], tensor) for name, tensor in expected.items())
+
+
+def test_conversion_never_imports_the_training_package():
+    """An export must not depend on the training loop's modules: checked by import and by reading the source."""
+    conversion_dir = os.path.join(REPO, "megatron_lime", "conversion")
+    offending = []
+    for root, _, files in os.walk(conversion_dir):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offending += [f"{path}: {m}" for m in modules if m.startswith("megatron_lime.training")]
+    assert offending == []
+    code = ("import sys, megatron_lime.conversion, megatron_lime.conversion.card, megatron_lime.conversion.generation;"
+            "import importlib.util as u; s = u.spec_from_file_location('c', 'tools/convert_to_hf.py');"
+            "s.loader.exec_module(u.module_from_spec(s));"
+            "print(sorted(m for m in sys.modules if m.startswith('megatron_lime.training')))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, check=True)
+    assert loaded.stdout.strip().splitlines()[-1] == "[]"

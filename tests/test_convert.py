@@ -333,3 +333,45 @@ def test_conversion_never_imports_the_training_package():
             "print(sorted(m for m in sys.modules if m.startswith('megatron_lime.training')))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, check=True)
     assert loaded.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_overwrite_never_deletes_the_checkpoint_or_anything_it_did_not_write(tiny_run, tmp_path, capsys):
+    # A DeepSpeed-like save dir: --output pointing at it, at its parent or inside it is refused, even with --overwrite.
+    save = tmp_path / "runs" / "save"
+    tag = save / "global_step2"
+    tag.mkdir(parents=True)
+    (save / "latest").write_text("global_step2")
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for output, relation in ((save, "is the --load folder"), (tmp_path / "runs", "contains the --load folder"),
+                             (save / "hf", "is inside the --load folder")):
+        assert convert("--load", str(save), "--output", str(output), "--overwrite") == 1
+        err = capsys.readouterr().err
+        assert relation in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    # An existing folder that is not an export is never replaced.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "results.csv").write_text("a,b\n")
+    assert convert("--load", str(tiny_run["ckpt"]), "--output", str(other), "--overwrite") == 1
+    assert "does not look like an export made by this tool (results.csv)" in capsys.readouterr().err
+    assert (other / "results.csv").read_text() == "a,b\n"
+    # An earlier export is replaced, whole, and only after the new one is complete.
+    export = tmp_path / "export"
+    assert convert("--load", str(tiny_run["ckpt"]), "--output", str(export), "--dtype", "fp32") == 0
+    (export / "stale.json").write_text("{}")
+    assert convert("--load", str(tiny_run["ckpt"]), "--output", str(export), "--overwrite", "--dtype", "fp32") == 0
+    assert not (export / "stale.json").exists() and (export / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old folder left
+
+
+def test_exported_files_follow_the_umask(tiny_run, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        assert convert("--load", str(tiny_run["ckpt"]), "--output", str(tmp_path / "hf"), "--dtype", "fp32") == 0
+        assert convert("--from-hf", "--load", str(tmp_path / "hf"), "--output", str(tmp_path / "back")) == 0
+    finally:
+        os.umask(previous)
+    files = [p for folder in ("hf", "back") for p in (tmp_path / folder).iterdir()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "lime_config.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o640) for p in files}

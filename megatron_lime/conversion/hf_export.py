@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from megatron_lime.conversion.card import generation_defaults, render_model_card
 from megatron_lime.conversion.checkpoints import (
-    EXPORT_RUN_FILE, WEIGHTS_FILE, LimeWeights, read_hf_export, write_consolidated,
+    EXPORT_RUN_FILE, LIME_CONFIG_FILE, WEIGHTS_FILE, LimeWeights, read_hf_export, write_consolidated,
 )
 from megatron_lime.conversion.weight_map import lime_config_to_hf, lime_to_hf_state_dict
 from megatron_lime.files import atomic_directory, follow_umask, read_json, write_json, write_text
@@ -110,6 +110,39 @@ def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_
     })
     write_json(config_path, config, sort_keys=False)
     return tokenizer
+
+
+# What --overwrite may replace: a folder this tool wrote. A Hugging Face export or a consolidated
+# checkpoint (--from-hf) is flat, holds model.safetensors and config.json or lime_config.json, and
+# nothing but files with these suffixes (config, weights, remote code, card, tokenizer files).
+EXPORT_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".model", ".txt", ".jinja")
+
+
+def check_output_folder(output: str | Path, source: str | Path, overwrite: bool) -> None:
+    """Refuse an --output that would destroy the input or anything this tool did not write (ValueError).
+
+    The output may never be the --load folder, contain it, or lie inside it. An existing non-empty
+    output is replaced only with `overwrite` and only when it is recognised as an export (see
+    EXPORT_SUFFIXES); the replacement itself happens after the new folder is complete (atomic_directory).
+    """
+    output, source = Path(output).resolve(), Path(source).resolve()
+    if output == source or output in source.parents or source in output.parents:
+        relation = "is" if output == source else "contains" if output in source.parents else "is inside"
+        raise ValueError(f"--output {output} {relation} the --load folder {source}: choose an output outside it")
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return
+    if not overwrite:
+        raise ValueError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+    if not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not an export folder: not replacing it")
+    entries = sorted(output.iterdir())
+    unexpected = [p.name + ("/" if p.is_dir() else "") for p in entries
+                  if p.is_dir() or not p.name.endswith(EXPORT_SUFFIXES)]
+    names = {p.name for p in entries}
+    if unexpected or WEIGHTS_FILE not in names or not names & {"config.json", LIME_CONFIG_FILE}:
+        found = ", ".join(unexpected[:5]) if unexpected else f"no {WEIGHTS_FILE} with config.json or {LIME_CONFIG_FILE}"
+        raise ValueError(f"--overwrite: {output} does not look like an export made by this tool ({found}); "
+                         f"not deleting it: remove it yourself or choose another --output")
 
 
 def export_to_hf(weights: LimeWeights, tokenizer_path: str, output_dir: str | Path, dtype: str = "bf16") -> Path:

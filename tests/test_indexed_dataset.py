@@ -170,7 +170,7 @@ def test_dtype_must_fit_vocabulary(good_pair):
 
 
 def test_merge_tool(tmp_path):
-    from megatron_lime.testing import load_tool
+    from helpers import load_tool
 
     a, b = random_documents(5, 1000, seed=3), random_documents(7, 1000, seed=4)
     reference_write(str(tmp_path / "a"), a, 8)

@@ -12,15 +12,16 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.data.indexed_dataset import IndexedDataset
+from megatron_lime.data.sft import preprocess as sft_preprocess
 from megatron_lime.data.sft import sample_rows
 from megatron_lime.data.sft.dataset import (SFTDatasetError, build_sft_datasets, pack_best_fit, parse_split,
                                             split_example_ids)
 from megatron_lime.model import LimeModel
 from megatron_lime.sample_data import write_instruction_set
-from megatron_lime.testing import load_tool, train_tiny_tokenizer, write_tiny_corpus
 from megatron_lime.tokenizer import load_tokenizer
 
 SEQ = 128  # lime-tiny's max_position_embeddings
@@ -33,7 +34,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def preprocess(args: list[str]) -> int:
-    return load_tool("preprocess_sft_data").main(args)
+    return sft_preprocess.main(args)
 
 
 @pytest.fixture(scope="module")

@@ -213,10 +213,15 @@ class RecordFilters:
         return bool(self.filters)
 
     def keep(self, record: Mapping[str, Any]) -> bool:
-        """True when every filter holds; a filter after the first false one is not evaluated (nor counted)."""
+        """True when every filter holds; a filter after the first false one is not evaluated (nor counted).
+
+        A record a filter cannot be evaluated on raises FilterValueError and is counted by none:
+        it is a bad record, not a dropped one.
+        """
         for f in self.filters:
+            holds = f(record)
             f.seen += 1
-            if not f(record):
+            if not holds:
                 return False
             f.kept += 1
         return True

@@ -217,11 +217,12 @@ def jsonl_chunks(path: str) -> Iterator[Chunk]:
 WORKER: dict[str, object] = {}
 
 
-def init_worker(tokenizer_path: str, keys: tuple[str, ...], append_eod: bool, skip_bad: bool,
+def init_worker(tokenizer: LimeTokenizer | str, keys: tuple[str, ...], append_eod: bool, skip_bad: bool,
                 filter_expressions: tuple[str, ...] = ()) -> None:
     # One process per core already: a Hugging Face tokenizer must not start its own thread pool too.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = load_tokenizer(tokenizer_path)
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
     filters = RecordFilters(filter_expressions)
     WORKER.update(tokenizer=tokenizer, keys=keys, append_eod=append_eod, skip_bad=skip_bad,
                   dtype=best_dtype(tokenizer.vocab_size), filters=filters,
@@ -399,10 +400,11 @@ def run(args: argparse.Namespace) -> dict:
     bad_shown: list[str] = []
     progress = Progress(args.quiet, args.log_interval)
     max_in_flight = 2 * args.workers
-    # fork: workers start in milliseconds (spawn would re-import numpy/sentencepiece in each).
+    # fork: workers start in milliseconds (spawn would re-import numpy/sentencepiece in each), and
+    # inherit the loaded tokenizer (fork passes initargs without pickling) instead of loading it again.
     pool = concurrent.futures.ProcessPoolExecutor(
         args.workers, mp_context=multiprocessing.get_context("fork"), initializer=init_worker,
-        initargs=(args.tokenizer_model, keys, args.append_eod, args.skip_bad_records, tuple(args.filters)))
+        initargs=(tokenizer, keys, args.append_eod, args.skip_bad_records, tuple(args.filters)))
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
     def collect() -> None:

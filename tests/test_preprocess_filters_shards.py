@@ -173,3 +173,21 @@ def test_shard_flags_checked(data, tmp_path):
     with pytest.raises(SystemExit):
         preprocessing.parse_args(["--input", jsonl, "--output-prefix", "x", "--tokenizer-model", tokenizer_dir,
                                   "--num-shards", "2", "--shard-index", "2"])
+
+
+def test_more_shards_than_files_gives_empty_shards_that_merge(data, tmp_path):
+    tokenizer_dir, records, _, _ = data
+    inputs = tmp_path / "two"
+    inputs.mkdir()
+    for k in range(2):
+        (inputs / f"p{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[k * 10:(k + 1) * 10]))
+    common = ["--input", str(inputs), "--tokenizer-model", tokenizer_dir, "--append-eod", "--workers", "1"]
+    assert preprocess(*common, "--output-prefix", str(tmp_path / "single")) == 0
+    for index in range(3):
+        assert preprocess(*common, "--output-prefix", str(tmp_path / "shards" / "s"), "--num-shards", "3",
+                          "--shard-index", str(index)) == 0
+    sizes = [len(IndexedDataset(str(tmp_path / "shards" / f"s_shard{k:05d}-of-00003_text_document"))) for k in range(3)]
+    assert sorted(sizes) == [0, 10, 10]
+    assert load_tool("merge_datasets").main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "m")]) == 0
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"m{ext}").read_bytes() == (tmp_path / f"single_text_document{ext}").read_bytes()

@@ -129,8 +129,13 @@ class ChunkResult:
     filter_counts: list[tuple[int, int]] = field(default_factory=list)  # (seen, kept) per --filter
 
 
+def columns_to_read(keys: tuple[str, ...], filters: RecordFilters) -> list[str]:
+    """The columns a table input must read: the keys to tokenize and the filters' columns."""
+    return list(dict.fromkeys(keys + filters.columns))
+
+
 def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: RecordFilters, skip_bad: bool) -> Iterator[Chunk]:
-    columns = list(dict.fromkeys(keys + filters.columns))  # what parquet must read: the text and the filters' columns
+    columns = columns_to_read(keys, filters)
     for source in sources:
         if source.kind == "jsonl":
             yield from jsonl_chunks(source.path)
@@ -166,7 +171,7 @@ def parquet_chunks(path: str, keys: tuple[str, ...], filters: RecordFilters) -> 
     """Runs of whole row groups (about CHUNK_ROWS rows) for the workers to read; the main process reads only the footer."""
     parquet = open_parquet(path, keys)
     check_filter_columns(path, "file", parquet.schema_arrow.names, filters)
-    columns = list(dict.fromkeys(keys + filters.columns))
+    columns = columns_to_read(keys, filters)
     metadata = parquet.metadata
     group: list[int] = []
     group_first = row = 0
@@ -226,7 +231,7 @@ def init_worker(tokenizer: LimeTokenizer | str, keys: tuple[str, ...], append_eo
     filters = RecordFilters(filter_expressions)
     WORKER.update(tokenizer=tokenizer, keys=keys, append_eod=append_eod, skip_bad=skip_bad,
                   dtype=best_dtype(tokenizer.vocab_size), filters=filters,
-                  columns=list(dict.fromkeys(keys + filters.columns)))
+                  columns=columns_to_read(keys, filters))
 
 
 def read_row_groups(path: str, row_groups: list[int], columns: list[str]):

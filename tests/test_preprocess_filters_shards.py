@@ -191,3 +191,27 @@ def test_more_shards_than_files_gives_empty_shards_that_merge(data, tmp_path):
     assert load_tool("merge_datasets").main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "m")]) == 0
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"m{ext}").read_bytes() == (tmp_path / f"single_text_document{ext}").read_bytes()
+
+
+def test_sbatch_array_tasks_then_merge(data, tmp_path):
+    """The shipped job array script, run as SLURM would run tasks 0 and 1 (no SLURM needed)."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer_dir, records, _, _ = data
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for k in range(3):
+        pq.write_table(pa.Table.from_pylist(records[k * 40:(k + 1) * 40]), raw / f"{k:03d}_00000.parquet")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "REPO": repo, "INPUT": str(raw / "*.parquet"), "TOKENIZER_MODEL": tokenizer_dir, "NUM_SHARDS": "2",
+           "SHARD_DIR": str(tmp_path / "shards"), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    for index in range(2):
+        subprocess.run(["bash", os.path.join(repo, "examples/slurm/preprocess_fineweb_edu.sbatch"), "--workers", "1", "--quiet"],
+                       env={**env, "SLURM_ARRAY_TASK_ID": str(index)}, cwd=tmp_path, check=True, capture_output=True)
+    assert load_tool("merge_datasets").main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "merged")]) == 0
+    kept = [r["text"] for r in records if r["language"] == "en" and r["int_score"] >= 3]
+    assert read_all(str(tmp_path / "merged")) == expected_ids(tokenizer_dir, kept)

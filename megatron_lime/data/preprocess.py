@@ -43,9 +43,10 @@ from typing import Iterator
 import numpy as np
 
 from megatron_lime.data.filters import FilterValueError, RecordFilters
-from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype
-from megatron_lime.data.readers import (BadRecordError, InputSource, check_string_value, find_inputs, jsonl_values,
-                                        load_saved_dataset, open_binary, open_parquet, parse_jsonl_record)
+from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype, written_together
+from megatron_lime.data.readers import (GZIP_ERRORS, BadRecordError, InputSource, check_string_value, find_inputs,
+                                        gzip_error_reason, jsonl_values, load_saved_dataset, open_binary, open_parquet,
+                                        parse_jsonl_record)
 from megatron_lime.data.shards import shard_inputs, shard_suffix
 from megatron_lime.tokenizer import LimeTokenizer, load_tokenizer
 
@@ -87,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Which share this run processes (0..N-1); the output prefix gets _shardIIIII-of-NNNNN.")
     group.add_argument("--partitions", type=int, default=1, help="Accepted for compatibility; only 1 is supported (workers already parallelise).")
     group.add_argument("--log-interval", type=int, default=10_000, help="Documents between progress updates.")
-    group.add_argument("--skip-bad-records", action="store_true", help="Skip malformed records (counted and reported) instead of stopping.")
+    group.add_argument("--skip-bad-records", action="store_true", help="Skip malformed records and unreadable (e.g. truncated .gz) files, counted and reported, instead of stopping.")
+    group.add_argument("--allow-empty", action="store_true", help="Write an empty dataset when the input has no documents (default: exit 1 with 'no documents').")
     group.add_argument("--quiet", action="store_true", help="No progress bar (the summary is still printed).")
     args = parser.parse_args(argv)
     if args.split_sentences:
@@ -103,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------
 # Work units. The main process makes them; workers turn them into tokens.
+
+
+class NoDocumentsError(ValueError):
+    """The input held no documents (and --allow-empty was not given)."""
 
 
 @dataclass
@@ -123,6 +129,7 @@ class ChunkResult:
     lengths: list[np.ndarray]  # per key: tokens per document
     num_documents: int = 0
     num_empty: int = 0
+    num_blank: int = 0  # blank JSONL lines
     num_bytes: int = 0
     bad_records: list[str] = field(default_factory=list)
     num_bad: int = 0
@@ -138,7 +145,7 @@ def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: Reco
     columns = columns_to_read(keys, filters)
     for source in sources:
         if source.kind == "jsonl":
-            yield from jsonl_chunks(source.path)
+            yield from jsonl_chunks(source.path, skip_bad)
         elif source.kind == "parquet":
             try:
                 yield from parquet_chunks(source.path, keys, filters)
@@ -197,13 +204,24 @@ def parquet_chunks(path: str, keys: tuple[str, ...], filters: RecordFilters) -> 
         yield Chunk(path, group_first, row_groups=group)
 
 
-def jsonl_chunks(path: str) -> Iterator[Chunk]:
-    """~CHUNK_BYTES blocks of whole lines; the main process never parses JSON."""
+def jsonl_chunks(path: str, skip_bad: bool = False) -> Iterator[Chunk]:
+    """~CHUNK_BYTES blocks of whole lines; the main process never parses JSON.
+
+    A damaged .gz raises BadRecordError naming the file and the line where reading stopped;
+    with skip_bad the lines before it are kept and the rest of the file counts as one bad record.
+    """
     line_number = 1
     with open_binary(path) as f:
         remainder = b""
         while True:
-            block = f.read(CHUNK_BYTES)
+            try:
+                block = f.read(CHUNK_BYTES)
+            except GZIP_ERRORS as e:
+                error = BadRecordError(path, f"line {line_number}", gzip_error_reason(e) + "; the rest of the file is unread")
+                if not skip_bad:
+                    raise error from None
+                yield Chunk(path, line_number, bad_file_reason=str(error))
+                return
             if not block:
                 break
             block = remainder + block
@@ -266,11 +284,15 @@ def encode_chunk(chunk: Chunk) -> ChunkResult | BadRecordError:
 
     if chunk.jsonl_bytes is not None:
         result.num_bytes = len(chunk.jsonl_bytes)
-        for i, line in enumerate(chunk.jsonl_bytes.split(b"\n")):
+        lines = chunk.jsonl_bytes.split(b"\n")
+        if chunk.jsonl_bytes.endswith(b"\n"):
+            lines.pop()  # the empty piece after the final newline is not a line
+        for i, line in enumerate(lines):
             line_number = chunk.first_record + i
             try:
                 record = parse_jsonl_record(line, chunk.path, line_number)
                 if record is None:
+                    result.num_blank += 1
                     continue
                 try:
                     if filters and not filters.keep(record):
@@ -400,8 +422,9 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.tokenizer_model)
     dtype = best_dtype(tokenizer.vocab_size)
     prefix = output_prefix(args)
-    writers = [IndexedDatasetWriter(f"{prefix}_{key}_document", dtype) for key in keys]
-    summary = {"documents": 0, "tokens": 0, "empty_skipped": 0, "bad_records": 0, "bytes": 0, "filters": filters}
+    writers: list[IndexedDatasetWriter] = []
+    summary = {"documents": 0, "tokens": 0, "empty_skipped": 0, "blank_lines": 0, "bad_records": 0, "bytes": 0,
+               "filters": filters}
     bad_shown: list[str] = []
     progress = Progress(args.quiet, args.log_interval)
     max_in_flight = 2 * args.workers
@@ -422,6 +445,7 @@ def run(args: argparse.Namespace) -> dict:
         summary["documents"] += result.num_documents
         summary["tokens"] += num_tokens
         summary["empty_skipped"] += result.num_empty
+        summary["blank_lines"] += result.num_blank
         summary["bad_records"] += result.num_bad
         summary["bytes"] += result.num_bytes
         filters.add_counts(result.filter_counts)
@@ -432,18 +456,22 @@ def run(args: argparse.Namespace) -> dict:
         progress.update(result.num_documents, num_tokens, result.num_bytes)
 
     try:
-        for chunk in iter_chunks(sources, keys, filters, args.skip_bad_records):
-            pending.append(pool.submit(encode_chunk, chunk))
-            if len(pending) >= max_in_flight:
+        with written_together(writers):
+            for key in keys:
+                writers.append(IndexedDatasetWriter(f"{prefix}_{key}_document", dtype))
+            for chunk in iter_chunks(sources, keys, filters, args.skip_bad_records):
+                pending.append(pool.submit(encode_chunk, chunk))
+                if len(pending) >= max_in_flight:
+                    collect()
+            while pending:
                 collect()
-        while pending:
-            collect()
-        for writer in writers:
-            writer.finalize()
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
+            # A share with no files (more shards than files) is empty by design: the merge needs its pair.
+            if writers[0].num_documents == 0 and not (args.allow_empty or (args.num_shards > 1 and not sources)):
+                raise NoDocumentsError(
+                    f"--input {args.input}: no documents ({summary['documents']:,} records, "
+                    f"{summary['empty_skipped']:,} of them empty, {summary['blank_lines']:,} blank lines, "
+                    f"{summary['bad_records']:,} bad records skipped); nothing written "
+                    f"(pass --allow-empty to write an empty dataset)")
     finally:
         # On error: queued chunks are cancelled, the few running ones finish (milliseconds).
         pool.shutdown(wait=True, cancel_futures=True)
@@ -453,13 +481,15 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status. Every failure is one line naming the file, exit 1."""
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (BadRecordError, FileNotFoundError, ValueError) as e:
+    except BadRecordError as e:
+        print(f"error: {e} (no output written; pass --skip-bad-records to skip such records)", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, OSError) as e:  # OSError: DatasetWriteError names the output file
         print(f"error: {e}", file=sys.stderr)
-        if isinstance(e, BadRecordError):
-            print("(no output written; pass --skip-bad-records to skip such records)", file=sys.stderr)
         return 1
     seconds = summary["seconds"]
     outputs = ", ".join(f"{output_prefix(args)}_{k}_document.{{bin,idx}}" for k in args.json_keys)
@@ -469,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"filters ({dropped:,} records dropped):\n{filters.summary()}")
     print(
         f"done: {summary['documents']:,} documents, {summary['tokens']:,} tokens, "
-        f"{summary['empty_skipped']:,} empty documents skipped, {summary['bad_records']:,} bad records skipped, "
+        f"{summary['empty_skipped']:,} empty documents skipped, {summary['blank_lines']:,} blank lines skipped, "
+        f"{summary['bad_records']:,} bad records skipped, "
         + (f"{dropped:,} filtered out, " if filters else "")
         + f"{seconds:.1f} s ({summary['documents'] / seconds:,.0f} docs/s, {summary['tokens'] / seconds:,.0f} tokens/s, "
         f"{summary['bytes'] / seconds / 1e6:.1f} MB/s) -> {outputs}"

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,11 +24,13 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from megatron_lime.data.indexed_dataset import IndexedDatasetError, IndexedDatasetWriter, best_dtype
+from megatron_lime.data.indexed_dataset import (DatasetWriteError, IndexedDatasetError, IndexedDatasetWriter, best_dtype,
+                                                written_together)
 from megatron_lime.data.sft.adapters import BadRecordError, get_adapter
 from megatron_lime.data.sft.mixture import Mixture, MixtureEntry, MixtureError, load_mixture
 from megatron_lime.data.sft.readers import DataFileError, RowLocation, iter_rows, unreadable_reason
 from megatron_lime.data.sft.template import OVER_LENGTH_POLICIES, SFTExample, SFTTokenizer, TemplateIds, encode_examples, render
+from megatron_lime.files import write_json
 from megatron_lime.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -191,11 +191,16 @@ def preprocess_mixture(mixture: Mixture, tokenizer: SFTTokenizer, output_prefix:
         raise SFTDataError(f"{mixture.source}: the mixture produced no examples (see the summary counts)")
 
     order = np.random.default_rng([mixture.seed, len(mixture.datasets)]).permutation(len(written))
-    _write_pair(output_prefix, [written[i] for i in order], best_dtype(vocab_size), progress)
-    with open(f"{output_prefix}_summary.json.tmp", "w", encoding="utf-8") as f:
-        json.dump({"mixture": mixture.source, "seq_length": mixture.seq_length, "over_length": mixture.over_length,
-                   "seed": mixture.seed, "datasets": [asdict(s) for s in summaries]}, f, indent=2)
-    os.replace(f"{output_prefix}_summary.json.tmp", f"{output_prefix}_summary.json")
+    writers = _write_pair(output_prefix, [written[i] for i in order], best_dtype(vocab_size), progress)
+    summary_path = f"{output_prefix}_summary.json"
+    try:
+        write_json(summary_path, {"mixture": mixture.source, "seq_length": mixture.seq_length,
+                                  "over_length": mixture.over_length, "seed": mixture.seed,
+                                  "datasets": [asdict(s) for s in summaries]}, sort_keys=False)
+    except OSError as e:  # the pairs without their summary would look like a finished run
+        for writer in writers:
+            writer.remove_outputs()
+        raise DatasetWriteError(summary_path, e) from e
     return summaries
 
 
@@ -204,14 +209,20 @@ def _batches(items: list[_Rendered], size: int = 4096) -> Iterator[list[_Rendere
         yield items[start:start + size]
 
 
-def _write_pair(output_prefix: str, examples: list[_Rendered], token_dtype: type, progress: bool) -> None:
-    with IndexedDatasetWriter(text_prefix(output_prefix), token_dtype) as text_writer, \
-            IndexedDatasetWriter(loss_mask_prefix(output_prefix), np.uint8) as mask_writer:
+def _write_pair(output_prefix: str, examples: list[_Rendered], token_dtype: type,
+                progress: bool) -> list[IndexedDatasetWriter]:
+    """Write the text / loss-mask pairs (both or neither); returns their finalized writers."""
+    with written_together([]) as writers:
+        text_writer = IndexedDatasetWriter(text_prefix(output_prefix), token_dtype)
+        writers.append(text_writer)
+        mask_writer = IndexedDatasetWriter(loss_mask_prefix(output_prefix), np.uint8)
+        writers.append(mask_writer)
         for batch in tqdm(list(_batches(examples)), desc="writing", unit=" batches", dynamic_ncols=True,
                           disable=not progress):
             lengths = np.array([e.tokens.size for e in batch], dtype=np.int64)
             text_writer.add_documents(np.concatenate([e.tokens for e in batch]), lengths)
             mask_writer.add_documents(np.concatenate([e.loss_mask for e in batch]), lengths)
+    return writers
 
 
 SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -292,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         summaries = preprocess_mixture(mixture, tokenizer, args.output_prefix, skip_bad_records=args.skip_bad_records,
                                        progress=not args.quiet)
-    except (SFTDataError, MixtureError, DataFileError, IndexedDatasetError, FileNotFoundError, ValueError) as e:
+    except (SFTDataError, MixtureError, DataFileError, IndexedDatasetError, FileNotFoundError, ValueError,
+            OSError) as e:  # OSError: DatasetWriteError names the output file
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"\nSFT mixture {args.mixture}: seq_length {mixture.seq_length} (examples up to {mixture.seq_length + 1} "

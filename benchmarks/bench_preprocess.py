@@ -13,8 +13,11 @@
    N: wall time from process start to the files being complete; documents/s, tokens/s, MB/s;
    peak RSS of the main process and of a worker. Each run alternates with a sentencepiece-alone
    run (--rounds of each), so a load change on a shared machine hits both: the figure to read
-   is the ratio end-to-end / (N x sentencepiece alone), median over the rounds. Also at half
-   the input size, to show memory does not grow with the input.
+   is the ratio end-to-end / (N x sentencepiece alone), median over the rounds. On a shared
+   machine two more figures hold up better: end to end against N sentencepiece processes run
+   at once (they get the same share of the cores), and tokens per CPU-second against
+   sentencepiece alone (the overhead, whatever the load). Also at half the input size, to
+   show memory does not grow with the input.
 5. Parquet: the same rows as one parquet file and as 4 files of a quarter each (row groups of
    1,000 rows, as `datasets` writes them), --parquet-workers workers, runs alternated: reading
    several files at once must not be slower than one file.
@@ -362,8 +365,9 @@ def main() -> int:
         print(f"sample index: {index['documents']:,} documents, {index['tokens'] / 1e9:.1f}B tokens, {index['samples']:,} "
               f"samples of 512: built + cached in {index['build_and_cache_s']:.1f} s (C++ build_sample_idx alone "
               f"{index['build_sample_idx_cpp_only_s']:.2f} s), cached reload {index['cached_reload_s']:.2f} s", flush=True)
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    from megatron_lime.files import write_json
+
+    write_json(os.path.join(args.workdir, "results.json"), results)
     print(f"results -> {os.path.join(args.workdir, 'results.json')}")
     return 0
 

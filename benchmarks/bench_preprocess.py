@@ -8,12 +8,21 @@
    pyarrow, datasets: the standard library alone has too little distinct text for a 32k
    vocabulary), 1-6 per document.
 2. Trains a 32k-entry LIME tokenizer (tools/train_tokenizer.py code) on part of it.
-3. Runs `python tools/preprocess_data.py --append-eod --workers N` as a subprocess for each
+3. The ceiling: sentencepiece alone, one process encoding already-parsed texts.
+4. Runs `python tools/preprocess_data.py --append-eod --workers N` as a subprocess for each
    N: wall time from process start to the files being complete; documents/s, tokens/s, MB/s;
-   peak RSS of the main process and of a worker. Also at half the input size, to show memory
-   does not grow with the input.
-4. Start-up: the same command on a one-document input.
-5. Sample index for a simulated 20B-token corpus: 20M documents with log-normal lengths
+   peak RSS of the main process and of a worker. Each run alternates with a sentencepiece-alone
+   run (--rounds of each), so a load change on a shared machine hits both: the figure to read
+   is the ratio end-to-end / (N x sentencepiece alone), median over the rounds. On a shared
+   machine two more figures hold up better: end to end against N sentencepiece processes run
+   at once (they get the same share of the cores), and tokens per CPU-second against
+   sentencepiece alone (the overhead, whatever the load). Also at half the input size, to
+   show memory does not grow with the input.
+5. Parquet: the same rows as one parquet file and as 4 files of a quarter each (row groups of
+   1,000 rows, as `datasets` writes them), --parquet-workers workers, runs alternated: reading
+   several files at once must not be slower than one file.
+6. Start-up: the same command on a one-document input.
+7. Sample index for a simulated 20B-token corpus: 20M documents with log-normal lengths
    (mean ~1,000 tokens), a sparse .bin and a real .idx, GPTDataset's document shuffle +
    C++ build_sample_idx + sample shuffle for one epoch at seq_length 512, then the cached reload.
 
@@ -112,7 +121,8 @@ def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> di
     # /usr/bin/time is not always there: measure the children's peak RSS with a wrapper process.
     wrapper = ("import resource, subprocess, sys, json; "
                "p = subprocess.run(sys.argv[1:]); "
-               "print(json.dumps({'rc': p.returncode, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}), file=sys.stderr)")
+               "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+               "print(json.dumps({'rc': p.returncode, 'maxrss_kb': u.ru_maxrss, 'cpu_s': u.ru_utime + u.ru_stime}), file=sys.stderr)")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -124,10 +134,14 @@ def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> di
     sys.path.insert(0, REPO)
     from megatron_lime.data.indexed_dataset import IndexedDataset
 
+    from megatron_lime.data.shards import input_size
+
     ds = IndexedDataset(prefix + "_text_document")
+    input_mb = input_size(corpus) / 1e6
     return {"workers": workers, "wall_s": wall, "load_average_1min_after": os.getloadavg()[0], "documents": len(ds), "tokens": ds.num_tokens,
-            "input_mb": os.path.getsize(corpus) / 1e6, "docs_per_s": len(ds) / wall, "tokens_per_s": ds.num_tokens / wall,
-            "mb_per_s": os.path.getsize(corpus) / 1e6 / wall, "peak_rss_mb": memory["maxrss_kb"] / 1024,
+            "input_mb": input_mb, "docs_per_s": len(ds) / wall, "tokens_per_s": ds.num_tokens / wall,
+            "mb_per_s": input_mb / wall, "peak_rss_mb": memory["maxrss_kb"] / 1024,
+            "cpu_s": memory["cpu_s"], "tokens_per_cpu_s": ds.num_tokens / memory["cpu_s"],
             "summary": proc.stdout.strip().splitlines()[-1]}
 
 
@@ -143,10 +157,102 @@ def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_0
             size += len(line)
             if size >= max_bytes:
                 break
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tokens = sum(len(ids) for ids in tok.encode_batch(texts))
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"documents": len(texts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "tokens_per_cpu_s": tokens / cpu_s}
+
+
+def bench_sentencepiece_parallel(corpus: str, tokenizer: str, processes: int, max_bytes: int = 20_000_000) -> dict:
+    """The ceiling on a busy machine: `processes` forked processes encode the parsed texts at once.
+
+    On an idle machine this is processes x sentencepiece alone; when other work shares the
+    cores, it gets the same share of them as the end-to-end run alternating with it does.
+    """
+    import multiprocessing
+
+    from megatron_lime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    texts, size = [], 0
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(line)
+            if size >= max_bytes:
+                break
+    share = [texts[k::processes] for k in range(processes)]
+
+    def encode(k: int, queue) -> None:
+        queue.put(sum(len(ids) for ids in tok.encode_batch(share[k])))
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    start = time.perf_counter()
+    children = [context.Process(target=encode, args=(k, queue)) for k in range(processes)]
+    for child in children:
+        child.start()
+    tokens = sum(queue.get() for _ in children)
+    for child in children:
+        child.join()
     seconds = time.perf_counter() - start
-    return {"documents": len(texts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"processes": processes, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def bench_against_ceiling(corpus: str, tokenizer: str, prefix: str, workers: int, rounds: int) -> dict:
+    """End to end at `workers` against workers x sentencepiece alone, alternated round by round."""
+    rows = []
+    for _ in range(rounds):
+        alone = bench_sentencepiece_alone(corpus, tokenizer)
+        parallel = bench_sentencepiece_parallel(corpus, tokenizer, workers)
+        run = run_preprocess(corpus, tokenizer, prefix, workers)
+        rows.append({"alone_tokens_per_s": alone["tokens_per_s"], "parallel_alone_tokens_per_s": parallel["tokens_per_s"],
+                     "end_to_end": run, "ratio": run["tokens_per_s"] / (workers * alone["tokens_per_s"]),
+                     "ratio_to_parallel": run["tokens_per_s"] / parallel["tokens_per_s"],
+                     "cpu_efficiency": run["tokens_per_cpu_s"] / alone["tokens_per_cpu_s"]})
+
+    def median(key: str) -> float:
+        values = sorted(r[key] for r in rows)
+        return values[len(values) // 2]
+    best = max((r["end_to_end"] for r in rows), key=lambda r: r["tokens_per_s"])
+    return {"workers": workers, "rounds": rows, "median_ratio": median("ratio"), "median_ratio_to_parallel": median("ratio_to_parallel"),
+            "median_cpu_efficiency": median("cpu_efficiency"), "best": best}
+
+
+def write_parquet_copies(corpus: str, workdir: str, parts: int = 4, row_group_rows: int = 1000) -> tuple[str, str]:
+    """The JSONL's rows as one parquet file and as `parts` files of consecutive quarters (same total)."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    one = os.path.join(workdir, "parquet_one", "all.parquet")
+    several = os.path.join(workdir, f"parquet_{parts}")
+    if os.path.isfile(one) and os.path.isdir(several):
+        return one, several
+    table = pj.read_json(corpus, read_options=pj.ReadOptions(block_size=64 << 20))
+    os.makedirs(os.path.dirname(one), exist_ok=True)
+    os.makedirs(several, exist_ok=True)
+    pq.write_table(table, one, row_group_size=row_group_rows)
+    for k in range(parts):
+        start, stop = table.num_rows * k // parts, table.num_rows * (k + 1) // parts
+        pq.write_table(table.slice(start, stop - start), os.path.join(several, f"part-{k:05d}.parquet"), row_group_size=row_group_rows)
+    return one, several
+
+
+def bench_parquet_files(corpus: str, tokenizer: str, workdir: str, workers: int, rounds: int) -> dict:
+    """Tokens/s for 4 parquet files against one file of the same rows, runs alternated."""
+    one, several = write_parquet_copies(corpus, workdir)
+    one_runs, several_runs = [], []
+    for _ in range(rounds):
+        one_runs.append(run_preprocess(one, tokenizer, os.path.join(workdir, "pq_one"), workers))
+        several_runs.append(run_preprocess(several, tokenizer, os.path.join(workdir, "pq_four"), workers))
+    best_one = max(one_runs, key=lambda r: r["tokens_per_s"])
+    best_several = max(several_runs, key=lambda r: r["tokens_per_s"])
+    ratios = sorted(b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(one_runs, several_runs))
+    return {"workers": workers, "one_file": best_one, "four_files": best_several,
+            "one_file_tokens_per_s": [r["tokens_per_s"] for r in one_runs],
+            "four_files_tokens_per_s": [r["tokens_per_s"] for r in several_runs],
+            "median_ratio_four_over_one": ratios[len(ratios) // 2]}
 
 
 def bench_sample_index(workdir: str, num_documents: int, seq_length: int) -> dict:
@@ -192,7 +298,10 @@ def main() -> int:
     parser.add_argument("--mb", type=float, default=50.0, help="Size of the generated JSONL in MB.")
     parser.add_argument("--vocab-size", type=int, default=32_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=2, help="Runs per setting; the best is reported.")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Alternated rounds (sentencepiece alone, then end to end) per setting; medians and bests are reported.")
+    parser.add_argument("--parquet-workers", type=int, default=2, help="Workers for the 4-files-against-one parquet comparison.")
+    parser.add_argument("--skip-parquet", action="store_true")
     parser.add_argument("--index-documents", type=int, default=20_000_000)
     parser.add_argument("--skip-index", action="store_true")
     args = parser.parse_args()
@@ -215,23 +324,36 @@ def main() -> int:
             return rc
         results["tokenizer_train_s"] = time.perf_counter() - start
 
-    alone = bench_sentencepiece_alone(corpus["path"], tokenizer)
-    results["sentencepiece_alone_one_core"] = alone
-    print(f"sentencepiece alone (one process, parsed texts): {alone['tokens_per_s']:,.0f} tokens/s", flush=True)
     runs = []
     for workers in args.workers:
-        best = min((run_preprocess(corpus["path"], tokenizer, os.path.join(args.workdir, "out"), workers)
-                    for _ in range(args.repeats)), key=lambda r: r["wall_s"])
+        measured = bench_against_ceiling(corpus["path"], tokenizer, os.path.join(args.workdir, "out"), workers, args.rounds)
+        results[f"against_ceiling_{workers}_workers"] = measured
+        best = measured["best"]
         runs.append(best)
+        alone = [r["alone_tokens_per_s"] for r in measured["rounds"]]
         print(f"{workers} worker(s): {best['wall_s']:.2f} s, {best['docs_per_s']:,.0f} docs/s, "
               f"{best['tokens_per_s']:,.0f} tokens/s, {best['mb_per_s']:.1f} MB/s, largest process RSS {best['peak_rss_mb']:.0f} MB "
-              f"(load average {best['load_average_1min_after']:.1f} on {os.cpu_count()} CPUs)",
-              flush=True)
+              f"(load average {best['load_average_1min_after']:.1f} on {os.cpu_count()} CPUs)", flush=True)
+        print(f"  against its ceiling: end to end / ({workers} x sentencepiece alone) = "
+              + ", ".join(f"{r['ratio']:.1%}" for r in measured["rounds"])
+              + f" in {args.rounds} alternated rounds, median {measured['median_ratio']:.1%} "
+              f"(sentencepiece alone {min(alone):,.0f}-{max(alone):,.0f} tokens/s)", flush=True)
+        print(f"  end to end / {workers} sentencepiece processes at once (the same machine share) = "
+              + ", ".join(f"{r['ratio_to_parallel']:.1%}" for r in measured["rounds"])
+              + f", median {measured['median_ratio_to_parallel']:.1%}; tokens per CPU-second against sentencepiece "
+              f"alone: median {measured['median_cpu_efficiency']:.1%}", flush=True)
     results["preprocess"] = runs
     half_run = run_preprocess(half["path"], tokenizer, os.path.join(args.workdir, "half"), max(args.workers))
     results["preprocess_half_input"] = half_run
     print(f"half input ({half_run['input_mb']:.0f} MB), {max(args.workers)} workers: largest process RSS {half_run['peak_rss_mb']:.0f} MB "
           f"(full input: {runs[-1]['peak_rss_mb']:.0f} MB)", flush=True)
+    if not args.skip_parquet:
+        pq_result = bench_parquet_files(corpus["path"], tokenizer, args.workdir, args.parquet_workers, args.rounds)
+        results["parquet_four_files_against_one"] = pq_result
+        print(f"parquet, {args.parquet_workers} workers: one file "
+              + ", ".join(f"{t:,.0f}" for t in pq_result["one_file_tokens_per_s"]) + " tokens/s; 4 files "
+              + ", ".join(f"{t:,.0f}" for t in pq_result["four_files_tokens_per_s"])
+              + f" tokens/s (alternated); 4 files / one file: median {pq_result['median_ratio_four_over_one']:.2f}", flush=True)
     startup = min((run_preprocess(tiny["path"], tokenizer, os.path.join(args.workdir, "tiny"), max(args.workers))
                    for _ in range(3)), key=lambda r: r["wall_s"])
     results["startup_one_document_s"] = startup["wall_s"]
@@ -243,8 +365,9 @@ def main() -> int:
         print(f"sample index: {index['documents']:,} documents, {index['tokens'] / 1e9:.1f}B tokens, {index['samples']:,} "
               f"samples of 512: built + cached in {index['build_and_cache_s']:.1f} s (C++ build_sample_idx alone "
               f"{index['build_sample_idx_cpp_only_s']:.2f} s), cached reload {index['cached_reload_s']:.2f} s", flush=True)
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    from megatron_lime.files import write_json
+
+    write_json(os.path.join(args.workdir, "results.json"), results)
     print(f"results -> {os.path.join(args.workdir, 'results.json')}")
     return 0
 

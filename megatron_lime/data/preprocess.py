@@ -11,11 +11,20 @@ SentencePieceTokenizer / HuggingFaceTokenizer / GPTSentencePieceTokenizer are ac
 type is read off --tokenizer-model). Input: JSONL, JSONL.gz or parquet files, a directory or
 glob of them, or a `datasets` dataset saved to disk.
 
-How it runs: the main process only reads raw input (JSONL bytes split at line ends, parquet
-record batches) and writes tokens; worker processes parse, validate and tokenize. At most
-2 x --workers chunks are in flight and results are written in input order, so memory stays
-flat however large the input is. Output goes to temporary names and is renamed at the end:
-after an error no .bin/.idx with the final name exists.
+Filters (`--filter "int_score >= 3" --filter "language == 'en'"`, any column of the input;
+the language is megatron_lime/data/filters.py) keep a record when all hold; the summary gives
+each filter's kept and dropped counts. `--num-shards N --shard-index I` processes a
+contiguous, size-balanced share of the sorted input files (megatron_lime/data/shards.py) into
+OUTPUT_PREFIX_shard0000I-of-0000N_{key}_document; tools/merge_datasets.py on the shards, in
+name order, gives the bytes of one run over every input.
+
+How it runs: the main process only hands out work and writes tokens. For parquet files it
+reads only the footer and hands each worker whole row groups, which the worker reads itself,
+so several files (or row groups) are read at once; for JSONL it reads raw bytes split at line
+ends (no parsing). Workers parse, filter, validate and tokenize, and send back numpy arrays.
+At most 2 x --workers chunks are in flight and results are written in input order, so memory
+stays flat however large the input is. Output goes to temporary names and is renamed at the
+end: after an error no .bin/.idx with the final name exists.
 """
 
 from __future__ import annotations
@@ -33,10 +42,12 @@ from typing import Iterator
 
 import numpy as np
 
+from megatron_lime.data.filters import FilterValueError, RecordFilters
 from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype, written_together
 from megatron_lime.data.readers import (GZIP_ERRORS, BadRecordError, InputSource, check_string_value, find_inputs,
-                                        gzip_error_reason, load_saved_dataset, open_binary, open_parquet,
-                                        parse_jsonl_line)
+                                        gzip_error_reason, jsonl_values, load_saved_dataset, open_binary, open_parquet,
+                                        parse_jsonl_record)
+from megatron_lime.data.shards import shard_inputs, shard_suffix
 from megatron_lime.tokenizer import LimeTokenizer, load_tokenizer
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "Llama2Tokenizer")
@@ -44,6 +55,10 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Huggi
 # inter-process hop, small enough that 2 x workers of them in flight stay a few MB.
 CHUNK_BYTES = 1 << 20
 CHUNK_ROWS = 512
+# Parquet row groups up to this many rows are read by the workers themselves (a few MB of
+# text each; `datasets` writes 1,000-row groups). Larger ones (pandas writes one group per
+# file) are streamed by the main process in CHUNK_ROWS batches instead, to bound memory.
+MAX_WORKER_ROW_GROUP_ROWS = 16 * CHUNK_ROWS
 # How many bad records are printed in full with --skip-bad-records (all are counted).
 MAX_BAD_RECORDS_SHOWN = 20
 
@@ -53,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="JSONL / JSONL.gz / parquet file, directory or glob, or a saved `datasets` dataset.")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="Fields (columns) to tokenize; one output dataset per key.")
+    group.add_argument("--filter", dest="filters", action="append", default=[], metavar="EXPR",
+                       help="Keep only records where EXPR holds, e.g. \"int_score >= 3\" or \"language in ['en']\" "
+                            "(repeatable: all must hold). Columns, literals, == != < <= > >=, in / not in [...], "
+                            "and/or/not; never Python eval. Kept/dropped counts per filter are in the summary.")
     group.add_argument("--split-sentences", action="store_true", help="Not supported (documents are never split); kept so Megatron command lines fail loudly.")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-model", required=True, help="Our tokenizer directory, a sentencepiece .model, or a Hugging Face tokenizer directory.")
@@ -63,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="Megatron's only format (accepted for compatibility).")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="Tokenizer worker processes.")
+    group.add_argument("--num-shards", type=int, default=1,
+                       help="Split the sorted input files into N contiguous, size-balanced shares (one per job of a cluster array).")
+    group.add_argument("--shard-index", type=int, default=0,
+                       help="Which share this run processes (0..N-1); the output prefix gets _shardIIIII-of-NNNNN.")
     group.add_argument("--partitions", type=int, default=1, help="Accepted for compatibility; only 1 is supported (workers already parallelise).")
     group.add_argument("--log-interval", type=int, default=10_000, help="Documents between progress updates.")
     group.add_argument("--skip-bad-records", action="store_true", help="Skip malformed records and unreadable (e.g. truncated .gz) files, counted and reported, instead of stopping.")
@@ -75,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--partitions other than 1 is not supported; use --workers")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index must be in 0..{args.num_shards - 1} and --num-shards at least 1")
     return args
 
 
@@ -88,11 +113,12 @@ class NoDocumentsError(ValueError):
 
 @dataclass
 class Chunk:
-    """A slice of one input: raw JSONL bytes (whole lines) or a pyarrow table of the key columns."""
+    """A slice of one input: raw JSONL bytes (whole lines), parquet row groups to read, or an Arrow table."""
 
     path: str
     first_record: int  # line number (JSONL, 1-based) or row number (parquet / datasets, 0-based)
     jsonl_bytes: bytes | None = None
+    row_groups: list[int] | None = None  # parquet: the worker reads these itself
     table: object | None = None  # pyarrow.RecordBatch or Table
     bad_file_reason: str | None = None  # the whole file could not be read
 
@@ -107,19 +133,22 @@ class ChunkResult:
     num_bytes: int = 0
     bad_records: list[str] = field(default_factory=list)
     num_bad: int = 0
+    filter_counts: list[tuple[int, int]] = field(default_factory=list)  # (seen, kept) per --filter
 
 
-def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], skip_bad: bool) -> Iterator[Chunk]:
+def columns_to_read(keys: tuple[str, ...], filters: RecordFilters) -> list[str]:
+    """The columns a table input must read: the keys to tokenize and the filters' columns."""
+    return list(dict.fromkeys(keys + filters.columns))
+
+
+def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: RecordFilters, skip_bad: bool) -> Iterator[Chunk]:
+    columns = columns_to_read(keys, filters)
     for source in sources:
         if source.kind == "jsonl":
             yield from jsonl_chunks(source.path, skip_bad)
         elif source.kind == "parquet":
             try:
-                parquet = open_parquet(source.path, keys)
-                row = 0
-                for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=list(keys)):
-                    yield Chunk(source.path, row, table=batch)
-                    row += batch.num_rows
+                yield from parquet_chunks(source.path, keys, filters)
             except BadRecordError as e:
                 if not skip_bad:
                     raise
@@ -130,10 +159,49 @@ def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], skip_bad: boo
                 yield Chunk(source.path, 0, bad_file_reason=f"{source.path}: unreadable parquet data ({e})")
         elif source.kind == "datasets":
             dataset = load_saved_dataset(source.path, keys)
+            check_filter_columns(source.path, "dataset", dataset.column_names, filters)
             row = 0
             for table in dataset.with_format("arrow").iter(batch_size=CHUNK_ROWS):
-                yield Chunk(source.path, row, table=table.select(list(keys)))
+                yield Chunk(source.path, row, table=table.select(columns))
                 row += table.num_rows
+
+
+def check_filter_columns(path: str, location: str, available: list[str], filters: RecordFilters) -> None:
+    for f in filters.filters:
+        for column in f.columns:
+            if column not in available:
+                raise BadRecordError(path, location, f"--filter {f.expression!r}: no column {column!r} "
+                                                     f"(columns: {', '.join(available)})")
+
+
+def parquet_chunks(path: str, keys: tuple[str, ...], filters: RecordFilters) -> Iterator[Chunk]:
+    """Runs of whole row groups (about CHUNK_ROWS rows) for the workers to read; the main process reads only the footer."""
+    parquet = open_parquet(path, keys)
+    check_filter_columns(path, "file", parquet.schema_arrow.names, filters)
+    columns = columns_to_read(keys, filters)
+    metadata = parquet.metadata
+    group: list[int] = []
+    group_first = row = 0
+    for i in range(metadata.num_row_groups):
+        rows = metadata.row_group(i).num_rows
+        if rows > MAX_WORKER_ROW_GROUP_ROWS:
+            if group:
+                yield Chunk(path, group_first, row_groups=group)
+                group = []
+            for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, row_groups=[i], columns=columns):
+                yield Chunk(path, row, table=batch)
+                row += batch.num_rows
+            group_first = row
+            continue
+        if not group:
+            group_first = row
+        group.append(i)
+        row += rows
+        if row - group_first >= CHUNK_ROWS:
+            yield Chunk(path, group_first, row_groups=group)
+            group = []
+    if group:
+        yield Chunk(path, group_first, row_groups=group)
 
 
 def jsonl_chunks(path: str, skip_bad: bool = False) -> Iterator[Chunk]:
@@ -172,18 +240,33 @@ def jsonl_chunks(path: str, skip_bad: bool = False) -> Iterator[Chunk]:
 WORKER: dict[str, object] = {}
 
 
-def init_worker(tokenizer_path: str, keys: tuple[str, ...], append_eod: bool, skip_bad: bool) -> None:
+def init_worker(tokenizer: LimeTokenizer | str, keys: tuple[str, ...], append_eod: bool, skip_bad: bool,
+                filter_expressions: tuple[str, ...] = ()) -> None:
     # One process per core already: a Hugging Face tokenizer must not start its own thread pool too.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = load_tokenizer(tokenizer_path)
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    filters = RecordFilters(filter_expressions)
     WORKER.update(tokenizer=tokenizer, keys=keys, append_eod=append_eod, skip_bad=skip_bad,
-                  dtype=best_dtype(tokenizer.vocab_size))
+                  dtype=best_dtype(tokenizer.vocab_size), filters=filters,
+                  columns=columns_to_read(keys, filters))
+
+
+def read_row_groups(path: str, row_groups: list[int], columns: list[str]):
+    """The worker's own read of parquet row groups (the file handle is kept for the next chunk of the same file)."""
+    import pyarrow.parquet as pq
+
+    cached = WORKER.get("parquet")
+    if cached is None or cached[0] != path:
+        WORKER["parquet"] = cached = (path, pq.ParquetFile(path))
+    return cached[1].read_row_groups(row_groups, columns=columns, use_threads=False)
 
 
 def encode_chunk(chunk: Chunk) -> ChunkResult | BadRecordError:
-    """Parse, validate and tokenize one chunk. A bad record is returned (not raised) without --skip-bad-records."""
+    """Parse, filter, validate and tokenize one chunk. A bad record is returned (not raised) without --skip-bad-records."""
     tokenizer: LimeTokenizer = WORKER["tokenizer"]  # type: ignore[assignment]
     keys: tuple[str, ...] = WORKER["keys"]  # type: ignore[assignment]
+    filters: RecordFilters = WORKER["filters"]  # type: ignore[assignment]
     skip_bad = bool(WORKER["skip_bad"])
     result = ChunkResult(tokens=[], lengths=[])
     if chunk.bad_file_reason is not None:
@@ -205,23 +288,45 @@ def encode_chunk(chunk: Chunk) -> ChunkResult | BadRecordError:
         if chunk.jsonl_bytes.endswith(b"\n"):
             lines.pop()  # the empty piece after the final newline is not a line
         for i, line in enumerate(lines):
+            line_number = chunk.first_record + i
             try:
-                values = parse_jsonl_line(line, chunk.path, chunk.first_record + i, keys)
+                record = parse_jsonl_record(line, chunk.path, line_number)
+                if record is None:
+                    result.num_blank += 1
+                    continue
+                try:
+                    if filters and not filters.keep(record):
+                        continue
+                except FilterValueError as e:
+                    raise BadRecordError(chunk.path, f"line {line_number}", str(e)) from None
+                values = jsonl_values(record, chunk.path, line_number, keys)
             except BadRecordError as e:
                 if (error := bad(e)) is not None:
                     return error
                 continue
-            if values is not None:
-                for column, value in zip(columns, values):
-                    column.append(value)
-            else:
-                result.num_blank += 1
+            for column, value in zip(columns, values):
+                column.append(value)
     else:
-        table = chunk.table
-        raw = [table.column(k).to_pylist() for k in keys]
-        for i in range(table.num_rows):
+        if chunk.row_groups is not None:
             try:
-                values = [check_string_value(col[i], chunk.path, chunk.first_record + i, k) for col, k in zip(raw, keys)]
+                table = read_row_groups(chunk.path, chunk.row_groups, WORKER["columns"])  # type: ignore[arg-type]
+            except Exception as e:  # a corrupt page
+                error = BadRecordError(chunk.path, f"row groups {chunk.row_groups[0]}-{chunk.row_groups[-1]}",
+                                       f"unreadable parquet data ({type(e).__name__}: {e})")
+                return error if not skip_bad else ChunkResult([], [], num_bad=1, bad_records=[str(error)])
+        else:
+            table = chunk.table
+        raw = [table.column(k).to_pylist() for k in keys]
+        filter_columns = {c: table.column(c).to_pylist() for c in filters.columns}
+        for i in range(table.num_rows):
+            row = chunk.first_record + i
+            try:
+                try:
+                    if filters and not filters.keep({c: values[i] for c, values in filter_columns.items()}):
+                        continue
+                except FilterValueError as e:
+                    raise BadRecordError(chunk.path, f"row {row}", str(e)) from None
+                values = [check_string_value(col[i], chunk.path, row, k) for col, k in zip(raw, keys)]
             except BadRecordError as e:
                 if (error := bad(e)) is not None:
                     return error
@@ -231,17 +336,35 @@ def encode_chunk(chunk: Chunk) -> ChunkResult | BadRecordError:
                 result.num_bytes += len(value)  # characters; close to bytes for English
 
     result.num_documents = len(columns[0])
-    eod = [tokenizer.eos_id] if WORKER["append_eod"] else []
-    dtype = WORKER["dtype"]
+    result.filter_counts = filters.take_counts()
+    eod = tokenizer.eos_id if WORKER["append_eod"] else None
     for column in columns:
-        encoded = tokenizer.encode_batch(column)
-        kept = [ids + eod for ids in encoded if ids]
-        result.num_empty += len(encoded) - len(kept)
-        lengths = np.fromiter((len(ids) for ids in kept), dtype=np.int32, count=len(kept))
-        tokens = np.fromiter(itertools.chain.from_iterable(kept), dtype=dtype, count=int(lengths.sum()))
+        tokens, lengths, num_empty = pack_documents(tokenizer.encode_batch(column), eod, WORKER["dtype"])  # type: ignore[arg-type]
+        result.num_empty += num_empty
         result.tokens.append(tokens)
         result.lengths.append(lengths)
     return result
+
+
+def pack_documents(encoded: list[list[int]], eod: int | None, dtype: type) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids back to back, length of each document, number of empty documents dropped), eod appended to each.
+
+    One pass of np.fromiter over all ids, then the eod ids dropped into place with array
+    indexing: this is most of what a worker does besides tokenizing, so it is kept tight.
+    """
+    kept = [ids for ids in encoded if ids]
+    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
+    flat = np.fromiter(itertools.chain.from_iterable(kept), dtype=dtype, count=int(lengths.sum()))
+    if eod is None:
+        return flat, lengths.astype(np.int32), len(encoded) - len(kept)
+    lengths += 1
+    ends = np.cumsum(lengths) - 1  # where each document's eod goes
+    tokens = np.empty(flat.size + len(kept), dtype=dtype)
+    is_text = np.ones(tokens.size, dtype=bool)
+    is_text[ends] = False
+    tokens[is_text] = flat
+    tokens[ends] = eod
+    return tokens, lengths.astype(np.int32), len(encoded) - len(kept)
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,22 +401,38 @@ class Progress:
             self.bar.close()
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
+def output_prefix(args: argparse.Namespace) -> str:
+    """--output-prefix, with the shard's suffix when --num-shards is more than 1."""
+    if args.num_shards > 1:
+        return args.output_prefix + shard_suffix(args.num_shards, args.shard_index)
+    return args.output_prefix
+
+
+def run(args: argparse.Namespace) -> dict:
     """Tokenize everything; returns the summary. Raises BadRecordError on the first bad record (unless skipping)."""
     start = time.perf_counter()
     keys = tuple(args.json_keys)
+    filters = RecordFilters(args.filters)  # a bad expression stops here, before anything is written
     sources = [s for pattern in args.input.split(",") for s in find_inputs(pattern)]
+    if args.num_shards > 1:
+        everything = sources
+        sources = shard_inputs(everything, args.num_shards, args.shard_index)
+        names = f" ({sources[0].path} .. {sources[-1].path})" if sources else ""
+        print(f"shard {args.shard_index} of {args.num_shards}: {len(sources)} of {len(everything)} inputs{names}", flush=True)
     tokenizer = load_tokenizer(args.tokenizer_model)
     dtype = best_dtype(tokenizer.vocab_size)
+    prefix = output_prefix(args)
     writers: list[IndexedDatasetWriter] = []
-    summary = {"documents": 0, "tokens": 0, "empty_skipped": 0, "blank_lines": 0, "bad_records": 0, "bytes": 0}
+    summary = {"documents": 0, "tokens": 0, "empty_skipped": 0, "blank_lines": 0, "bad_records": 0, "bytes": 0,
+               "filters": filters}
     bad_shown: list[str] = []
     progress = Progress(args.quiet, args.log_interval)
     max_in_flight = 2 * args.workers
-    # fork: workers start in milliseconds (spawn would re-import numpy/sentencepiece in each).
+    # fork: workers start in milliseconds (spawn would re-import numpy/sentencepiece in each), and
+    # inherit the loaded tokenizer (fork passes initargs without pickling) instead of loading it again.
     pool = concurrent.futures.ProcessPoolExecutor(
         args.workers, mp_context=multiprocessing.get_context("fork"), initializer=init_worker,
-        initargs=(args.tokenizer_model, keys, args.append_eod, args.skip_bad_records))
+        initargs=(tokenizer, keys, args.append_eod, args.skip_bad_records, tuple(args.filters)))
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
     def collect() -> None:
@@ -309,6 +448,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         summary["blank_lines"] += result.num_blank
         summary["bad_records"] += result.num_bad
         summary["bytes"] += result.num_bytes
+        filters.add_counts(result.filter_counts)
         for message in result.bad_records:
             if len(bad_shown) < MAX_BAD_RECORDS_SHOWN:
                 bad_shown.append(message)
@@ -318,14 +458,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     try:
         with written_together(writers):
             for key in keys:
-                writers.append(IndexedDatasetWriter(f"{args.output_prefix}_{key}_document", dtype))
-            for chunk in iter_chunks(sources, keys, args.skip_bad_records):
+                writers.append(IndexedDatasetWriter(f"{prefix}_{key}_document", dtype))
+            for chunk in iter_chunks(sources, keys, filters, args.skip_bad_records):
                 pending.append(pool.submit(encode_chunk, chunk))
                 if len(pending) >= max_in_flight:
                     collect()
             while pending:
                 collect()
-            if writers[0].num_documents == 0 and not args.allow_empty:
+            # A share with no files (more shards than files) is empty by design: the merge needs its pair.
+            if writers[0].num_documents == 0 and not (args.allow_empty or (args.num_shards > 1 and not sources)):
                 raise NoDocumentsError(
                     f"--input {args.input}: no documents ({summary['documents']:,} records, "
                     f"{summary['empty_skipped']:,} of them empty, {summary['blank_lines']:,} blank lines, "
@@ -351,12 +492,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     seconds = summary["seconds"]
-    outputs = ", ".join(f"{args.output_prefix}_{k}_document.{{bin,idx}}" for k in args.json_keys)
+    outputs = ", ".join(f"{output_prefix(args)}_{k}_document.{{bin,idx}}" for k in args.json_keys)
+    filters: RecordFilters = summary["filters"]
+    dropped = sum(dropped for _, _, dropped in filters.counts())
+    if filters:
+        print(f"filters ({dropped:,} records dropped):\n{filters.summary()}")
     print(
         f"done: {summary['documents']:,} documents, {summary['tokens']:,} tokens, "
         f"{summary['empty_skipped']:,} empty documents skipped, {summary['blank_lines']:,} blank lines skipped, "
         f"{summary['bad_records']:,} bad records skipped, "
-        f"{seconds:.1f} s ({summary['documents'] / seconds:,.0f} docs/s, {summary['tokens'] / seconds:,.0f} tokens/s, "
+        + (f"{dropped:,} filtered out, " if filters else "")
+        + f"{seconds:.1f} s ({summary['documents'] / seconds:,.0f} docs/s, {summary['tokens'] / seconds:,.0f} tokens/s, "
         f"{summary['bytes'] / seconds / 1e6:.1f} MB/s) -> {outputs}"
     )
     return 0

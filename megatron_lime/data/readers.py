@@ -105,6 +105,12 @@ def gzip_error_reason(error: BaseException) -> str:
 
 def parse_jsonl_line(line: bytes, path: str, line_number: int, keys: tuple[str, ...]) -> tuple[str, ...] | None:
     """The values of `keys` in one JSONL line; None for a blank line. Raises BadRecordError."""
+    record = parse_jsonl_record(line, path, line_number)
+    return None if record is None else jsonl_values(record, path, line_number, keys)
+
+
+def parse_jsonl_record(line: bytes, path: str, line_number: int) -> dict | None:
+    """One JSONL line as a dict; None for a blank line. Raises BadRecordError."""
     if not line.strip():
         return None
     try:
@@ -117,6 +123,11 @@ def parse_jsonl_line(line: bytes, path: str, line_number: int, keys: tuple[str, 
         raise BadRecordError(path, f"line {line_number}", f"malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
         raise BadRecordError(path, f"line {line_number}", f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def jsonl_values(record: dict, path: str, line_number: int, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The string values of `keys` in a parsed JSONL record. Raises BadRecordError."""
     values = []
     for key in keys:
         if key not in record:

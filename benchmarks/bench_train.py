@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
                         help="default: on for GPUs with bf16, off on CPU")
     parser.add_argument("--recompute-activations", action="store_true")
     parser.add_argument("--torch-compile", action="store_true")
-    parser.add_argument("--attention-backend", default=None, choices=["auto", "flash", "sdpa"])
+    parser.add_argument("--attention-backend", default=None, choices=["auto", "flash", "flex", "sdpa"])
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--skip-plain", action="store_true", help="only time our stack")
     return parser.parse_args()

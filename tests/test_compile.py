@@ -37,6 +37,16 @@ def test_a_block_compiles_without_graph_breaks(mask_kind):
     graph_code = "\n".join(m.code for g in explanation.graphs for m in g.modules() if hasattr(m, "code"))
     if kernels.backend() != "reference":
         assert "lime.rms_norm_fwd" in graph_code and "lime.silu_fwd" in graph_code, graph_code
+    if mask_kind == "causal":
+        return
+    # A new batch (other document boundaries) reuses the graph: the mask's tensors are inputs, not constants.
+    compiled = torch.compile(block, backend="eager")
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.set_grad_enabled(mask_kind != "flex"):
+        for document_ids in (DOCUMENT_IDS, DOCUMENT_IDS.flip(1), torch.zeros_like(DOCUMENT_IDS)):
+            compiled(x, document_mask(mask_kind, x, document_ids))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+    torch._dynamo.reset()
 
 
 RUNNER = r'''

@@ -24,6 +24,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from megatron_lime.config import LimeConfig
 
@@ -40,15 +41,20 @@ def _flash_attn():
     return flash_attn_func, flash_attn_varlen_func
 
 
-@functools.lru_cache(maxsize=1)
+_compiled_flex_attention = None
+
+
 def compiled_flex_attention():
-    """torch.compile(flex_attention), made once: the compiled kernel skips masked blocks.
+    """torch.compile(flex_attention), made on first use (importing torch.compile's machinery costs seconds).
 
-    Inside a compiled block (--torch-compile), dynamo traces through this wrapper into the same kernel.
+    Uncompiled, flex_attention materialises the scores. `document_mask` makes it before the blocks run, so
+    inside a compiled block (--torch-compile) dynamo only reads it and traces into the same kernel: no graph
+    break and no recompilation per batch.
     """
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
 
 
 def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -59,10 +65,8 @@ def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same_document & causal)[:, None]  # (b, 1, s, s)
 
 
-def document_block_mask(document_ids: torch.Tensor):
+def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
     """FlexAttention BlockMask for (b, s) document ids: the same rule as document_attention_mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     b, s = document_ids.shape
 
     def same_document_causal(batch, head, q_index, kv_index):
@@ -101,9 +105,10 @@ class DocumentMask:
 
     backend: str  # "flash", "flex" or "sdpa"
     dense: torch.Tensor | None = None  # sdpa: (b, 1, s, s) bool
-    block_mask: object | None = None  # flex: torch.nn.attention.flex_attention.BlockMask
+    block_mask: BlockMask | None = None  # flex
     cu_seqlens: torch.Tensor | None = None  # flash: (n_docs + 1,) int32
-    max_seqlen: int = 0  # flash: longest document
+    max_seqlen: int = 0  # flash: longest document (a Python int, as flash-attn wants: under torch.compile
+    #                     each new value is a new specialisation of the block)
 
 
 def attention_backend_for(requested: str, x: torch.Tensor, packed: bool) -> str:
@@ -139,6 +144,7 @@ def document_mask(requested_backend: str, x: torch.Tensor, document_ids: torch.T
     if document_ids is None:
         return None
     if backend == "flex":
+        compiled_flex_attention()  # made here, outside any compiled block
         return DocumentMask("flex", block_mask=document_block_mask(document_ids))
     return DocumentMask("sdpa", dense=document_attention_mask(document_ids))
 

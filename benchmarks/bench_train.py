@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention-backend", default=None, choices=["auto", "flash", "flex", "sdpa"])
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--skip-plain", action="store_true", help="only time our stack")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time (CPU device only; with OMP_NUM_THREADS=1 it is robust "
+                             "to other processes loading a shared machine)")
     return parser.parse_args()
 
 
@@ -62,14 +65,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step, steps: int, device: torch.device) -> float:
-    """Seconds per step over `steps` calls of step()."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(step, steps: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per step over `steps` calls of step(), by the wall clock or by this process's CPU time."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(steps):
         step()
     synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (now() - start) / steps
 
 
 def packed_layout(batch_size: int, seq: int, documents: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -108,6 +115,8 @@ def main() -> int:
     args = parse_training_args(flags)
     env = init_distributed()
     device = env.device
+    if options.clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu measures CPU time: only for the CPU device")
     seq, batch_size = args.seq_length, options.micro_batch_size
     config: LimeConfig = args.model
 
@@ -153,7 +162,8 @@ def main() -> int:
         methods["plain PyTorch loop"] = plain_step
 
     # Warm-up (compilation included: it happens in the first steps) is timed apart from the rounds.
-    warmup_seconds = {name: timed(step, options.warmup, device) * options.warmup for name, step in methods.items()}
+    warmup_seconds = {name: timed(step, options.warmup, device, options.clock) * options.warmup
+                      for name, step in methods.items()}
     # Rounds rotate the methods' order, so a burst of load from other processes hits all alike;
     # comparisons are medians of the per-round ratios.
     seconds: dict[str, list[float]] = {name: [] for name in methods}
@@ -161,7 +171,7 @@ def main() -> int:
     for round_index in range(options.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds[name].append(timed(methods[name], options.steps, device))
+            seconds[name].append(timed(methods[name], options.steps, device, options.clock))
     ours = seconds[names[0]]
     plain = seconds.get("plain PyTorch loop", [])
 
@@ -169,7 +179,7 @@ def main() -> int:
     peak = peak_tflops_for(device, options.peak_tflops)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{config.name}: {config.num_parameters() / 1e6:.1f}M parameters, seq {seq}, micro batch {batch_size}, "
-          f"{'bf16' if bf16 else 'fp32'}, {device_name}; {options.rounds} rounds x {options.steps} steps per method, median")
+          f"{'bf16' if bf16 else 'fp32'}, {device_name}; {options.rounds} rounds x {options.steps} steps per method, median, {options.clock} clock")
 
     def report(name: str, seconds: list[float]) -> float:
         per_step = statistics.median(seconds)

@@ -5,13 +5,13 @@ Backends, chosen once per batch by `document_mask` (config `attention_backend`, 
     flash  flash-attn (CUDA, bf16/fp16, when installed); packed batches use its varlen path with
            cu_seqlens computed once per batch (the one host sync, `max_seqlen`, happens there, not per layer).
     flex   FlexAttention with a block mask built once per batch from document_ids: blocks wholly outside
-           a document or above the diagonal are skipped, so packing costs no more than causal attention.
+           a document or above the diagonal are skipped (fewer blocks than plain causal attention over the row).
            Compiled (torch.compile(flex_attention)): uncompiled it materialises the scores.
     sdpa   torch's scaled_dot_product_attention: is_causal for unpacked batches (its flash kernel on CUDA);
            packed batches pass a dense (b, 1, s, s) boolean mask, which rules out SDPA's flash kernel.
 
 `auto` = flash where usable; else, for packed batches, flex on CUDA and sdpa on CPU (in torch 2.13
-FlexAttention has no backward on CPU, and its compiled CPU forward costs ~15 s of compilation per shape).
+FlexAttention has no backward on CPU; its compiled CPU forward works, after 15 s or more of compilation).
 Unpacked batches never need flex: SDPA's causal kernel is already the fast one.
 """
 

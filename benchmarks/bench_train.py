@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py --model lime-1b --seq-length 512 --micro-batch-size 16     # one GPU
     python benchmarks/bench_train.py --model lime-mini --seq-length 256 --micro-batch-size 8    # CPU
+    python benchmarks/bench_train.py --model lime-mini --compare-compile --skip-plain           # compiled vs eager
 
 It times our real step (megatron_lime.training.pretrain.train_step on the DeepSpeed ZeRO-1
 engine built by training.wrap: token counting, all-reduces, LR setting, clipping, skip check)
@@ -10,11 +11,17 @@ and optimizer (AdamW with the same groups, clip_grad_norm_, fp32) in the same pr
 alternating the two in rounds so both see the same machine state, and prints the overhead
 of our stack (target: under 5%). On a GPU the step is bf16 (DeepSpeed's BF16 optimizer) and
 MFU uses the peak of the GPU from training.metrics (or --peak-tflops).
+
+--compare-compile also builds a second engine with --torch-compile (the blocks compiled, same weights
+and batch), times its compilation separately (the warm-up steps), and reports the compiled/eager step
+time ratio from the same alternating rounds. --packed-documents N splits every row into N documents
+(document_ids and restarting position_ids, as the SFT packer makes): the document-masked attention path.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -39,10 +46,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on for GPUs with bf16, off on CPU")
     parser.add_argument("--recompute-activations", action="store_true")
-    parser.add_argument("--torch-compile", action="store_true")
-    parser.add_argument("--attention-backend", default=None, choices=["auto", "flash", "sdpa"])
+    parser.add_argument("--torch-compile", action="store_true", help="compile the blocks of our engine")
+    parser.add_argument("--compare-compile", action="store_true",
+                        help="time an eager and a --torch-compile engine in the same run and report the ratio")
+    parser.add_argument("--packed-documents", type=int, default=0,
+                        help="split each row into this many documents (packed batch with document_ids)")
+    parser.add_argument("--attention-backend", default=None, choices=["auto", "flash", "flex", "sdpa"])
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--skip-plain", action="store_true", help="only time our stack")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time (CPU device only; with OMP_NUM_THREADS=1 it is robust "
+                             "to other processes loading a shared machine)")
     return parser.parse_args()
 
 
@@ -51,14 +65,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step, steps: int, device: torch.device) -> float:
-    """Seconds per step over `steps` calls of step()."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(step, steps: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per step over `steps` calls of step(), by the wall clock or by this process's CPU time."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(steps):
         step()
     synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (now() - start) / steps
+
+
+def packed_layout(batch_size: int, seq: int, documents: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """document_ids and position_ids (batch_size, seq) for rows of `documents` documents of random lengths."""
+    document_ids = torch.empty(batch_size, seq, dtype=torch.long)
+    position_ids = torch.empty(batch_size, seq, dtype=torch.long)
+    for row in range(batch_size):
+        cuts = torch.randperm(seq - 1, generator=generator)[:documents - 1].add(1).sort().values.tolist()
+        bounds = [0, *cuts, seq]
+        for document, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            document_ids[row, start:end] = document
+            position_ids[row, start:end] = torch.arange(end - start)
+    return {"document_ids": document_ids, "position_ids": position_ids}
 
 
 def main() -> int:
@@ -84,6 +115,8 @@ def main() -> int:
     args = parse_training_args(flags)
     env = init_distributed()
     device = env.device
+    if options.clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu measures CPU time: only for the CPU device")
     seq, batch_size = args.seq_length, options.micro_batch_size
     config: LimeConfig = args.model
 
@@ -91,13 +124,24 @@ def main() -> int:
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq + 1), generator=generator)
     batch = {"input_ids": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
              "loss_mask": torch.ones(batch_size, seq, device=device)}
+    if options.packed_documents > 1:
+        batch.update({k: v.to(device) for k, v in packed_layout(batch_size, seq, options.packed_documents,
+                                                                generator).items()})
 
-    engine, _ = wrap_model(build_model(config, args.training.seed, device), args, device, 1)
-    engine.train()
+    def engine_step(compile_blocks: bool) -> Callable[[], None]:
+        run_args = copy.deepcopy(args)
+        run_args.training.torch_compile = compile_blocks
+        engine, _ = wrap_model(build_model(config, args.training.seed, device), run_args, device, 1)
+        engine.train()
+        return lambda: train_step(engine, [batch], args.optimizer.lr, device)
+
     bf16 = use_bf16(args, device)
-
-    def our_step() -> None:
-        train_step(engine, [batch], args.optimizer.lr, device)
+    # With --compare-compile the first engine is the eager one, whatever --torch-compile says.
+    compile_ours = args.training.torch_compile and not options.compare_compile
+    our_step = engine_step(compile_ours)
+    methods: dict[str, Callable[[], None]] = {f"megatron-lime (DeepSpeed){' compiled' if compile_ours else ''}": our_step}
+    if options.compare_compile:
+        methods["megatron-lime, torch.compile"] = engine_step(True)
 
     plain_step: Callable[[], None] | None = None
     if device.type == "cpu" and not options.skip_plain:
@@ -115,26 +159,27 @@ def main() -> int:
             output.loss.item()  # our step reads the loss back too
 
         plain_step = plain_step_impl
+        methods["plain PyTorch loop"] = plain_step
 
-    for _ in range(options.warmup):
-        our_step()
-        if plain_step:
-            plain_step()
-    # Rounds alternate the two methods (and which goes first), so a burst of load from other
-    # processes hits both alike; the overhead is the median of the per-round ratios.
-    ours, plain = [], []
+    # Warm-up (compilation included: it happens in the first steps) is timed apart from the rounds.
+    warmup_seconds = {name: timed(step, options.warmup, device, options.clock) * options.warmup
+                      for name, step in methods.items()}
+    # Rounds rotate the methods' order, so a burst of load from other processes hits all alike;
+    # comparisons are medians of the per-round ratios.
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
     for round_index in range(options.rounds):
-        if plain_step and round_index % 2:
-            plain.append(timed(plain_step, options.steps, device))
-        ours.append(timed(our_step, options.steps, device))
-        if plain_step and not round_index % 2:
-            plain.append(timed(plain_step, options.steps, device))
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds[name].append(timed(methods[name], options.steps, device, options.clock))
+    ours = seconds[names[0]]
+    plain = seconds.get("plain PyTorch loop", [])
 
     flops_per_token = config.flops_per_token(seq)
     peak = peak_tflops_for(device, options.peak_tflops)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{config.name}: {config.num_parameters() / 1e6:.1f}M parameters, seq {seq}, micro batch {batch_size}, "
-          f"{'bf16' if bf16 else 'fp32'}, {device_name}; {options.rounds} rounds x {options.steps} steps per method, median")
+          f"{'bf16' if bf16 else 'fp32'}, {device_name}; {options.rounds} rounds x {options.steps} steps per method, median, {options.clock} clock")
 
     def report(name: str, seconds: list[float]) -> float:
         per_step = statistics.median(seconds)
@@ -146,7 +191,15 @@ def main() -> int:
               f"{tflops:8.3f} TFLOP/s  {mfu}")
         return per_step
 
-    report("megatron-lime (DeepSpeed)", ours)
+    for name in names:
+        if name != "plain PyTorch loop":
+            report(name, seconds[name])
+    if options.compare_compile:
+        compiled, eager = seconds["megatron-lime, torch.compile"], seconds[names[0]]
+        ratios = [a / b for a, b in zip(compiled, eager)]
+        print(f"  compiled / eager step time: {statistics.median(ratios):.3f} median of per-round ratios "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f}); warm-up of {options.warmup} steps incl. compilation: "
+              f"{warmup_seconds['megatron-lime, torch.compile']:.1f} s compiled, {warmup_seconds[names[0]]:.1f} s eager")
     if plain:
         report("plain PyTorch loop", plain)
         ratios = [a / b for a, b in zip(ours, plain)]

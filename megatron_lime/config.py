@@ -31,8 +31,13 @@ class LimeConfig:
     norm_eps: float = param(1e-5, "Epsilon of every RMSNorm.")
     init_std: float = param(0.02, "Std of the normal initialisation (residual projections get std / sqrt(2 * num_layers)).")
     position_base: float = param(10_000.0, "Base of the sinusoidal position frequencies (10,000 as in Vaswani et al.).", flag=False)
-    attention_backend: Literal["auto", "flash", "sdpa"] = param(
-        "auto", "Attention implementation: flash-attn on CUDA when installed (auto), or force one."
+    attention_backend: Literal["auto", "flash", "flex", "sdpa"] = param(
+        "auto", "Attention: auto = flash-attn on CUDA when installed, else FlexAttention for packed batches "
+        "on CUDA and SDPA otherwise; or force one."
+    )
+    loss_chunk_size: int = param(
+        1024, "Tokens per chunk of the cross-entropy over the tied head (never all logits at once); 0 materialises "
+        "the logits of the whole micro-batch."
     )
 
     def __post_init__(self) -> None:
@@ -50,8 +55,10 @@ class LimeConfig:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be even for sinusoidal positions")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("norm_eps and init_std must be positive")
-        if self.attention_backend not in ("auto", "flash", "sdpa"):
-            raise ValueError(f"attention_backend must be auto, flash or sdpa, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "flash", "flex", "sdpa"):
+            raise ValueError(f"attention_backend must be auto, flash, flex or sdpa, got {self.attention_backend!r}")
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be 0 (off) or positive, got {self.loss_chunk_size}")
 
     @property
     def head_dim(self) -> int:

@@ -10,6 +10,7 @@ FROZEN_FLAGS = sorted([
     # model (LimeConfig)
     "--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size", "--vocab-size",
     "--max-position-embeddings", "--norm-eps", "--init-std", "--attention-backend",
+    "--loss-chunk-size",
     # training
     "--micro-batch-size", "--global-batch-size", "--seq-length", "--train-iters", "--train-tokens", "--seed",
     "--clip-grad", "--bf16", "--no-bf16", "--zero-stage", "--deepspeed-config", "--recompute-activations",

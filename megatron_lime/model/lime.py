@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_lime import kernels
 from megatron_lime.config import LimeConfig
-from megatron_lime.model.attention import CausalSelfAttention
+from megatron_lime.model.attention import CausalSelfAttention, DocumentMask, document_mask
+from megatron_lime.model.loss import chunked_language_model_loss, language_model_loss
 from megatron_lime.model.positions import sinusoid_table
 
 
@@ -53,14 +54,15 @@ class LimeBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attn_norm(x), document_ids)
+    def forward(self, x: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
+        """x: (b, s, d); mask: the batch's document mask from attention.document_mask (None: causal)."""
+        x = x + self.attention(self.attn_norm(x), mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 @dataclass
 class LimeOutput:
-    logits: torch.Tensor  # (b, s, vocab)
+    logits: torch.Tensor | None  # (b, s, vocab); None when the loss was computed in chunks (never all logits)
     loss: torch.Tensor | None = None  # scalar: mean (or sum) of cross-entropy over trained tokens
     num_loss_tokens: torch.Tensor | None = None  # scalar: how many tokens the loss covers
 
@@ -118,7 +120,10 @@ class LimeModel(nn.Module):
         document_ids: torch.Tensor | None = None,
         loss_reduction: str = "mean",
     ) -> LimeOutput:
-        """Logits for every position, and the loss when labels are given.
+        """Logits for every position, or the loss when labels are given.
+
+        With labels and config.loss_chunk_size > 0 (the default) the loss is computed chunk by chunk from
+        the hidden states and `logits` is None; loss_chunk_size=0 returns the logits and the loss.
 
         input_ids:    (b, s) int token ids, s <= max_position_embeddings.
         labels:       (b, s) int next-token targets (already shifted: labels[:, t] follows input_ids[:, t]);
@@ -139,34 +144,22 @@ class LimeModel(nn.Module):
         embeddings = self.tok_embeddings(input_ids)  # (b, s, d)
         # The table stays fp32; the sum takes the embedding's dtype (bf16 under DeepSpeed's bf16 mode).
         x = embeddings * self.embedding_scale + positions.to(embeddings.dtype)  # (b, s, d)
+        # Once per batch, not per layer: the block mask (flex), the dense mask (sdpa) or cu_seqlens (flash).
+        mask = document_mask(self.config.attention_backend, x, document_ids)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, document_ids, use_reentrant=False)
+                x = checkpoint(layer, x, mask, use_reentrant=False)
             else:
-                x = layer(x, document_ids)
+                x = layer(x, mask)
         x = self.final_norm(x)
+        if labels is not None and self.config.loss_chunk_size:
+            # The loss straight from the hidden states, chunk by chunk: no (b, s, vocab) fp32 tensor.
+            loss, count = chunked_language_model_loss(x, self.lm_head_weight, labels, loss_mask, loss_reduction,
+                                                      self.config.loss_chunk_size)
+            return LimeOutput(logits=None, loss=loss, num_loss_tokens=count)
         logits = F.linear(x, self.lm_head_weight)  # (b, s, vocab)
         if labels is None:
             return LimeOutput(logits=logits)
         loss, count = language_model_loss(logits, labels, loss_mask, loss_reduction)
         return LimeOutput(logits=logits, loss=loss, num_loss_tokens=count)
 
-
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None,
-                        reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy in fp32 over the positions that have a label and a non-zero mask.
-
-    Returns (loss, number of covered tokens); `reduction` is "mean" or "sum".
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                reduction="none")  # (b*s,)
-    weights = (labels.flatten() != -100).float()  # (b*s,)
-    if loss_mask is not None:
-        weights = weights * loss_mask.flatten().float()
-    total = (per_token * weights).sum()
-    count = weights.sum()
-    if reduction == "sum":
-        return total, count
-    return total / count.clamp(min=1.0), count

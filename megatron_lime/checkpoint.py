@@ -307,7 +307,7 @@ def resolve_load(path: str, universal: bool = False, tag: str | None = None) -> 
 
 
 def check_model_matches(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
-    """Architecture fields must agree (name and attention backend may differ)."""
+    """Architecture fields must agree (name, attention backend and loss chunk size may differ)."""
     ignore = {"name", "attention_backend", "loss_chunk_size"}
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs run {current.get(k)!r}"
              for k in current if k not in ignore and k in saved and saved[k] != current[k]]

@@ -446,7 +446,7 @@ def test_tensors_with_a_storage_offset_cuda(offset):
 
 
 @cuda_only
-def test_kernels_run_on_a_side_stream_and_a_second_device():
+def test_kernels_run_on_a_side_stream_and_a_second_device_cuda():
     """The kernels launch on the current stream (not the default one) and on the tensor's own GPU."""
     x, weight, grad_out = make_rms_inputs((256, 1536), torch.bfloat16, "cuda", torch.float32)
     expected = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)

@@ -11,9 +11,10 @@ training.pretrain.train_step (token counting, all-reduces, LR, clipping, skip ch
 own step, one micro-batch per step) for --warmup steps, then times --steps steps with CUDA events.
 
 Batch kinds: "pretrain" is random tokens over the whole sequence; "sft-packed" is a packed SFT
-batch as the SFT dataset makes them: documents of 16 to 256 tokens with positions restarting per
-document, document ids (attention stays inside each document), the prompt third of each document
-masked out of the loss, and the tail padded as one more document.
+batch as the SFT dataset makes them: documents of 16 to 256 tokens (the last cut to fit) with
+positions restarting per document, document ids (attention stays inside each document), the
+prompt third of each document masked out of the loss, and any tail shorter than 16 tokens padded
+as one more document.
 
 TFLOP/s counts LimeConfig.flops_per_token (6N + 12 L d s, the whole causal sequence as Megatron
 counts it, also for packed batches), and MFU divides it by the datasheet's dense bf16 peak
@@ -67,7 +68,7 @@ def pretraining_batch(config: LimeConfig, micro_batch: int, seq: int, device: to
 
 def packed_sft_batch(config: LimeConfig, micro_batch: int, seq: int, device: torch.device,
                      generator: torch.Generator, shortest: int = 16, longest: int = 256) -> dict[str, torch.Tensor]:
-    """Rows of whole documents (16-256 tokens), as megatron_lime.data.sft.dataset packs them."""
+    """Rows of documents of 16-256 tokens (the last one cut to fit), as megatron_lime.data.sft.dataset packs them."""
     input_ids = torch.zeros(micro_batch, seq, dtype=torch.long)
     labels = torch.full((micro_batch, seq), -100, dtype=torch.long)
     loss_mask = torch.zeros(micro_batch, seq)
@@ -75,10 +76,8 @@ def packed_sft_batch(config: LimeConfig, micro_batch: int, seq: int, device: tor
     document_ids = torch.zeros(micro_batch, seq, dtype=torch.long)
     for row in range(micro_batch):
         cursor, document = 0, 0
-        while True:
-            n = int(torch.randint(shortest, longest + 1, (1,), generator=generator))
-            if cursor + n > seq:
-                break
+        while seq - cursor >= shortest:  # best-fit packing leaves less than the shortest document
+            n = min(int(torch.randint(shortest, longest + 1, (1,), generator=generator)), seq - cursor)
             tokens = torch.randint(0, config.vocab_size, (n + 1,), generator=generator)
             span = slice(cursor, cursor + n)
             prompt = n // 3  # targets inside the prompt are not trained

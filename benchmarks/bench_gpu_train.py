@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": options.model, "parameters": config.num_parameters(),
         "flops_per_token": config.flops_per_token(options.seq_length),
         "datasheet_peak_tflops": peak_tflops_for(device, options.peak_tflops),
-        "matmul_tflops": matmul_tflops(options.matmul_size, device),
+        "matmul_size": options.matmul_size, "matmul_tflops": matmul_tflops(options.matmul_size, device),
         "warmup_steps": options.warmup, "timed_steps": options.steps, "runs": {},
     }
     print(f"{results['gpu']}; torch {results['torch']} (CUDA {results['cuda']}); {options.model} "

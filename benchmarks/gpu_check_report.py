@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {table:<14} {row['implementation']:<28}{cells}")
     train = results["train"]
     if train:
-        print(f"{train['model']} training on {train['gpu']} (torch {train['torch']}): bf16 {8192}^3 matmul "
+        print(f"{train['model']} training on {train['gpu']} (torch {train['torch']}): bf16 {train['matmul_size']}^3 matmul "
               f"{train['matmul_tflops']:.0f} TFLOP/s, datasheet {train['datasheet_peak_tflops']} TFLOP/s")
         print(f"  {'run':<26} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU sheet':>9} {'MFU mm':>7} {'mem GiB':>8}")
         for name, row in train["runs"].items():

@@ -15,11 +15,12 @@ import typing
 import pytest
 import torch
 
-from benchmarks.bench_gpu_train import packed_sft_batch
-from megatron_lime.config import LimeConfig
-from megatron_lime.model import LimeModel
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # benchmarks/ (whose packed SFT batch these tests use) is not a package
+
+from benchmarks.bench_gpu_train import packed_sft_batch  # noqa: E402
+from megatron_lime.config import LimeConfig  # noqa: E402
+from megatron_lime.model import LimeModel  # noqa: E402
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -141,8 +141,8 @@ def run_mode(mode: str, options: argparse.Namespace, results: dict[str, Any], re
     engine.train()
     flops_per_token = config.flops_per_token(options.seq_length)
     generator = torch.Generator().manual_seed(0)
-    for micro_batch in options.micro_batch_sizes:
-        for kind in options.batch_kinds:
+    for kind in options.batch_kinds:
+        for micro_batch in options.micro_batch_sizes:
             make = pretraining_batch if kind == "pretrain" else packed_sft_batch
             batch = make(config, micro_batch, options.seq_length, device, generator)
             losses: list[float] = []

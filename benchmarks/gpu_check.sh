@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_check.sh               # on the GPU machine (carry gpu_wheels/ along)
 #   bash benchmarks/gpu_check.sh --dry-run     # (or LIME_GPU_CHECK_DRY_RUN=1) stop after the GPU check:
 #                                              #   on a CPU machine it fails there (exit 3, "no CUDA GPU")
-#   bash benchmarks/gpu_check.sh --only tests,kernels   # rerun some stages on a machine that ran it once
+#   bash benchmarks/gpu_check.sh --only train  # a second call: only these stages (install, and build
+#                                              #   when the extension is missing, still run)
 #
 # Stages, each under `timeout` (its own limit, and never past the whole check's budget,
 # LIME_GPU_CHECK_BUDGET_S, 470 s by default); a stage that fails or times out is reported and the
@@ -19,7 +20,7 @@
 #                here (exit 3): every later stage needs it
 #   build        setup.py build_ext --inplace, the CUDA extension for this GPU's architecture only
 #   tests        tests/test_gpu.py and the CUDA tests of tests/test_kernels.py
-#   kernels      benchmarks/bench_kernels.py --device cuda (RMSNorm and SiLU, bf16 and fp32)
+#   kernels      benchmarks/bench_kernels.py --device cuda (RMSNorm and SiLU in bf16)
 #   train        benchmarks/bench_gpu_train.py (lime-1b, DeepSpeed ZeRO-1 bf16, eager and compile)
 #   report       benchmarks/gpu_check_report.py: $OUT/gpu_check.json and the table
 #
@@ -43,7 +44,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY_RUN=1 ;;
     --only) ONLY="${2:-}"; shift ;;
     --only=*) ONLY="${1#--only=}" ;;
-    -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -65,10 +66,12 @@ START=$SECONDS
 
 say() { echo "[gpu_check $(printf '%3d' $((SECONDS - START)))s] $*"; }
 
-wanted() {  # environment, gpu and report always run; --only picks among the others
-  case "$1" in environment|gpu|report) return 0 ;; esac
+wanted() {  # environment, install, gpu and report always run; --only picks among the others
+  case "$1" in environment|install|gpu|report) return 0 ;; esac
   [ -z "$ONLY" ] && return 0
   case ",$ONLY," in *",$1,"*) return 0 ;; esac
+  # A fresh machine has no extension built for this Python: later stages need it.
+  if [ "$1" = build ] && ! "$PYTHON" -c "import megatron_lime._kernels_cuda" >/dev/null 2>&1; then return 0; fi
   return 1
 }
 
@@ -164,7 +167,7 @@ tests() {
 }
 
 kernels() {
-  "$PYTHON" benchmarks/bench_kernels.py --device cuda --ops rms_norm silu --dtypes bf16 fp32 --json "$WORK/kernels.json"
+  "$PYTHON" benchmarks/bench_kernels.py --device cuda --ops rms_norm silu --dtypes bf16 --json "$WORK/kernels.json"
 }
 
 train() {

@@ -382,14 +382,34 @@ def test_silu_matches_reference_cuda(shape, dtype):
     check_silu(shape, dtype, "cuda")
 
 
+MIXED_WEIGHT_DTYPES = pytest.mark.parametrize(
+    "x_dtype, weight_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                              (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                              (torch.bfloat16, torch.bfloat16)], ids=str)
+
+
+def check_mixed_weight_dtypes(device: str, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
+    """The weight read in its own dtype (fp32 master weights) or converted (any other pairing):
+    output and gradients against the reference, which computes in fp32 and rounds once (a
+    weight read as the wrong type would be off by far more than a rounding step)."""
+    for shape in ((65, 1536) if device == "cuda" else (33, 256), (5, 123)):  # packs, then the scalar path
+        x, weight, grad_out = make_rms_inputs(shape, x_dtype, device, weight_dtype)
+        ours = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+        reference = outputs_and_grads(lambda a, w: kernels.rms_norm_ref(a, w, EPS), [x, weight], grad_out)
+        assert [t.dtype for t in ours] == [x_dtype, x_dtype, weight_dtype]
+        for o, r in zip(ours, reference):
+            torch.testing.assert_close(o, r, rtol=2e-2, atol=2e-2)
+
+
+@MIXED_WEIGHT_DTYPES
+def test_rms_norm_mixed_weight_dtypes_cpu(x_dtype, weight_dtype):
+    check_mixed_weight_dtypes("cpu", x_dtype, weight_dtype)
+
+
 @cuda_only
-@pytest.mark.parametrize("x_dtype, weight_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-                                                   (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16)],
-                         ids=str)
+@MIXED_WEIGHT_DTYPES
 def test_rms_norm_mixed_weight_dtypes_cuda(x_dtype, weight_dtype):
-    """The weight read in its own dtype (fp32 master weights), or converted (any other pairing)."""
-    check_rms_norm((65, 1536), x_dtype, "cuda", weight_dtype=weight_dtype)
-    check_rms_norm((5, 123), x_dtype, "cuda", weight_dtype=weight_dtype)
+    check_mixed_weight_dtypes("cuda", x_dtype, weight_dtype)
 
 
 @cuda_only

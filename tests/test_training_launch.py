@@ -22,6 +22,8 @@ import time
 import pytest
 import torch
 
+from megatron_lime.checkpoint import torch_load
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "pretrain_lime_1b.sh")
 LOG_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss (\S+) \| lr (\S+) \| grad norm (\S+) \|")
@@ -64,7 +66,7 @@ def losses(output: str) -> dict[int, float]:
 
 
 def module_weights(tag_dir: str) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    return torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))["module"]
 
 
 def check(result: subprocess.CompletedProcess, what: str) -> str:
@@ -74,7 +76,7 @@ def check(result: subprocess.CompletedProcess, what: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from megatron_lime.testing import make_tiny_pretraining_data
+    from helpers import make_tiny_pretraining_data
 
     return make_tiny_pretraining_data(str(tmp_path_factory.mktemp("data")))
 
@@ -194,13 +196,13 @@ def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
 def tiny_sft_data(tiny_data, tmp_path_factory):
     """~300 dolly-schema examples, preprocessed with the pretraining run's tokenizer (seq 64)."""
     from megatron_lime.sample_data import write_instruction_set
-    from megatron_lime.testing import load_tool
+    from megatron_lime.data.sft.preprocess import main as preprocess_sft
 
     tmp = tmp_path_factory.mktemp("sft")
     write_instruction_set(str(tmp / "dolly.jsonl"), max_examples=300)
     (tmp / "m.yaml").write_text(f"seq_length: 64\nover_length: truncate\ndatasets:\n"
                                 f"  - {{name: databricks/databricks-dolly-15k, path: {tmp / 'dolly.jsonl'}}}\n")
-    rc = load_tool("preprocess_sft_data").main(["--mixture", str(tmp / "m.yaml"), "--tokenizer", tiny_data[1],
+    rc = preprocess_sft(["--mixture", str(tmp / "m.yaml"), "--tokenizer", tiny_data[1],
                                                 "--output-prefix", str(tmp / "dolly"), "--quiet"])
     assert rc == 0
     return str(tmp / "dolly_text_document")
@@ -209,7 +211,7 @@ def tiny_sft_data(tiny_data, tmp_path_factory):
 def test_sft_script_finetunes_from_consolidated_weights(runs, tiny_data, tiny_sft_data, tmp_path):
     from megatron_lime.config import LimeConfig
     from megatron_lime.model import LimeModel
-    from megatron_lime.training.checkpointing import save_consolidated
+    from megatron_lime.checkpoint import save_consolidated
 
     pretrained_meta = json.load(open(os.path.join(runs["full_dir"], "global_step20", "lime_config.json")))
     model = LimeModel(LimeConfig.from_dict(pretrained_meta["model"]))

@@ -13,7 +13,8 @@ Compiled parts (all from csrc/):
   megatron_lime._data_helpers   sample / blending index builders for the GPT datasets (always built)
 
 LIME_BUILD_CUDA=0 skips the CUDA extension, LIME_BUILD_CUDA=1 requires it.
-LIME_CUDA_ARCHS="8.0;9.0" picks the GPU architectures (default: 8.0 and 9.0, A100 and H100).
+LIME_CUDA_ARCHS="8.0;9.0" (or TORCH_CUDA_ARCH_LIST) picks the GPU architectures (default: 8.0 and 9.0,
+A100 and H100); the newest also gets PTX, so newer GPUs JIT-compile it (csrc/kernels/cuda_archs.py).
 """
 
 import glob
@@ -73,8 +74,10 @@ ext_modules = [
 ]
 
 if want_cuda():
-    archs = os.environ.get("LIME_CUDA_ARCHS", "8.0;9.0").split(";")
-    gencode = [f"-gencode=arch=compute_{a.replace('.', '')},code=sm_{a.replace('.', '')}" for a in archs]
+    sys.path.insert(0, os.path.join(HERE, "csrc", "kernels"))
+    from cuda_archs import gencode_flags, requested_archs  # noqa: E402 - shared with check_cuda_compile.sh
+
+    gencode = gencode_flags(requested_archs())
     ext_modules.append(
         CUDAExtension(
             "megatron_lime._kernels_cuda",

@@ -1,15 +1,18 @@
-"""Time the fused RMSNorm (and optionally SiLU) against eager PyTorch, F.rms_norm and torch.compile.
+"""Time the fused RMSNorm (and optionally SiLU) against eager PyTorch, F.rms_norm, torch.compile and apex.
 
     python benchmarks/bench_kernels.py                        # [8192, 1536], fp32 and bf16, on CUDA if present
+    python benchmarks/bench_kernels.py --device cuda --ops rms_norm silu --json kernels.json
     python benchmarks/bench_kernels.py --device cpu --ops rms_norm silu
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_kernels.py --device cpu   # torch's huge-page allocations
 
 [8192, 1536] is one LIME-1B micro-batch (16 x 512 tokens, d_model 1536); SiLU runs on the MLP's
 [8192, 6144]. For each dtype it prints, per implementation, the median milliseconds of the
-forward and of forward+backward, the effective bandwidth (bytes the op must move / time:
-forward reads x and writes y; backward reads dy and x and writes dx), and each one's time
-relative to ours (x slower). All implementations run in the same process on the same inputs,
-timed round-robin so that load from other processes falls on all of them alike.
+forward, the backward and forward+backward, the effective bandwidth (bytes the op must move /
+time: forward reads x and writes y; backward reads dy and x and writes dx), and that bandwidth
+as a fraction of a device-to-device copy of x measured in the same run (the floor of any
+one-pass op on the same data, in or out of cache alike). All implementations run in the same
+process on the same inputs, timed round-robin so that load from other processes falls on all
+of them alike; on CUDA with events around back-to-back calls.
 
 On CPU a fresh 50 MB output is page-faulted in as it is first written, which costs about as much
 as the arithmetic; the "allocation" table times our kernels writing into fresh outputs and into
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from megatron_lime import kernels
+from megatron_lime.files import write_json
 from megatron_lime.kernels import _backend
 
 EPS = 1e-5
@@ -42,6 +46,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class Timing:
     name: str
     forward_ms: float
+    backward_ms: float
     forward_backward_ms: float
 
 
@@ -52,13 +57,29 @@ def synchronize(device: torch.device) -> None:
 
 def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
                           iterations: int) -> dict[str, float]:
-    """Median wall time in ms of each fn, timed round-robin (one call of each per round), so load
-    from other processes on a shared machine falls on every implementation alike."""
+    """Median time in ms of one call of each fn, timed round-robin so that load from other
+    processes on a shared machine falls on every implementation alike.
+
+    CPU: wall time of each call. CUDA: CUDA events around `iterations` back-to-back calls (a
+    host clock and a sync per call would add the launch latency to kernels that take
+    microseconds), in 5 rounds; the median of the rounds' per-call times.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    if device.type == "cuda":
+        for _ in range(5):
+            for name, fn in fns.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iterations):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / iterations)
+        return {name: statistics.median(times) for name, times in samples.items()}
     for _ in range(iterations):
         for name, fn in fns.items():
             start = time.perf_counter()
@@ -68,37 +89,51 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.de
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def forward_and_backward_calls(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
-                               grad_out: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Forward alone (no autograd) and forward+backward (gradients of every input) of fn(*inputs)."""
+def phase_calls(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
+                grad_out: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+    """Forward alone (no autograd), backward alone (of one retained graph) and forward+backward
+    (gradients of every input) of fn(*inputs)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     detached = [t.detach() for t in inputs]
+    retained = fn(*leaves)
 
     def forward() -> None:
         with torch.no_grad():
             fn(*detached)
 
-    def forward_backward() -> None:
+    def backward() -> None:
         for leaf in leaves:
             leaf.grad = None  # a fresh gradient each time, as in training (no accumulation pass)
+        retained.backward(grad_out, retain_graph=True)
+
+    def forward_backward() -> None:
+        for leaf in leaves:
+            leaf.grad = None
         fn(*leaves).backward(grad_out)
 
-    return forward, forward_backward
+    return forward, backward, forward_backward
 
 
 def time_implementations(impls: dict[str, Callable[..., torch.Tensor]], inputs: list[torch.Tensor],
                          grad_out: torch.Tensor, device: torch.device, warmup: int, iterations: int) -> list[Timing]:
-    calls = {name: forward_and_backward_calls(fn, inputs, grad_out) for name, fn in impls.items()}
-    for name, (forward, forward_backward) in calls.items():
+    calls = {}
+    for name, fn in impls.items():
         start = time.perf_counter()
-        forward()
-        forward_backward()
+        calls[name] = phase_calls(fn, inputs, grad_out)
+        for call in calls[name]:
+            call()
         if "compile" in name:
             tqdm.write(f"  ({name}: first calls, compilation included, took {time.perf_counter() - start:.0f} s)",
                        file=sys.stderr)
-    forward_ms = interleaved_median_ms({name: c[0] for name, c in calls.items()}, device, warmup, iterations)
-    forward_backward_ms = interleaved_median_ms({name: c[1] for name, c in calls.items()}, device, warmup, iterations)
-    return [Timing(name, forward_ms[name], forward_backward_ms[name]) for name in impls]
+    phases = [interleaved_median_ms({name: c[i] for name, c in calls.items()}, device, warmup, iterations)
+              for i in range(3)]
+    return [Timing(name, phases[0][name], phases[1][name], phases[2][name]) for name in impls]
+
+
+def copy_ms(like: torch.Tensor, device: torch.device, warmup: int, iterations: int) -> float:
+    """One device-to-device copy of a tensor like `like` (read + write: the floor of a one-pass op)."""
+    source, destination = torch.randn_like(like), torch.empty_like(like)
+    return interleaved_median_ms({"copy": lambda: destination.copy_(source)}, device, warmup, iterations)["copy"]
 
 
 def implementations(op: str, device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
@@ -130,18 +165,34 @@ def make_inputs(op: str, rows: int, hidden: int, dtype: torch.dtype, device: tor
     return [x]
 
 
-def print_table(op: str, dtype_name: str, shape: tuple[int, int], itemsize: int, timings: list[Timing]) -> None:
-    numel = shape[0] * shape[1]
-    forward_bytes = 2 * numel * itemsize  # read x, write y
-    forward_backward_bytes = 5 * numel * itemsize  # + read dy, read x, write dx
-    ours = timings[0]
-    print(f"\n{op} {list(shape)} {dtype_name}")
-    print(f"{'implementation':<30} {'fwd ms':>9} {'GB/s':>7} {'x ours':>7} {'fwd+bwd ms':>11} {'GB/s':>7} {'x ours':>7}")
+# Bytes each phase must move, in tensors of x's size: forward reads x and writes y; backward
+# reads dy and x and writes dx (the weight and rstd are a row each); forward+backward both.
+PHASE_TENSORS = {"forward": 2, "backward": 3, "forward+backward": 5}
+
+
+def table_rows(timings: list[Timing], numel: int, itemsize: int, copy: float) -> list[dict[str, float | str]]:
+    """Per implementation and phase: ms, GB/s and the fraction of a copy's bandwidth."""
+    copy_gbps = 2 * numel * itemsize / copy / 1e6
+    rows = []
     for t in timings:
-        print(f"{t.name:<30} {t.forward_ms:9.2f} {forward_bytes / t.forward_ms / 1e6:7.1f} "
-              f"{t.forward_ms / ours.forward_ms:7.2f} {t.forward_backward_ms:11.2f} "
-              f"{forward_backward_bytes / t.forward_backward_ms / 1e6:7.1f} "
-              f"{t.forward_backward_ms / ours.forward_backward_ms:7.2f}")
+        row: dict[str, float | str] = {"implementation": t.name}
+        for phase, ms in zip(PHASE_TENSORS, (t.forward_ms, t.backward_ms, t.forward_backward_ms)):
+            gbps = PHASE_TENSORS[phase] * numel * itemsize / ms / 1e6
+            row.update({f"{phase} ms": ms, f"{phase} GB/s": gbps, f"{phase} of copy": gbps / copy_gbps})
+        rows.append(row)
+    return rows
+
+
+def print_table(op: str, dtype_name: str, shape: tuple[int, int], rows: list[dict], copy: float,
+                copy_gbps: float) -> None:
+    print(f"\n{op} {list(shape)} {dtype_name}: a copy of x moves {copy_gbps:.0f} GB/s ({copy * 1e3:.1f} us); "
+          f"each phase as ms, GB/s and fraction of that copy")
+    header = "".join(f" {phase + ' ms':>17} {'GB/s':>7} {'copy':>5}" for phase in PHASE_TENSORS)
+    print(f"{'implementation':<28}{header}")
+    for row in rows:
+        cells = "".join(f" {row[f'{phase} ms']:17.3f} {row[f'{phase} GB/s']:7.0f} {row[f'{phase} of copy']:5.2f}"
+                        for phase in PHASE_TENSORS)
+        print(f"{row['implementation']:<28}{cells}")
 
 
 def allocation_table(op: str, inputs: list[torch.Tensor], dtype_name: str, warmup: int, iterations: int) -> None:
@@ -187,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=1536, help="RMSNorm width (SiLU uses 4x: the MLP)")
     parser.add_argument("--iterations", type=int, default=None, help="timed calls (default: 20 CPU, 100 CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -197,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}; torch {torch.__version__}; kernels: {kernels.backend(device)}; "
           f"median of {iterations} calls after {args.warmup} warm-up")
 
+    results = {"device": name, "torch": torch.__version__, "kernels": kernels.backend(device),
+               "rows": args.rows, "hidden": args.hidden, "tables": {}}
     jobs = [(op, dtype_name) for op in args.ops for dtype_name in args.dtypes]
     for op, dtype_name in tqdm(jobs, desc="benchmarks", file=sys.stderr):
         dtype = DTYPES[dtype_name]
@@ -205,7 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         grad_out = torch.randn_like(inputs[0])
         timings = time_implementations(implementations(op, device), inputs, grad_out, device, args.warmup,
                                        iterations)
-        print_table(op, dtype_name, (args.rows, hidden), inputs[0].element_size(), timings)
+        numel, itemsize = args.rows * hidden, inputs[0].element_size()
+        copy = copy_ms(inputs[0], device, args.warmup, iterations)
+        rows = table_rows(timings, numel, itemsize, copy)
+        copy_gbps = 2 * numel * itemsize / copy / 1e6
+        print_table(op, dtype_name, (args.rows, hidden), rows, copy, copy_gbps)
+        results["tables"][f"{op} {dtype_name}"] = {"shape": [args.rows, hidden], "copy_ms": copy,
+                                                   "copy_GB/s": copy_gbps, "implementations": rows}
+        if args.json:
+            write_json(args.json, results)
         if device.type == "cpu":
             allocation_table(op, inputs, dtype_name, args.warmup, iterations)
         torch._dynamo.reset()

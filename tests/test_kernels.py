@@ -160,10 +160,77 @@ def test_custom_ops_pass_opcheck():
     weight = torch.randn(20)
     torch.library.opcheck(torch.ops.lime.rms_norm_fwd.default, (x, weight, EPS))
     y, rstd = torch.ops.lime.rms_norm_fwd(x, weight, EPS)
-    torch.library.opcheck(torch.ops.lime.rms_norm_bwd.default, (torch.randn_like(x), x, weight, rstd))
+    for weight_grad in (True, False):
+        torch.library.opcheck(torch.ops.lime.rms_norm_bwd.default, (torch.randn_like(x), x, weight, rstd, weight_grad))
     torch.library.opcheck(torch.ops.lime.silu_fwd.default, (x,))
     torch.library.opcheck(torch.ops.lime.silu_bwd.default, (torch.randn_like(x), x))
     assert rstd.shape == (4, 3) and rstd.dtype == torch.float32
+
+
+def check_frozen_weight_skips_weight_gradient(device: str, monkeypatch) -> None:
+    """A weight that needs no gradient: the backward asks the kernel for dx only, and dx is unchanged."""
+    x, weight, grad_out = make_rms_inputs((37, 96), torch.float32, device)
+    asked = []
+    extension_for = _backend.extension_for
+
+    class Recording:
+        def __init__(self, module):
+            self.module = module
+
+        def rms_norm_bwd(self, dy, x, weight, rstd, weight_grad):
+            asked.append(weight_grad)
+            return self.module.rms_norm_bwd(dy, x, weight, rstd, weight_grad)
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+    monkeypatch.setattr(_backend, "extension_for", lambda device: Recording(extension_for(device)))
+    trained = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+    x_leaf = x.detach().clone().requires_grad_(True)
+    frozen = weight.detach().clone()  # requires_grad False
+    RMSNormFunction.apply(x_leaf, frozen, EPS).backward(grad_out)
+    assert asked == [True, False]
+    assert frozen.grad is None
+    torch.testing.assert_close(x_leaf.grad, trained[1], rtol=0, atol=0)
+    _, rstd = torch.ops.lime.rms_norm_fwd(x, weight, EPS)
+    dx, dweight = torch.ops.lime.rms_norm_bwd(grad_out, x, weight, rstd, False)
+    assert dweight.shape == (0,) and dweight.dtype == weight.dtype
+    torch.testing.assert_close(dx, trained[1], rtol=0, atol=0)
+
+
+def test_frozen_weight_skips_the_weight_gradient_cpu(monkeypatch):
+    check_frozen_weight_skips_weight_gradient("cpu", monkeypatch)
+
+
+def test_cuda_extension_that_cannot_launch_falls_back(monkeypatch, caplog):
+    """An extension built without code for this GPU imports, but its first launch fails: auto mode
+    falls back with a warning that names the error, LIME_KERNELS=fused raises it."""
+    original_load = _backend._load
+    fake_cuda_extension = object()
+
+    def load(name):
+        if name == "megatron_lime._kernels_cuda":
+            return _backend.LoadResult(fake_cuda_extension, None)
+        return original_load(name)
+
+    def probe(module):
+        assert module is fake_cuda_extension
+        return RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA B200 (simulated)")
+    monkeypatch.setattr(_backend, "_load", load)
+    monkeypatch.setattr(_backend, "_load_apex_rms_norm", lambda: _backend.LoadResult(None, ImportError("no apex")))
+    monkeypatch.setattr(_backend, "_probe_cuda_launch", probe)
+    with caplog.at_level("WARNING", logger="megatron_lime.kernels"):
+        selection = _backend.select("auto")
+    assert selection.cuda == "reference" and selection.cuda_extension is None
+    assert selection.cpu == "fused-cpu"
+    assert "no kernel image is available" in caplog.text and "NVIDIA B200" in caplog.text
+    with pytest.raises(_backend.KernelsUnavailableError, match="no kernel image is available"):
+        _backend.select("fused")
+    monkeypatch.setattr(_backend, "_probe_cuda_launch", lambda module: None)  # a launch that works
+    assert _backend.select("auto").cuda == "fused-cuda"
 
 
 def test_rms_norm_saves_only_rstd_besides_inputs():
@@ -295,18 +362,131 @@ def test_cuda_extension_is_chosen_and_cpu_tensors_stay_on_cpu_kernels():
     assert kernels.backend("cpu") == "fused-cpu"
 
 
+# On CUDA also: lime-1b's rows; rows as wide as the widest the fused weight gradient keeps in
+# shared memory (3072 bf16: 4 warps per block) and wider (4096 fp32: the separate pass); more
+# rows than the backward grid has warps (each warp then sums several rows).
+CUDA_RMS_NORM_SHAPES = RMS_NORM_SHAPES + [(8192, 1536), (33, 3072), (64, 4096), (20000, 64)]
+
+
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", RMS_NORM_SHAPES + [(8192, 1536)], ids=str)
+@pytest.mark.parametrize("shape", CUDA_RMS_NORM_SHAPES, ids=str)
 def test_rms_norm_matches_reference_cuda(shape, dtype):
     check_rms_norm(shape, dtype, "cuda")
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SILU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SILU_SHAPES + [(8192, 6144)], ids=str)
 def test_silu_matches_reference_cuda(shape, dtype):
     check_silu(shape, dtype, "cuda")
+
+
+MIXED_WEIGHT_DTYPES = pytest.mark.parametrize(
+    "x_dtype, weight_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                              (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                              (torch.bfloat16, torch.bfloat16)], ids=str)
+
+
+def check_mixed_weight_dtypes(device: str, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
+    """The weight read in its own dtype (fp32 master weights) or converted (any other pairing):
+    output and gradients against the reference, which computes in fp32 and rounds once (a
+    weight read as the wrong type would be off by far more than a rounding step)."""
+    for shape in ((65, 1536) if device == "cuda" else (33, 256), (5, 123)):  # packs, then the scalar path
+        x, weight, grad_out = make_rms_inputs(shape, x_dtype, device, weight_dtype)
+        ours = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+        reference = outputs_and_grads(lambda a, w: kernels.rms_norm_ref(a, w, EPS), [x, weight], grad_out)
+        assert [t.dtype for t in ours] == [x_dtype, x_dtype, weight_dtype]
+        for o, r in zip(ours, reference):
+            torch.testing.assert_close(o, r, rtol=2e-2, atol=2e-2)
+
+
+@MIXED_WEIGHT_DTYPES
+def test_rms_norm_mixed_weight_dtypes_cpu(x_dtype, weight_dtype):
+    check_mixed_weight_dtypes("cpu", x_dtype, weight_dtype)
+
+
+@cuda_only
+@MIXED_WEIGHT_DTYPES
+def test_rms_norm_mixed_weight_dtypes_cuda(x_dtype, weight_dtype):
+    check_mixed_weight_dtypes("cuda", x_dtype, weight_dtype)
+
+
+@cuda_only
+def test_frozen_weight_skips_the_weight_gradient_cuda(monkeypatch):
+    check_frozen_weight_skips_weight_gradient("cuda", monkeypatch)
+
+
+@cuda_only
+def test_custom_ops_pass_opcheck_cuda():
+    x = torch.randn(4, 3, 24, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(24, device="cuda")
+    torch.library.opcheck(torch.ops.lime.rms_norm_fwd.default, (x, weight, EPS))
+    y, rstd = torch.ops.lime.rms_norm_fwd(x, weight, EPS)
+    for weight_grad in (True, False):
+        torch.library.opcheck(torch.ops.lime.rms_norm_bwd.default, (torch.randn_like(x), x, weight, rstd, weight_grad))
+    torch.library.opcheck(torch.ops.lime.silu_fwd.default, (x,))
+    torch.library.opcheck(torch.ops.lime.silu_bwd.default, (torch.randn_like(x), x))
+
+
+@cuda_only
+def test_cuda_ops_under_torch_compile_match_eager():
+    """Inductor (the default backend, real code generation) around the custom ops, fwd and bwd."""
+    torch._dynamo.reset()
+
+    def layer(x, weight):
+        return kernels.silu(kernels.rms_norm(x, weight, EPS) * 2.0) + x
+
+    x, weight, grad_out = make_rms_inputs((4, 64, 1536), torch.bfloat16, "cuda", torch.float32)
+    expected = outputs_and_grads(layer, [x, weight], grad_out)
+    got = outputs_and_grads(torch.compile(layer, fullgraph=True), [x, weight], grad_out)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2)
+    torch._dynamo.reset()
+
+
+@cuda_only
+@pytest.mark.parametrize("offset", [1, 8], ids=["unaligned", "aligned"])
+def test_tensors_with_a_storage_offset_cuda(offset):
+    """Views into a larger buffer: an offset of 1 element breaks 16-byte alignment (scalar path)."""
+    rows, n = 33, 1536
+    for dtype in (torch.float32, torch.bfloat16):
+        storage = torch.randn(rows * n + offset, device="cuda").to(dtype)
+        x = storage[offset:].view(rows, n)
+        assert x.storage_offset() == offset and x.is_contiguous()
+        weight_storage = torch.randn(n + offset, device="cuda")
+        weight = weight_storage[offset:]
+        grad_out = torch.randn(rows, n, device="cuda").to(dtype)
+        ours = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+        reference = outputs_and_grads(lambda a, w: kernels.rms_norm_ref(a, w, EPS), [x, weight], grad_out)
+        tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+        for o, r in zip(ours, reference):
+            torch.testing.assert_close(o, r, **tolerance)
+        torch.testing.assert_close(SiLUFunction.apply(x), kernels.silu_ref(x))
+
+
+@cuda_only
+def test_kernels_run_on_a_side_stream_and_a_second_device_cuda():
+    """The kernels launch on the current stream (not the default one) and on the tensor's own GPU."""
+    x, weight, grad_out = make_rms_inputs((256, 1536), torch.bfloat16, "cuda", torch.float32)
+    expected = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+        silu_side = SiLUFunction.apply(x)
+    torch.cuda.current_stream().wait_stream(side)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    torch.testing.assert_close(silu_side, SiLUFunction.apply(x), rtol=0, atol=0)
+    if torch.cuda.device_count() < 2:
+        return  # one GPU: the second-device half needs two
+    other = torch.device("cuda", 1)
+    got = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x.to(other), weight.to(other)],
+                            grad_out.to(other))
+    assert all(t.device == other for t in got)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.cpu(), e.cpu(), rtol=0, atol=0)
 
 
 @cuda_only

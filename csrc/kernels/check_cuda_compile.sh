@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Compile every CUDA source under csrc/ for sm_80 (A100) and sm_90 (H100) into /tmp objects.
+# Compile every CUDA source under csrc/ for sm_80 (A100) and sm_90 (H100) machine code plus
+# compute_90 PTX (which the driver JIT-compiles on newer GPUs: B200, RTX 50xx) into /tmp objects,
+# with the flags setup.py gives nvcc (csrc/kernels/cuda_archs.py; LIME_CUDA_ARCHS picks others), and prints the
+# compiler's register / shared-memory / spill report for each kernel with LIME_PTXAS_VERBOSE=1.
 # Runs where torch is a CPU build too (its wheel ships the ATen/cuda and c10/cuda headers), so
 # CI without a GPU still proves the kernels compile. Exits non-zero on the first failure.
 #
@@ -21,8 +24,9 @@ for dir in "${INCLUDES[@]}"; do INCLUDE_FLAGS+=(-I"$dir"); done
 # The flags torch's BuildExtension gives nvcc, plus ours from setup.py. A CPU wheel of torch
 # lacks the generated c10/cuda/impl/cuda_cmake_macros.h (only export macros for Windows DLLs),
 # hence C10_CUDA_NO_CMAKE_CONFIGURE_FILE; a CUDA build of torch has it and needs no define.
-NVCC_FLAGS=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -c -std=c++17 -O3 --use_fast_math
-  -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
+mapfile -t GENCODE < <(cd "$REPO/csrc/kernels" && python -c "from cuda_archs import gencode_flags, requested_archs; print('\n'.join(gencode_flags(requested_archs())))")
+if [ "${#GENCODE[@]}" -eq 0 ]; then echo "check_cuda_compile: csrc/kernels/cuda_archs.py gave no -gencode flags" >&2; exit 2; fi
+NVCC_FLAGS=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -c -std=c++17 -O3 --use_fast_math "${GENCODE[@]}"
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
   -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -Xcompiler -fPIC
   -DTORCH_EXTENSION_NAME=_kernels_cuda -DTORCH_API_INCLUDE_EXTENSION_H)
@@ -33,8 +37,8 @@ if [ "${#SOURCES[@]}" -eq 0 ]; then echo "check_cuda_compile: no .cu files under
 failed=0
 for src in "${SOURCES[@]}"; do
   obj="$OUT_DIR/$(echo "$src" | tr '/' '_').o"
-  echo "nvcc sm_80,sm_90: $src"
-  if ! "$NVCC" "${NVCC_FLAGS[@]}" "${INCLUDE_FLAGS[@]}" "$REPO/$src" -o "$obj"; then
+  echo "nvcc ${GENCODE[*]}: $src"
+  if ! "$NVCC" "${NVCC_FLAGS[@]}" ${LIME_PTXAS_VERBOSE:+-Xptxas -v} "${INCLUDE_FLAGS[@]}" "$REPO/$src" -o "$obj"; then
     echo "check_cuda_compile: FAILED to compile $src" >&2
     failed=1
   fi
@@ -50,4 +54,4 @@ for src in $(cd "$REPO" && find csrc/kernels/cuda -name '*.cpp' | sort); do
   fi
 done
 if [ "$failed" -ne 0 ]; then exit 1; fi
-echo "check_cuda_compile: all CUDA sources compile for sm_80 and sm_90"
+echo "check_cuda_compile: all CUDA sources compile (sm_80, sm_90 machine code; compute_90 PTX)"

@@ -15,8 +15,8 @@ import torch
 
 from megatron_lime.kernels import _backend
 from megatron_lime.kernels._backend import KernelsUnavailableError
-from megatron_lime.kernels.rms_norm import FusedRMSNorm, RMSNormFunction, rms_norm, rms_norm_ref
-from megatron_lime.kernels.silu import FusedSiLU, SiLUFunction, silu, silu_ref
+from megatron_lime.kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_ref
+from megatron_lime.kernels.silu import SiLUFunction, silu, silu_ref
 
 
 def backend(device: torch.device | str | None = None) -> str:
@@ -30,6 +30,6 @@ def backend(device: torch.device | str | None = None) -> str:
 
 
 __all__ = [
-    "FusedRMSNorm", "FusedSiLU", "KernelsUnavailableError", "RMSNormFunction", "SiLUFunction", "backend",
+    "KernelsUnavailableError", "RMSNormFunction", "SiLUFunction", "backend",
     "rms_norm", "rms_norm_ref", "silu", "silu_ref",
 ]

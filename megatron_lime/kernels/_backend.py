@@ -14,6 +14,12 @@ overrides the choice:
     LIME_KERNELS=apex       apex's FusedRMSNorm on CUDA (required), our CPU extension on CPU
 
 A CPU tensor always takes the CPU path, even on a machine with a GPU.
+
+An extension that imports may still have no machine code for this GPU (built for sm_80/sm_90,
+run on a newer one without usable PTX): the first launch would fail with "no kernel image is
+available". So choosing the CUDA extension includes one tiny launch of each op on this
+process's GPU (LOCAL_RANK's under a launcher, so no rank creates a context on another GPU);
+when it fails, auto mode warns and falls back to the next backend, LIME_KERNELS=fused raises.
 """
 
 from __future__ import annotations
@@ -66,6 +72,22 @@ def _load_apex_rms_norm() -> LoadResult:
         return LoadResult(None, error)
 
 
+def _probe_cuda_launch(module: ModuleType) -> BaseException | None:
+    """Launch each CUDA op once on a tiny tensor of this process's GPU; the error, or None when they ran."""
+    try:
+        local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+        index = local_rank if 0 <= local_rank < torch.cuda.device_count() else torch.cuda.current_device()
+        x = torch.linspace(-2.0, 2.0, 16, device=torch.device("cuda", index)).view(2, 8)  # no RNG state used
+        weight = torch.ones(8, device=x.device)
+        y, rstd = module.rms_norm_fwd(x, weight, 1e-5)
+        module.rms_norm_bwd(x, x, weight, rstd, True)
+        module.silu_bwd(x, module.silu_fwd(x))
+        torch.cuda.synchronize(x.device)
+        return None
+    except Exception as error:  # "no kernel image is available for execution on the device", ...
+        return error
+
+
 BUILD_HINT = ("build it with: cd <repo> && python setup.py build_ext --inplace "
               "(or pip install --no-build-isolation -e .)")
 
@@ -100,6 +122,14 @@ def select(mode: str | None = None) -> Selection:
 
     cpu_ext = _load("megatron_lime._kernels_cpu")
     cuda_ext = _load("megatron_lime._kernels_cuda") if cuda_present else LoadResult(None, None)
+    if cuda_ext.module is not None and mode in ("auto", "fused"):
+        launch_error = _probe_cuda_launch(cuda_ext.module)
+        if launch_error is not None:
+            name = torch.cuda.get_device_name()
+            cuda_ext = LoadResult(None, RuntimeError(
+                f"megatron_lime._kernels_cuda imported but its kernels do not run on this GPU ({name}): "
+                f"{type(launch_error).__name__}: {launch_error}; rebuild it for this GPU's architecture "
+                f"(LIME_CUDA_ARCHS, see setup.py)"))
     apex = _load_apex_rms_norm() if cuda_present and mode in ("auto", "apex") else LoadResult(None, None)
 
     if mode in ("fused", "apex") and cpu_ext.module is None:
@@ -108,7 +138,7 @@ def select(mode: str | None = None) -> Selection:
             f"({cpu_ext.describe()}); {BUILD_HINT}") from cpu_ext.error
     if mode == "fused" and cuda_present and cuda_ext.module is None:
         raise KernelsUnavailableError(
-            f"LIME_KERNELS=fused asks for the fused CUDA kernels, but megatron_lime._kernels_cuda did not import "
+            f"LIME_KERNELS=fused asks for the fused CUDA kernels, but megatron_lime._kernels_cuda is not usable "
             f"({cuda_ext.describe()}); build with LIME_BUILD_CUDA=1 against a CUDA build of torch") from cuda_ext.error
     if mode == "apex" and cuda_present and apex.module is None:
         raise KernelsUnavailableError(

@@ -5,14 +5,13 @@ Layers, from the metal up:
     lime::rms_norm_fwd / _bwd   torch custom ops with fake implementations (torch.compile traces them)
     RMSNormFunction             autograd.Function: saves x, weight and rstd (one fp32 per row)
     rms_norm                    the public function: picks fused / apex / reference per device
-    FusedRMSNorm                an nn.Module around it
+                                (the model's RMSNorm module calls it)
     rms_norm_ref                the pure-PyTorch reference the kernels are tested against
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from megatron_lime.kernels import _backend
 
@@ -47,17 +46,20 @@ def _rms_norm_fwd_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tup
 
 
 @torch.library.custom_op("lime::rms_norm_bwd", mutates_args=(), device_types=("cpu", "cuda"))
-def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dy, x (..., n), weight (n,), rstd (...) -> dx (..., n) in x's dtype, dweight (n,) in weight's dtype."""
-    return tuple(_backend.extension_for(x.device).rms_norm_bwd(dy, x, weight, rstd))
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy, x (..., n), weight (n,), rstd (...) -> dx (..., n) in x's dtype, dweight (n,) in weight's dtype.
+
+    With weight_grad False no weight gradient is computed and dweight is an empty (0,) tensor.
+    """
+    return tuple(_backend.extension_for(x.device).rms_norm_bwd(dy, x, weight, rstd, weight_grad))
 
 
 @rms_norm_bwd.register_fake
-def _rms_norm_bwd_fake(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format))
+def _rms_norm_bwd_fake(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                       weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dweight
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -71,10 +73,11 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         x, weight, rstd = ctx.saved_tensors
-        dx, dweight = torch.ops.lime.rms_norm_bwd(dy.contiguous(), x, weight, rstd)
-        return dx, dweight, None
+        weight_grad = ctx.needs_input_grad[1]  # a frozen weight: skip the reduction over rows
+        dx, dweight = torch.ops.lime.rms_norm_bwd(dy.contiguous(), x, weight, rstd, weight_grad)
+        return dx, dweight if weight_grad else None, None
 
 
 def _apex_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,14 +107,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return _apex_rms_norm(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps)
 
-
-class FusedRMSNorm(nn.Module):
-    """RMSNorm over the last dimension with a learned gain (initialised to ones)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., hidden_size) -> (..., hidden_size)
-        return rms_norm(x, self.weight, self.eps)

@@ -4,15 +4,13 @@ Layers, from the metal up:
     csrc/kernels/{cpu,cuda}     the kernels (pybind11 modules _kernels_cpu, _kernels_cuda)
     lime::silu_fwd / _bwd       torch custom ops with fake implementations (torch.compile traces them)
     SiLUFunction                autograd.Function: saves x; backward is one fused pass
-    silu                        the public function: picks fused / reference per device
-    FusedSiLU                   an nn.Module around it
+    silu                        the public function: picks fused / reference per device (the model's MLP calls it)
     silu_ref                    the pure-PyTorch reference the kernels are tested against
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from megatron_lime.kernels import _backend
 
@@ -70,7 +68,3 @@ def silu(x: torch.Tensor) -> torch.Tensor:
         return SiLUFunction.apply(x)
     return silu_ref(x)
 
-
-class FusedSiLU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # any shape -> same shape
-        return silu(x)

@@ -13,8 +13,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"));
   m.def("rms_norm_fwd_out", &lime::cpu::rms_norm_fwd_out, "rms_norm_fwd into preallocated y and rstd",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"), pybind11::arg("y"), pybind11::arg("rstd"));
-  m.def("rms_norm_bwd", &lime::cpu::rms_norm_bwd, "dy, x (..., n), weight (n,), rstd (...) -> (dx, dw)",
-        pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("rstd"));
+  m.def("rms_norm_bwd", &lime::cpu::rms_norm_bwd,
+        "dy, x (..., n), weight (n,), rstd (...), weight_grad -> (dx, dw); dw is empty (0,) without weight_grad",
+        pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("rstd"),
+        pybind11::arg("weight_grad") = true);
   m.def("rms_norm_bwd_out", &lime::cpu::rms_norm_bwd_out, "rms_norm_bwd into preallocated dx and dw",
         pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("rstd"), pybind11::arg("dx"),
         pybind11::arg("dw"));

@@ -7,7 +7,8 @@
 //             dw = sum over rows of dy * x * r
 //           one pass for the dot product, a second writes dx and adds dy * x * r into an
 //           fp32 row per block of 32 rows, which goes into the thread's own fp64 weight-gradient
-//           row; the per-thread rows are summed at the end.
+//           row; the per-thread rows are summed at the end. Without weight_grad (the weight
+//           needs no gradient) the second pass only writes dx.
 // Rows are split over OpenMP threads; 8 fp32 lanes (AVX2) with a scalar tail for any n.
 #include "../checks.h"
 #include "parallel.h"
@@ -66,11 +67,12 @@ void rms_norm_fwd_rows(const T* x, const A* w, T* y, A* rstd, int64_t begin, int
   }
 }
 
-// dx for rows [begin, end), and their dy * x * r summed into dw_block (n values, overwritten).
-template <typename T, typename A>
+// dx for rows [begin, end), and with WEIGHT_GRAD their dy * x * r summed into dw_block (n values,
+// overwritten).
+template <typename T, typename A, bool WEIGHT_GRAD>
 void rms_norm_bwd_rows(const T* dy, const T* x, const A* w, const A* rstd, T* dx, A* dw_block, int64_t begin,
                        int64_t end, int64_t n) {
-  std::fill(dw_block, dw_block + n, A(0));
+  if constexpr (WEIGHT_GRAD) std::fill(dw_block, dw_block + n, A(0));
   for (int64_t row = begin; row < end; ++row) {
     const T* dyr = dy + row * n;
     const T* xr = x + row * n;
@@ -103,14 +105,16 @@ void rms_norm_bwd_rows(const T* dy, const T* x, const A* w, const A* rstd, T* dx
         // dx = r * (w * dy) - c * x
         store8(dxr + j, _mm256_fmsub_ps(rv, _mm256_mul_ps(_mm256_loadu_ps(w + j), dyv), _mm256_mul_ps(cv, xv)));
         // dw += (dy * x) * r
-        _mm256_storeu_ps(dw_block + j, _mm256_fmadd_ps(_mm256_mul_ps(dyv, xv), rv, _mm256_loadu_ps(dw_block + j)));
+        if constexpr (WEIGHT_GRAD) {
+          _mm256_storeu_ps(dw_block + j, _mm256_fmadd_ps(_mm256_mul_ps(dyv, xv), rv, _mm256_loadu_ps(dw_block + j)));
+        }
       }
     }
 #endif
     for (; j < n; ++j) {
       const A dyv = static_cast<A>(dyr[j]), xv = static_cast<A>(xr[j]);
       dxr[j] = static_cast<T>(r * (w[j] * dyv) - c * xv);
-      dw_block[j] += dyv * xv * r;
+      if constexpr (WEIGHT_GRAD) dw_block[j] += dyv * xv * r;
     }
   }
 }
@@ -166,12 +170,21 @@ std::tuple<torch::Tensor, torch::Tensor> rms_norm_fwd(const torch::Tensor& x, co
   return {y, rstd};
 }
 
-void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
-                      const torch::Tensor& rstd, torch::Tensor& dx, torch::Tensor& dw) {
+namespace {
+
+// dx, and dw when it is given (defined): the weight gradient is skipped otherwise.
+void rms_norm_bwd_impl(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
+                       const torch::Tensor& rstd, torch::Tensor& dx, torch::Tensor* dw) {
   for (const auto& [t, name] : {std::pair{&dy, "dy"}, {&x, "x"}, {&weight, "weight"}, {&rstd, "rstd"},
-                                {&dx, "dx"}, {&dw, "dw"}}) {
+                                {&dx, "dx"}}) {
     check_device(*t, kBwd, name, c10::DeviceType::CPU);
     check_contiguous(*t, kBwd, name);
+  }
+  if (dw != nullptr) {
+    check_device(*dw, kBwd, "dw", c10::DeviceType::CPU);
+    check_contiguous(*dw, kBwd, "dw");
+    check_same_dtype(*dw, weight, kBwd, "dw", "weight");
+    check_same_shape(*dw, weight, kBwd, "dw", "weight");
   }
   check_floating(x, kBwd, "x");
   check_floating(weight, kBwd, "weight");
@@ -180,8 +193,6 @@ void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const tor
   check_same_shape(dy, x, kBwd, "dy", "x");
   check_same_dtype(dx, x, kBwd, "dx", "x");
   check_same_shape(dx, x, kBwd, "dx", "x");
-  check_same_dtype(dw, weight, kBwd, "dw", "weight");
-  check_same_shape(dw, weight, kBwd, "dw", "weight");
   check_rstd(rstd, x, kBwd);
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
@@ -190,7 +201,8 @@ void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const tor
   const torch::Tensor w = weight.to(acc).contiguous();
   // One weight-gradient row per thread: no atomics and no false sharing in the row loop. It is
   // fp64: it sums one fp32 block sum per 32 rows, and 8192 rows make 256 of them per row.
-  torch::Tensor dw_partial = torch::zeros({num_threads, n}, x.options().dtype(at::kDouble));
+  const bool weight_grad = dw != nullptr;
+  torch::Tensor dw_partial = torch::zeros({weight_grad ? num_threads : 0, n}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lime_rms_norm_bwd_cpu", [&] {
     using A = typename Acc<scalar_t>::type;
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
@@ -202,26 +214,39 @@ void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const tor
     parallel_slices(rows, num_threads, [&](int64_t begin, int64_t end, int thread) {
       // Rows are summed kGradBlockRows at a time into an fp32 scratch row (vectorised), which is
       // then added to the thread's fp64 row: no fp32 running sum is longer than a block.
-      std::vector<A> block(n);
-      double* thread_partial = partial + thread * n;
+      std::vector<A> block(weight_grad ? n : 0);
+      double* thread_partial = weight_grad ? partial + thread * n : nullptr;
       for (int64_t block_begin = begin; block_begin < end; block_begin += kGradBlockRows) {
         const int64_t block_end = std::min(end, block_begin + kGradBlockRows);
-        rms_norm_bwd_rows<scalar_t, A>(dyp, xp, wp, rp, dxp, block.data(), block_begin, block_end, n);
+        if (!weight_grad) {
+          rms_norm_bwd_rows<scalar_t, A, false>(dyp, xp, wp, rp, dxp, nullptr, block_begin, block_end, n);
+          continue;
+        }
+        rms_norm_bwd_rows<scalar_t, A, true>(dyp, xp, wp, rp, dxp, block.data(), block_begin, block_end, n);
         for (int64_t j = 0; j < n; ++j) thread_partial[j] += static_cast<double>(block[j]);
       }
     });
   });
   // Second stage: num_threads x n -> n in fp64, then cast once to the weight's dtype.
-  dw.copy_(dw_partial.sum(0));
+  if (weight_grad) dw->copy_(dw_partial.sum(0));
+}
+
+}  // namespace
+
+void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
+                      const torch::Tensor& rstd, torch::Tensor& dx, torch::Tensor& dw) {
+  rms_norm_bwd_impl(dy, x, weight, rstd, dx, &dw);
 }
 
 std::tuple<torch::Tensor, torch::Tensor> rms_norm_bwd(const torch::Tensor& dy, const torch::Tensor& x,
-                                                      const torch::Tensor& weight, const torch::Tensor& rstd) {
+                                                      const torch::Tensor& weight, const torch::Tensor& rstd,
+                                                      bool weight_grad) {
   check_device(x, kBwd, "x", c10::DeviceType::CPU);
   check_device(weight, kBwd, "weight", c10::DeviceType::CPU);
   torch::Tensor dx = torch::empty_like(x, at::MemoryFormat::Contiguous);
-  torch::Tensor dw = torch::empty_like(weight, at::MemoryFormat::Contiguous);
-  rms_norm_bwd_out(dy, x, weight, rstd, dx, dw);
+  // Without weight_grad, dw is an empty (0,) tensor: the caller asked for no weight gradient.
+  torch::Tensor dw = weight_grad ? torch::empty_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
+  rms_norm_bwd_impl(dy, x, weight, rstd, dx, weight_grad ? &dw : nullptr);
   return {dx, dw};
 }
 

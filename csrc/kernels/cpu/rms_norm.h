@@ -13,9 +13,11 @@ std::tuple<torch::Tensor, torch::Tensor> rms_norm_fwd(const torch::Tensor& x, co
 void rms_norm_fwd_out(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& y,
                       torch::Tensor& rstd);
 
-// dy, x (..., n), weight (n,), rstd (...) from the forward -> dx (..., n) in x's dtype, dw (n,) in weight's dtype.
+// dy, x (..., n), weight (n,), rstd (...) from the forward -> dx (..., n) in x's dtype, dw (n,) in weight's dtype
+// (an empty (0,) tensor when weight_grad is false: no weight gradient is computed).
 std::tuple<torch::Tensor, torch::Tensor> rms_norm_bwd(const torch::Tensor& dy, const torch::Tensor& x,
-                                                      const torch::Tensor& weight, const torch::Tensor& rstd);
+                                                      const torch::Tensor& weight, const torch::Tensor& rstd,
+                                                      bool weight_grad);
 void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
                       const torch::Tensor& rstd, torch::Tensor& dx, torch::Tensor& dw);
 

@@ -2,11 +2,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
+#include <mutex>
 
 namespace lime::cuda {
 
@@ -46,6 +49,31 @@ inline bool aligned_for_packs(std::initializer_list<const void*> pointers) {
   return true;
 }
 
+// True when `p` can be read as a Pack<T, N> (whose alignment is sizeof(T) * N).
+template <typename T, int N>
+bool aligned_for(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % alignof(Pack<T, N>) == 0;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// What the launch code needs to know about a GPU, read from the driver once per device and
+// cached (not a cudaDeviceGetAttribute per launch). ATen's own cache (ATen/cuda/CUDAContext.h)
+// would drag in the cuBLAS / cuSPARSE headers.
+struct DeviceInfo {
+  int multiprocessors = 0;
+};
+
+inline const DeviceInfo& device_info(const at::Device& device) {
+  constexpr int kMaxDevices = 64;
+  static std::array<DeviceInfo, kMaxDevices> cache;
+  static std::array<std::once_flag, kMaxDevices> filled;
+  const int index = device.index();
+  TORCH_CHECK(index >= 0 && index < kMaxDevices, "lime kernels: CUDA device index ", index, " out of range");
+  std::call_once(filled[index], [&] {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[index].multiprocessors, cudaDevAttrMultiProcessorCount, index));
+  });
+  return cache[index];
+}
 
 }  // namespace lime::cuda

@@ -9,9 +9,10 @@ namespace lime::cuda {
 
 // x (..., n) contiguous, weight (n,) -> y (..., n) in x's dtype, rstd (...) fp32 (fp64 for fp64 x).
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps);
-// dy, x (..., n), weight (n,), rstd (...) -> dx (..., n) in x's dtype, dw (n,) in weight's dtype.
+// dy, x (..., n), weight (n,), rstd (...) -> dx (..., n) in x's dtype, dw (n,) in weight's dtype
+// (an empty (0,) tensor when weight_grad is false: no weight gradient is computed).
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                                                const at::Tensor& rstd);
+                                                const at::Tensor& rstd, bool weight_grad);
 // x -> x * sigmoid(x); dy, x -> dy * s * (1 + x * (1 - s)).
 at::Tensor silu_fwd(const at::Tensor& x);
 at::Tensor silu_bwd(const at::Tensor& dy, const at::Tensor& x);

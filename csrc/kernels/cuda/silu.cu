@@ -53,11 +53,10 @@ __global__ void silu_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ 
   }
 }
 
-// Enough blocks to fill every SM several times over; the grid-stride loop does the rest.
-unsigned grid_for(int64_t work_items) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+// Enough blocks to fill every SM several times over; the grid-stride loop does the rest. The
+// SM count comes from ATen's per-device cache of the properties, not a driver call per launch.
+unsigned grid_for(int64_t work_items, const at::Device& device) {
+  const int64_t sms = device_info(device).multiprocessors;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work_items, kThreads), sms * 16)));
 }
 
@@ -77,9 +76,9 @@ at::Tensor silu_fwd(const at::Tensor& x) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     if (numel % P == 0 && aligned_for_packs({xp, yp})) {
-      silu_fwd_kernel<scalar_t, P><<<grid_for(numel / P), kThreads, 0, stream>>>(xp, yp, numel / P);
+      silu_fwd_kernel<scalar_t, P><<<grid_for(numel / P, x.device()), kThreads, 0, stream>>>(xp, yp, numel / P);
     } else {
-      silu_fwd_kernel<scalar_t, 1><<<grid_for(numel), kThreads, 0, stream>>>(xp, yp, numel);
+      silu_fwd_kernel<scalar_t, 1><<<grid_for(numel, x.device()), kThreads, 0, stream>>>(xp, yp, numel);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -107,9 +106,9 @@ at::Tensor silu_bwd(const at::Tensor& dy, const at::Tensor& x) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     if (numel % P == 0 && aligned_for_packs({dyp, xp, dxp})) {
-      silu_bwd_kernel<scalar_t, P><<<grid_for(numel / P), kThreads, 0, stream>>>(dyp, xp, dxp, numel / P);
+      silu_bwd_kernel<scalar_t, P><<<grid_for(numel / P, x.device()), kThreads, 0, stream>>>(dyp, xp, dxp, numel / P);
     } else {
-      silu_bwd_kernel<scalar_t, 1><<<grid_for(numel), kThreads, 0, stream>>>(dyp, xp, dxp, numel);
+      silu_bwd_kernel<scalar_t, 1><<<grid_for(numel, x.device()), kThreads, 0, stream>>>(dyp, xp, dxp, numel);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

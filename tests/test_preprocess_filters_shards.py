@@ -4,7 +4,8 @@ import json
 import os
 
 import pytest
-from helpers import load_tool, train_tiny_tokenizer, write_tiny_corpus
+from helpers import train_tiny_tokenizer, write_tiny_corpus
+from megatron_lime.data import merge
 
 from megatron_lime.data import preprocess as preprocessing
 from megatron_lime.data.indexed_dataset import IndexedDataset
@@ -160,7 +161,6 @@ def test_shards_merge_byte_identical_to_one_run(data, tmp_path, capsys):
     names = sorted(os.listdir(shard_dir))
     assert names[0] == "fw_shard00000-of-00003_text_document.bin" and len(names) == 6
     assert all(len(IndexedDataset(str(shard_dir / n[:-4]))) > 0 for n in names if n.endswith(".idx"))
-    merge = load_tool("merge_datasets")
     assert merge.main(["--input", str(shard_dir), "--output-prefix", str(tmp_path / "merged_text_document")]) == 0
     for ext in (".bin", ".idx"):
         single = (tmp_path / f"single_text_document{ext}").read_bytes()
@@ -188,7 +188,7 @@ def test_more_shards_than_files_gives_empty_shards_that_merge(data, tmp_path):
                           "--shard-index", str(index)) == 0
     sizes = [len(IndexedDataset(str(tmp_path / "shards" / f"s_shard{k:05d}-of-00003_text_document"))) for k in range(3)]
     assert sorted(sizes) == [0, 10, 10]
-    assert load_tool("merge_datasets").main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "m")]) == 0
+    assert merge.main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "m")]) == 0
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"m{ext}").read_bytes() == (tmp_path / f"single_text_document{ext}").read_bytes()
 
@@ -212,6 +212,6 @@ def test_sbatch_array_tasks_then_merge(data, tmp_path):
     for index in range(2):
         subprocess.run(["bash", os.path.join(repo, "examples/slurm/preprocess_fineweb_edu.sbatch"), "--workers", "1", "--quiet"],
                        env={**env, "SLURM_ARRAY_TASK_ID": str(index)}, cwd=tmp_path, check=True, capture_output=True)
-    assert load_tool("merge_datasets").main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "merged")]) == 0
+    assert merge.main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "merged")]) == 0
     kept = [r["text"] for r in records if r["language"] == "en" and r["int_score"] >= 3]
     assert read_all(str(tmp_path / "merged")) == expected_ids(tokenizer_dir, kept)

@@ -4,11 +4,22 @@
     lm = LimeLM(load="checkpoints/lime-1b")                      # also registers `--model lime` with lm-eval
     results = evaluate_tasks(lm, DEFAULT_TASKS, data_dir="eval_data")
 
-tools/evaluate.py is the command line; training's --eval-tasks runs the same code in process.
+tools/evaluate.py is the command line; training's --eval-tasks runs the same code in process
+(in_training.TaskEvaluator). Names are imported on first use, so training without --eval-tasks
+never needs lm-eval installed.
 """
 
-from megatron_lime.evaluation.lm import LimeLM, load_checkpoint_model
-from megatron_lime.evaluation.tasks import DEFAULT_TASKS, MissingDatasetError, evaluate_tasks, local_datasets
+from importlib import import_module
 
-__all__ = ["DEFAULT_TASKS", "LimeLM", "MissingDatasetError", "evaluate_tasks", "load_checkpoint_model",
-           "local_datasets"]
+_EXPORTS = {
+    "LimeLM": "megatron_lime.evaluation.lm", "load_checkpoint_model": "megatron_lime.evaluation.lm",
+    "DEFAULT_TASKS": "megatron_lime.evaluation.tasks", "MissingDatasetError": "megatron_lime.evaluation.tasks",
+    "evaluate_tasks": "megatron_lime.evaluation.tasks", "local_datasets": "megatron_lime.evaluation.tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -247,6 +247,7 @@ class LimeLM(TemplateLM):
         until = [until] if isinstance(until, str) else list(until)
         if eos_text not in until:
             until.append(eos_text)
+        until = [stop for stop in until if stop]  # an empty stop string (eos decoding to "") would stop at once
         max_new = int(settings.pop("max_gen_toks", self.max_gen_toks))
         if settings.get("do_sample") or float(settings.get("temperature", 0.0) or 0.0) > 0.0:
             raise ValueError(f"the lime model decodes greedily only; the task asks for {requests[group[0]].args[1]}")
@@ -269,8 +270,7 @@ class LimeLM(TemplateLM):
         for k, i in enumerate(group):
             text = self.tok_decode(generated[k])
             for stop in until:  # the text before the first stop string, as HFLM returns it
-                if stop:
-                    text = text.split(stop)[0]
+                text = text.split(stop)[0]
             results[i] = text
 
 

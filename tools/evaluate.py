@@ -7,9 +7,9 @@
 
 --load takes a DeepSpeed save dir (any data-parallel size), a consolidated directory or an exported
 Hugging Face folder. Offline: --data-dir DIR reads each task's dataset from DIR/<hub dataset id>/, as
-`huggingface-cli download --repo-type dataset ID --local-dir DIR/ID` writes it. The same as
-`lm_eval --model lime --model_args load=PATH --tasks ...` (this package registers `lime`), plus the
-checkpoint's iteration and tokens in the results, the chart, and the offline data directory.
+`huggingface-cli download --repo-type dataset ID --local-dir DIR/ID` writes it. It runs lm-eval's
+own evaluator on megatron_lime.evaluation.LimeLM (registered with lm-eval as `lime`), and adds the
+checkpoint's iteration and tokens to the results, the chart, and the offline data directory.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     try:
         from megatron_lime.evaluation import LimeLM, MissingDatasetError, evaluate_tasks
+        from megatron_lime.evaluation.tasks import check_tasks
     except ImportError as err:
         print(f"error: {err}: evaluation needs lm-eval: pip install -e \".[eval]\"", file=sys.stderr)
         return 2
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     try:
+        check_tasks(tasks, args.include_path)
         lm = LimeLM(load=args.load, tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
                     dtype=args.dtype, tag=args.tag)
         print(f"> {lm.metadata.get('source', args.load)}: {lm.model.config.name}, "
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
         **report,
     }
-    write_json(args.output, results)
+    write_json(args.output, results, sort_keys=False)  # tasks in the order asked for
     from megatron_lime.evaluation.report import results_table
 
     print(results_table({os.path.basename(os.path.normpath(args.load)): results}))

@@ -1,4 +1,4 @@
-"""LIME as an lm-evaluation-harness model: `lm_eval --model lime --model_args load=PATH`.
+"""LIME as an lm-evaluation-harness model: `simple_evaluate(model="lime", model_args="load=PATH")` after importing this module.
 
 LimeLM scores with our own LimeModel forward, in process, from any checkpoint layout the
 conversion reader knows (a DeepSpeed save dir of any data-parallel size, a consolidated
@@ -32,6 +32,9 @@ from tqdm import tqdm
 from megatron_lime.model import LimeModel
 
 DEFAULT_MAX_GEN_TOKS = 256
+# Generation settings a task may give, and the values that still mean plain greedy decoding.
+GREEDY_SETTINGS = {"do_sample": (False, None), "temperature": (0, 0.0, None), "num_beams": (1, None),
+                   "repetition_penalty": (1, 1.0, None), "no_repeat_ngram_size": (0, None)}
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -249,8 +252,10 @@ class LimeLM(TemplateLM):
             until.append(eos_text)
         until = [stop for stop in until if stop]  # an empty stop string (eos decoding to "") would stop at once
         max_new = int(settings.pop("max_gen_toks", self.max_gen_toks))
-        if settings.get("do_sample") or float(settings.get("temperature", 0.0) or 0.0) > 0.0:
-            raise ValueError(f"the lime model decodes greedily only; the task asks for {requests[group[0]].args[1]}")
+        not_greedy = [k for k, neutral in GREEDY_SETTINGS.items() if k in settings and settings[k] not in neutral]
+        if not_greedy:
+            raise ValueError(f"the lime model decodes greedily only; the task asks for "
+                             f"{ {k: settings[k] for k in not_greedy} }")
         max_context = self.max_length - max_new
         if max_context <= 0:
             raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in {self.max_length} positions")

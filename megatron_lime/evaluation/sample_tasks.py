@@ -129,3 +129,29 @@ def docstring_hellaswag(corpus_jsonl: str | Path, n: int, seed: int = 0) -> list
                      "ctx": f"{ctx_a} {ctx_b}", "endings": endings, "source_id": f"docstrings~{i}", "split": "val",
                      "split_type": "indomain", "label": str(label)})
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m megatron_lime.evaluation.sample_tasks --corpus C.jsonl --output-dir DIR --num-samples N`:
+    the quickstart's hellaswag-schema sentence-completion task in DIR/Rowan/hellaswag."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Write a hellaswag-schema completion task from a corpus.")
+    parser.add_argument("--corpus", required=True, help="JSONL with a \"text\" column (FineWeb-Edu schema).")
+    parser.add_argument("--output-dir", required=True, help="The --data-dir of tools/evaluate.py.")
+    parser.add_argument("--num-samples", type=int, default=200, help="Validation rows (the train split gets 16).")
+    args = parser.parse_args(argv)
+    try:
+        rows = docstring_hellaswag(args.corpus, args.num_samples + 16)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {args.corpus}: {err}", file=sys.stderr)
+        return 1
+    root = write_hub_dataset(args.output_dir, "Rowan/hellaswag",
+                             {None: {"validation": rows[:args.num_samples], "train": rows[args.num_samples:]}})
+    print(f"wrote {min(len(rows), args.num_samples)} sentence completions (hellaswag schema) to {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

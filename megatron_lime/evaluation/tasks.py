@@ -16,6 +16,7 @@ a user's own --include-path YAMLs included.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Iterator, Sequence
 
@@ -112,6 +113,23 @@ def summarize(raw: dict[str, Any], requested: Sequence[str]) -> dict[str, dict[s
     return summary
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | None = None):
+    """lm-eval's index of tasks (it reads every task YAML: built once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
+def check_tasks(tasks: Sequence[str], include_path: str | None = None) -> None:
+    """Raise KeyError naming the tasks lm-eval does not know (before any model is loaded)."""
+    known = set(task_manager(include_path).all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise KeyError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm_eval ls tasks`, or give "
+                       f"--include-path with your own task YAMLs)")
+
+
 def evaluate_tasks(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: int | float | None = None,
                    data_dir: str | None = None, include_path: str | None = None, log_samples: bool = False,
                    seed: int = 1234) -> dict[str, Any] | None:
@@ -120,13 +138,9 @@ def evaluate_tasks(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, 
     Raises KeyError naming unknown tasks and MissingDatasetError naming a missing data folder.
     """
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise KeyError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm_eval ls tasks`, or give "
-                       f"--include-path with your own task YAMLs)")
+    check_tasks(tasks, include_path)
+    manager = task_manager(include_path)
     with local_datasets(data_dir):
         raw = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,

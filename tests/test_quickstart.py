@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["data", "tokenizer", "preprocess", "pretrain", "sft-data", "sft", "convert"]
+STAGES = ["data", "tokenizer", "preprocess", "pretrain", "sft-data", "sft", "convert", "evaluate", "report"]
 
 
 def run_quickstart(out_dir: str, **env: str) -> subprocess.CompletedProcess:
@@ -31,8 +31,14 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     start, end = float(losses.group(1)), float(losses.group(2))
     assert abs(start - 6.24) < 0.5 and end < start - 0.5
     for path in ("hf/config.json", "hf/model.safetensors", "hf/modeling_lime.py", "tokenizer/tokenizer.model",
-                 "data/sample_text_document.bin", "checkpoints/pretrain/latest", "checkpoints/sft/latest"):
+                 "data/sample_text_document.bin", "checkpoints/pretrain/latest", "checkpoints/sft/latest",
+                 "checkpoints/pretrain/metrics.jsonl", "eval/pretrain.json", "eval/sft_hf.json",
+                 "report/report.md", "report/loss.png", "report/final_scores.png"):
         assert os.path.exists(os.path.join(out, path)), path
+    # The summary ends with lm-eval's scores of both models and the report's pictures.
+    assert re.search(r"\| hellaswag \| [\d.]+ ± [\d.]+ \(acc_norm, n=20\) \| [\d.]+ ± [\d.]+ \(acc_norm, n=20\) \|",
+                     first.stdout), first.stdout[-2000:]
+    assert re.search(r"report: .*report.md with .*loss.png", first.stdout), first.stdout[-2000:]
 
     second = run_quickstart(out, MASTER_PORT="29533")
     assert second.returncode == 0, second.stdout[-3000:]

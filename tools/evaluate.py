@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
         **report,
     }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     write_json(args.output, results, sort_keys=False)  # tasks in the order asked for
     from megatron_lime.evaluation.report import results_table
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from typing import Any, Iterator, Sequence
 
@@ -155,5 +156,6 @@ def evaluate_tasks(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, 
         "tasks": summarize(raw, tasks),
     }
     if log_samples:
-        report["samples"] = raw.get("samples", {})
+        # Documents may hold values JSON cannot store (dates, arrays): those become strings.
+        report["samples"] = json.loads(json.dumps(raw.get("samples", {}), default=str))
     return report

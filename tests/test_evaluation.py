@@ -151,18 +151,24 @@ def test_evaluate_runs_on_every_task_from_a_deepspeed_checkpoint(setup, tmp_path
 
 
 def lm_eval_hf(setup, tasks: list[str], limit: int) -> dict:
+    """lm-eval's own Hugging Face model (what `--model hf --model_args pretrained=DIR,trust_remote_code=True` builds)."""
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from megatron_lime.evaluation import local_datasets
 
+    model = AutoModelForCausalLM.from_pretrained(str(setup["hf"]), trust_remote_code=True, dtype=torch.float32)
+    # The export's generation_config.json is the card's (beam search, 128 new tokens, repetition
+    # penalties), which transformers applies to every generate call: compare plain greedy decoding.
+    model.generation_config = GenerationConfig(eos_token_id=model.config.eos_token_id,
+                                               pad_token_id=model.config.pad_token_id)
+    tokenizer = AutoTokenizer.from_pretrained(str(setup["hf"]), trust_remote_code=True)
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3, device="cpu")
     with local_datasets(str(setup["data_dir"])):
-        return lm_eval.simple_evaluate(
-            # The export's generation_config.json carries the card's beam search: ask for plain greedy.
-            gen_kwargs="num_beams=1,repetition_penalty=1.0,no_repeat_ngram_size=0,early_stopping=False",
-            model="hf", model_args=f"pretrained={setup['hf']},trust_remote_code=True,dtype=float32", tasks=tasks,
-            limit=limit, batch_size=3, device="cpu", log_samples=True, task_manager=TaskManager(
-                include_path=str(setup["include"])), bootstrap_iters=1000)
+        return lm_eval.simple_evaluate(model=hf, tasks=tasks, limit=limit, log_samples=True, bootstrap_iters=1000,
+                                       task_manager=TaskManager(include_path=str(setup["include"])))
 
 
 def test_same_scores_and_loglikelihoods_as_lm_eval_hf_model(setup, tmp_path):
@@ -194,7 +200,7 @@ def test_same_scores_and_loglikelihoods_as_lm_eval_hf_model(setup, tmp_path):
                 assert value == pytest.approx(their_metrics[metric], abs=1e-6), (task, metric)
 
 
-def test_batching_and_padding_do_not_change_scores(setup):
+def test_batching_and_padding_do_not_change_scores(setup, tmp_path):
     from megatron_lime.evaluation import LimeLM
 
     lm1 = LimeLM(load=str(setup["hf"]), batch_size=1)
@@ -207,6 +213,14 @@ def test_batching_and_padding_do_not_change_scores(setup):
     # A request scored alone equals the same request in a batch padded to a longer one.
     alone = lm1._loglikelihood_tokens(requests[2:3], disable_tqdm=True)[0][0]
     assert abs(alone - five[2][0]) < 1e-5
+    # The same weights read from the DeepSpeed checkpoint (2 ranks) and from a consolidated copy score the same.
+    from megatron_lime.conversion import load_lime_weights, write_consolidated
+
+    weights = load_lime_weights(setup["root"] / "plain")
+    write_consolidated(tmp_path / "consolidated", weights.state_dict, weights.metadata)
+    for source in (setup["root"] / "plain", tmp_path / "consolidated"):
+        scores = LimeLM(load=str(source), batch_size=5)._loglikelihood_tokens(requests, disable_tqdm=True)
+        assert all(abs(a - b) < 1e-5 for (a, _), (b, _) in zip(scores, one)), source
 
 
 def test_missing_data_and_unknown_tasks_are_one_line_errors(setup, tmp_path, capsys):

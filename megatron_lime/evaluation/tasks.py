@@ -53,6 +53,9 @@ def local_datasets(data_dir: str | None) -> Iterator[None]:
             raise MissingDatasetError(
                 f"{local}: missing (dataset {path}); get it with: huggingface-cli download --repo-type dataset "
                 f"{path} --local-dir {local}")
+        # datasets' cache key for a local folder can match another folder's with the same file names
+        # (seen: a test's 6-row copy served for a 200-row one), so each data dir keeps its own cache.
+        kwargs.setdefault("cache_dir", os.path.join(data_dir, ".datasets_cache"))
         return original(local, *args, **kwargs)
 
     datasets.load_dataset = load_local

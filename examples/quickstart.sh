@@ -15,6 +15,10 @@
 #   6. sft         examples/sft_lime_1b.sh from the pretrained checkpoint (--finetune)
 #   7. convert     tools/convert_to_hf.py -> a Hugging Face folder (safetensors, remote code, tokenizer)
 #   8. generate    transformers loads the folder exactly as the model card does and answers a question
+#   9. evaluate    tools/evaluate.py (lm-evaluation-harness) scores the pretrained checkpoint and the
+#                  exported SFT model on a local hellaswag-schema sentence-completion task made from
+#                  the corpus (so it measures what the model learned of its own text; chance is 25%)
+#  10. report      tools/report.py: loss / LR / grad-norm / throughput charts and the scores, report.md
 #
 # Environment (all optional):
 #   QUICKSTART_DIR      where everything goes (default: quickstart_out)
@@ -37,12 +41,14 @@ case "$SIZE" in
         MODEL=lime-mini VOCAB=4096 SEQ=256 MAX_POSITIONS=256
         PRETRAIN_ITERS=1000 PRETRAIN_EVAL_INTERVAL=200 SFT_ITERS=200
         MICRO=8 GLOBAL=16 LR=3e-3 MIN_LR=3e-5 SFT_LR=5e-4 SFT_MIN_LR=6e-5 SFT_EXAMPLES=3000 CORPUS_MB=8
+        EVAL_SAMPLES=200
         ;;
     smallest)
         # 256 positions although it trains on 128: the card's generate call asks for 128 new tokens.
         MODEL=lime-tiny VOCAB=512 SEQ=128 MAX_POSITIONS=256
         PRETRAIN_ITERS=40 PRETRAIN_EVAL_INTERVAL=20 SFT_ITERS=10
         MICRO=4 GLOBAL=8 LR=3e-3 MIN_LR=3e-5 SFT_LR=5e-4 SFT_MIN_LR=6e-5 SFT_EXAMPLES=300 CORPUS_MB=0.4
+        EVAL_SAMPLES=20
         ;;
     *) echo "QUICKSTART_SIZE must be 'default' or 'smallest', got '$SIZE'" >&2; exit 2 ;;
 esac
@@ -149,6 +155,23 @@ if ! python "$REPO/examples/card_generate.py" "$OUT/hf" "$QUESTION" > "$OUT/logs
 fi
 grep -E '^(question|answer)' "$OUT/logs/generate.log" | sed 's/^/             /'
 echo "[generate  ] done in $(( $(date +%s) - GENERATE_START ))s"
+
+# 9. evaluate -----------------------------------------------------------------------------------
+evaluate_models() {
+    python -m megatron_lime.evaluation.sample_tasks --corpus "$PRETRAIN_CORPUS" --output-dir "$OUT/eval/data" \
+        --num-samples "$EVAL_SAMPLES" &&
+    python "$REPO/tools/evaluate.py" --load "$OUT/checkpoints/pretrain" --tasks hellaswag --batch-size 16 \
+        --data-dir "$OUT/eval/data" --output "$OUT/eval/pretrain.json" &&
+    python "$REPO/tools/evaluate.py" --load "$OUT/hf" --tasks hellaswag --batch-size 16 \
+        --data-dir "$OUT/eval/data" --output "$OUT/eval/sft_hf.json"
+}
+run_stage evaluate "scoring the pretrained and the exported model with lm-eval on $EVAL_SAMPLES local sentence completions" \
+    "$OUT/eval/{pretrain,sft_hf}.json" evaluate_models
+
+# 10. report ------------------------------------------------------------------------------------
+run_stage report "charting the runs (loss, LR, grad norm, throughput) and the scores" "$OUT/report/report.md" \
+    python "$REPO/tools/report.py" "$OUT/checkpoints/pretrain" "$OUT/checkpoints/sft" \
+        "$OUT/eval/pretrain.json" "$OUT/eval/sft_hf.json" --output "$OUT/report"
 
 # Summary ---------------------------------------------------------------------------------------
 python "$REPO/examples/quickstart_summary.py" "$OUT" "$VOCAB"

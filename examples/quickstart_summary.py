@@ -23,7 +23,31 @@ def main() -> int:
             return 1
         (first_step, first), (last_step, last) = losses[0], losses[-1]
         print(f"  {stage:8s} validation loss: {first:.3f} at step {first_step} -> {last:.3f} at step {last_step}")
+    print_evaluation(out_dir)
     return 0
+
+
+def print_evaluation(out_dir: str) -> None:
+    """The lm-eval scores of the evaluate stage and the report's files."""
+    import glob
+    import json
+    import os
+
+    results = {}
+    for name in ("pretrain", "sft_hf"):
+        path = os.path.join(out_dir, "eval", f"{name}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                results[name] = json.load(f)
+    if results:
+        from megatron_lime.evaluation.report import results_table
+
+        print("  task scores (lm-eval, local sentence completion from the corpus; chance 25%):")
+        print("\n".join("    " + line for line in results_table(results).splitlines()))
+    report = os.path.join(out_dir, "report")
+    if os.path.isdir(report):
+        print(f"  report: {os.path.join(report, 'report.md')} with "
+              + ", ".join(sorted(os.path.basename(p) for p in glob.glob(os.path.join(report, "*.png")))))
 
 
 if __name__ == "__main__":

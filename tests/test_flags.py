@@ -27,6 +27,7 @@ FROZEN_FLAGS = sorted([
     # logging
     "--log-interval", "--eval-interval", "--eval-iters", "--tensorboard-dir", "--wandb-project",
     "--wandb-exp-name", "--peak-tflops",
+    "--eval-tasks", "--eval-tasks-interval", "--eval-tasks-limit", "--eval-tasks-data-dir",
 ])
 
 

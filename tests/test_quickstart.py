@@ -2,11 +2,18 @@
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["data", "tokenizer", "preprocess", "pretrain", "sft-data", "sft", "convert"]
+STAGES = ["data", "tokenizer", "preprocess", "pretrain", "sft-data", "sft", "convert", "evaluate", "report"]
+
+
+def free_port() -> str:
+    with socket.socket() as sock:  # other checkouts run this test at the same time
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def run_quickstart(out_dir: str, **env: str) -> subprocess.CompletedProcess:
@@ -18,7 +25,7 @@ def run_quickstart(out_dir: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     out = str(tmp_path / "quickstart")
-    first = run_quickstart(out, MASTER_PORT="29531")
+    first = run_quickstart(out, MASTER_PORT=free_port())
     assert first.returncode == 0, first.stdout[-4000:]
     for stage in STAGES:
         assert re.search(rf"\[{re.escape(stage)} *\] done in \d+s -> ", first.stdout), (stage, first.stdout[-3000:])
@@ -31,10 +38,16 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     start, end = float(losses.group(1)), float(losses.group(2))
     assert abs(start - 6.24) < 0.5 and end < start - 0.5
     for path in ("hf/config.json", "hf/model.safetensors", "hf/modeling_lime.py", "tokenizer/tokenizer.model",
-                 "data/sample_text_document.bin", "checkpoints/pretrain/latest", "checkpoints/sft/latest"):
+                 "data/sample_text_document.bin", "checkpoints/pretrain/latest", "checkpoints/sft/latest",
+                 "checkpoints/pretrain/metrics.jsonl", "eval/pretrain.json", "eval/sft_hf.json",
+                 "report/report.md", "report/loss.png", "report/final_scores.png"):
         assert os.path.exists(os.path.join(out, path)), path
+    # The summary ends with lm-eval's scores of both models and the report's pictures.
+    assert re.search(r"\| hellaswag \| [\d.]+ ± [\d.]+ \(acc_norm, n=20\) \| [\d.]+ ± [\d.]+ \(acc_norm, n=20\) \|",
+                     first.stdout), first.stdout[-2000:]
+    assert re.search(r"report: .*report.md with .*loss.png", first.stdout), first.stdout[-2000:]
 
-    second = run_quickstart(out, MASTER_PORT="29533")
+    second = run_quickstart(out, MASTER_PORT=free_port())
     assert second.returncode == 0, second.stdout[-3000:]
     for stage in STAGES:
         assert re.search(rf"\[{re.escape(stage)} *\] skipped: done in an earlier run", second.stdout), stage

@@ -129,6 +129,16 @@ class LoggingConfig:
     wandb_project: str | None = param(None, "Also log to this Weights & Biases project (needs wandb installed).")
     wandb_exp_name: str | None = param(None, "W&B run name.")
     peak_tflops: float | None = param(None, "Peak dense bf16 TFLOP/s of one device for MFU (default: from the GPU's name).")
+    eval_tasks: list[str] | None = param(None, "lm-eval tasks to score during training (needs the eval extra), e.g. arc_easy piqa.")
+    eval_tasks_interval: int | None = param(None, "Score --eval-tasks every this many steps.")
+    eval_tasks_limit: int | None = param(None, "At most this many samples per task in each in-training evaluation.")
+    eval_tasks_data_dir: str | None = param(None, "Offline task data for --eval-tasks: DIR/<hub dataset id>/ (as tools/evaluate.py --data-dir).")
+
+    def __post_init__(self) -> None:
+        if self.eval_tasks and not self.eval_tasks_interval:
+            raise ValueError("--eval-tasks needs --eval-tasks-interval N")
+        if self.eval_tasks_interval is not None and self.eval_tasks_interval <= 0:
+            raise ValueError(f"--eval-tasks-interval must be positive, got {self.eval_tasks_interval}")
 
 
 # The card's recipes. A recipe fills fields before user flags are applied.

@@ -1,4 +1,12 @@
-"""Training metrics: the Megatron-style log line, TensorBoard, optional W&B, and MFU.
+"""Training metrics: the Megatron-style log line, TensorBoard, optional W&B, MFU, and metrics.jsonl.
+
+SAVE_DIR/metrics.jsonl (when --save is given) holds one JSON object per line, for tools/report.py:
+  {"kind": "train", "iteration", "consumed_tokens", "loss", "lr", "grad_norm", "ms_per_step",
+   "tokens_per_second", "tflops_per_device", "mfu", "memory_gib", "skipped", "skipped_total"}
+  {"kind": "valid", "iteration", "consumed_tokens", "loss", "ppl"}
+  {"kind": "tasks", "iteration", "consumed_tokens", "scores": {task: score}, "metrics": {task: {..}}}
+A resumed run first drops the lines after its checkpoint's iteration (they belong to the
+abandoned part of the earlier run), so no iteration appears twice.
 
 MFU = achieved FLOP/s per device / peak dense bf16 FLOP/s of that device, with the model's
 FLOPs per token from LimeConfig.flops_per_token (6N + 12 L d s). The peak comes from
@@ -8,11 +16,18 @@ to divide by, so the line says "MFU n/a on CPU".
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from megatron_lime.files import write_text
+
+METRICS_FILE = "metrics.jsonl"
 
 # Peak dense bf16 tensor-core TFLOP/s (no sparsity), from the vendors' data sheets.
 # Matched by substring of torch.cuda.get_device_name(), first match wins (so H100 NVL / PCIe
@@ -118,6 +133,8 @@ class MetricsLogger:
         self.rank = rank
         self.writer = None
         self.wandb = None
+        save_dir = run_config.get("checkpoint", {}).get("save")
+        self.metrics_path = os.path.join(save_dir, METRICS_FILE) if save_dir else None
         if rank != 0:
             return
         if tensorboard_dir:
@@ -157,6 +174,30 @@ class MetricsLogger:
         if metrics.memory_gib is not None:
             scalars["train/peak_memory_gib"] = metrics.memory_gib
         self.scalars(scalars, metrics.iteration, metrics.consumed_tokens)
+        self.record({"kind": "train", "iteration": metrics.iteration, "consumed_tokens": metrics.consumed_tokens,
+                     "loss": metrics.loss, "lr": metrics.lr, "grad_norm": metrics.grad_norm,
+                     "ms_per_step": metrics.ms_per_step, "tokens_per_second": metrics.tokens_per_second,
+                     "tflops_per_device": metrics.tflops_per_device, "mfu": metrics.mfu,
+                     "memory_gib": metrics.memory_gib, "memory_kind": metrics.memory_kind,
+                     "skipped": metrics.skipped_in_window, "skipped_total": metrics.skipped_total})
+
+    def start_at(self, iteration: int) -> None:
+        """Drop metrics.jsonl lines after `iteration` (a resumed run writes them again)."""
+        if self.rank != 0 or self.metrics_path is None or not os.path.isfile(self.metrics_path):
+            return
+        records = read_metrics(self.metrics_path)
+        kept = [r for r in records if r["iteration"] <= iteration]
+        if len(kept) != len(records):
+            write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def record(self, values: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl (rank 0; flushed, so a crash loses at most the line being written)."""
+        if self.rank != 0 or self.metrics_path is None:
+            return
+        os.makedirs(os.path.dirname(self.metrics_path), exist_ok=True)
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
 
     def scalars(self, values: dict[str, float], iteration: int, consumed_tokens: int) -> None:
         if self.rank != 0:
@@ -169,9 +210,47 @@ class MetricsLogger:
             self.writer.flush()
         if self.wandb is not None:
             self.wandb.log({**values, "consumed_tokens": consumed_tokens}, step=iteration)
+        if "valid/lm_loss" in values:  # the validation's one call: its metrics.jsonl line
+            self.record({"kind": "valid", "iteration": iteration, "consumed_tokens": consumed_tokens,
+                         "loss": values["valid/lm_loss"], "ppl": values.get("valid/ppl")})
+
+    def task_scores(self, report: dict[str, Any], iteration: int, consumed_tokens: int) -> None:
+        """lm-eval task results (megatron_lime.evaluation's summary) to the log, TensorBoard/W&B and metrics.jsonl."""
+        if self.rank != 0:
+            return
+        tasks = report["tasks"]
+        scores = {name: task["score"] for name, task in tasks.items()}
+        print(f" task scores at iteration {iteration} | " + " | ".join(
+            f"{name} {tasks[name]['score_metric']} {score:.4f} (n={tasks[name]['n_samples']})"
+            for name, score in scores.items() if score is not None), flush=True)
+        self.scalars({f"tasks/{name}": score for name, score in scores.items() if score is not None},
+                     iteration, consumed_tokens)
+        self.record({"kind": "tasks", "iteration": iteration, "consumed_tokens": consumed_tokens, "scores": scores,
+                     "metrics": {name: task["metrics"] for name, task in tasks.items()},
+                     "n_samples": {name: task["n_samples"] for name, task in tasks.items()}})
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is skipped, any other bad line is an error."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no newline after it: the write was cut short
+                continue
+            raise ValueError(f"{path}:{number}: not valid JSON: {err.msg}") from None
+        if not isinstance(record, dict) or "iteration" not in record or "kind" not in record:
+            raise ValueError(f"{path}:{number}: a metrics record needs \"kind\" and \"iteration\"")
+        records.append(record)
+    return records

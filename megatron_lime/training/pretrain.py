@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lime.config import LimeConfig
+from megatron_lime.evaluation.in_training import TaskEvaluator
 from megatron_lime.model import LimeModel
 from megatron_lime.checkpoint import (LoadSource, check_model_matches, check_schedule, holds_checkpoint,
                                       load_consolidated, resolve_load)
@@ -312,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                            f"where it stopped (changing the global batch size mid-run is not supported)")
 
     evaluator = Evaluator(valid_set, args, env, metrics)
+    metrics.start_at(state.iteration)  # metrics.jsonl: drop what a resumed run writes again
+    task_evaluator = TaskEvaluator(args, env, tokenizer, metrics)  # --eval-tasks (lm-eval)
     if state.iteration == 0:  # the starting point (about ln(vocab) from scratch) that later validations are read against
         evaluator.maybe_run(engine, state)
     sampler = MicroBatchSampler(total_iters * global_batch, state.consumed_samples,
@@ -343,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics.log(window_metrics(window, state, total_iters, lr, tokens_per_step, env, flops_per_token, peak))
             window.reset()
         evaluator.maybe_run(engine, state)
+        task_evaluator.maybe_run(engine, state)
 
         if consecutive_skips > args.training.max_skipped:
             path = checkpointer.save(engine, state)

@@ -262,78 +262,79 @@ def read_row_groups(path: str, row_groups: list[int], columns: list[str]):
     return cached[1].read_row_groups(row_groups, columns=columns, use_threads=False)
 
 
+def passes_filters(filters: RecordFilters, record: dict, path: str, location: str) -> bool:
+    """Whether `record` passes every --filter; a value a filter cannot compare is a bad record at `location`."""
+    try:
+        return not filters or filters.keep(record)
+    except FilterValueError as e:
+        raise BadRecordError(path, location, str(e)) from None
+
+
+def jsonl_documents(chunk: Chunk, keys: tuple[str, ...], filters: RecordFilters,
+                    result: ChunkResult) -> Iterator[list[str] | BadRecordError]:
+    """The text values of each kept JSONL record of the chunk, or the BadRecordError of a bad one."""
+    result.num_bytes = len(chunk.jsonl_bytes)  # type: ignore[arg-type]
+    lines = chunk.jsonl_bytes.split(b"\n")  # type: ignore[union-attr]
+    if chunk.jsonl_bytes.endswith(b"\n"):  # type: ignore[union-attr]
+        lines.pop()  # the empty piece after the final newline is not a line
+    for i, line in enumerate(lines):
+        line_number = chunk.first_record + i
+        try:
+            record = parse_jsonl_record(line, chunk.path, line_number)
+            if record is None:
+                result.num_blank += 1
+            elif passes_filters(filters, record, chunk.path, f"line {line_number}"):
+                yield jsonl_values(record, chunk.path, line_number, keys)
+        except BadRecordError as e:
+            yield e
+
+
+def parquet_documents(chunk: Chunk, keys: tuple[str, ...], filters: RecordFilters,
+                      result: ChunkResult) -> Iterator[list[str] | BadRecordError]:
+    """The text values of each kept parquet row of the chunk, or the BadRecordError of a bad one."""
+    if chunk.row_groups is not None:
+        try:
+            table = read_row_groups(chunk.path, chunk.row_groups, WORKER["columns"])  # type: ignore[arg-type]
+        except Exception as e:  # a corrupt page
+            yield BadRecordError(chunk.path, f"row groups {chunk.row_groups[0]}-{chunk.row_groups[-1]}",
+                                 f"unreadable parquet data ({type(e).__name__}: {e})")
+            return
+    else:
+        table = chunk.table
+    raw = [table.column(k).to_pylist() for k in keys]
+    filter_columns = {c: table.column(c).to_pylist() for c in filters.columns}
+    for i in range(table.num_rows):
+        row = chunk.first_record + i
+        try:
+            if passes_filters(filters, {c: column[i] for c, column in filter_columns.items()}, chunk.path, f"row {row}"):
+                values = [check_string_value(col[i], chunk.path, row, k) for col, k in zip(raw, keys)]
+                result.num_bytes += sum(len(v) for v in values)  # characters; close to bytes for English
+                yield values
+        except BadRecordError as e:
+            yield e
+
+
 def encode_chunk(chunk: Chunk) -> ChunkResult | BadRecordError:
     """Parse, filter, validate and tokenize one chunk. A bad record is returned (not raised) without --skip-bad-records."""
     tokenizer: LimeTokenizer = WORKER["tokenizer"]  # type: ignore[assignment]
     keys: tuple[str, ...] = WORKER["keys"]  # type: ignore[assignment]
     filters: RecordFilters = WORKER["filters"]  # type: ignore[assignment]
-    skip_bad = bool(WORKER["skip_bad"])
     result = ChunkResult(tokens=[], lengths=[])
     if chunk.bad_file_reason is not None:
         result.num_bad, result.bad_records = 1, [chunk.bad_file_reason]
         return result
     columns: list[list[str]] = [[] for _ in keys]
-
-    def bad(error: BadRecordError) -> BadRecordError | None:
-        if not skip_bad:
-            return error
-        result.num_bad += 1
-        if len(result.bad_records) < MAX_BAD_RECORDS_SHOWN:
-            result.bad_records.append(str(error))
-        return None
-
-    if chunk.jsonl_bytes is not None:
-        result.num_bytes = len(chunk.jsonl_bytes)
-        lines = chunk.jsonl_bytes.split(b"\n")
-        if chunk.jsonl_bytes.endswith(b"\n"):
-            lines.pop()  # the empty piece after the final newline is not a line
-        for i, line in enumerate(lines):
-            line_number = chunk.first_record + i
-            try:
-                record = parse_jsonl_record(line, chunk.path, line_number)
-                if record is None:
-                    result.num_blank += 1
-                    continue
-                try:
-                    if filters and not filters.keep(record):
-                        continue
-                except FilterValueError as e:
-                    raise BadRecordError(chunk.path, f"line {line_number}", str(e)) from None
-                values = jsonl_values(record, chunk.path, line_number, keys)
-            except BadRecordError as e:
-                if (error := bad(e)) is not None:
-                    return error
-                continue
-            for column, value in zip(columns, values):
-                column.append(value)
-    else:
-        if chunk.row_groups is not None:
-            try:
-                table = read_row_groups(chunk.path, chunk.row_groups, WORKER["columns"])  # type: ignore[arg-type]
-            except Exception as e:  # a corrupt page
-                error = BadRecordError(chunk.path, f"row groups {chunk.row_groups[0]}-{chunk.row_groups[-1]}",
-                                       f"unreadable parquet data ({type(e).__name__}: {e})")
-                return error if not skip_bad else ChunkResult([], [], num_bad=1, bad_records=[str(error)])
-        else:
-            table = chunk.table
-        raw = [table.column(k).to_pylist() for k in keys]
-        filter_columns = {c: table.column(c).to_pylist() for c in filters.columns}
-        for i in range(table.num_rows):
-            row = chunk.first_record + i
-            try:
-                try:
-                    if filters and not filters.keep({c: values[i] for c, values in filter_columns.items()}):
-                        continue
-                except FilterValueError as e:
-                    raise BadRecordError(chunk.path, f"row {row}", str(e)) from None
-                values = [check_string_value(col[i], chunk.path, row, k) for col, k in zip(raw, keys)]
-            except BadRecordError as e:
-                if (error := bad(e)) is not None:
-                    return error
-                continue
-            for column, value in zip(columns, values):
-                column.append(value)
-                result.num_bytes += len(value)  # characters; close to bytes for English
+    documents = jsonl_documents if chunk.jsonl_bytes is not None else parquet_documents
+    for values in documents(chunk, keys, filters, result):
+        if isinstance(values, BadRecordError):
+            if not WORKER["skip_bad"]:
+                return values
+            result.num_bad += 1
+            if len(result.bad_records) < MAX_BAD_RECORDS_SHOWN:
+                result.bad_records.append(str(values))
+            continue
+        for column, value in zip(columns, values):
+            column.append(value)
 
     result.num_documents = len(columns[0])
     result.filter_counts = filters.take_counts()

@@ -75,6 +75,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # The checkpointer the loop calls
 
 
+@dataclass
 class Checkpointer:
     """Saves every --save-interval steps (and when asked), loads what --load names.
 
@@ -82,16 +83,14 @@ class Checkpointer:
     dataset_type, args, world_size); iteration and consumed counts are added per save.
     """
 
-    def __init__(self, save_dir: str | None, save_interval: int | None, keep_last: int | None,
-                 meta_base: dict[str, Any], ds_config: dict[str, Any], rank: int, world_size: int):
-        self.save_dir = save_dir
-        self.save_interval = save_interval
-        self.keep_last = keep_last
-        self.meta_base = meta_base
-        self.ds_config = ds_config
-        self.rank = rank
-        self.world_size = world_size
-        self.last_saved_iteration: int | None = None
+    save_dir: str | None
+    save_interval: int | None
+    keep_last: int | None
+    meta_base: dict[str, Any]
+    ds_config: dict[str, Any]
+    rank: int
+    world_size: int
+    last_saved_iteration: int | None = None
 
     def due(self, iteration: int) -> bool:
         return bool(self.save_dir and self.save_interval and iteration % self.save_interval == 0)

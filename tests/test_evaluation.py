@@ -24,7 +24,7 @@ pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
 from megatron_lime.evaluation.sample_tasks import TASK_DATASETS, write_hub_dataset, write_synthetic_tasks  # noqa: E402
-from megatron_lime.testing import load_tool  # noqa: E402
+from helpers import load_tool  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = list(TASK_DATASETS)  # hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa
@@ -81,7 +81,7 @@ def train(save: str, data, *extra: str) -> str:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from megatron_lime.testing import make_tiny_pretraining_data
+    from helpers import make_tiny_pretraining_data
 
     root = tmp_path_factory.mktemp("evaluation")
     data = make_tiny_pretraining_data(str(root / "data"), num_docs=60)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from megatron_lime.testing import load_tool
+from helpers import load_tool
 from megatron_lime.training.metrics import MetricsLogger, StepMetrics, read_metrics
 
 

@@ -31,8 +31,9 @@ def forward(self, *args, **kwargs):
     return output
 
 lime.LimeModel.forward = forward
+from megatron_lime.training.failures import run_guarded
 from megatron_lime.training.pretrain import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(run_guarded(main, sys.argv[2:]))
 '''
 
 

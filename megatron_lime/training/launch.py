@@ -104,7 +104,7 @@ def supervise(ranks: list[subprocess.Popen], first_rank: int = 0) -> int:
 
     failed: tuple[int, int] | None = None  # (rank, status) of the first rank to exit non-zero
     kill_at: float | None = None
-    while any(rank.poll() is None for rank in ranks):
+    while [rank.poll() for rank in ranks].count(None):  # poll every rank: any() would stop at the first alive
         if failed is None:
             for index, rank in enumerate(ranks):
                 if rank.returncode:

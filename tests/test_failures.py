@@ -28,7 +28,7 @@ DEADLINE_S = 60
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LIME_FAULT_INJECT"):
         env.pop(key, None)
     return {**env, **extra}

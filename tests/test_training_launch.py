@@ -36,10 +36,10 @@ def free_port() -> int:
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
         env.pop(key, None)
-    return env
+    return {**env, **extra}  # MASTER_PORT given here is kept: the bash form's default 29500 may be taken
 
 
 def overrides(data, save: str, load: str, *extra: str) -> list[str]:

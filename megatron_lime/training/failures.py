@@ -70,7 +70,7 @@ def inject_fault(point: str) -> None:
         return
     _fault_counts[point] = _fault_counts.get(point, 0) + 1
     if _fault_counts[point] == int(count):
-        raise InjectedFault(f"{FAULT_ENV}={spec}: injected fault at {point} {count} (pid {os.getpid()})")
+        raise InjectedFault(f"{FAULT_ENV}={spec}: injected fault at {point} {count}")
 
 
 # ----------------------------------------------------------------------------------------------

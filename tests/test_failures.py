@@ -137,7 +137,9 @@ def test_the_deepspeed_launcher_also_stops_every_rank(tiny_data, tmp_path):
     returncode, output, leftovers = run_bounded(command, clean_env(LIME_FAULT_INJECT="step:3@0"))
     assert returncode == 1 and not leftovers, output[-4000:]
     assert output.count("InjectedFault: LIME_FAULT_INJECT=step:3@0") == 1
-    assert "[rank 0] failed; stopping every rank" in output and "[rank 1] stopped" in output
+    assert "[rank 0] failed; stopping every rank" in output
+    # Rank 1 notes the closed socket in one line, unless DeepSpeed's SIGTERM to the survivors came first.
+    assert "[rank 1] stopped: " in output or "[rank 1] SIGTERM while stopping after an error" in output
 
 
 # ----------------------------------------------------------------------------------------------

@@ -198,7 +198,6 @@ def main() -> int:
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     sys.path.insert(0, REPO)
-    from megatron_lime.testing import load_tool
 
     results: dict = {"machine": f"{os.cpu_count()} CPUs", "python": sys.version.split()[0]}
     paragraphs = stdlib_docstrings()
@@ -209,8 +208,9 @@ def main() -> int:
     tokenizer = os.path.join(args.workdir, f"tokenizer_{args.vocab_size}")
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer_info.json")):
         start = time.perf_counter()
-        rc = load_tool("train_tokenizer").main(["--input", corpus["path"], "--output-dir", tokenizer, "--vocab-size",
-                                                str(args.vocab_size), "--num-documents", "20000", "--num-threads", "2"])
+        rc = subprocess.call([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", corpus["path"],
+                              "--output-dir", tokenizer, "--vocab-size", str(args.vocab_size),
+                              "--num-documents", "20000", "--num-threads", "2"])
         if rc != 0:
             return rc
         results["tokenizer_train_s"] = time.perf_counter() - start

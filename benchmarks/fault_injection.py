@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # the package, and the tests' helpers for the tiny corpus
 TIMEOUT_S = 180
 ERROR_LINE = re.compile(r"^(\[rank \d+\] )?([\w.]*(Error|Exception|Fault|Interrupt|Exit)\b.*|(error|ERROR)\b.*)$")
 
@@ -68,7 +68,7 @@ class Workspace:
     @property
     def tiny_data(self) -> tuple[str, str]:
         if self._tiny is None:
-            from megatron_lime.testing import make_tiny_pretraining_data
+            from helpers import make_tiny_pretraining_data
 
             self._tiny = make_tiny_pretraining_data(self.folder("shared-data"), num_docs=60)
         return self._tiny

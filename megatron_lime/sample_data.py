@@ -21,8 +21,10 @@ import os
 import sysconfig
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+from megatron_lime.files import atomic_write
 
 STDLIB_URL = "https://docs.python.org/3/library/{module}.html"
 SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__",
@@ -148,23 +150,42 @@ def _stable_uuid(text: str) -> str:
     return str(uuid.UUID(bytes=hashlib.sha256(text.encode()).digest()[:16], version=4))
 
 
-def write_pretraining_corpus(path: str, max_bytes: int = 4_000_000, root: str | None = None) -> dict:
-    """JSONL in FineWeb-Edu's schema, one document per module, until max_bytes of text. Returns a summary."""
-    documents = text_bytes = 0
+@dataclass
+class CorpusDocument:
+    """One pretraining document and where it came from (its FineWeb-Edu id is derived from `key`)."""
+
+    key: str
+    text: str
+    url: str
+    file_path: str
+
+
+def module_documents(root: str | None = None) -> Iterator[CorpusDocument]:
+    """The standard library's documentation, one document per module (or reference topic)."""
+    for docs in iter_module_docs(root):
+        yield CorpusDocument(docs.module, docs.text(), docs.url(), f"python-stdlib/{docs.relative_path}")
+
+
+def write_pretraining_corpus(path: str, max_bytes: int = 4_000_000, root: str | None = None,
+                             documents: Iterable[CorpusDocument] | None = None) -> dict:
+    """JSONL in FineWeb-Edu's schema until max_bytes of text; returns a summary.
+
+    The documents are `module_documents(root)` unless given (the tests pass their own).
+    """
+    documents_written = text_bytes = 0
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as out:
-        for docs in iter_module_docs(root):
-            text = docs.text()
+    with atomic_write(path, "w") as out:
+        for document in module_documents(root) if documents is None else documents:
             if text_bytes >= max_bytes:
                 break
-            words = len(text.split())
+            words = len(document.text.split())
             score = min(5.0, 2.5 + words / 2000)
             record = {
-                "text": text,
-                "id": f"<urn:uuid:{_stable_uuid(docs.module)}>",
+                "text": document.text,
+                "id": f"<urn:uuid:{_stable_uuid(document.key)}>",
                 "dump": "CC-MAIN-2025-05",
-                "url": docs.url(),
-                "file_path": f"python-stdlib/{docs.relative_path}",
+                "url": document.url,
+                "file_path": document.file_path,
                 "language": "en",
                 "language_score": 0.95,
                 "token_count": round(words * 1.3),  # an estimate: FineWeb-Edu counts GPT-2 tokens
@@ -172,10 +193,9 @@ def write_pretraining_corpus(path: str, max_bytes: int = 4_000_000, root: str | 
                 "int_score": int(round(score)),
             }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            documents += 1
-            text_bytes += len(text.encode())
-    os.replace(path + ".tmp", path)
-    return {"documents": documents, "bytes": text_bytes, "path": path}
+            documents_written += 1
+            text_bytes += len(document.text.encode())
+    return {"documents": documents_written, "bytes": text_bytes, "path": path}
 
 
 def first_paragraph(docstring: str) -> str:
@@ -189,7 +209,8 @@ def write_instruction_set(path: str, max_examples: int = 2000, root: str | None 
     and information_extraction (the signature).
     """
     examples = 0
-    with open(path + ".tmp", "w", encoding="utf-8") as out:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "w") as out:
         for docs in iter_module_docs(root):
             for fn in docs.functions:
                 if examples >= max_examples:
@@ -209,5 +230,4 @@ def write_instruction_set(path: str, max_examples: int = 2000, root: str | None 
                 examples += 1
             if examples >= max_examples:
                 break
-    os.replace(path + ".tmp", path)
     return {"examples": examples, "path": path}

@@ -19,12 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers import load_tool, train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.conversion.checkpoints import load_lime_weights, write_consolidated
 from megatron_lime.conversion.weight_map import HF_TO_LIME_WEIGHTS, hf_to_lime_state_dict, lime_to_hf_state_dict
 from megatron_lime.model import LimeModel
-from megatron_lime.testing import load_tool, train_tiny_tokenizer, write_tiny_corpus
 from megatron_lime.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

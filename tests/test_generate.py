@@ -9,12 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from helpers import load_tool, train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.conversion.checkpoints import write_consolidated
 from megatron_lime.conversion.generation import DecodingSettings, TokenStreamer, load_generator
 from megatron_lime.model import LimeModel
-from megatron_lime.testing import load_tool, train_tiny_tokenizer, write_tiny_corpus
 
 CARD_KWARGS = dict(max_new_tokens=128, num_beams=4, early_stopping=True, repetition_penalty=1.15,
                    no_repeat_ngram_size=3, min_new_tokens=16, do_sample=False, top_p=None, temperature=None)

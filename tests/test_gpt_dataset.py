@@ -5,12 +5,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import make_tiny_pretraining_data
 
 from megatron_lime.data import gpt_dataset
-from megatron_lime.data.gpt_dataset import (GPTDataset, build_blending_indices, build_pretraining_datasets,
-                                            build_sample_index, parse_data_path, parse_split, split_document_ranges)
+from megatron_lime.data.builder import build_blending_indices, parse_data_path, parse_split
+from megatron_lime.data.gpt_dataset import (GPTDataset, build_pretraining_datasets, build_sample_index,
+                                            split_document_ranges)
 from megatron_lime.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
-from megatron_lime.testing import make_tiny_pretraining_data
 
 
 @pytest.fixture(scope="module")

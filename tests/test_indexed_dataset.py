@@ -170,15 +170,15 @@ def test_dtype_must_fit_vocabulary(good_pair):
 
 
 def test_merge_tool(tmp_path):
-    from megatron_lime.testing import load_tool
+    from megatron_lime.data.merge import main as merge_datasets
 
     a, b = random_documents(5, 1000, seed=3), random_documents(7, 1000, seed=4)
     reference_write(str(tmp_path / "a"), a, 8)
     reference_write(str(tmp_path / "b"), b, 8)
-    assert load_tool("merge_datasets").main(["--input", str(tmp_path / "a"), str(tmp_path / "b"),
+    assert merge_datasets(["--input", str(tmp_path / "a"), str(tmp_path / "b"),
                                              "--output-prefix", str(tmp_path / "out" / "ab")]) == 0
     assert reference_read(str(tmp_path / "out" / "ab")) == a + b
     reference_write(str(tmp_path / "c"), [[1, 2]], 4)  # int32
-    assert load_tool("merge_datasets").main(["--input", str(tmp_path / "a"), str(tmp_path / "c"),
+    assert merge_datasets(["--input", str(tmp_path / "a"), str(tmp_path / "c"),
                                              "--output-prefix", str(tmp_path / "bad")]) == 1
     assert not os.path.exists(tmp_path / "bad.bin") and not os.path.exists(tmp_path / "bad.idx")

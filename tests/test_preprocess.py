@@ -1,4 +1,4 @@
-"""tools/preprocess_data.py: every input kind, ids equal the tokenizer's, bad input handling."""
+"""Pretraining preprocessing (megatron_lime.data.preprocess, tools/preprocess_data.py): every input kind, ids equal the tokenizer's, bad input handling."""
 
 import gzip
 import json
@@ -6,9 +6,10 @@ import os
 
 import numpy as np
 import pytest
+from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.data.indexed_dataset import IndexedDataset
-from megatron_lime.testing import load_tool, train_tiny_tokenizer, write_tiny_corpus
+from megatron_lime.data import preprocess as preprocessing
 from megatron_lime.tokenizer import load_tokenizer
 
 
@@ -23,7 +24,7 @@ def data(tmp_path_factory):
 
 
 def preprocess(*args: str) -> int:
-    return load_tool("preprocess_data").main(["--quiet", *args])
+    return preprocessing.main(["--quiet", *args])
 
 
 def read_all(prefix: str) -> list[list[int]]:

@@ -11,13 +11,13 @@ import os
 
 import datasets
 import pytest
+from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.data.sft import sample_rows
 from megatron_lime.data.sft.adapters import ADAPTERS, BadRecordError, conversation_to_example, get_adapter
 from megatron_lime.data.sft.mixture import MixtureError, load_mixture
 from megatron_lime.data.sft.readers import DataFileError, iter_rows, resolve_data_files, unreadable_reason
 from megatron_lime.data.sft.template import SFTExample, TemplateIds, Turn, encode_examples, render, render_examples
-from megatron_lime.testing import train_tiny_tokenizer, write_tiny_corpus
 from megatron_lime.tokenizer import load_tokenizer
 
 

@@ -12,15 +12,16 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.data.indexed_dataset import IndexedDataset
+from megatron_lime.data.sft import preprocess as sft_preprocess
 from megatron_lime.data.sft import sample_rows
-from megatron_lime.data.sft.dataset import (SFTDatasetError, build_sft_datasets, pack_best_fit, parse_split,
-                                            split_example_ids)
+from megatron_lime.data.builder import parse_split
+from megatron_lime.data.sft.dataset import SFTDatasetError, build_sft_datasets, pack_best_fit, split_example_ids
 from megatron_lime.model import LimeModel
 from megatron_lime.sample_data import write_instruction_set
-from megatron_lime.testing import load_tool, train_tiny_tokenizer, write_tiny_corpus
 from megatron_lime.tokenizer import load_tokenizer
 
 SEQ = 128  # lime-tiny's max_position_embeddings
@@ -33,7 +34,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def preprocess(args: list[str]) -> int:
-    return load_tool("preprocess_sft_data").main(args)
+    return sft_preprocess.main(args)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def test_epochs_unpacked_mode_blend_and_cache(dolly_prefix, tmp_path):
                                      cache_path=str(tmp_path / "cache"))
     cached, _, _ = build_sft_datasets([dolly_prefix], "1,0,0", SEQ, seed=1, num_samples=(500, 0, 0),
                                       cache_path=str(tmp_path / "cache"))
-    assert len(os.listdir(tmp_path / "cache")) == 1
+    assert len(glob.glob(str(tmp_path / "cache" / "*-description.json"))) == 1  # one cached plan, reused
     for k in (0, len(one_epoch), len(train) - 1):  # epoch 2 is reshuffled, not a copy of epoch 1
         assert all(torch.equal(train[k][key], again[k][key]) and torch.equal(train[k][key], cached[k][key])
                    for key in train[k])

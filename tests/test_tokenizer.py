@@ -6,8 +6,8 @@ import random
 import shutil
 
 import pytest
+from helpers import HARD_STRINGS, load_tool, train_tiny_tokenizer, write_tiny_corpus
 
-from megatron_lime.testing import HARD_STRINGS, load_tool, train_tiny_tokenizer, write_tiny_corpus
 from megatron_lime.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer, SPECIAL_TOKENS, load_tokenizer)
 
 

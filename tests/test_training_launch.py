@@ -76,7 +76,7 @@ def check(result: subprocess.CompletedProcess, what: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from megatron_lime.testing import make_tiny_pretraining_data
+    from helpers import make_tiny_pretraining_data
 
     return make_tiny_pretraining_data(str(tmp_path_factory.mktemp("data")))
 
@@ -237,13 +237,13 @@ def test_sigterm_to_the_launcher_completes_the_checkpoint_and_the_resumed_run_ma
 def tiny_sft_data(tiny_data, tmp_path_factory):
     """~300 dolly-schema examples, preprocessed with the pretraining run's tokenizer (seq 64)."""
     from megatron_lime.sample_data import write_instruction_set
-    from megatron_lime.testing import load_tool
+    from megatron_lime.data.sft.preprocess import main as preprocess_sft
 
     tmp = tmp_path_factory.mktemp("sft")
     write_instruction_set(str(tmp / "dolly.jsonl"), max_examples=300)
     (tmp / "m.yaml").write_text(f"seq_length: 64\nover_length: truncate\ndatasets:\n"
                                 f"  - {{name: databricks/databricks-dolly-15k, path: {tmp / 'dolly.jsonl'}}}\n")
-    rc = load_tool("preprocess_sft_data").main(["--mixture", str(tmp / "m.yaml"), "--tokenizer", tiny_data[1],
+    rc = preprocess_sft(["--mixture", str(tmp / "m.yaml"), "--tokenizer", tiny_data[1],
                                                 "--output-prefix", str(tmp / "dolly"), "--quiet"])
     assert rc == 0
     return str(tmp / "dolly_text_document")

@@ -52,7 +52,7 @@ def module_weights(tag_dir) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from megatron_lime.testing import make_tiny_pretraining_data
+    from helpers import make_tiny_pretraining_data
 
     return make_tiny_pretraining_data(str(tmp_path_factory.mktemp("data")), num_docs=60)
 

@@ -20,11 +20,16 @@ document_indices = [0, 1, ..., S]. megatron_lime/data/README.md has a worked exa
 from __future__ import annotations
 
 import array
+import contextlib
+import hashlib
 import os
 import struct
 from types import TracebackType
+from typing import IO
 
 import numpy as np
+
+from megatron_lime.files import atomic_write
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -35,12 +40,39 @@ DTYPE_CODES: dict[type, int] = {
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
+# IndexedDataset.fingerprint: .bin files up to this size are hashed whole, larger ones by blocks.
+FULL_HASH_BYTES = 64 << 20
+FINGERPRINT_BLOCKS = 256
+FINGERPRINT_BLOCK_BYTES = 64 << 10
+
 # Megatron-LM stores tokens as uint16 when the vocabulary has fewer than 65,500 entries.
 UINT16_VOCAB_LIMIT = 65_500
 
 
 class IndexedDatasetError(ValueError):
     """A .bin/.idx pair that cannot be read (missing, truncated, corrupt, wrong dtype)."""
+
+
+class DatasetWriteError(OSError):
+    """The output of a writer could not be written (read-only or full disk): names the output and the OS reason."""
+
+    def __init__(self, path: str, error: OSError):
+        super().__init__(error.errno, f"{path}: cannot write: {error.strerror or error}")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+@contextlib.contextmanager
+def _output_errors(path: str):
+    """Re-raise an OSError while writing `path` as one that names it (the temporary name means nothing to a user)."""
+    try:
+        yield
+    except DatasetWriteError:
+        raise
+    except OSError as e:
+        raise DatasetWriteError(path, e) from e
 
 
 def best_dtype(vocab_size: int) -> type:
@@ -61,17 +93,14 @@ def strip_extension(path: str) -> str:
     return path
 
 
-def dataset_exists(prefix: str) -> bool:
-    bin_path, idx_path = dataset_paths(prefix)
-    return os.path.isfile(bin_path) and os.path.isfile(idx_path)
-
-
 class IndexedDatasetWriter:
     """Write a .bin/.idx pair, one document (= one sequence) at a time.
 
-    Tokens stream to `PREFIX.bin.tmp-PID`; `finalize()` writes the index and renames both
-    files into place, so a pair with the final names is always complete. Used as a context
-    manager, an exception removes the temporary files instead.
+    Tokens stream to a temporary file beside `PREFIX.bin` (megatron_lime.files.atomic_write);
+    `finalize()` writes the index the same way and renames both into place, the .idx last, so a
+    pair with the final names is always complete. Used as a context manager, an exception
+    removes the temporary files instead. An OSError (read-only or full disk) is raised as
+    `DatasetWriteError`, which names the output file.
     """
 
     def __init__(self, prefix_or_bin_path: str, dtype: type | np.dtype = np.uint16):
@@ -81,22 +110,21 @@ class IndexedDatasetWriter:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype {np.dtype(dtype)} has no code in the indexed dataset format")
         self.itemsize = np.dtype(self.dtype).itemsize
-        suffix = f".tmp-{os.getpid()}"
-        self.tmp_bin_path = self.bin_path + suffix
-        self.tmp_idx_path = self.idx_path + suffix
-        directory = os.path.dirname(os.path.abspath(self.bin_path))
-        os.makedirs(directory, exist_ok=True)
-        self.bin_file = open(self.tmp_bin_path, "wb")
+        with _output_errors(self.bin_path):
+            os.makedirs(os.path.dirname(os.path.abspath(self.bin_path)), exist_ok=True)
+            self._bin_writer = atomic_write(self.bin_path, "wb")
+            self.bin_file: IO[bytes] = self._bin_writer.__enter__()
         # 4 bytes per document, the only state that grows with the input.
         self.lengths = array.array("i")
         self.num_documents = 0
         self.num_tokens = 0
         self.finalized = False
+        self.closed = False
 
     def add_document(self, ids: np.ndarray | list[int]) -> None:
         """Append one document's token ids."""
         tokens = self._as_tokens(ids)
-        self.bin_file.write(tokens.tobytes(order="C"))
+        self._write(tokens.tobytes(order="C"))
         self.lengths.append(tokens.size)
         self.num_documents += 1
         self.num_tokens += tokens.size
@@ -107,7 +135,7 @@ class IndexedDatasetWriter:
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
-        self.bin_file.write(tokens.tobytes(order="C"))
+        self._write(tokens.tobytes(order="C"))
         self.lengths.frombytes(lengths.astype(np.int32).tobytes())
         self.num_documents += lengths.size
         self.num_tokens += tokens.size
@@ -122,10 +150,14 @@ class IndexedDatasetWriter:
                              "only one-sequence-per-document datasets can be merged")
         with open(other.bin_path, "rb") as source:
             while block := source.read(64 << 20):
-                self.bin_file.write(block)
+                self._write(block)
         self.lengths.frombytes(np.asarray(other.sequence_lengths, dtype=np.int32).tobytes())
         self.num_documents += len(other)
         self.num_tokens += int(other.sequence_lengths.sum(dtype=np.int64))
+
+    def _write(self, data: bytes) -> None:
+        with _output_errors(self.bin_path):
+            self.bin_file.write(data)
 
     def _as_tokens(self, ids: np.ndarray | list[int]) -> np.ndarray:
         tokens = np.asarray(ids)
@@ -138,23 +170,41 @@ class IndexedDatasetWriter:
         return tokens
 
     def finalize(self) -> None:
-        """Write the index and move both files to their final names."""
+        """Write the index and move both files to their final names (the .idx last)."""
         if self.finalized:
             return
-        self.bin_file.close()
-        write_index(self.tmp_idx_path, self.dtype, np.frombuffer(self.lengths, dtype=np.int32))
-        # The .idx is renamed last: a reader checks both, and the .bin alone is never taken as complete.
-        os.replace(self.tmp_bin_path, self.bin_path)
-        os.replace(self.tmp_idx_path, self.idx_path)
+        bin_renamed = False
+        try:
+            with _output_errors(self.idx_path), atomic_write(self.idx_path, "wb") as index_file:
+                _write_index_to(index_file, self.dtype, np.frombuffer(self.lengths, dtype=np.int32))
+                index_file.flush()
+                os.fsync(index_file.fileno())  # a full disk fails here, before anything is renamed
+                with _output_errors(self.bin_path):
+                    self.closed = True
+                    self._bin_writer.__exit__(None, None, None)  # fsync and rename the .bin
+                    bin_renamed = True
+        except BaseException:
+            self.abort()
+            if bin_renamed:  # ours, and without its index it must not stay under the final name
+                with contextlib.suppress(OSError):
+                    os.unlink(self.bin_path)
+            raise
         self.finalized = True
 
     def abort(self) -> None:
         """Close and delete the temporary files (nothing with the final names is written)."""
-        if not self.bin_file.closed:
-            self.bin_file.close()
-        for path in (self.tmp_bin_path, self.tmp_idx_path):
-            if os.path.exists(path):
-                os.remove(path)
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self._bin_writer.__exit__(DatasetWriteError, DatasetWriteError(self.bin_path, OSError("aborted")), None)
+
+    def remove_outputs(self) -> None:
+        """Delete this writer's finalized pair (after a later step of the same run failed)."""
+        if self.finalized:
+            for path in (self.idx_path, self.bin_path):  # the .idx first: a lone .bin never looks complete
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self.finalized = False
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
@@ -166,9 +216,35 @@ class IndexedDatasetWriter:
             self.abort()
 
 
+@contextlib.contextmanager
+def written_together(writers: list[IndexedDatasetWriter]):
+    """`with written_together(writers):` fill pairs that belong together (one per --json-keys key;
+    SFT's text and loss mask), appending writers as they are opened; all are finalized or none.
+
+    An exception in the body aborts every writer (temporary files removed). When finalizing
+    one fails, the pairs already renamed into place are deleted again (they are this run's),
+    so no partial set of outputs looks complete.
+    """
+    try:
+        yield writers
+        for writer in writers:
+            writer.finalize()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+            writer.remove_outputs()
+        raise
+
+
 def write_index(idx_path: str, dtype: type, sequence_lengths: np.ndarray,
                 document_indices: np.ndarray | None = None) -> None:
     """Write a .idx file for sequences of the given lengths (one document per sequence by default)."""
+    with atomic_write(idx_path, "wb") as f:
+        _write_index_to(f, dtype, sequence_lengths, document_indices)
+
+
+def _write_index_to(f: IO[bytes], dtype: type, sequence_lengths: np.ndarray,
+                    document_indices: np.ndarray | None = None) -> None:
     lengths = np.asarray(sequence_lengths, dtype=np.int32)
     itemsize = np.dtype(dtype).itemsize
     pointers = np.zeros(lengths.size, dtype=np.int64)
@@ -177,15 +253,14 @@ def write_index(idx_path: str, dtype: type, sequence_lengths: np.ndarray,
     if document_indices is None:
         document_indices = np.arange(lengths.size + 1, dtype=np.int64)
     document_indices = np.asarray(document_indices, dtype=np.int64)
-    with open(idx_path, "wb") as f:
-        f.write(INDEX_MAGIC)
-        f.write(struct.pack("<Q", INDEX_VERSION))
-        f.write(struct.pack("<B", DTYPE_CODES[np.dtype(dtype).type]))
-        f.write(struct.pack("<Q", lengths.size))
-        f.write(struct.pack("<Q", document_indices.size))
-        f.write(lengths.tobytes(order="C"))
-        f.write(pointers.tobytes(order="C"))
-        f.write(document_indices.tobytes(order="C"))
+    f.write(INDEX_MAGIC)
+    f.write(struct.pack("<Q", INDEX_VERSION))
+    f.write(struct.pack("<B", DTYPE_CODES[np.dtype(dtype).type]))
+    f.write(struct.pack("<Q", lengths.size))
+    f.write(struct.pack("<Q", document_indices.size))
+    f.write(lengths.tobytes(order="C"))
+    f.write(pointers.tobytes(order="C"))
+    f.write(document_indices.tobytes(order="C"))
 
 
 class IndexedDataset:
@@ -202,6 +277,7 @@ class IndexedDataset:
         for path in (self.idx_path, self.bin_path):
             if not os.path.isfile(path):
                 raise IndexedDatasetError(f"{path}: file not found (dataset prefix {self.prefix!r})")
+        self._fingerprint: str | None = None
         self._read_index()
         self._check_bin()
         if vocab_size is not None:
@@ -267,6 +343,59 @@ class IndexedDataset:
                 f"{self.bin_path}: tokens are {np.dtype(self.dtype)} (max id {np.iinfo(self.dtype).max}) but the "
                 f"tokenizer has {vocab_size} ids: this data was made with a different tokenizer"
             )
+
+    def fingerprint(self) -> str:
+        """A content hash of the pair: the whole .idx, and the .bin (whole up to FULL_HASH_BYTES,
+        beyond that its size and FINGERPRINT_BLOCKS evenly spaced blocks).
+
+        Keys index caches: every cached array is a function of the .idx (document lengths), which is
+        hashed completely; the .bin part catches a pair re-made with an index that happens to match.
+        Computed once per object.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            with open(self.idx_path, "rb") as f:
+                while block := f.read(16 << 20):
+                    digest.update(block)
+            bin_size = os.path.getsize(self.bin_path)
+            digest.update(struct.pack("<Q", bin_size))
+            with open(self.bin_path, "rb") as f:
+                if bin_size <= FULL_HASH_BYTES:
+                    while block := f.read(16 << 20):
+                        digest.update(block)
+                else:
+                    stride = (bin_size - FINGERPRINT_BLOCK_BYTES) // (FINGERPRINT_BLOCKS - 1)
+                    for i in range(FINGERPRINT_BLOCKS):
+                        f.seek(i * stride)
+                        digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def max_token_id(self) -> int:
+        """The largest token id in the .bin: one vectorised pass over the memory map (-1 when empty)."""
+        return int(self._bin.max()) if self.num_tokens else -1
+
+    def token_range(self) -> tuple[int, int]:
+        """(smallest, largest) token id; vectorised passes over the memory map (the smallest is free for unsigned dtypes)."""
+        if not self.num_tokens:
+            return 0, -1
+        smallest = int(self._bin.min()) if np.issubdtype(self.dtype, np.signedinteger) else 0
+        return smallest, self.max_token_id()
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Raise IndexedDatasetError naming the file and the first offending document if an id is outside [0, vocab_size)."""
+        smallest, largest = self.token_range()
+        if smallest >= 0 and largest < vocab_size:
+            return
+        bad = np.flatnonzero((self._bin >= vocab_size) | (self._bin < 0))
+        position = int(bad[0])
+        byte_offset = position * np.dtype(self.dtype).itemsize
+        sequence = int(np.searchsorted(self.sequence_pointers, byte_offset, side="right")) - 1
+        token = position - int(self.sequence_pointers[sequence]) // np.dtype(self.dtype).itemsize
+        raise IndexedDatasetError(
+            f"{self.bin_path}: token id {int(self._bin[position])} (document {sequence}, token {token}; "
+            f"{bad.size} such ids in all) is outside the vocabulary of {vocab_size} ids: "
+            f"made with another tokenizer, or the model's --vocab-size is too small")
 
     def __len__(self) -> int:
         return self.sequence_count

@@ -11,6 +11,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -91,6 +92,17 @@ def open_binary(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+# What reading a damaged .gz raises: EOFError (truncated), BadGzipFile (bad header or CRC), zlib.error (bad data).
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def gzip_error_reason(error: BaseException) -> str:
+    """One line saying what is wrong with a .gz file, from the exception reading it raised."""
+    if isinstance(error, EOFError):
+        return "truncated gzip file (the compressed data ends before its end marker)"
+    return f"corrupt gzip file ({error})"
+
+
 def parse_jsonl_line(line: bytes, path: str, line_number: int, keys: tuple[str, ...]) -> tuple[str, ...] | None:
     """The values of `keys` in one JSONL line; None for a blank line. Raises BadRecordError."""
     if not line.strip():
@@ -159,15 +171,22 @@ def load_saved_dataset(path: str, keys: tuple[str, ...]):
 def iter_records(source: InputSource, keys: tuple[str, ...], batch_size: int = 1024) -> Iterator[tuple[str, ...]]:
     """Yield the `keys` values of every record of one input, one tuple per record (in order)."""
     if source.kind == "jsonl":
-        with open_binary(source.path) as f:
-            for line_number, line in enumerate(f, start=1):
-                values = parse_jsonl_line(line, source.path, line_number, keys)
-                if values is not None:
-                    yield values
+        line_number = 0
+        try:
+            with open_binary(source.path) as f:
+                for line_number, line in enumerate(f, start=1):
+                    values = parse_jsonl_line(line, source.path, line_number, keys)
+                    if values is not None:
+                        yield values
+        except GZIP_ERRORS as e:
+            raise BadRecordError(source.path, f"line {line_number + 1}", gzip_error_reason(e)) from None
     elif source.kind == "text":
         # A plain-text file is one document (the tokenizer trainer only).
-        with open_binary(source.path) as f:
-            data = f.read()
+        try:
+            with open_binary(source.path) as f:
+                data = f.read()
+        except GZIP_ERRORS as e:
+            raise BadRecordError(source.path, "file", gzip_error_reason(e)) from None
         try:
             yield (data.decode("utf-8"),) * len(keys)
         except UnicodeDecodeError as e:

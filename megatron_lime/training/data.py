@@ -70,19 +70,28 @@ def build_loader(dataset: Dataset, sampler: MicroBatchSampler, num_workers: int,
 
 
 def build_datasets(args: TrainArgs, num_samples: tuple[int, int, int], pad_id: int, eod_id: int | None):
-    """(train, valid, test) for --dataset-type gpt or sft; None for an empty split."""
+    """(train, valid, test) for --dataset-type gpt or sft (megatron_lime/data/builder.py); None for an empty split.
+
+    Every token id is checked against the model's vocabulary here, when the data is opened, so a
+    dataset made with another tokenizer fails now with its file named, not inside a training step.
+    eod_id: SFT examples must end with it (pretraining data has its <eos> in the .bin already).
+    """
+    from megatron_lime.data.builder import DatasetConfig, build_datasets as build
+
     data = args.data
     if not data.data_path:
         raise ValueError("--data-path is required (or set DATA_PATH for the example scripts)")
-    common = dict(data_path=data.data_path, split=data.split, seq_length=args.seq_length,
-                  seed=args.training.seed, num_samples=num_samples, cache_path=data.data_cache_path, eod_id=eod_id)
+    config = DatasetConfig(data_path=data.data_path, split=data.split, seq_length=args.seq_length,
+                           seed=args.training.seed, num_samples=num_samples, cache_path=data.data_cache_path,
+                           vocab_size=args.model.vocab_size)
     if data.dataset_type == "gpt":
-        from megatron_lime.data.gpt_dataset import build_pretraining_datasets
+        from megatron_lime.data.gpt_dataset import GPTDataset
 
-        return build_pretraining_datasets(**common)
-    from megatron_lime.data.sft.dataset import build_sft_datasets
+        return build(GPTDataset, config)
+    from megatron_lime.data.sft.dataset import SFTDataset
 
-    return build_sft_datasets(**common, packed=data.sft_packing, pad_id=pad_id)
+    config.options = dict(eod_id=eod_id, packed=data.sft_packing, pad_id=pad_id)
+    return build(SFTDataset, config)
 
 
 MODEL_INPUTS = ("input_ids", "labels", "loss_mask", "position_ids", "document_ids")

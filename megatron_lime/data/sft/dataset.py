@@ -15,16 +15,16 @@ is never split across sequences, and attends only to itself when the model is gi
 document_ids. Packing is best-fit over a window of open sequences, in a seeded random order
 that changes every epoch; `packed=False` puts one example in each padded sequence.
 The train/valid/test split is a seeded permutation of each dataset's examples, cut by the
-split weights, so every split draws from the whole mixture.
+split weights, so every split draws from the whole mixture. The --data-path blend (`PREFIX`,
+`A B`, `W1 A W2 B`, a file listing them), blending and the cache of sequence plans are the
+builder's (megatron_lime/data/builder.py), the same as for pretraining.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -32,14 +32,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from megatron_lime.data.builder import (INDEX_FORMAT_VERSION, SPLIT_NAMES, DatasetConfig, IndexCache,
+                                        build_datasets, check_token_ids, parse_split)
 from megatron_lime.data.indexed_dataset import IndexedDataset
 from megatron_lime.data.sft.preprocess import loss_mask_prefix_for
 
 logger = logging.getLogger(__name__)
 
 OPEN_SEQUENCES = 256  # best-fit window: sequences still being filled
-CACHE_VERSION = 1
-SPLIT_NAMES = ("train", "valid", "test")
 
 
 class SFTDatasetError(ValueError):
@@ -49,13 +49,19 @@ class SFTDatasetError(ValueError):
 class SFTExampleSource:
     """The text / loss-mask pair written by tools/preprocess_sft_data.py, checked to belong together."""
 
-    def __init__(self, text_prefix: str, eod_id: int | None = None):
+    def __init__(self, text_prefix: str, eod_id: int | None = None, vocab_size: int | None = None,
+                 cache_dir: str | None = None):
         self.text_prefix = text_prefix
         self.mask_prefix = loss_mask_prefix_for(text_prefix)
-        self.tokens = IndexedDataset(text_prefix)
+        self.tokens = IndexedDataset(text_prefix, vocab_size=vocab_size)
         self.loss_masks = IndexedDataset(self.mask_prefix)
         if self.loss_masks.dtype != np.uint8:
             raise SFTDatasetError(f"{self.mask_prefix}: loss masks must be uint8, got {np.dtype(self.loss_masks.dtype)}")
+        if vocab_size is not None:
+            check_token_ids(self.tokens, vocab_size, cache_dir)
+        if self.loss_masks.max_token_id() > 1:
+            raise SFTDatasetError(f"{self.loss_masks.bin_path}: loss mask values must be 0 or 1, found "
+                                  f"{self.loss_masks.max_token_id()}: corrupt or not a loss mask")
         if not np.array_equal(self.tokens.sequence_lengths, self.loss_masks.sequence_lengths):
             raise SFTDatasetError(f"{text_prefix} and {self.mask_prefix} do not describe the same examples "
                                   f"({len(self.tokens)} vs {len(self.loss_masks)} sequences, or different lengths)")
@@ -77,23 +83,18 @@ class SFTExampleSource:
         """(tokens, loss_mask) of example i, both (n,)."""
         return self.tokens[i], self.loss_masks[i]
 
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.num_tokens
+
     def fingerprint(self) -> str:
-        stats = [os.path.getsize(p) for p in (self.tokens.idx_path, self.tokens.bin_path, self.loss_masks.bin_path)]
-        return f"{os.path.abspath(self.text_prefix)}:{stats}:{int(os.path.getmtime(self.tokens.idx_path))}"
+        """Content fingerprint of the text and loss-mask pairs (IndexedDataset.fingerprint)."""
+        return f"{self.tokens.fingerprint()}:{self.loss_masks.fingerprint()}"
 
 
-def parse_split(split: str) -> list[float]:
-    """Megatron's split string ("969,30,1" or "98/2/0") as three fractions summing to 1."""
-    parts = [float(p) for p in split.replace("/", ",").split(",") if p.strip()]
-    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"split must be up to three non-negative weights like '969,30,1', got {split!r}")
-    parts += [0.0] * (3 - len(parts))
-    return [p / sum(parts) for p in parts]
-
-
-def split_example_ids(num_examples: int, split: str, seed: int) -> list[np.ndarray]:
+def split_example_ids(num_examples: int, split: str | list[float], seed: int) -> list[np.ndarray]:
     """Example ids of train / valid / test: a seeded permutation cut at the split fractions."""
-    fractions = parse_split(split)
+    fractions = parse_split(split) if isinstance(split, str) else split
     bounds = [0]
     for fraction in fractions:
         bounds.append(bounds[-1] + int(round(fraction * num_examples)))
@@ -182,24 +183,21 @@ class SFTDataset(Dataset):
             )
         if np.any(positions[example_ids] < 1):
             raise SFTDatasetError(f"{source.text_prefix}: an example has fewer than 2 tokens")
-        self.plan = self._load_or_plan(positions, example_ids, seed, num_samples, cache_path)
+        description = {
+            "class": "SFTDataset", "format_version": INDEX_FORMAT_VERSION,
+            "prefix": os.path.abspath(source.text_prefix), "content_fingerprint": source.fingerprint(),
+            "split": name, "seq_length": seq_length, "seed": seed, "num_samples": num_samples, "packed": packed,
+            "open_sequences": OPEN_SEQUENCES, "example_ids_sha1": hashlib.sha1(example_ids.tobytes()).hexdigest(),
+        }
+        cache = IndexCache(cache_path, f"SFTDataset-{name}", description)
+        self.cache_key = cache.key
 
-    def _load_or_plan(self, positions: np.ndarray, example_ids: np.ndarray, seed: int, num_samples: int,
-                      cache_path: str | None) -> SequencePlan:
-        if cache_path is None:
-            return plan_sequences(positions, example_ids, self.seq_length, seed, num_samples, self.packed)
-        key = json.dumps([CACHE_VERSION, self.source.fingerprint(), self.name, self.seq_length, seed, num_samples,
-                          self.packed, OPEN_SEQUENCES, hashlib.sha1(example_ids.tobytes()).hexdigest()])
-        file = os.path.join(cache_path, f"sft_{self.name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
-        if os.path.isfile(file):
-            with np.load(file) as cached:
-                return SequencePlan(examples=cached["examples"], starts=cached["starts"])
-        plan = plan_sequences(positions, example_ids, self.seq_length, seed, num_samples, self.packed)
-        os.makedirs(cache_path, exist_ok=True)
-        tmp = f"{file}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, examples=plan.examples, starts=plan.starts)
-        os.replace(tmp, file)  # atomic: ranks racing to write the same plan are harmless
-        return plan
+        def build() -> dict[str, np.ndarray]:
+            plan = plan_sequences(positions, example_ids, seq_length, seed, num_samples, packed)
+            return {"examples": plan.examples, "starts": plan.starts}
+
+        arrays = cache.load_or_build(("examples", "starts"), build)
+        self.plan = SequencePlan(examples=arrays["examples"], starts=arrays["starts"])
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -235,100 +233,46 @@ class SFTDataset(Dataset):
                 "document_ids": torch.from_numpy(document_ids)}
 
 
-def blend_indices(weights: list[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Megatron's blending: sample i comes from the dataset furthest behind its weight's share.
+    # The builder's interface (megatron_lime/data/builder.py): --data-path, --split, blending.
+    ZERO_SAMPLES_MEANS_ONE_EPOCH = True
 
-    Returns (dataset index, sample index within that dataset), both (size,).
-    """
-    weights_array = np.asarray(weights, dtype=np.float64)
-    counts = np.zeros(len(weights), dtype=np.int64)
-    dataset_index = np.empty(size, dtype=np.int64)
-    sample_index = np.empty(size, dtype=np.int64)
-    for i in range(size):
-        choice = int(np.argmax(weights_array * (i + 1) - counts))
-        dataset_index[i], sample_index[i] = choice, counts[choice]
-        counts[choice] += 1
-    return dataset_index, sample_index
+    @classmethod
+    def open(cls, prefix: str, config: DatasetConfig) -> SFTExampleSource:
+        return SFTExampleSource(prefix, (config.options or {}).get("eod_id"), config.vocab_size,
+                                config.cache_dir_for(prefix))
 
+    @classmethod
+    def split(cls, source: SFTExampleSource, fractions: list[float], config: DatasetConfig) -> list[np.ndarray | None]:
+        """Seeded example ids of each split; None for a split without examples."""
+        return [ids if len(ids) else None for ids in split_example_ids(len(source), fractions, config.seed)]
 
-class BlendedSFTDataset(Dataset):
-    """Several SFT datasets mixed by weight (Megatron's `--data-path w1 p1 w2 p2`)."""
-
-    def __init__(self, datasets: list[SFTDataset], weights: list[float], size: int):
-        self.datasets = datasets
-        self.dataset_index, self.sample_index = blend_indices(weights, size)
-        for d, dataset in enumerate(datasets):
-            needed = int(self.sample_index[self.dataset_index == d].max(initial=-1)) + 1
-            if needed > len(dataset):
-                raise SFTDatasetError(f"blend needs {needed} sequences of {dataset.source.text_prefix} "
-                                      f"but it has {len(dataset)}")
-
-    def __len__(self) -> int:
-        return len(self.dataset_index)
-
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        return self.datasets[self.dataset_index[k]][int(self.sample_index[k])]
-
-
-def parse_data_path(data_path: list[str]) -> tuple[list[float], list[str]]:
-    """["prefix"] or ["w1", "prefix1", "w2", "prefix2", ...] -> (normalised weights, prefixes)."""
-    if len(data_path) == 1:
-        return [1.0], list(data_path)
-    if len(data_path) % 2:
-        raise ValueError(f"data_path must be one prefix or weight/prefix pairs, got {data_path}")
-    try:
-        weights = [float(w) for w in data_path[0::2]]
-    except ValueError:
-        raise ValueError(f"data_path must be one prefix or weight/prefix pairs, got {data_path}") from None
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"data_path weights must be non-negative with a positive sum, got {weights}")
-    return [w / sum(weights) for w in weights], list(data_path[1::2])
+    @classmethod
+    def build(cls, source: SFTExampleSource, example_ids: np.ndarray, split_index: int, num_samples: int,
+              config: DatasetConfig) -> "SFTDataset":
+        options = config.options or {}
+        return cls(source, example_ids, config.seq_length, config.seed + split_index, num_samples,
+                   options.get("packed", True), options.get("pad_id", 0), config.cache_dir_for(source.text_prefix),
+                   SPLIT_NAMES[split_index])
 
 
 def build_sft_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
                        num_samples: tuple[int, int, int], cache_path: str | None = None,
-                       eod_id: int | None = None, *, packed: bool = True,
-                       pad_id: int = 0) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
+                       eod_id: int | None = None, *, packed: bool = True, pad_id: int = 0,
+                       vocab_size: int | None = None) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """Train / valid / test datasets of SFT sequences (see the module docstring); None for an empty split.
 
-    data_path: ["PREFIX_text_document"] or ["w1", "PREFIX1_text_document", "w2", ...] as written by
+    data_path: a blend (builder.parse_data_path) of "PREFIX_text_document" prefixes as written by
         tools/preprocess_sft_data.py (the loss mask is read from the matching _loss_mask_document).
     split: Megatron's split weights, e.g. "969,30,1", applied to each dataset's examples.
     num_samples: sequences wanted per split; each dataset repeats epochs (reshuffled) until it has
         at least that many. 0 means one epoch.
+    cache_path: where sequence plans are cached (default: `index-cache/` next to each dataset).
     eod_id: when given, every example must end with it (catches data made with another tokenizer).
+    vocab_size: when given, every token id is checked to be below it.
     """
-    weights, prefixes = parse_data_path(data_path)
-    sources = [SFTExampleSource(prefix, eod_id) for prefix in prefixes]
-    splits_per_source = [split_example_ids(len(source), split, seed) for source in sources]
-    results: list[Dataset | None] = []
-    for split_index, name in enumerate(SPLIT_NAMES):
-        wanted = int(num_samples[split_index])
-        members = [(w, src, ids[split_index]) for w, src, ids in zip(weights, sources, splits_per_source)
-                   if w > 0 and len(ids[split_index])]
-        if not members:
-            results.append(None)
-            continue
-        if len(members) == 1:
-            _, source, ids = members[0]
-            results.append(SFTDataset(source, ids, seq_length, seed + split_index, wanted, packed, pad_id,
-                                      cache_path, name))
-            continue
-        member_weights = [w / sum(m[0] for m in members) for w, _, _ in members]
-
-        def member(i: int, samples: int) -> SFTDataset:
-            _, src, ids = members[i]
-            return SFTDataset(src, ids, seq_length, seed + split_index, samples, packed, pad_id, cache_path,
-                              f"{name}{i}")
-
-        # Each member gets its share plus 0.5% (Megatron's margin) so the blend never runs dry;
-        # with nothing asked (0), the blend is as long as one epoch of every member together.
-        datasets = [member(i, int(math.ceil(w * wanted * 1.005))) for i, w in enumerate(member_weights)]
-        size = wanted if wanted > 0 else sum(len(d) for d in datasets)
-        datasets = [d if len(d) >= math.ceil(w * size * 1.005) else member(i, int(math.ceil(w * size * 1.005)))
-                    for i, (d, w) in enumerate(zip(datasets, member_weights))]
-        results.append(BlendedSFTDataset(datasets, member_weights, size))
-    train, valid, test = results
+    train, valid, test = results = build_datasets(SFTDataset, DatasetConfig(
+        data_path=data_path, split=split, seq_length=seq_length, seed=seed, num_samples=num_samples,
+        cache_path=cache_path, vocab_size=vocab_size, options=dict(eod_id=eod_id, packed=packed, pad_id=pad_id)))
     logger.info("SFT datasets: %s", ", ".join(f"{n}={len(d) if d is not None else 0}"
                                               for n, d in zip(SPLIT_NAMES, results)))
     return train, valid, test

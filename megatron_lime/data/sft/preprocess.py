@@ -12,21 +12,26 @@ temporary names that are renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
-import json
+import argparse
+import dataclasses
 import logging
 import math
-import os
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype
+from megatron_lime.data.indexed_dataset import (DatasetWriteError, IndexedDatasetError, IndexedDatasetWriter, best_dtype,
+                                                written_together)
 from megatron_lime.data.sft.adapters import BadRecordError, get_adapter
-from megatron_lime.data.sft.mixture import Mixture, MixtureEntry
-from megatron_lime.data.sft.readers import RowLocation, iter_rows, unreadable_reason
-from megatron_lime.data.sft.template import SFTExample, SFTTokenizer, TemplateIds, encode_examples, render
+from megatron_lime.data.sft.mixture import Mixture, MixtureEntry, MixtureError, load_mixture
+from megatron_lime.data.sft.readers import DataFileError, RowLocation, iter_rows, unreadable_reason
+from megatron_lime.data.sft.template import OVER_LENGTH_POLICIES, SFTExample, SFTTokenizer, TemplateIds, encode_examples, render
+from megatron_lime.files import write_json
+from megatron_lime.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +191,16 @@ def preprocess_mixture(mixture: Mixture, tokenizer: SFTTokenizer, output_prefix:
         raise SFTDataError(f"{mixture.source}: the mixture produced no examples (see the summary counts)")
 
     order = np.random.default_rng([mixture.seed, len(mixture.datasets)]).permutation(len(written))
-    _write_pair(output_prefix, [written[i] for i in order], best_dtype(vocab_size), progress)
-    with open(f"{output_prefix}_summary.json.tmp", "w", encoding="utf-8") as f:
-        json.dump({"mixture": mixture.source, "seq_length": mixture.seq_length, "over_length": mixture.over_length,
-                   "seed": mixture.seed, "datasets": [asdict(s) for s in summaries]}, f, indent=2)
-    os.replace(f"{output_prefix}_summary.json.tmp", f"{output_prefix}_summary.json")
+    writers = _write_pair(output_prefix, [written[i] for i in order], best_dtype(vocab_size), progress)
+    summary_path = f"{output_prefix}_summary.json"
+    try:
+        write_json(summary_path, {"mixture": mixture.source, "seq_length": mixture.seq_length,
+                                  "over_length": mixture.over_length, "seed": mixture.seed,
+                                  "datasets": [asdict(s) for s in summaries]}, sort_keys=False)
+    except OSError as e:  # the pairs without their summary would look like a finished run
+        for writer in writers:
+            writer.remove_outputs()
+        raise DatasetWriteError(summary_path, e) from e
     return summaries
 
 
@@ -199,14 +209,20 @@ def _batches(items: list[_Rendered], size: int = 4096) -> Iterator[list[_Rendere
         yield items[start:start + size]
 
 
-def _write_pair(output_prefix: str, examples: list[_Rendered], token_dtype: type, progress: bool) -> None:
-    with IndexedDatasetWriter(text_prefix(output_prefix), token_dtype) as text_writer, \
-            IndexedDatasetWriter(loss_mask_prefix(output_prefix), np.uint8) as mask_writer:
+def _write_pair(output_prefix: str, examples: list[_Rendered], token_dtype: type,
+                progress: bool) -> list[IndexedDatasetWriter]:
+    """Write the text / loss-mask pairs (both or neither); returns their finalized writers."""
+    with written_together([]) as writers:
+        text_writer = IndexedDatasetWriter(text_prefix(output_prefix), token_dtype)
+        writers.append(text_writer)
+        mask_writer = IndexedDatasetWriter(loss_mask_prefix(output_prefix), np.uint8)
+        writers.append(mask_writer)
         for batch in tqdm(list(_batches(examples)), desc="writing", unit=" batches", dynamic_ncols=True,
                           disable=not progress):
             lengths = np.array([e.tokens.size for e in batch], dtype=np.int64)
             text_writer.add_documents(np.concatenate([e.tokens for e in batch]), lengths)
             mask_writer.add_documents(np.concatenate([e.loss_mask for e in batch]), lengths)
+    return writers
 
 
 SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -232,3 +248,74 @@ def format_summary(summaries: list[DatasetSummary]) -> str:
     out = [line(headers), line(["-" * w for w in widths])]
     out += [line(c) for c in cells[:-1]] + [line(["-" * w for w in widths]), line(cells[-1])]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# The command line (tools/preprocess_sft_data.py).
+
+COMMAND_LINE_HELP = """Tokenise an instruction-tuning mixture into an indexed dataset plus a parallel loss mask.
+
+    python tools/preprocess_sft_data.py --mixture examples/sft_mixture_lime_1b.yaml \
+        --tokenizer tokenizers/lime-50k --output-prefix data/sft/lime_sft
+
+writes data/sft/lime_sft_text_document.{bin,idx} (tokens of each example in the template
+`[<context> ctx] <user> instruction <assistant> response <eos>`), data/sft/lime_sft_loss_mask_document.{bin,idx}
+(uint8 per token, 1 = trained: every response and its <eos>) and data/sft/lime_sft_summary.json.
+Train on it with `--data-path data/sft/lime_sft_text_document` (the loss mask is found beside it).
+
+The mixture YAML names the datasets (by hub name, which picks the adapter), their paths, splits,
+caps and weights: see megatron_lime/data/sft/README.md. A bad row stops the run with an error
+naming the dataset, file and row, unless --skip-bad-records is given (then it is counted).
+Exit status: 0 on success, 1 on any data or configuration error.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=COMMAND_LINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mixture", required=True, help="Mixture YAML (datasets, paths, splits, caps, weights, seed).")
+    parser.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
+                        help="Tokenizer directory or sentencepiece .model (needs <user>, <assistant>, <context>).")
+    parser.add_argument("--output-prefix", required=True,
+                        help="Writes PREFIX_text_document.{bin,idx}, PREFIX_loss_mask_document.{bin,idx}, PREFIX_summary.json.")
+    parser.add_argument("--data-root", default=None, help="Resolve the mixture's relative paths against this directory.")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="Training sequence length (overrides the mixture's); examples may have seq_length + 1 tokens.")
+    parser.add_argument("--over-length", choices=OVER_LENGTH_POLICIES, default=None,
+                        help="Longer examples: drop, or truncate (context first, then trailing turns). Overrides the mixture's.")
+    parser.add_argument("--seed", type=int, default=None, help="Seed of caps, fractional weights and the shuffle (overrides the mixture's).")
+    parser.add_argument("--skip-bad-records", action="store_true",
+                        help="Skip rows that cannot become examples and count them, instead of stopping.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars (the summary is still printed).")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    try:
+        mixture = load_mixture(args.mixture, data_root=args.data_root)
+        overrides = {k: v for k, v in (("seq_length", args.seq_length), ("over_length", args.over_length),
+                                       ("seed", args.seed)) if v is not None}
+        mixture = dataclasses.replace(mixture, **overrides)
+        if mixture.seq_length <= 0:
+            raise MixtureError(f"--seq-length must be positive, got {mixture.seq_length}")
+        tokenizer = load_tokenizer(args.tokenizer)
+        summaries = preprocess_mixture(mixture, tokenizer, args.output_prefix, skip_bad_records=args.skip_bad_records,
+                                       progress=not args.quiet)
+    except (SFTDataError, MixtureError, DataFileError, IndexedDatasetError, FileNotFoundError, ValueError,
+            OSError) as e:  # OSError: DatasetWriteError names the output file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"\nSFT mixture {args.mixture}: seq_length {mixture.seq_length} (examples up to {mixture.seq_length + 1} "
+          f"tokens), over-length policy {mixture.over_length}, seed {mixture.seed}")
+    print(format_summary(summaries))
+    for summary in summaries:
+        for message in summary.bad_record_examples:
+            print(f"skipped: {message}")
+    seconds = time.perf_counter() - start
+    examples, tokens = sum(s.written for s in summaries), sum(s.tokens for s in summaries)
+    print(f"\nwrote {text_prefix(args.output_prefix)}.{{bin,idx}} and {loss_mask_prefix(args.output_prefix)}.{{bin,idx}} "
+          f"in {seconds:.1f} s ({examples / seconds:,.0f} examples/s, {tokens / seconds:,.0f} tokens/s)")
+    return 0
+

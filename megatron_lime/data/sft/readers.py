@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from megatron_lime.data.readers import is_saved_dataset
+from megatron_lime.data.readers import GZIP_ERRORS, gzip_error_reason, is_saved_dataset
 
 DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
 # JSON files in dataset directories that describe the data rather than hold it.
@@ -116,25 +116,32 @@ def _iter_parquet(file: str) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
 
 
 def _iter_json_lines(file: str) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
-    row = 0
-    with _open_text(file) as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            location = RowLocation(file, row, line_number)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield location, _Unreadable(f"invalid JSON: {e.msg} at column {e.colno}")
-            else:
-                yield location, record
-            row += 1
+    row = line_number = 0
+    try:
+        with _open_text(file) as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                location = RowLocation(file, row, line_number)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield location, _Unreadable(f"invalid JSON: {e.msg} at column {e.colno}")
+                else:
+                    yield location, record
+                row += 1
+    except GZIP_ERRORS as e:  # a damaged .gz: one bad row stands for the rest of the file
+        yield RowLocation(file, row, line_number + 1), _Unreadable(gzip_error_reason(e) + "; the rest of the file is unread")
 
 
 def _iter_json(file: str, split: str | None = None) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
     """A JSON array of rows, an object of splits ({"train": [rows], ...}), one object, or JSON lines named .json."""
-    with _open_text(file) as f:
-        text = f.read()
+    try:
+        with _open_text(file) as f:
+            text = f.read()
+    except GZIP_ERRORS as e:
+        yield RowLocation(file, 0), _Unreadable(gzip_error_reason(e) + "; the file is unread")
+        return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -5,21 +5,25 @@
     prefix, tokenizer_dir = make_tiny_pretraining_data(str(tmp))   # all three steps
 
 Everything is idempotent: when the outputs already exist they are reused, so a pytest
-session-scoped fixture (tmp_path_factory) pays for them once. The tokenizer and the
-preprocessing go through the real tools/train_tokenizer.py and tools/preprocess_data.py code.
+session-scoped fixture (tmp_path_factory) pays for them once. The corpus is written by the
+package's one corpus writer (megatron_lime.sample_data), the tokenizer by the real
+tools/train_tokenizer.py, the preprocessing by megatron_lime.data.preprocess.
+
+Tests import this as `from helpers import ...` (pytest puts tests/ on sys.path).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import random
 import sys
 import warnings
 from types import ModuleType
+
+from megatron_lime.data import preprocess
+from megatron_lime.sample_data import CorpusDocument, write_pretraining_corpus
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,28 +79,15 @@ def write_tiny_corpus(path: str, num_docs: int = 200, seed: int = 0) -> str:
         return path
     rng = random.Random(seed)
     paragraphs = _docstring_paragraphs()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        for i in range(num_docs):
-            parts = [paragraphs[rng.randrange(len(paragraphs))] for _ in range(rng.randint(1, 6))]
-            if i % 10 == 3:
-                parts.insert(rng.randint(0, len(parts)), HARD_STRINGS[(i // 10) % len(HARD_STRINGS)])
-            text = "\n\n".join(parts)
-            record = {
-                "text": text,
-                "id": f"<urn:uuid:{hashlib.md5(f'{seed}-{i}'.encode()).hexdigest()}>",
-                "dump": "CC-MAIN-2025-05",
-                "url": f"https://docs.example.org/{seed}/{i}.html",
-                "file_path": "s3://commoncrawl/crawl-data/CC-MAIN-2025-05/segments/tiny/warc/tiny.warc.gz",
-                "language": "en",
-                "language_score": round(0.9 + 0.1 * rng.random(), 4),
-                "token_count": len(text.split()),
-                "score": round(2.5 + 2.0 * rng.random(), 4),
-                "int_score": rng.randint(3, 4),
-            }
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp_path, path)
+    documents = []
+    for i in range(num_docs):
+        parts = [paragraphs[rng.randrange(len(paragraphs))] for _ in range(rng.randint(1, 6))]
+        if i % 10 == 3:
+            parts.insert(rng.randint(0, len(parts)), HARD_STRINGS[(i // 10) % len(HARD_STRINGS)])
+        documents.append(CorpusDocument(key=f"{seed}-{i}", text="\n\n".join(parts),
+                                        url=f"https://docs.example.org/{seed}/{i}.html",
+                                        file_path=f"python-stdlib-docstrings/{seed}/{i}"))
+    write_pretraining_corpus(path, max_bytes=sys.maxsize, documents=documents)
     return path
 
 
@@ -127,7 +118,7 @@ def train_tiny_tokenizer(out_dir: str, corpus: str, vocab_size: int = 512) -> st
 
 
 def make_tiny_pretraining_data(tmp_dir: str, num_docs: int = 200, vocab_size: int = 512) -> tuple[str, str]:
-    """Corpus + tokenizer + tools/preprocess_data.py --append-eod; returns (prefix, tokenizer_dir).
+    """Corpus + tokenizer + preprocessing with --append-eod; returns (prefix, tokenizer_dir).
 
     prefix is `<tmp_dir>/tiny_text_document` (pass it as --data-path).
     """
@@ -136,10 +127,10 @@ def make_tiny_pretraining_data(tmp_dir: str, num_docs: int = 200, vocab_size: in
     output_prefix = os.path.join(tmp_dir, "tiny")
     prefix = output_prefix + "_text_document"
     if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
-        rc = load_tool("preprocess_data").main([
+        rc = preprocess.main([
             "--input", corpus, "--output-prefix", output_prefix, "--tokenizer-model", tokenizer_dir,
             "--append-eod", "--workers", "1", "--quiet",
         ])
         if rc != 0:
-            raise RuntimeError(f"tools/preprocess_data.py failed (exit {rc}) on {corpus}")
+            raise RuntimeError(f"preprocessing failed (exit {rc}) on {corpus}")
     return prefix, tokenizer_dir

@@ -13,6 +13,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from megatron_lime.conversion.card import CARD_DECODING  # the decoding the card prints, one constant
+
 
 def build_prompt(question: str) -> str:
     return "<user>" + question + "<assistant>"
@@ -32,15 +34,7 @@ def main() -> int:
     input_length = inputs["input_ids"].shape[1]
     outputs = model.generate(
         **inputs,
-        max_new_tokens=128,
-        num_beams=4,
-        early_stopping=True,
-        repetition_penalty=1.15,
-        no_repeat_ngram_size=3,
-        min_new_tokens=16,
-        do_sample=False,
-        top_p=None,
-        temperature=None,
+        **CARD_DECODING,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

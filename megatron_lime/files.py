@@ -64,6 +64,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     _fsync_dir(path.parent)
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file written by a library that ignores the umask (safetensors creates 0600) the mode open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path, "w") as handle:
         handle.write(text)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from helpers import load_tool, train_tiny_tokenizer, write_tiny_corpus
 
+from megatron_lime.checkpoint import CheckpointError, torch_load
 from megatron_lime.config import LimeConfig
 from megatron_lime.conversion.checkpoints import load_lime_weights, write_consolidated
 from megatron_lime.conversion.weight_map import HF_TO_LIME_WEIGHTS, hf_to_lime_state_dict, lime_to_hf_state_dict
@@ -289,8 +290,8 @@ def test_conversion_from_a_two_process_zero1_checkpoint(tiny_run, tmp_path):
 
     assert convert("--load", str(save_dir), "--output", str(tmp_path / "hf"), "--dtype", "fp32") == 0
     exported = hf_to_lime_state_dict(load_file(tmp_path / "hf" / "model.safetensors"), num_layers=2)
-    expected = torch.load(save_dir / "expected_fp32.pt")
-    module = torch.load(save_dir / "global_step2" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    expected = torch_load(save_dir / "expected_fp32.pt")
+    module = torch_load(save_dir / "global_step2" / "mp_rank_00_model_states.pt")["module"]
     assert exported.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(exported[name], tensor), name
@@ -302,7 +303,7 @@ def test_conversion_from_a_two_process_zero1_checkpoint(tiny_run, tmp_path):
     # The same weights when the tag is named, or the tag directory itself is given.
     for source in (load_lime_weights(save_dir, tag="global_step2"), load_lime_weights(save_dir / "global_step2")):
         assert all(torch.equal(source.state_dict[name], tensor) for name, tensor in expected.items())
-    with pytest.raises(FileNotFoundError, match="checkpoint tag 'global_step9' does not exist"):
+    with pytest.raises(CheckpointError, match="checkpoint tag 'global_step9' does not exist"):
         load_lime_weights(save_dir, tag="global_step9")
     # DeepSpeed's universal checkpoint of the same step (what resuming at another world size uses).
     universal = subprocess.run(
@@ -313,3 +314,65 @@ def test_conversion_from_a_two_process_zero1_checkpoint(tiny_run, tmp_path):
     from_universal = load_lime_weights(save_dir, tag="global_step2_universal")
     assert "universal" in from_universal.source and from_universal.metadata["iteration"] == 2
     assert all(torch.equal(from_universal.state_dict[name], tensor) for name, tensor in expected.items())
+
+
+def test_conversion_never_imports_the_training_package():
+    """An export must not depend on the training loop's modules: checked by import and by reading the source."""
+    conversion_dir = os.path.join(REPO, "megatron_lime", "conversion")
+    offending = []
+    for root, _, files in os.walk(conversion_dir):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offending += [f"{path}: {m}" for m in modules if m.startswith("megatron_lime.training")]
+    assert offending == []
+    code = ("import sys, megatron_lime.conversion, megatron_lime.conversion.card, megatron_lime.conversion.generation;"
+            "import importlib.util as u; s = u.spec_from_file_location('c', 'tools/convert_to_hf.py');"
+            "s.loader.exec_module(u.module_from_spec(s));"
+            "print(sorted(m for m in sys.modules if m.startswith('megatron_lime.training')))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, check=True)
+    assert loaded.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_overwrite_never_deletes_the_checkpoint_or_anything_it_did_not_write(tiny_run, tmp_path, capsys):
+    # A DeepSpeed-like save dir: --output pointing at it, at its parent or inside it is refused, even with --overwrite.
+    save = tmp_path / "runs" / "save"
+    tag = save / "global_step2"
+    tag.mkdir(parents=True)
+    (save / "latest").write_text("global_step2")
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for output, relation in ((save, "is the --load folder"), (tmp_path / "runs", "contains the --load folder"),
+                             (save / "hf", "is inside the --load folder")):
+        assert convert("--load", str(save), "--output", str(output), "--overwrite") == 1
+        err = capsys.readouterr().err
+        assert relation in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    # An existing folder that is not an export is never replaced.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "results.csv").write_text("a,b\n")
+    assert convert("--load", str(tiny_run["ckpt"]), "--output", str(other), "--overwrite") == 1
+    assert "does not look like an export made by this tool (results.csv)" in capsys.readouterr().err
+    assert (other / "results.csv").read_text() == "a,b\n"
+    # An earlier export is replaced, whole, and only after the new one is complete.
+    export = tmp_path / "export"
+    assert convert("--load", str(tiny_run["ckpt"]), "--output", str(export), "--dtype", "fp32") == 0
+    (export / "stale.json").write_text("{}")
+    assert convert("--load", str(tiny_run["ckpt"]), "--output", str(export), "--overwrite", "--dtype", "fp32") == 0
+    assert not (export / "stale.json").exists() and (export / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old folder left
+
+
+def test_exported_files_follow_the_umask(tiny_run, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        assert convert("--load", str(tiny_run["ckpt"]), "--output", str(tmp_path / "hf"), "--dtype", "fp32") == 0
+        assert convert("--from-hf", "--load", str(tmp_path / "hf"), "--output", str(tmp_path / "back")) == 0
+    finally:
+        os.umask(previous)
+    files = [p for folder in ("hf", "back") for p in (tmp_path / folder).iterdir()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "lime_config.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o640) for p in files}

@@ -22,7 +22,7 @@ FROZEN_FLAGS = sorted([
     "--no-sft-packing", "--num-workers",
     # checkpoints
     "--save", "--load", "--save-interval", "--finetune", "--no-finetune", "--keep-last",
-    "--universal-checkpoint", "--no-universal-checkpoint",
+    "--universal-checkpoint", "--no-universal-checkpoint", "--override-lr-scheduler", "--no-override-lr-scheduler",
     # logging
     "--log-interval", "--eval-interval", "--eval-iters", "--tensorboard-dir", "--wandb-project",
     "--wandb-exp-name", "--peak-tflops",

@@ -155,3 +155,18 @@ def test_streamer_prints_each_token_and_holds_back_split_characters():
     streamer.end()
     assert writes == ["Hel", "Hello ", "Hello ", "Hello \U0001f600"]
     assert out.getvalue() == "Hello \U0001f600\n"
+
+
+def test_card_decoding_is_one_constant_used_by_the_card_the_export_and_the_tool(exported):
+    import json
+
+    from megatron_lime.conversion.card import CARD_DECODING
+
+    assert CARD_DECODING == CARD_KWARGS
+    card = (exported["hf"] / "README.md").read_text()
+    assert all(f"{name}={value!r}" in card for name, value in CARD_DECODING.items())
+    saved = json.loads((exported["hf"] / "generation_config.json").read_text())
+    assert all(saved[name] == value for name, value in CARD_DECODING.items()
+               if value is not None and name != "min_new_tokens")
+    card_kwargs = DecodingSettings(strategy="card").generate_kwargs(pad_id=0, eos_id=1)
+    assert {k: card_kwargs[k] for k in CARD_DECODING} == CARD_DECODING

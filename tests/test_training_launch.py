@@ -24,6 +24,8 @@ import time
 import pytest
 import torch
 
+from megatron_lime.checkpoint import torch_load
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "pretrain_lime_1b.sh")
 LOG_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss (\S+) \| lr (\S+) \| grad norm (\S+) \|")
@@ -66,7 +68,7 @@ def losses(output: str) -> dict[int, float]:
 
 
 def module_weights(tag_dir: str) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    return torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))["module"]
 
 
 def check(result: subprocess.CompletedProcess, what: str) -> str:
@@ -252,7 +254,7 @@ def tiny_sft_data(tiny_data, tmp_path_factory):
 def test_sft_script_finetunes_from_consolidated_weights(runs, tiny_data, tiny_sft_data, tmp_path):
     from megatron_lime.config import LimeConfig
     from megatron_lime.model import LimeModel
-    from megatron_lime.training.checkpointing import save_consolidated
+    from megatron_lime.checkpoint import save_consolidated
 
     pretrained_meta = json.load(open(os.path.join(runs["full_dir"], "global_step20", "lime_config.json")))
     model = LimeModel(LimeConfig.from_dict(pretrained_meta["model"]))

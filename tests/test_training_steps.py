@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from megatron_lime.checkpoint import torch_load
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs the real loop, with the model's training loss turned to NaN after a number of forward passes.
@@ -47,7 +49,7 @@ def run(tmp_path, good_forwards: int, *args: str) -> subprocess.CompletedProcess
 
 
 def module_weights(tag_dir) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    return torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))["module"]
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +95,8 @@ def test_bf16_path_trains_with_fp32_master_weights(tmp_path, tiny_data):
     weights = module_weights(os.path.join(save, "global_step4"))
     assert weights["layers.0.mlp.fc_in.weight"].dtype == torch.bfloat16
     # bf16 with ZeRO-1 is DeepSpeed's BF16_Optimizer: fp32 master weights and fp32 gradient accumulation.
-    optimizer_state = torch.load(os.path.join(save, "global_step4", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                                 weights_only=False)["optimizer_state_dict"]
+    optimizer_state = torch_load(os.path.join(save, "global_step4", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+                                 )["optimizer_state_dict"]
     masters = optimizer_state["single_partition_of_fp32_groups"]
     assert all(master.dtype == torch.float32 for master in masters)
     # The loop's schedule reached the optimizer: the LR of the last step (index 3) of a 4-step run.

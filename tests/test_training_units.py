@@ -9,7 +9,7 @@ import torch
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeModel
-from megatron_lime.training.checkpointing import load_consolidated, resolve_load, save_consolidated
+from megatron_lime.checkpoint import CheckpointError, load_consolidated, resolve_load, save_consolidated
 from megatron_lime.training.config import TrainingConfig, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler
 from megatron_lime.training.metrics import StepMetrics, peak_tflops_for
@@ -118,7 +118,7 @@ def test_consolidated_round_trip(tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(state_dict[name], tensor), name
     assert resolve_load(str(tmp_path), universal=False).kind == "consolidated"
-    with pytest.raises(FileNotFoundError, match="neither a consolidated"):
+    with pytest.raises(CheckpointError, match="neither a consolidated"):
         (tmp_path / "empty").mkdir()
         resolve_load(str(tmp_path / "empty"), universal=False)
 
@@ -139,10 +139,18 @@ def test_keep_last_prunes_only_older_checkpoints(tmp_path):
     from megatron_lime.training.checkpointing import Checkpointer
 
     for step in (5, 10, 15, 20):
-        (tmp_path / f"global_step{step}").mkdir()
+        complete_tag(tmp_path / f"global_step{step}")
+    (tmp_path / "global_step3").mkdir()  # an interrupted save: the user's to inspect, never pruned
     (tmp_path / "global_step20_universal").mkdir()
     (tmp_path / "tensorboard").mkdir()
     checkpointer = Checkpointer(str(tmp_path), 5, 2, meta_base={}, ds_config={}, rank=0, world_size=1)
     checkpointer._prune(keep="global_step20")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step15", "global_step20", "global_step20_universal",
-                                                          "tensorboard"]
+                                                          "global_step3", "tensorboard"]
+
+
+def complete_tag(tag_dir, meta=None):
+    """A tag folder as a finished save leaves it (empty model states; enough for the layout rules)."""
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (tag_dir / "lime_config.json").write_text(json.dumps(meta or {"model": {}}))

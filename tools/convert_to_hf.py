@@ -14,7 +14,10 @@
 The export loads offline with AutoTokenizer.from_pretrained(DIR) and
 AutoModelForCausalLM.from_pretrained(DIR, torch_dtype=torch.bfloat16, trust_remote_code=True).
 --tokenizer defaults to the tokenizer recorded in the checkpoint's lime_config.json.
-The output is written to a temporary directory and renamed into place when complete.
+The output is written to a temporary directory and renamed into place when complete. It may not be
+the --load folder, contain it or lie inside it; --overwrite replaces only a folder recognised as an
+export (flat: model.safetensors, config.json or lime_config.json, and config/weights/code/card/tokenizer
+files; see hf_export.check_output_folder), never anything else.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 from megatron_lime.conversion.checkpoints import load_lime_weights
-from megatron_lime.conversion.hf_export import DTYPES, export_to_hf, import_from_hf
+from megatron_lime.conversion.hf_export import DTYPES, check_output_folder, export_to_hf, import_from_hf
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="Dtype of the exported weights.")
     parser.add_argument("--from-hf", action="store_true",
                         help="Reverse direction: HF folder (--load) -> consolidated checkpoint (--output), fp32.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace --output if it already exists.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace --output if it exists and holds an earlier export (anything else is refused).")
     return parser.parse_args(argv)
 
 
@@ -48,11 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        print(f"error: {output} exists and is not empty (pass --overwrite to replace it)", file=sys.stderr)
-        return 1
     start = time.perf_counter()
     try:
+        check_output_folder(output, args.load, args.overwrite)
         if args.from_hf:
             if args.tag is not None:
                 raise ValueError("--tag applies to DeepSpeed checkpoints, not to --from-hf")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if not tokenizer:
             raise ValueError(f"{args.load}: lime_config.json records no tokenizer; pass --tokenizer")
         export_to_hf(weights, tokenizer, output, dtype=args.dtype)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"done: {weights.source} -> {output} ({weights.config.num_parameters() / 1e6:.1f}M parameters, "

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         generator = load_generator(args.load, tokenizer_path=args.tokenizer, tag=args.tag, dtype=dtype,
                                    device=args.device)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError) as err:  # bad checkpoints are CheckpointError (a ValueError): one line
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"[loaded {generator.source} on {args.device}, {dtype}; strategy {args.strategy}]", file=sys.stderr)

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from megatron_lime.conversion.checkpoints import LimeWeights
+
+# The model card's decoding: its usage snippet, the `card` strategy of tools/generate.py and
+# examples/card_generate.py all pass exactly these to generate(); the export's
+# generation_config.json holds them too, as generate()'s defaults (see generation_defaults).
+CARD_DECODING: dict[str, Any] = dict(max_new_tokens=128, num_beams=4, early_stopping=True, repetition_penalty=1.15,
+                                     no_repeat_ngram_size=3, min_new_tokens=16, do_sample=False, top_p=None,
+                                     temperature=None)
+
+
+def generation_defaults() -> dict[str, Any]:
+    """CARD_DECODING for generation_config.json: without min_new_tokens (a default that would force 16 tokens
+    on every caller) and without the None entries (they only switch off sampling defaults)."""
+    return {k: v for k, v in CARD_DECODING.items() if v is not None and k != "min_new_tokens"}
+
+
+def _card_decoding_lines(indent: str = "    ") -> str:
+    text = ", ".join(f"{name}={value!r}" for name, value in CARD_DECODING.items()) + ","
+    return textwrap.fill(text, width=100, initial_indent=indent, subsequent_indent=indent)
 
 # Training arguments worth showing on the card, when the run recorded them (Megatron names).
 _CARD_ARGS = ("recipe", "seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
@@ -110,8 +129,7 @@ prompt = "<user>" + "Write five questions for a Data Scientist interview." + "<a
 inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
 outputs = model.generate(
     **inputs,
-    max_new_tokens=128, num_beams=4, early_stopping=True, repetition_penalty=1.15,
-    no_repeat_ngram_size=3, min_new_tokens=16, do_sample=False, top_p=None, temperature=None,
+{_card_decoding_lines()}
     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
 )
 print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))

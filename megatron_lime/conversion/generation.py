@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, TextIO
 
 import torch
 
+from megatron_lime.conversion.card import CARD_DECODING
 from megatron_lime.conversion.checkpoints import LimeWeights, detect_checkpoint_kind, load_lime_weights
 from megatron_lime.conversion.weight_map import HF_TIED_HEAD, lime_config_to_hf, lime_to_hf_state_dict
 
@@ -50,9 +51,7 @@ class DecodingSettings:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         common = dict(pad_token_id=pad_id, eos_token_id=eos_id)
         if self.strategy == "card":
-            return dict(max_new_tokens=128, num_beams=4, early_stopping=True, repetition_penalty=1.15,
-                        no_repeat_ngram_size=3, min_new_tokens=16, do_sample=False, top_p=None, temperature=None,
-                        top_k=None, **common)
+            return dict(CARD_DECODING, top_k=None, **common)
         kwargs = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
                       repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
                       **common)

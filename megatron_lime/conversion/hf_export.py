@@ -14,7 +14,6 @@ so `--from-hf` can give training its history back).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -23,11 +22,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from megatron_lime.conversion.card import render_model_card
+from megatron_lime.conversion.card import generation_defaults, render_model_card
 from megatron_lime.conversion.checkpoints import (
-    EXPORT_RUN_FILE, WEIGHTS_FILE, LimeWeights, atomic_directory, read_hf_export, write_consolidated,
+    EXPORT_RUN_FILE, LIME_CONFIG_FILE, WEIGHTS_FILE, LimeWeights, read_hf_export, write_consolidated,
 )
 from megatron_lime.conversion.weight_map import lime_config_to_hf, lime_to_hf_state_dict
+from megatron_lime.files import atomic_directory, follow_umask, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}<assistant>{%- endif -%}"
 )
 
-# The model card's decoding, used when generate() is called without arguments.
-CARD_GENERATION = dict(max_new_tokens=128, num_beams=4, early_stopping=True, repetition_penalty=1.15,
-                       no_repeat_ngram_size=3, do_sample=False)
-
-
 def hf_config_dict(weights: LimeWeights, pad_id: int, eos_id: int, dtype: str) -> dict[str, Any]:
     import transformers
 
@@ -85,12 +80,6 @@ def hf_config_dict(weights: LimeWeights, pad_id: int, eos_id: int, dtype: str) -
     }
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
 def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_length: int) -> "Any":
     """Tokenizer files + chat template + pad/eos; returns the LimeTokenizer."""
     from megatron_lime.tokenizer import load_tokenizer
@@ -108,7 +97,7 @@ def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_
         raise ValueError(f"tokenizer {tokenizer_path} lacks {missing}: the chat template needs them")
     tokenizer.save_hf(str(out))
     config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     config.update({
         "tokenizer_class": config.get("tokenizer_class", "PreTrainedTokenizerFast"),
         "pad_token": tokenizer.id_to_piece(tokenizer.pad_id),
@@ -119,8 +108,41 @@ def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_
         # generate() rejects for a model that has none.
         "model_input_names": ["input_ids", "attention_mask"],
     })
-    _write_json(config_path, config)
+    write_json(config_path, config, sort_keys=False)
     return tokenizer
+
+
+# What --overwrite may replace: a folder this tool wrote. A Hugging Face export or a consolidated
+# checkpoint (--from-hf) is flat, holds model.safetensors and config.json or lime_config.json, and
+# nothing but files with these suffixes (config, weights, remote code, card, tokenizer files).
+EXPORT_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".model", ".txt", ".jinja")
+
+
+def check_output_folder(output: str | Path, source: str | Path, overwrite: bool) -> None:
+    """Refuse an --output that would destroy the input or anything this tool did not write (ValueError).
+
+    The output may never be the --load folder, contain it, or lie inside it. An existing non-empty
+    output is replaced only with `overwrite` and only when it is recognised as an export (see
+    EXPORT_SUFFIXES); the replacement itself happens after the new folder is complete (atomic_directory).
+    """
+    output, source = Path(output).resolve(), Path(source).resolve()
+    if output == source or output in source.parents or source in output.parents:
+        relation = "is" if output == source else "contains" if output in source.parents else "is inside"
+        raise ValueError(f"--output {output} {relation} the --load folder {source}: choose an output outside it")
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return
+    if not overwrite:
+        raise ValueError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+    if not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not an export folder: not replacing it")
+    entries = sorted(output.iterdir())
+    unexpected = [p.name + ("/" if p.is_dir() else "") for p in entries
+                  if p.is_dir() or not p.name.endswith(EXPORT_SUFFIXES)]
+    names = {p.name for p in entries}
+    if unexpected or WEIGHTS_FILE not in names or not names & {"config.json", LIME_CONFIG_FILE}:
+        found = ", ".join(unexpected[:5]) if unexpected else f"no {WEIGHTS_FILE} with config.json or {LIME_CONFIG_FILE}"
+        raise ValueError(f"--overwrite: {output} does not look like an export made by this tool ({found}); "
+                         f"not deleting it: remove it yourself or choose another --output")
 
 
 def export_to_hf(weights: LimeWeights, tokenizer_path: str, output_dir: str | Path, dtype: str = "bf16") -> Path:
@@ -141,22 +163,23 @@ def export_to_hf(weights: LimeWeights, tokenizer_path: str, output_dir: str | Pa
         logger.info("writing %s: %d tensors, %.1fM parameters, %s", WEIGHTS_FILE, len(hf_state),
                     sum(t.numel() for t in hf_state.values()) / 1e6, dtype)
         save_file(hf_state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        follow_umask(tmp / WEIGHTS_FILE)
 
-        _write_json(tmp / "config.json", hf_config_dict(weights, tokenizer.pad_id, tokenizer.eos_id, dtype))
+        write_json(tmp / "config.json", hf_config_dict(weights, tokenizer.pad_id, tokenizer.eos_id, dtype),
+                   sort_keys=False)
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(HF_FILES_DIR / name, tmp / name)
 
         from transformers import GenerationConfig
 
         generation = GenerationConfig(pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-                                      bos_token_id=None, **CARD_GENERATION)
+                                      bos_token_id=None, **generation_defaults())
         generation.validate()
         generation.save_pretrained(str(tmp))
 
-        _write_json(tmp / EXPORT_RUN_FILE, {**weights.metadata, "model": config.to_dict()})
-        (tmp / "README.md").write_text(
-            render_model_card(weights, tokenizer, dtype=dtype, supported_transformers=SUPPORTED_TRANSFORMERS),
-            encoding="utf-8")
+        write_json(tmp / EXPORT_RUN_FILE, {**weights.metadata, "model": config.to_dict()}, sort_keys=False)
+        write_text(tmp / "README.md",
+                   render_model_card(weights, tokenizer, dtype=dtype, supported_transformers=SUPPORTED_TRANSFORMERS))
     logger.info("exported %s to %s", weights.source, output_dir)
     return output_dir
 

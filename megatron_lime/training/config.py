@@ -115,6 +115,7 @@ class CheckpointConfig:
     finetune: bool = param(False, "With --load: weights only (fresh optimizer, step 0, no samples consumed).")
     keep_last: int | None = param(None, "Keep only the newest N checkpoints in --save.")
     universal_checkpoint: bool = param(False, "Load a universal checkpoint (made by ds_to_universal) to change the data-parallel size.")
+    override_lr_scheduler: bool = param(False, "On resume, use this command line's LR schedule even if it differs from the checkpoint's (otherwise the run stops and lists the differences).")
 
 
 @dataclass(kw_only=True)
@@ -164,7 +165,6 @@ class TrainArgs:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     recipe: str
-    local_rank: int | None = None
 
     @property
     def seq_length(self) -> int:
@@ -182,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="lime-1b", choices=list(PRESETS), help="Model preset (default: lime-1b).")
     parser.add_argument("--recipe", default="pretrain", choices=list(RECIPES),
                         help="The card's LR recipe and dataset type; flags given explicitly win (default: pretrain).")
-    # DeepSpeed's launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
+    # DeepSpeed's launcher appends --local_rank=N, so the flag must parse; the value is not used,
+    # since the same number is in the environment (LOCAL_RANK), which torchrun sets too.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
-                        help="Set by the launcher.")
+                        help="Set by the deepspeed launcher; ignored (LOCAL_RANK from the environment is used).")
     add_dataclass_flags(parser, LimeConfig, group="model")
     for name, cls in SECTIONS.items():
         add_dataclass_flags(parser, cls, group=name)
@@ -220,7 +221,7 @@ def parse_training_args(argv: list[str] | None = None) -> TrainArgs:
         if ns.lr_warmup_iters is not None:  # warmup in steps replaces the recipe's fraction
             bases["optimizer"].pop("lr_warmup_fraction", None)
         sections = {name: dataclass_from_args(cls, ns, base=cls(**bases[name])) for name, cls in SECTIONS.items()}
-        args = TrainArgs(model=model, recipe=ns.recipe, local_rank=ns.local_rank, **sections)
+        args = TrainArgs(model=model, recipe=ns.recipe, **sections)
     except ValueError as err:
         parser.error(str(err))
     if args.seq_length > args.model.max_position_embeddings:

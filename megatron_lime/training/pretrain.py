@@ -30,13 +30,14 @@ import torch.distributed as dist
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeModel
-from megatron_lime.training.checkpointing import (Checkpointer, LoadSource, TrainState, check_model_matches,
-                                                  holds_checkpoint, load_consolidated, resolve_load)
+from megatron_lime.checkpoint import (LoadSource, check_model_matches, check_schedule, holds_checkpoint,
+                                      load_consolidated, resolve_load)
+from megatron_lime.training.checkpointing import Checkpointer, TrainState
 from megatron_lime.training.config import TrainArgs, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler, build_datasets, build_loader, to_device
 from megatron_lime.training.failures import TerminationRequest, inject_fault, run_guarded
 from megatron_lime.training.metrics import MetricsLogger, StepMetrics, cpu_peak_rss_gib, peak_memory_gib, peak_tflops_for
-from megatron_lime.training.schedule import lr_for_config
+from megatron_lime.training.schedule import lr_for_config, schedule_record
 from megatron_lime.training.wrap import wrap_model
 
 
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     source = find_load_source(args, metrics)
     if source is not None and source.meta is not None:
         check_model_matches(source.meta["model"], args.model.to_dict(), f"--load {source.path}")
+    schedule = schedule_record(args.optimizer, total_iters)
+    check_schedule(source, schedule, args.checkpoint.override_lr_scheduler, args.checkpoint.finetune, metrics.print)
     if source is not None and source.kind == "consolidated":
         state_dict, _ = load_consolidated(source.path)
         model.load_state_dict(state_dict)
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     engine, ds_config = wrap_model(model, args, env.device, env.world_size)
     meta_base = {"model": args.model.to_dict(), "tokenizer": args.data.tokenizer_model,
                  "data_path": args.data.data_path, "dataset_type": args.data.dataset_type,
-                 "world_size": env.world_size, "args": args.to_dict()}
+                 "world_size": env.world_size, "args": args.to_dict(), "schedule": schedule}
     checkpointer = Checkpointer(args.checkpoint.save, args.checkpoint.save_interval, args.checkpoint.keep_last,
                                 meta_base, ds_config, env.rank, env.world_size)
     state = TrainState()

@@ -58,3 +58,11 @@ def lr_for_config(step: int, optimizer: OptimizerConfig, total_steps: int) -> fl
     return lr_at(step, peak=optimizer.lr, min_lr=optimizer.min_lr,
                  warmup=warmup_steps(optimizer, decay_steps), decay_steps=decay_steps,
                  style=optimizer.lr_decay_style, power=optimizer.lr_decay_power)
+
+
+def schedule_record(optimizer: OptimizerConfig, total_steps: int) -> dict[str, int | float | str]:
+    """The schedule as resolved for a run of `total_steps`: saved in lime_config.json, compared on resume."""
+    decay_steps = optimizer.lr_decay_iters or total_steps
+    return {"train_iters": total_steps, "lr_warmup_iters": warmup_steps(optimizer, decay_steps),
+            "lr": optimizer.lr, "min_lr": optimizer.min_lr, "lr_decay_style": optimizer.lr_decay_style,
+            "lr_decay_power": optimizer.lr_decay_power, "lr_decay_iters": decay_steps}

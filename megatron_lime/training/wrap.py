@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from megatron_lime.files import read_json
 from megatron_lime.model import LimeModel
-from megatron_lime.training.checkpointing import read_json
 from megatron_lime.training.config import TrainArgs
 
 
@@ -48,11 +48,6 @@ def use_bf16(args: TrainArgs, device: torch.device) -> bool:
     if args.training.bf16 is not None:
         return args.training.bf16
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-# Keys this stack owns: a user DeepSpeed JSON may not set them differently, so nothing is said twice.
-OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
 
 def build_deepspeed_config(args: TrainArgs, data_parallel_size: int, bf16: bool,

@@ -191,7 +191,7 @@ def test_conversion_refuses_damaged_and_malicious_checkpoints(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from megatron_lime.testing import make_tiny_pretraining_data
+    from helpers import make_tiny_pretraining_data
 
     return make_tiny_pretraining_data(str(tmp_path_factory.mktemp("data")), num_docs=60)
 

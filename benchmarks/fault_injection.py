@@ -73,6 +73,25 @@ class Workspace:
             self._tiny = make_tiny_pretraining_data(self.folder("shared-data"), num_docs=60)
         return self._tiny
 
+    @property
+    def checkpoint(self) -> str:
+        """A complete 1-rank checkpoint at iteration 2 of a 4-step run (SAVE_DIR with latest -> global_step2)."""
+        save = os.path.join(self.root, "shared-checkpoint")
+        if not os.path.isfile(os.path.join(save, "latest")):
+            folder = self.folder("shared-checkpoint-run")
+            command = train(self, folder, 1, "--train-iters", "4", "--save-interval", "2", "--exit-interval", "2")
+            subprocess.run(command, cwd=REPO, env=training_env(), check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=TIMEOUT_S)
+            shutil.copytree(os.path.join(folder, "ckpt"), save)
+        return save
+
+    def copy_checkpoint(self, folder: str) -> str:
+        """A fresh copy of `checkpoint` as FOLDER/ckpt (where train() saves and loads)."""
+        target = os.path.join(folder, "ckpt")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(self.checkpoint, target)
+        return target
+
 
 CASES: dict[str, Callable[[Workspace, str], Run]] = {}
 
@@ -108,6 +127,31 @@ def train(ws: Workspace, folder: str, processes: int, *extra: str, data_path: st
         return [sys.executable, "pretrain_lime.py", *flags]
     return [sys.executable, "-m", "megatron_lime.training.launch", "--nproc-per-node", str(processes),
             "--master-port", str(free_port()), "pretrain_lime.py", *flags]
+
+
+def training_env() -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def tool(name: str, *args: str) -> list[str]:
+    return [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *args]
+
+
+def limit_file_size_in(command: list[str], limit: int) -> list[str]:
+    """`command` under RLIMIT_FSIZE = limit bytes: writes beyond it fail with EFBIG, as on a full disk."""
+    code = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
+            "os.execv(sys.argv[2], sys.argv[2:])")
+    return [sys.executable, "-c", code, str(limit), *command]
+
+
+class RunsCode:
+    """Pickled into a checkpoint file: loading it with weights_only=False would create `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def at_iteration(step: int, action: Callable[[subprocess.Popen], None]):
@@ -194,6 +238,121 @@ def _kill_rank(ws, folder):
 
 
 # ----------------------------------------------------------------------------------------------
+# Preprocessing (tools/preprocess_data.py): damaged, empty and unwritable inputs and outputs
+
+
+def preprocess(ws: Workspace, folder: str, input_path: str, *extra: str) -> list[str]:
+    return tool("preprocess_data", "--input", input_path, "--json-keys", "text", "--tokenizer-model", ws.tiny_data[1],
+                "--append-eod", "--workers", "1", "--quiet", "--output-prefix", os.path.join(folder, "out", "ds"),
+                *extra)
+
+
+def jsonl(documents: int) -> bytes:
+    return "".join(f'{{"text": "document {i} about files and folders"}}\n' for i in range(documents)).encode()
+
+
+for _skip in (False, True):
+
+    @case("preprocess: truncated .jsonl.gz" + (" with --skip-bad-records" if _skip else ""))
+    def _truncated_gzip(ws, folder, skip=_skip):
+        import gzip
+
+        good, truncated = os.path.join(folder, "good.jsonl"), os.path.join(folder, "bad.jsonl.gz")
+        open(good, "wb").write(jsonl(50))
+        data = gzip.compress(jsonl(2000), mtime=0)
+        open(truncated, "wb").write(data[: len(data) // 2])
+        return Run(preprocess(ws, folder, os.path.join(folder, "*.jsonl*"), *(["--skip-bad-records"] if skip else [])),
+                   folder)
+
+
+@case("preprocess: empty input (blank lines only)")
+def _empty_input(ws, folder):
+    path = os.path.join(folder, "empty.jsonl")
+    open(path, "w").write("\n\n\n")
+    return Run(preprocess(ws, folder, path), folder)
+
+
+@case("preprocess: disk full while writing the .bin")
+def _preprocess_disk_full(ws, folder):
+    path = os.path.join(folder, "big.jsonl")
+    open(path, "wb").write(jsonl(3000))
+    return Run(limit_file_size_in(preprocess(ws, folder, path), 16 * 1024), folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: resuming (pretrain_lime.py) and converting (tools/convert_to_hf.py)
+
+
+def resume(ws: Workspace, folder: str, *extra: str) -> list[str]:
+    return train(ws, folder, 1, "--train-iters", "4", "--save-interval", "2", *extra)
+
+
+for _content, _what in (("", "empty"), ("\x00\xff garbage", "garbage")):
+
+    @case(f"resume: {_what} latest")
+    def _bad_latest(ws, folder, content=_content):
+        open(os.path.join(ws.copy_checkpoint(folder), "latest"), "w", encoding="latin-1").write(content)
+        return Run(resume(ws, folder), folder)
+
+
+@case("resume: tag folder without its model file")
+def _tag_without_model(ws, folder):
+    os.remove(os.path.join(ws.copy_checkpoint(folder), "global_step2", "mp_rank_00_model_states.pt"))
+    return Run(resume(ws, folder), folder)
+
+
+@case("resume: kill -9 during the first save (half-written tag, must start)")
+def _half_written_first_save(ws, folder):
+    tag = os.path.join(folder, "ckpt", "global_step2")
+    os.makedirs(tag)
+    open(os.path.join(tag, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "wb").write(b"half")
+    return Run(resume(ws, folder, "--exit-interval", "2"), folder)
+
+
+@case("resume: changed --train-iters and --lr (schedule check)")
+def _changed_schedule(ws, folder):
+    ws.copy_checkpoint(folder)
+    return Run(train(ws, folder, 1, "--train-iters", "6", "--lr", "1e-3"), folder)
+
+
+@case("resume: RNG state file holding a code-running pickle")
+def _malicious_rng(ws, folder):
+    import torch
+
+    tag = os.path.join(ws.copy_checkpoint(folder), "global_step2")
+    torch.save({"torch": torch.ones(1), "x": RunsCode(os.path.join(folder, "PWNED"))},
+               os.path.join(tag, "rng_state_rank0.pt"))
+    return Run(resume(ws, folder), folder)
+
+
+@case("convert: --output is the --load folder, with --overwrite")
+def _convert_onto_itself(ws, folder):
+    save = ws.copy_checkpoint(folder)
+    return Run(tool("convert_to_hf", "--load", save, "--output", save, "--overwrite"), folder)
+
+
+@case("convert: model states file holding a code-running pickle")
+def _convert_malicious(ws, folder):
+    import torch
+
+    save = ws.copy_checkpoint(folder)
+    torch.save({"module": {}, "x": RunsCode(os.path.join(folder, "PWNED"))},
+               os.path.join(save, "global_step2", "mp_rank_00_model_states.pt"))
+    os.remove(os.path.join(save, "global_step2", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    return Run(tool("convert_to_hf", "--load", save, "--output", os.path.join(folder, "hf")), folder)
+
+
+@case("convert: truncated model states file")
+def _convert_truncated(ws, folder):
+    save = ws.copy_checkpoint(folder)
+    path = os.path.join(save, "global_step2", "mp_rank_00_model_states.pt")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    os.remove(os.path.join(save, "global_step2", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    return Run(tool("convert_to_hf", "--load", save, "--output", os.path.join(folder, "hf")), folder)
+
+
+# ----------------------------------------------------------------------------------------------
 # Running and printing
 
 
@@ -201,7 +360,7 @@ def error_message(output: str) -> str:
     lines = [line.rstrip() for line in output.splitlines() if line.strip()]
     errors = [line for line in lines if ERROR_LINE.match(line)]
     message = errors[-1] if errors else (lines[-1] if lines else "")
-    return message[:110]
+    return message[:150]
 
 
 def live_processes_in_group(group: int) -> int:
@@ -217,24 +376,23 @@ def live_processes_in_group(group: int) -> int:
     return count
 
 
+def files_under(folder: str) -> set[str]:
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files}
+
+
 def leftover_files(folder: str, before: set[str]) -> str:
-    found = []
-    for directory, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.relpath(os.path.join(directory, name), folder)
-            if path not in before:
-                found.append(path)
-    if not found:
-        return "none"
-    found.sort()
-    return f"{len(found)} file(s): " + ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    """The files the run added to its folder (and any it removed: a tool must never delete what it did not write)."""
+    after = files_under(folder)
+    found, removed = sorted(after - before), sorted(before - after)
+    text = "none" if not found else f"{len(found)} file(s): " + ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    return text + (f"; REMOVED {len(removed)} input file(s): {removed[0]}, ..." if removed else "")
 
 
 def run_case(name: str, ws: Workspace) -> Outcome:
     folder = ws.folder(name)
     spec = CASES[name](ws, folder)
-    before = {os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files}
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **spec.env}
+    before = files_under(folder)
+    env = {**training_env(), **spec.env}
     started = time.monotonic()
     process = subprocess.Popen(spec.command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True, preexec_fn=spec.preexec_fn)
@@ -257,7 +415,8 @@ def run_case(name: str, ws: Workspace) -> Outcome:
     if alive:
         os.killpg(process.pid, signal.SIGKILL)
     leftovers = leftover_files(folder, before) + (f"; {alive} process(es) still running" if alive else "")
-    message = error_message("".join(lines)) if exit_code != 0 else "(exit 0) " + error_message("".join(lines))
+    output = "".join(lines).replace(folder + os.sep, "")  # paths relative to the case's folder: shorter rows
+    message = error_message(output) if exit_code != 0 else "(exit 0) " + error_message(output)
     return Outcome(name, exit_code, seconds, message, leftovers)
 
 

@@ -9,7 +9,6 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TESTS=(
     "tests/test_convert.py::test_conversion_from_a_two_process_zero1_checkpoint"
     "tests/test_failures.py::test_a_failing_run_exits[step-2]"
-    "tests/test_failures.py::test_a_failing_run_exits[worker-2]"
     "tests/test_failures.py::test_launcher_forwards_sigterm_and_waits_for_the_save"
 )
 mkdir -p "$LOG_DIR"

@@ -239,7 +239,7 @@ RANK_SCRIPT = textwrap.dedent("""
         time.sleep(600)
     saved = []
     signal.signal(signal.SIGTERM, lambda *_: saved.append(1))
-    os.write(1, f"ready {rank}\n".encode())  # one write: the two ranks share the pipe
+    os.write(1, f"ready {rank}\\n".encode())  # one write: the two ranks share the pipe
     while not saved:
         time.sleep(0.05)
     time.sleep(3)  # a save longer than any fixed grace period would be in a test

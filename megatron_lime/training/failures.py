@@ -113,7 +113,8 @@ class _Signals:
         now = time.monotonic()
         if self.phase == "loop" and self.signal_number is None:
             self.signal_number, self.first_at = signum, now
-            _say(f"{name}: saving a checkpoint after this step, then exiting (a second signal exits without saving)")
+            _say(f"{name}: saving a checkpoint after this step, then exiting "
+                 f"(a signal {REPEAT_WINDOW_S:.0f} s or more from now exits without saving)")
             return
         if self.phase == "loop" and now - self.first_at < REPEAT_WINDOW_S:
             return

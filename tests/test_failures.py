@@ -18,13 +18,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = [sys.executable, "-m", "megatron_lime.training.launch"]
-DEADLINE_S = 60
+DEADLINE_S = 60  # the most a failing run may take to end, from its error on
+HANG_S = 900
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -57,16 +59,32 @@ def live_processes_in_group(group: int) -> list[int]:
     return alive
 
 
-def run_bounded(command: list[str], env: dict[str, str], preexec_fn=None, timeout: float = DEADLINE_S):
-    """Run in a new session; (returncode, output, processes left in its group). Fails after `timeout` s."""
+def run_bounded(command: list[str], env: dict[str, str], preexec_fn=None, fault_marker: str | None = None):
+    """Run in a new session; (returncode, output, processes left in its group).
+
+    Fails if the run is still going DEADLINE_S after its first line containing `fault_marker` (the
+    error's report), or after HANG_S in all (start-up alone can take minutes on a loaded 2-core machine).
+    """
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True, preexec_fn=preexec_fn)
+    started, failed_at, lines = time.monotonic(), None, []
+    killer = threading.Timer(HANG_S, os.killpg, (process.pid, signal.SIGKILL))
+    killer.start()
     try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"still running after {timeout} s:\n{output[-4000:]}")
+        for line in process.stdout:
+            lines.append(line)
+            if failed_at is None and fault_marker is not None and fault_marker in line:
+                failed_at = time.monotonic()
+                killer.cancel()
+                killer = threading.Timer(DEADLINE_S, os.killpg, (process.pid, signal.SIGKILL))
+                killer.start()
+        process.wait()
+    finally:
+        killer.cancel()
+    output = "".join(lines)
+    if process.returncode == -signal.SIGKILL:
+        waited = f"{DEADLINE_S} s after its error" if failed_at is not None else f"{HANG_S} s"
+        pytest.fail(f"still running {waited} (killed):\n{output[-4000:]}")
     leftovers = live_processes_in_group(process.pid)
     for _ in range(20):  # killed workers may take a moment to be gone
         if not leftovers:
@@ -117,7 +135,7 @@ def test_a_failing_run_exits(tiny_data, tmp_path, fault, processes):
     environment, preexec_fn, extra, error_line = FAULTS[fault]
     environment = {k: v.format(last=processes - 1) for k, v in environment.items()}
     command = training_command(processes, tiny_data, str(tmp_path / "ckpt"), *extra)
-    returncode, output, leftovers = run_bounded(command, clean_env(**environment), preexec_fn)
+    returncode, output, leftovers = run_bounded(command, clean_env(**environment), preexec_fn, "Traceback")
     assert returncode == 1, output[-4000:]
     assert not leftovers, f"left running: {leftovers}\n{output[-3000:]}"
     reports = [line for line in output.splitlines() if "] stopped: " not in line]  # others' one-line notes
@@ -134,7 +152,7 @@ def test_a_failing_run_exits(tiny_data, tmp_path, fault, processes):
 def test_the_deepspeed_launcher_also_stops_every_rank(tiny_data, tmp_path):
     command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
                *training_command(1, tiny_data, str(tmp_path / "ckpt"))[1:]]
-    returncode, output, leftovers = run_bounded(command, clean_env(LIME_FAULT_INJECT="step:3@0"))
+    returncode, output, leftovers = run_bounded(command, clean_env(LIME_FAULT_INJECT="step:3@0"), None, "Traceback")
     assert returncode == 1 and not leftovers, output[-4000:]
     assert output.count("InjectedFault: LIME_FAULT_INJECT=step:3@0") == 1
     assert "[rank 0] failed; stopping every rank" in output
@@ -261,9 +279,13 @@ def test_launcher_forwards_sigterm_and_waits_for_the_save(tmp_path):
     script.write_text(RANK_SCRIPT)
     process = subprocess.Popen([*LAUNCHER, "--nproc-per-node", "2", str(script), "save"], cwd=REPO,
                                env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert {process.stdout.readline().strip() for _ in range(2)} == {"ready 0", "ready 1"}
-    process.send_signal(signal.SIGTERM)  # the launcher alone, as `kill PID` or SLURM's --signal=B: does
-    output, _ = process.communicate(timeout=DEADLINE_S)
+    try:
+        assert {process.stdout.readline().strip() for _ in range(2)} == {"ready 0", "ready 1"}
+        process.send_signal(signal.SIGTERM)  # the launcher alone, as `kill PID` or SLURM's --signal=B: does
+        output, _ = process.communicate(timeout=DEADLINE_S)
+    finally:
+        if process.poll() is None:
+            process.kill()  # its ranks die with it (PR_SET_PDEATHSIG)
     assert process.returncode == 0, output
     assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists()
     assert "SIGTERM: forwarded to the ranks; waiting for them to save and exit" in output

@@ -79,3 +79,11 @@ def test_bad_flag_combinations_exit_with_a_message(argv, message, capsys):
         parse_training_args(["--model", "lime-tiny", *argv])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_launcher_local_rank_parses_and_is_not_kept():
+    """DeepSpeed's launcher appends --local_rank=N; the rank comes from LOCAL_RANK, so TrainArgs has no field for it."""
+    args = parse_training_args(["--model", "lime-tiny", "--train-iters", "1", "--local_rank=1"])
+    assert not hasattr(args, "local_rank")
+    assert parse_training_args(["--model", "lime-tiny", "--train-iters", "1",
+                                "--override-lr-scheduler"]).checkpoint.override_lr_scheduler is True

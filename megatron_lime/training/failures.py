@@ -2,8 +2,8 @@
 
 `run_guarded(main, argv)` runs the entry point and owns its ending:
 
-- success: leftover DataLoader workers are stopped and the process group is destroyed (a gloo
-  group left to the interpreter's exit can abort it: "terminate called without an active exception").
+- success: leftover DataLoader workers are stopped and the process group is destroyed while the
+  interpreter is still whole, not left to its exit.
 - an exception on any rank: the first failing rank prints its traceback once, with its rank (for bad
   input, BAD_INPUT_ERRORS, its one-line message instead); a rank that fails because of it (a peer's
   socket closed under a collective) prints one line naming the first failing rank. The first is agreed on through the c10d store the process group already runs

@@ -9,7 +9,8 @@ examples/pretrain_lime_1b.sh holds the card's full recipe; see megatron_lime/tra
 
 import sys
 
+from megatron_lime.training.failures import run_guarded
 from megatron_lime.training.pretrain import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))

@@ -1,10 +1,14 @@
 # Sourced by examples/pretrain_lime_1b.sh and examples/sft_lime_1b.sh once they have filled
 # ALL_ARGS; not meant to be run on its own. `launch_or_print_args SCRIPT "$@"`:
 #   SCRIPT --print-args       prints ALL_ARGS NUL-separated (what the script's Python part asks
-#                             for on every rank: megatron_lime/training/launch.py)
-#   anything else             starts DeepSpeed's launcher on SCRIPT with the arguments given:
-#                             HOSTFILE when set; else every local GPU; else CPU_PROCESSES (default
-#                             2) CPU processes with gloo
+#                             for on every rank)
+#   anything else             starts the ranks on SCRIPT with the arguments given:
+#                             HOSTFILE set: DeepSpeed's multi-node launcher (pdsh) over the hosts;
+#                             else megatron_lime/training/launch.py on this node, on every local GPU,
+#                             or CPU_PROCESSES (default 2) CPU processes with gloo. That launcher
+#                             forwards SIGTERM/SIGINT to the ranks and waits for their checkpoint
+#                             (the stock ones SIGKILL the ranks 30 s after a SIGTERM), and stops
+#                             every rank when one fails.
 launch_or_print_args() {
     local script=$1
     shift
@@ -12,14 +16,16 @@ launch_or_print_args() {
         printf '%s\0' "${ALL_ARGS[@]}"
         exit 0
     fi
-    local launcher num_gpus
     if [[ -n "${HOSTFILE:-}" ]]; then
-        launcher=(deepspeed --hostfile "$HOSTFILE")
-    elif num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && [[ "$num_gpus" -gt 0 ]]; then
-        launcher=(deepspeed --num_gpus "$num_gpus")
-    else
-        export DS_ACCELERATOR=cpu     # DeepSpeed's CPU accelerator; the loop uses gloo
-        launcher=(deepspeed --num_gpus "${CPU_PROCESSES:-2}")
+        exec deepspeed --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" "$script" "$@"
     fi
-    exec "${launcher[@]}" --master_port "${MASTER_PORT:-29500}" "$script" "$@"
+    local num_processes repo
+    num_processes=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    if [[ "${num_processes:-0}" -eq 0 ]]; then
+        export DS_ACCELERATOR=cpu     # DeepSpeed's CPU accelerator; the loop uses gloo
+        num_processes=${CPU_PROCESSES:-2}
+    fi
+    repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    exec python "$repo/megatron_lime/training/launch.py" --nproc-per-node "$num_processes" \
+        --master-port "${MASTER_PORT:-29500}" "$script" "$@"
 }

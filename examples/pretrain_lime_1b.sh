@@ -2,8 +2,9 @@
 # Pretrain LIME-1B on FineWeb-Edu (the model card's run): DeepSpeed ZeRO-1 + bf16, data parallel.
 #
 # Run it either way (overrides are Megatron-style flags at the end; they win over the ones below):
-#   bash examples/pretrain_lime_1b.sh [overrides]        starts deepspeed on every local GPU
-#                                                        (no GPU: 2 CPU processes with gloo)
+#   bash examples/pretrain_lime_1b.sh [overrides]        starts megatron_lime/training/launch.py on every
+#                                                        local GPU (no GPU: 2 CPU processes with gloo);
+#                                                        on SIGTERM it waits for the ranks' checkpoint
 #   deepspeed [launcher options] examples/pretrain_lime_1b.sh [overrides]
 #                                                        the launcher runs this file with python on
 #                                                        each rank; the python part at the bottom
@@ -79,11 +80,18 @@ ALL_ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOI
 source "$SCRIPT_DIR/launch.sh"
 launch_or_print_args "$SCRIPT" "$@"
 ":"""
-# Python form: DeepSpeed runs `python SCRIPT --local_rank=N [overrides]` on every rank.
+# The Python side. A launcher (ours or `deepspeed`) runs this file with python on every rank: to python
+# the bash above is one string, and bash never gets here (the launch above exits). It asks bash for the
+# flag arrays (`bash SCRIPT --print-args`, NUL-separated), so they are written once, and trains with them
+# followed by the command line's flags, which win because the last occurrence of a flag wins.
+# The sys.path line lets a checkout run without pip install.
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout works without pip install
-from megatron_lime.training.launch import run_example_script  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_lime.training.failures import run_guarded  # noqa: E402
+from megatron_lime.training.pretrain import main  # noqa: E402
 
-sys.exit(run_example_script(os.path.abspath(__file__), sys.argv[1:]))
+flags = subprocess.run(["bash", __file__, "--print-args"], check=True, stdout=subprocess.PIPE).stdout.decode()
+sys.exit(run_guarded(main, flags.split("\0")[:-1] + sys.argv[1:]))

@@ -2,8 +2,9 @@
 # Instruction-tune LIME-1B (the model card's SFT): DeepSpeed ZeRO-1 + bf16, packed SFT sequences.
 #
 # Same two ways to run as examples/pretrain_lime_1b.sh (overrides at the end win):
-#   bash examples/sft_lime_1b.sh [overrides]             starts deepspeed on every local GPU
-#                                                        (no GPU: 2 CPU processes with gloo)
+#   bash examples/sft_lime_1b.sh [overrides]             starts megatron_lime/training/launch.py on every
+#                                                        local GPU (no GPU: 2 CPU processes with gloo);
+#                                                        on SIGTERM it waits for the ranks' checkpoint
 #   deepspeed [launcher options] examples/sft_lime_1b.sh [overrides]
 # Paths come from the environment:
 #   DATA_PATH        SFT dataset prefix(es) from tools/preprocess_sft_data.py (PREFIX_text_document,
@@ -80,11 +81,18 @@ ALL_ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOI
 source "$SCRIPT_DIR/launch.sh"
 launch_or_print_args "$SCRIPT" "$@"
 ":"""
-# Python form: DeepSpeed runs `python SCRIPT --local_rank=N [overrides]` on every rank.
+# The Python side. A launcher (ours or `deepspeed`) runs this file with python on every rank: to python
+# the bash above is one string, and bash never gets here (the launch above exits). It asks bash for the
+# flag arrays (`bash SCRIPT --print-args`, NUL-separated), so they are written once, and trains with them
+# followed by the command line's flags, which win because the last occurrence of a flag wins.
+# The sys.path line lets a checkout run without pip install.
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout works without pip install
-from megatron_lime.training.launch import run_example_script  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_lime.training.failures import run_guarded  # noqa: E402
+from megatron_lime.training.pretrain import main  # noqa: E402
 
-sys.exit(run_example_script(os.path.abspath(__file__), sys.argv[1:]))
+flags = subprocess.run(["bash", __file__, "--print-args"], check=True, stdout=subprocess.PIPE).stdout.decode()
+sys.exit(run_guarded(main, flags.split("\0")[:-1] + sys.argv[1:]))

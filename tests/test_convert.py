@@ -264,6 +264,7 @@ ZERO1_SCRIPT = textwrap.dedent("""
         with open(os.path.join(save_dir, "global_step2", "lime_config.json"), "w") as f:
             json.dump(meta, f)
         torch.save(expected, os.path.join(save_dir, "expected_fp32.pt"))
+    torch.distributed.destroy_process_group()
 """)
 
 

@@ -1,11 +1,13 @@
 """Real launches of examples/pretrain_lime_1b.sh on CPU (gloo) with lime-tiny on a corpus made here.
 
 One module-scoped set of runs, several assertions each (DeepSpeed start-up is the slow part):
-  full     bash examples/pretrain_lime_1b.sh        2 processes, 20 steps, uninterrupted
+  full     bash examples/pretrain_lime_1b.sh        2 processes (our launcher), 20 steps, uninterrupted
   first    deepspeed --num_gpus 2 examples/...       same flags, stops at step 10 (--exit-interval)
   resumed  deepspeed --num_gpus 2 examples/...       resumes `first` to step 20: equal to `full`, bitwise
   single   deepspeed --num_gpus 1 examples/...       resumes `first` (universal checkpoint) at world size 1
-  sigterm  deepspeed --num_gpus 2 examples/...       a long run stopped by SIGTERM to the launcher
+  sigterm  deepspeed --num_gpus 2 examples/...       a long run stopped by SIGTERM to the process group
+  preempt  bash examples/pretrain_lime_1b.sh         SIGTERM to our launcher alone mid-run: it waits for the
+                                                     save; resuming reproduces `full`
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ def free_port() -> int:
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
         env.pop(key, None)
-    return env
+    return {**env, **extra}  # MASTER_PORT given here is kept: the bash form's default 29500 may be taken
 
 
 def overrides(data, save: str, load: str, *extra: str) -> list[str]:
@@ -190,6 +192,47 @@ def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
     assert 3 <= step < 100000
     meta = json.load(open(os.path.join(save, tag, "lime_config.json")))
     assert meta["iteration"] == step and meta["consumed_samples"] == 8 * step
+
+
+def test_sigterm_to_the_launcher_completes_the_checkpoint_and_the_resumed_run_matches(runs, tiny_data, tmp_path):
+    import psutil
+
+    save = str(tmp_path / "preempted")
+    command = ["bash", SCRIPT, *overrides(tiny_data, save, save)]
+    process = subprocess.Popen(command, env=cpu_env(MASTER_PORT=str(free_port()), CPU_PROCESSES="2"), cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, ranks = [], []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if not ranks and LOG_LINE.search(line) and int(LOG_LINE.search(line).group(1)) >= 3:
+                # Hold the ranks so that the signal lands mid-run however fast this machine steps,
+                # then signal the launcher alone (bash exec'd it), as `kill PID` or SLURM's B: signal does.
+                ranks = psutil.Process(process.pid).children()
+                for rank in ranks:
+                    rank.suspend()
+                process.send_signal(signal.SIGTERM)
+            if ranks and "[launcher] SIGTERM: forwarded" in line:
+                for rank in ranks:
+                    rank.resume()
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    first = "".join(lines)
+    assert process.returncode == 0 and "termination signal received" in first, first[-4000:]
+    tag = open(os.path.join(save, "latest")).read().strip()
+    step = int(tag.removeprefix("global_step"))
+    assert 3 <= step < 20, first[-4000:]
+    tag_dir = os.path.join(save, tag)
+    assert json.load(open(os.path.join(tag_dir, "lime_config.json")))["iteration"] == step
+    assert {"mp_rank_00_model_states.pt", "rng_state_rank0.pt", "rng_state_rank1.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
+                os.listdir(tag_dir))
+    resumed = check(launch(command, cpu_env(MASTER_PORT=str(free_port()), CPU_PROCESSES="2")), "resume")
+    assert f"iteration {step}, consumed samples {8 * step}" in resumed
+    assert sorted(losses(first)) == list(range(1, step + 1)) and sorted(losses(resumed)) == list(range(step + 1, 21))
+    assert {**losses(first), **losses(resumed)} == losses(runs["full"])
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,9 @@ def forward(self, *args, **kwargs):
     return output
 
 lime.LimeModel.forward = forward
+from megatron_lime.training.failures import run_guarded
 from megatron_lime.training.pretrain import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(run_guarded(main, sys.argv[2:]))
 '''
 
 
@@ -44,7 +45,7 @@ def run(tmp_path, good_forwards: int, *args: str) -> subprocess.CompletedProcess
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, str(runner), str(good_forwards), *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)  # a hang guard: bf16 on a loaded CPU is slow
 
 
 def module_weights(tag_dir) -> dict[str, torch.Tensor]:

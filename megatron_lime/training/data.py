@@ -13,13 +13,16 @@ so every step sees the same G samples whatever R is: resuming at another data-pa
 
 from __future__ import annotations
 
+import os
 import signal
+from functools import partial
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from megatron_lime.training.config import TrainArgs
+from megatron_lime.training.failures import die_with_parent, inject_fault
 
 
 class MicroBatchSampler(Sampler[list[int]]):
@@ -45,16 +48,24 @@ class MicroBatchSampler(Sampler[list[int]]):
             yield list(range(first, first + self.micro_batch_size))
 
 
-def _ignore_termination_signals(worker_id: int) -> None:
-    # The launcher sends SIGTERM/SIGINT to the whole process tree on preemption. Workers must
-    # outlive the main process's checkpoint save (it may still be fetching); they exit with it.
+def _init_worker(parent_pid: int, worker_id: int) -> None:
+    # A SIGTERM/SIGINT for the whole process tree (Ctrl-C, SLURM, a launcher) must not kill a worker while
+    # its rank may still be saving: torch turns a dead worker into an error raised in the rank at a random
+    # point. The rank decides (megatron_lime/training/failures.py); its workers die with it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)  # inherited from the rank: the rank's signal watcher reads that pipe
+    die_with_parent(parent_pid)
+
+
+def _collate(samples: list) -> dict[str, torch.Tensor]:
+    inject_fault("worker")
+    return default_collate(samples)
 
 
 def build_loader(dataset: Dataset, sampler: MicroBatchSampler, num_workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_ignore_termination_signals if num_workers else None,
+                      collate_fn=_collate, worker_init_fn=partial(_init_worker, os.getpid()) if num_workers else None,
                       persistent_workers=False)
 
 

@@ -5,8 +5,9 @@
       -> resume -> loop:  train_step, checkpointer.save, metrics.log, evaluator.maybe_run
       -> final checkpoint
 
-Run it through the launcher (`deepspeed examples/pretrain_lime_1b.sh ...`) or, for one
-process, `python pretrain_lime.py ...`.
+Run it through a launcher (`bash examples/pretrain_lime_1b.sh ...`, `deepspeed examples/pretrain_lime_1b.sh ...`)
+or, for one process, `python pretrain_lime.py ...`; each runs it as `run_guarded(main)`, which owns how the
+process ends (errors, signals, the process group: training/failures.py).
 
 The loss of a step is the mean cross-entropy over every trained token of the global batch:
 all micro-batches of all ranks are counted before the first backward pass, each micro-batch
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -36,6 +36,7 @@ from megatron_lime.checkpoint import (LoadSource, check_model_matches, check_sch
 from megatron_lime.training.checkpointing import Checkpointer, TrainState
 from megatron_lime.training.config import TrainArgs, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler, build_datasets, build_loader, to_device
+from megatron_lime.training.failures import TerminationRequest, inject_fault, run_guarded
 from megatron_lime.training.metrics import MetricsLogger, StepMetrics, cpu_peak_rss_gib, peak_memory_gib, peak_tflops_for
 from megatron_lime.training.schedule import lr_for_config, schedule_record
 from megatron_lime.training.wrap import wrap_model
@@ -112,6 +113,7 @@ def count_trained_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_step(engine, micro_batches: list[dict[str, torch.Tensor]], lr: float, device: torch.device) -> StepResult:
     """Forward and backward every micro-batch of this rank, then one optimizer step (DeepSpeed may skip it)."""
+    inject_fault("step")
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     # Kept on the device: no host sync until the loss is read back at the end of the step.
@@ -179,28 +181,6 @@ class Evaluator:
         self.metrics.scalars({"valid/lm_loss": loss, "valid/ppl": perplexity}, state.iteration, state.consumed_tokens)
         self.last_iteration = state.iteration
         return loss
-
-
-# ----------------------------------------------------------------------------------------------
-# Preemption
-
-
-class TerminationRequest:
-    """Remembers SIGTERM / SIGINT; the loop asks all ranks together, saves, and exits."""
-
-    def __init__(self):
-        self.signal_number: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal_number = signum
-
-    def requested(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank got a signal (one tiny all-reduce per step)."""
-        flag = torch.tensor([1.0 if self.signal_number is not None else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,4 +371,4 @@ def window_metrics(window: Window, state: TrainState, total_iters: int, lr: floa
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))

@@ -1,0 +1,262 @@
+"""How a training process ends: on success, on an error, on a signal. Every rank exits, promptly.
+
+`run_guarded(main, argv)` runs the entry point and owns its ending:
+
+- success: leftover DataLoader workers are stopped and the process group is destroyed while the
+  interpreter is still whole, not left to its exit.
+- an exception on any rank: the first failing rank prints its traceback once, with its rank (for bad
+  input, BAD_INPUT_ERRORS, its one-line message instead); a rank that fails because of it (a peer's
+  socket closed under a collective) prints one line naming the first failing rank. The first is agreed on through the c10d store the process group already runs
+  (MASTER_ADDR:MASTER_PORT). Then the rank kills its DataLoader workers and leaves with os._exit(1):
+  nothing (a worker join at exit, a collective, a destructor) can keep it alive. The launcher stops the
+  other ranks (megatron_lime.training.launch, or DeepSpeed's, both do).
+- SIGTERM / SIGINT: inside the training loop (from `TerminationRequest()` on) the first one asks the
+  loop to save after the current step and exit 0. Anywhere else (start-up, while an error is being
+  reported), or again more than REPEAT_WINDOW_S after the first, it exits at once with 128 + signal.
+  Repeats within the window are the same request delivered twice (the scheduler or terminal signals
+  every process, and the launcher forwards its own copy), so they do not escalate.
+  Signals are read by a thread from signal.set_wakeup_fd, so this works even while the main thread
+  waits inside a collective, where a Python signal handler would not run.
+
+DataLoader workers ignore SIGTERM/SIGINT (megatron_lime/training/data.py): a signal for the whole
+process tree must not kill them while their rank still saves (torch turns a dead worker into an error
+raised in the rank at a random point). They die with their rank instead: PR_SET_PDEATHSIG, and the
+exits above kill them explicitly before leaving.
+
+Test hook: LIME_FAULT_INJECT=POINT:N[@RANK] raises InjectedFault at the Nth pass through POINT in a
+process (on rank RANK only when given): `step` (start of the Nth optimizer step of this process) or
+`worker` (while collating the Nth micro-batch, inside the DataLoader worker when --num-workers > 0).
+Read only by `inject_fault`; unset, it costs one environment lookup per step and per batch.
+Used by tests/test_failures.py and benchmarks/fault_injection.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from typing import Callable
+
+REPEAT_WINDOW_S = 2.0
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FAULT_ENV = "LIME_FAULT_INJECT"
+FIRST_FAILURE_KEY = "megatron_lime/first_failed_rank"
+# Bad input (a damaged checkpoint or dataset, an unwritable output): their message is one line naming the
+# file and the reason, printed as it is, without a traceback. By name: an unimported module raised none.
+BAD_INPUT_ERRORS = {"megatron_lime.checkpoint.CheckpointError", "megatron_lime.data.indexed_dataset.IndexedDatasetError",
+                    "megatron_lime.data.indexed_dataset.DatasetWriteError", "megatron_lime.data.readers.BadRecordError"}
+PR_SET_PDEATHSIG = 1
+
+
+class InjectedFault(RuntimeError):
+    """Raised by inject_fault (tests and the fault-injection table only)."""
+
+
+_fault_counts: dict[str, int] = {}
+
+
+def inject_fault(point: str) -> None:
+    """Raise InjectedFault at the pass through `point` that LIME_FAULT_INJECT names (see the module docstring)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    where, _, count = spec.partition(":")
+    count, _, rank = count.partition("@")
+    if where != point or (rank and rank != os.environ.get("RANK", "0")):
+        return
+    _fault_counts[point] = _fault_counts.get(point, 0) + 1
+    if _fault_counts[point] == int(count):
+        raise InjectedFault(f"{FAULT_ENV}={spec}: injected fault at {point} {count}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals
+
+
+class _Signals:
+    """What a SIGTERM/SIGINT means now: `phase` is "start", "loop", "failing" or "done"."""
+
+    def __init__(self):
+        self.phase = "start"
+        self.signal_number: int | None = None
+        self.first_at = 0.0
+        self.installed = False
+
+    def install(self) -> None:
+        """Route SIGTERM/SIGINT to a watcher thread (main thread only; idempotent)."""
+        if self.installed:
+            return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        for sig in TERMINATION_SIGNALS:
+            signal.signal(sig, lambda signum, frame: None)  # the C-level handler writes the wakeup fd
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read_fd,), name="lime-signals", daemon=True).start()
+        self.installed = True
+
+    def _watch(self, read_fd: int) -> None:
+        while True:
+            for signum in os.read(read_fd, 64):  # the wakeup fd carries every handled signal, SIGCHLD included
+                if signum in TERMINATION_SIGNALS:
+                    self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.phase == "loop" and self.signal_number is None:
+            self.signal_number, self.first_at = signum, now
+            _say(f"{name}: saving a checkpoint after this step, then exiting "
+                 f"(a signal {REPEAT_WINDOW_S:.0f} s or more from now exits without saving)")
+            return
+        if self.phase == "loop" and now - self.first_at < REPEAT_WINDOW_S:
+            return
+        where = {"start": "during start-up", "loop": "again", "failing": "while stopping after an error",
+                 "done": "while shutting down"}[self.phase]
+        _say(f"{name} {where}: exiting now" + (" without saving" if self.phase == "loop" else ""))
+        _exit_now(128 + signum)
+
+
+_signals = _Signals()
+
+
+class TerminationRequest:
+    """Created where the training loop starts: from then on a signal means "save after this step and exit"."""
+
+    def __init__(self):
+        _signals.install()
+        _signals.phase = "loop"
+
+    @property
+    def signal_number(self) -> int | None:
+        return _signals.signal_number
+
+    def requested(self, device) -> bool:
+        """True on every rank as soon as any rank got a signal (one tiny all-reduce per step)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if _signals.signal_number is not None else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Ending a process
+
+
+def _rank_prefix() -> str:
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _say(message: str) -> None:
+    """One line on stderr without Python's stream locks (safe from the watcher thread at any moment)."""
+    os.write(2, f"{_rank_prefix()}{message}\n".encode())
+
+
+def _stop_children() -> None:
+    """SIGKILL the DataLoader workers (and any other multiprocessing child) of this process."""
+    for child in multiprocessing.active_children():
+        try:
+            child.kill()
+            child.join(timeout=5)
+        except Exception:  # already gone, or being reaped by another thread
+            pass
+
+
+def _exit_now(status: int) -> None:
+    _stop_children()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make the kernel SIGKILL this process when its parent dies (Linux; elsewhere torch's watchdog remains)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(1)
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    """An error that only says another rank is gone (gloo's closed socket, NCCL/c10d errors)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or "Connection closed by peer" in text or "Connection reset by peer" in text
+
+
+def _first_failing_rank(rank: int) -> int | None:
+    """The first rank to fail, agreed on in the process group's c10d store; None if the store is gone."""
+    import torch.distributed as dist
+
+    address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    try:
+        # The store lives in rank 0's process, which may be the one that failed: probe with a plain socket
+        # first (refused at once) rather than let the store's client retry and log C++ stack frames.
+        socket.create_connection(address, timeout=3).close()
+        store = dist.TCPStore(*address, is_master=False, timeout=timedelta(seconds=3), wait_for_workers=False)
+        return int(store.compare_set(FIRST_FAILURE_KEY, "", str(rank)))
+    except Exception:
+        return None
+
+
+def _fail(error: BaseException) -> None:
+    """Report `error` (once across ranks) and exit 1; never returns."""
+    _signals.phase = "failing"
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise again when we kill workers
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    first = _first_failing_rank(rank) if world_size > 1 else rank
+    if first == rank or (first is None and not _is_peer_failure(error)):
+        bad_input = any(f"{c.__module__}.{c.__qualname__}" in BAD_INPUT_ERRORS for c in type(error).__mro__)
+        report = f"ERROR: {error}\n" if bad_input else "".join(traceback.format_exception(error))
+        if world_size > 1:
+            report = f"[rank {rank}] failed; stopping every rank:\n{report}"
+        sys.stderr.write(report)
+    else:
+        summary = (str(error).strip().splitlines() or [""])[0][:200]
+        who = f"rank {first} failed first (its error is above)" if first is not None else "another rank failed"
+        sys.stderr.write(f"[rank {rank}] stopped: {who}; here: {type(error).__name__}: {summary}\n")
+    _exit_now(1)
+
+
+def _finish() -> None:
+    """The end of a run that returned: no worker left behind, the process group destroyed."""
+    import torch.distributed as dist
+
+    _signals.phase = "done"
+    gc.collect()  # DataLoader iterators still referenced from cycles shut their workers down in __del__
+    if multiprocessing.active_children():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _stop_children()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_guarded(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """main(argv)'s exit status; any exception is reported once and ends the process with status 1."""
+    _signals.install()
+    try:
+        status = main(argv)
+    except SystemExit:  # argparse: --help, or a usage error (each rank prints it, as argparse does)
+        _finish()
+        raise
+    except BaseException as error:
+        _fail(error)
+    _finish()
+    return status

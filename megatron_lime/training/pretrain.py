@@ -82,8 +82,27 @@ def init_distributed() -> DistEnv:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        if not cuda:
+            unlink_deepspeed_cpu_buffer()
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    local_world_size=local_world_size, device=device)
+
+
+def unlink_deepspeed_cpu_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's shared-memory all-reduce buffer (CPU runs on one node).
+
+    Why: DeepSpeed's CPU comm op maps a 69 MB /dev/shm file per rank and never unlinks it, so every
+    run (and every killed one) leaves 69 MB x ranks of RAM behind until reboot. Once every rank has
+    mapped every other rank's buffer (done inside init_distributed; the barrier makes sure), the
+    names are no longer needed: the mappings stay valid and the memory is freed when the ranks exit.
+    """
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # the ranks span several nodes: DeepSpeed used no shared memory
+        pass
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

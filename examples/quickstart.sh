@@ -26,6 +26,8 @@
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Installs what is missing (a .venv, torch, this package with its compiled parts); instant when done.
+source "$REPO/scripts/setup.sh"
 OUT="$(mkdir -p "${QUICKSTART_DIR:-quickstart_out}" && cd "${QUICKSTART_DIR:-quickstart_out}" && pwd)"
 SIZE="${QUICKSTART_SIZE:-default}"
 QUESTION="${QUESTION:-What does json.dumps do in Python?}"
@@ -54,8 +56,50 @@ else
 fi
 
 TOTAL_START=$(date +%s)
-# run_stage NAME DESCRIPTION OUTPUT COMMAND...: skipped when .done/NAME exists; logs to logs/NAME.log
+
+# progress_lines LABEL: the trainer's log lines (on stdin) condensed to iteration, loss, tokens/s and
+# time left, plus each validation loss. On a terminal one line updates in place; elsewhere (a log,
+# CI) a line every 10% of the steps.
+progress_lines() {
+    local tty=0
+    [[ -t 1 ]] && tty=1
+    awk -v label="$(printf '[%-10s]' "$1")" -v tty="$tty" '
+        function trim(s) { sub(/^ +/, "", s); sub(/ +$/, "", s); return s }
+        function show(line, keep) {
+            if (tty) { printf "\r%s\033[K%s", line, keep ? "\n" : ""; open = !keep }
+            else print line
+            fflush()
+        }
+        / iteration +[0-9]+\/ *[0-9]+ \|/ {
+            n = split($0, field, "|"); step = ""; loss = ""; speed = ""; left = ""
+            for (i = 1; i <= n; i++) {
+                s = trim(field[i])
+                if (i == 1) { sub(/^.*iteration +/, "", s); gsub(/ /, "", s); step = s }
+                else if (s ~ /^lm loss /) { sub(/^lm loss /, "", s); loss = sprintf("%.3f", s + 0) }
+                else if (s ~ /^tokens\/s /) { split(s, t, " "); speed = t[2] }
+                else if (s ~ /^time left /) { sub(/^time left /, "", s); left = s }
+            }
+            split(step, at, "/")
+            if (!every) { every = int(at[2] / 10); if (every < 1) every = 1; next_shown = every }
+            line = sprintf("%s   iteration %s | loss %s | %s tokens/s | time left %s", label, step, loss, speed, left)
+            if (tty) show(line, 0)
+            else if (at[1] + 0 >= next_shown || at[1] + 0 == at[2] + 0) {
+                show(line, 1); while (next_shown <= at[1] + 0) next_shown += every
+            }
+        }
+        / validation loss at iteration / {
+            split($0, field, "|"); s = trim(field[1]); sub(/^.*validation loss at iteration +/, "", s)
+            value = field[2]; sub(/^.*lm loss value: */, "", value)
+            show(sprintf("%s   validation loss %.3f at iteration %s", label, value + 0, s), 1)
+        }
+        END { if (tty && open) printf "\n" }'
+}
+
+# run_stage [--progress] NAME DESCRIPTION OUTPUT COMMAND...: skipped when .done/NAME exists; logs to
+# logs/NAME.log; --progress also shows the training's progress (progress_lines) while it runs.
 run_stage() {
+    local progress=0
+    [[ "$1" == --progress ]] && { progress=1; shift; }
     local name=$1 description=$2 output=$3
     shift 3
     local log="$OUT/logs/$name.log"
@@ -64,8 +108,14 @@ run_stage() {
         return 0
     fi
     printf '[%-10s] %s ...\n' "$name" "$description"
-    local start=$(date +%s)
-    if ! "$@" >"$log" 2>&1; then
+    local start=$(date +%s) status=0
+    if (( progress )); then
+        "$@" 2>&1 | tee "$log" | progress_lines "$name"
+        status=${PIPESTATUS[0]}
+    else
+        "$@" >"$log" 2>&1 || status=$?
+    fi
+    if (( status != 0 )); then
         printf '[%-10s] FAILED after %ss. The end of its log (%s):\n' "$name" "$(( $(date +%s) - start ))" "$log" >&2
         tail -n 25 "$log" | sed 's/^/    /' >&2
         echo "quickstart stopped at stage '$name'; fix the cause and re-run: completed stages are skipped." >&2
@@ -103,7 +153,7 @@ COMMON_TRAIN_ARGS=(
     --log-interval 10 --eval-iters 4 --num-workers 0
     --tensorboard-dir "$OUT/tensorboard"
 )
-run_stage pretrain "pretraining $MODEL for $PRETRAIN_ITERS steps with deepspeed on $HARDWARE" "$OUT/checkpoints/pretrain" \
+run_stage --progress pretrain "pretraining $MODEL for $PRETRAIN_ITERS steps with deepspeed on $HARDWARE" "$OUT/checkpoints/pretrain" \
     env MASTER_PORT="${MASTER_PORT:-29511}" SAVE_DIR="$OUT/checkpoints/pretrain" \
         DATA_PATH="$OUT/data/sample_text_document" TOKENIZER_MODEL="$OUT/tokenizer" \
     bash "$REPO/examples/pretrain_lime_1b.sh" "${COMMON_TRAIN_ARGS[@]}" --split 98,2,0 \
@@ -127,7 +177,7 @@ run_stage sft-data "tokenising the instruction set with the <user>/<assistant> t
 grep -E '^total' "$OUT/logs/sft-data.log" | sed 's/^/             /'
 
 # 6. sft ----------------------------------------------------------------------------------------
-run_stage sft "instruction-tuning for $SFT_ITERS steps (packed, prompt masked)" "$OUT/checkpoints/sft" \
+run_stage --progress sft "instruction-tuning for $SFT_ITERS steps (packed, prompt masked)" "$OUT/checkpoints/sft" \
     env MASTER_PORT="${MASTER_PORT:-29512}" SAVE_DIR="$OUT/checkpoints/sft" PRETRAINED="$OUT/checkpoints/pretrain" \
         DATA_PATH="$OUT/data/sft_text_document" TOKENIZER_MODEL="$OUT/tokenizer" SFT_ITERS="$SFT_ITERS" \
     bash "$REPO/examples/sft_lime_1b.sh" "${COMMON_TRAIN_ARGS[@]}" --split 95,5,0 \

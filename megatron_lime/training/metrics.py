@@ -93,6 +93,11 @@ class StepMetrics:
         return self.tokens_per_second_per_device * self.flops_per_token / 1e12
 
     @property
+    def seconds_left(self) -> float:
+        """Time to the last iteration at this window's pace (evaluation and saves not counted)."""
+        return max(self.train_iters - self.iteration, 0) * self.ms_per_step / 1000
+
+    @property
     def mfu(self) -> float | None:
         return None if self.peak_tflops is None else self.tflops_per_device / self.peak_tflops
 
@@ -107,7 +112,15 @@ class StepMetrics:
                 f" ms/step {self.ms_per_step:.1f} | tokens/s {self.tokens_per_second:.0f}"
                 f" ({self.tokens_per_second_per_device:.0f}/device) |"
                 f" TFLOP/s/device {self.tflops_per_device:.2f} | {mfu} | peak memory {memory} |"
-                f" skipped {self.skipped_in_window} (total {self.skipped_total})")
+                f" skipped {self.skipped_in_window} (total {self.skipped_total}) |"
+                f" time left {format_duration(self.seconds_left)}")
+
+
+def format_duration(seconds: float) -> str:
+    """1:02:03 for an hour and more, 2:03 below: the shortest unambiguous form for a log line."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class MetricsLogger:

@@ -58,15 +58,18 @@ lime_setup() {
 
     local start=$SECONDS
     echo "[setup     ] installing into $(python -c 'import sys; print(sys.prefix)') (reason: $state)"
-    python -m pip install -q -U pip setuptools wheel ninja || return 1
+    # numpy too: torch's build helpers import it
+    python -m pip install -q -U pip setuptools wheel ninja numpy || return 1
     if [[ "$state" == no-torch ]]; then
         if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
             echo "[setup     ] torch 2.13.0 with CUDA (a GPU is present): a download of a few GB"
             python -m pip install torch==2.13.0 || return 1
         else
             echo "[setup     ] torch 2.13.0, the CPU build (no GPU found)"
-            python -m pip install torch==2.13.0 \
+            # torch alone from the CPU index, then its dependencies from the usual one.
+            python -m pip install --no-deps torch==2.13.0 \
                 --index-url "${LIME_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" || return 1
+            python -m pip install -q torch==2.13.0 || return 1
         fi
     fi
     echo "[setup     ] megatron-lime, compiling csrc/ against torch $(python -c 'import importlib.metadata as m; print(m.version("torch"))') (a few minutes)"

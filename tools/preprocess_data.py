@@ -5,9 +5,9 @@
         --json-keys text --tokenizer-model tokenizers/lime-50k --append-eod \
         --output-prefix data/fineweb_edu --workers 8
 
-Same flags and meaning as Megatron-LM's tools/preprocess_data.py (--tokenizer-type
-SentencePieceTokenizer / HuggingFaceTokenizer / GPTSentencePieceTokenizer are accepted; the
-type is read off --tokenizer-model). Input: JSONL, JSONL.gz or parquet files, a directory or
+Same flags and meaning as Megatron-LM's tools/preprocess_data.py; the tokenizer flags
+(--tokenizer-type, --tokenizer-model, --vocab-file, --merge-file) are megatron_lime.tokenizer's,
+shared by every tool, and a tokenizer that could not be exported is refused here, first. Input: JSONL, JSONL.gz or parquet files, a directory or
 glob of them, or a `datasets` dataset saved to disk.
 
 How it runs: the main process only reads raw input (JSONL bytes split at line ends, parquet
@@ -35,9 +35,8 @@ import numpy as np
 from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype
 from megatron_lime.data.readers import (BadRecordError, InputSource, check_string_value, find_inputs,
                                         load_saved_dataset, open_binary, open_parquet, parse_jsonl_line)
-from megatron_lime.tokenizer import LimeTokenizer, load_tokenizer
+from megatron_lime.tokenizer import LimeTokenizer, TokenizerSpec, add_tokenizer_args, build_tokenizer
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "Llama2Tokenizer")
 # Bytes of JSONL (or rows of parquet) per worker task: big enough to amortise the
 # inter-process hop, small enough that 2 x workers of them in flight stay a few MB.
 CHUNK_BYTES = 1 << 20
@@ -52,9 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--input", required=True, help="JSONL / JSONL.gz / parquet file, directory or glob, or a saved `datasets` dataset.")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="Fields (columns) to tokenize; one output dataset per key.")
     group.add_argument("--split-sentences", action="store_true", help="Not supported (documents are never split); kept so Megatron command lines fail loudly.")
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-model", required=True, help="Our tokenizer directory, a sentencepiece .model, or a Hugging Face tokenizer directory.")
-    group.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES, help="Accepted for Megatron compatibility; the kind is detected from --tokenizer-model.")
+    group = add_tokenizer_args(parser)
     group.add_argument("--append-eod", action="store_true", help="Append the <eos> id to every document (separates documents in packed samples).")
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="Writes OUTPUT_PREFIX_{key}_document.bin/.idx.")
@@ -153,10 +150,10 @@ def jsonl_chunks(path: str) -> Iterator[Chunk]:
 WORKER: dict[str, object] = {}
 
 
-def init_worker(tokenizer_path: str, keys: tuple[str, ...], append_eod: bool, skip_bad: bool) -> None:
+def init_worker(tokenizer_spec: TokenizerSpec, keys: tuple[str, ...], append_eod: bool, skip_bad: bool) -> None:
     # One process per core already: a Hugging Face tokenizer must not start its own thread pool too.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = build_tokenizer(tokenizer_spec, check=False)  # the main process checked it
     WORKER.update(tokenizer=tokenizer, keys=keys, append_eod=append_eod, skip_bad=skip_bad,
                   dtype=best_dtype(tokenizer.vocab_size))
 
@@ -259,7 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     start = time.perf_counter()
     keys = tuple(args.json_keys)
     sources = [s for pattern in args.input.split(",") for s in find_inputs(pattern)]
-    tokenizer = load_tokenizer(args.tokenizer_model)
+    tokenizer_spec = TokenizerSpec.from_args(args)
+    tokenizer = build_tokenizer(tokenizer_spec)
     dtype = best_dtype(tokenizer.vocab_size)
     writers = [IndexedDatasetWriter(f"{args.output_prefix}_{key}_document", dtype) for key in keys]
     summary = {"documents": 0, "tokens": 0, "empty_skipped": 0, "bad_records": 0, "bytes": 0}
@@ -269,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     # fork: workers start in milliseconds (spawn would re-import numpy/sentencepiece in each).
     pool = concurrent.futures.ProcessPoolExecutor(
         args.workers, mp_context=multiprocessing.get_context("fork"), initializer=init_worker,
-        initargs=(args.tokenizer_model, keys, args.append_eod, args.skip_bad_records))
+        initargs=(tokenizer_spec, keys, args.append_eod, args.skip_bad_records))
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
     def collect() -> None:

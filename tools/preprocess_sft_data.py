@@ -29,14 +29,14 @@ from megatron_lime.data.sft.preprocess import (SFTDataError, format_summary, los
                                                 preprocess_mixture, text_prefix)
 from megatron_lime.data.sft.readers import DataFileError
 from megatron_lime.data.sft.template import OVER_LENGTH_POLICIES
-from megatron_lime.tokenizer import load_tokenizer
+from megatron_lime.tokenizer import TokenizerSpec, add_tokenizer_args, build_tokenizer, describe_added_chat_tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixture", required=True, help="Mixture YAML (datasets, paths, splits, caps, weights, seed).")
-    parser.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
-                        help="Tokenizer directory or sentencepiece .model (needs <user>, <assistant>, <context>).")
+    # <user>, <assistant>, <context> are added as new ids when the tokenizer lacks them.
+    add_tokenizer_args(parser)
     parser.add_argument("--output-prefix", required=True,
                         help="Writes PREFIX_text_document.{bin,idx}, PREFIX_loss_mask_document.{bin,idx}, PREFIX_summary.json.")
     parser.add_argument("--data-root", default=None, help="Resolve the mixture's relative paths against this directory.")
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         mixture = dataclasses.replace(mixture, **overrides)
         if mixture.seq_length <= 0:
             raise MixtureError(f"--seq-length must be positive, got {mixture.seq_length}")
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = build_tokenizer(TokenizerSpec.from_args(args), chat_tokens=True)
+        if describe_added_chat_tokens(tokenizer):
+            print(describe_added_chat_tokens(tokenizer))
         summaries = preprocess_mixture(mixture, tokenizer, args.output_prefix, skip_bad_records=args.skip_bad_records,
                                        progress=not args.quiet)
     except (SFTDataError, MixtureError, DataFileError, IndexedDatasetError, FileNotFoundError, ValueError) as e:

@@ -114,6 +114,6 @@ setup(
     extras_require={
         # flash-attn compiles CUDA at install time: opt in with pip install -e ".[gpu]".
         "gpu": ["flash-attn>=2.5"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.19"],  # wandb: tests/test_wandb.py reads an offline run
     },
 )

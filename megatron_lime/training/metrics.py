@@ -8,6 +8,7 @@ to divide by, so the line says "MFU n/a on CPU".
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from dataclasses import dataclass
@@ -131,6 +132,9 @@ class MetricsLogger:
         self.rank = rank
         self.writer = None
         self.wandb = None
+        if wandb_project and importlib.util.find_spec("wandb") is None:  # every rank stops, not only rank 0
+            raise ValueError(f"--wandb-project {wandb_project}: wandb is not installed; pip install wandb "
+                             "(or drop --wandb-project; TensorBoard needs nothing extra)")
         if rank != 0:
             return
         if tensorboard_dir:
@@ -138,11 +142,8 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         if wandb_project:
-            try:
-                import wandb
-            except ImportError as err:
-                raise RuntimeError(f"--wandb-project {wandb_project} given but wandb is not installed "
-                                   f"(pip install wandb)") from err
+            import wandb  # WANDB_MODE=offline / WANDB_DIR and the rest of wandb's environment apply
+
             self.wandb = wandb
             wandb.init(project=wandb_project, name=wandb_name, config=run_config)
 

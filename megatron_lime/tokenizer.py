@@ -1,10 +1,18 @@
-"""The LIME tokenizer: load it, encode raw text losslessly, export it for Hugging Face.
+"""The LIME tokenizer: load it (ours or the user's own), encode raw text, export it for Hugging Face.
 
-Three kinds of path load (`load_tokenizer`):
-  * our tokenizer directory, written by tools/train_tokenizer.py: `tokenizer.model`
-    (sentencepiece, used for encoding: it is the fastest) plus the Hugging Face files;
-  * a user's own sentencepiece `.model` file;
-  * a Hugging Face tokenizer directory (`tokenizer.json`, loaded with the `tokenizers` library).
+Kinds, named by Megatron-LM's --tokenizer-type (flags: add_tokenizer_args / TokenizerSpec, the
+same in every tool; tools call build_tokenizer, which refuses what could not be exported):
+  * our tokenizer directory, written by tools/train_tokenizer.py: `tokenizer.model` (lossless
+    sentencepiece, used for encoding: it is the fastest) plus the Hugging Face files;
+  * any other sentencepiece `.model` (SentencePieceTokenizer): BPE or unigram, with its own
+    normaliser, whitespace escaping and dummy prefix, used in the form transformers converts it to;
+  * a Hugging Face tokenizer directory (HuggingFaceTokenizer: tokenizer.json, or anything
+    AutoTokenizer loads as a fast tokenizer);
+  * GPT-2's vocab.json + merges.txt (GPT2BPETokenizer).
+Whatever the kind, the export (save_hf) writes the `tokenizers` form the data was encoded with,
+so the exported tokenizer gives exactly the ids preprocessing wrote. with_chat_tokens() adds
+<user>, <assistant>, <context> as new ids after the last one when a tokenizer lacks them
+(SFT preprocessing, training and the export all add them the same way).
 
 `encode(text)` never adds special tokens, and the special strings (`<eos>`, `<user>`, ...)
 inside raw text are NOT turned into their special ids: pretraining text that happens to

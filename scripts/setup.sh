@@ -13,15 +13,17 @@
 # When everything is in place it costs a fraction of a second: it checks that torch is
 # installed, that `import megatron_lime` finds this repository with its compiled parts, and that
 # those were built from the current setup.py + csrc/ with the current torch (a hash kept in
-# megatron_lime/.build-stamp, scripts/setup_state.py). A stamp that does not match rebuilds; an install made by hand
-# (no stamp) is trusted as it is.
+# megatron_lime/.build-stamp: scripts/setup_state.py). A stamp that does not match rebuilds; an
+# install made by hand (no stamp) is trusted as it is.
 
 lime_setup() {
     local repo want_version="3.10"
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-    # 1. The environment.
-    if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" ]]; then
+    # 1. The environment: an active one is a virtualenv or conda env, or a `python` on PATH that
+    # lives in one (e.g. a venv's bin/ put first on PATH without `activate`).
+    if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" ]] &&
+       ! python -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null; then
         if [[ ! -x "$repo/.venv/bin/python" ]]; then
             local candidate python=""
             for candidate in ${PYTHON:-python3 python3.13 python3.12 python3.11 python3.10 python}; do

@@ -59,40 +59,36 @@ TOTAL_START=$(date +%s)
 
 # progress_lines LABEL: the trainer's log lines (on stdin) condensed to iteration, loss, tokens/s and
 # time left, plus each validation loss. On a terminal one line updates in place; elsewhere (a log,
-# CI) a line every 10% of the steps.
+# CI) a line every 10% of the steps. A bash read loop: it sees each line as soon as it is written
+# (awk may wait to fill its input buffer).
 progress_lines() {
-    local tty=0
+    local label line shown tty=0 open=0 every=0 next_shown=0 loss speed left
+    label="$(printf '[%-10s]' "$1")"
     [[ -t 1 ]] && tty=1
-    awk -v label="$(printf '[%-10s]' "$1")" -v tty="$tty" '
-        function trim(s) { sub(/^ +/, "", s); sub(/ +$/, "", s); return s }
-        function show(line, keep) {
-            if (tty) { printf "\r%s\033[K%s", line, keep ? "\n" : ""; open = !keep }
-            else print line
-            fflush()
-        }
-        / iteration +[0-9]+\/ *[0-9]+ \|/ {
-            n = split($0, field, "|"); step = ""; loss = ""; speed = ""; left = ""
-            for (i = 1; i <= n; i++) {
-                s = trim(field[i])
-                if (i == 1) { sub(/^.*iteration +/, "", s); gsub(/ /, "", s); step = s }
-                else if (s ~ /^lm loss /) { sub(/^lm loss /, "", s); loss = sprintf("%.3f", s + 0) }
-                else if (s ~ /^tokens\/s /) { split(s, t, " "); speed = t[2] }
-                else if (s ~ /^time left /) { sub(/^time left /, "", s); left = s }
-            }
-            split(step, at, "/")
-            if (!every) { every = int(at[2] / 10); if (every < 1) every = 1; next_shown = every }
-            line = sprintf("%s   iteration %s | loss %s | %s tokens/s | time left %s", label, step, loss, speed, left)
-            if (tty) show(line, 0)
-            else if (at[1] + 0 >= next_shown || at[1] + 0 == at[2] + 0) {
-                show(line, 1); while (next_shown <= at[1] + 0) next_shown += every
-            }
-        }
-        / validation loss at iteration / {
-            split($0, field, "|"); s = trim(field[1]); sub(/^.*validation loss at iteration +/, "", s)
-            value = field[2]; sub(/^.*lm loss value: */, "", value)
-            show(sprintf("%s   validation loss %.3f at iteration %s", label, value + 0, s), 1)
-        }
-        END { if (tty && open) printf "\n" }'
+    local step_re='iteration +([0-9]+)/ *([0-9]+) \|' loss_re='lm loss ([0-9.eE+-]+)'
+    local speed_re='tokens/s ([0-9]+)' left_re='time left ([0-9:]+)'
+    local valid_re='validation loss at iteration ([0-9]+) \| lm loss value: ([0-9.eE+-]+)'
+    while IFS= read -r line; do
+        if [[ $line =~ $step_re ]]; then
+            local step=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
+            loss=? speed=? left=?
+            [[ $line =~ $loss_re ]] && loss=$(printf '%.3f' "${BASH_REMATCH[1]}")
+            [[ $line =~ $speed_re ]] && speed=${BASH_REMATCH[1]}
+            [[ $line =~ $left_re ]] && left=${BASH_REMATCH[1]}
+            shown="$label   iteration $step/$total | loss $loss | $speed tokens/s | time left $left"
+            if (( every == 0 )); then every=$(( total / 10 > 0 ? total / 10 : 1 )); next_shown=$every; fi
+            if (( tty )); then
+                printf '\r%s\033[K' "$shown"; open=1
+            elif (( step >= next_shown || step == total )); then
+                echo "$shown"
+                while (( next_shown <= step )); do next_shown=$(( next_shown + every )); done
+            fi
+        elif [[ $line =~ $valid_re ]]; then
+            shown="$label   validation loss $(printf '%.3f' "${BASH_REMATCH[2]}") at iteration ${BASH_REMATCH[1]}"
+            if (( tty )); then printf '\r%s\033[K\n' "$shown"; open=0; else echo "$shown"; fi
+        fi
+    done
+    if (( tty && open )); then echo; fi
 }
 
 # run_stage [--progress] NAME DESCRIPTION OUTPUT COMMAND...: skipped when .done/NAME exists; logs to

@@ -20,10 +20,11 @@ lime_setup() {
     local repo want_version="3.10"
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-    # 1. The environment: an active one is a virtualenv or conda env, or a `python` on PATH that
-    # lives in one (e.g. a venv's bin/ put first on PATH without `activate`).
-    if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" ]] &&
-       ! python -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null; then
+    # 1. The environment: an active virtualenv or conda env; else this repository's .venv; else a
+    # `python` on PATH that lives in a virtualenv (its bin/ put first on PATH without `activate`);
+    # else a new .venv.
+    if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" ]] && { [[ -x "$repo/.venv/bin/python" ]] ||
+           ! python -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null; }; then
         if [[ ! -x "$repo/.venv/bin/python" ]]; then
             local candidate python=""
             for candidate in ${PYTHON:-python3 python3.13 python3.12 python3.11 python3.10 python}; do
@@ -48,14 +49,13 @@ lime_setup() {
         source "$repo/.venv/bin/activate"
     fi
 
-    if ! python -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
-        echo "[setup     ] the active environment's Python is $(python --version 2>&1); megatron-lime needs >= $want_version" >&2
-        return 1
-    fi
-
-    # 2 and 3: what is missing? (a quick check, no torch import)
+    # 2 and 3: what is missing? One quick Python call, no torch import.
     local state
     state="$(python "$repo/scripts/setup_state.py")" || return 1
+    if [[ "$state" == old-python ]]; then
+        echo "[setup     ] the environment's Python is $(python --version 2>&1); megatron-lime needs >= $want_version" >&2
+        return 1
+    fi
     [[ "$state" == ready ]] && return 0
 
     local start=$SECONDS

@@ -1,6 +1,6 @@
 """What scripts/setup.sh still has to install, answered in a fraction of a second (no torch import).
 
-    python scripts/setup_state.py                # prints ready | no-torch | no-package | not-built | stale
+    python scripts/setup_state.py                # prints ready | old-python | no-torch | no-package | not-built | stale
     python scripts/setup_state.py --write-stamp  # after an install: remember what was built
 
 The stamp (megatron_lime/.build-stamp) is a hash of what the compiled parts are built from:
@@ -34,6 +34,8 @@ def build_hash() -> str:
 
 
 def state() -> str:
+    if sys.version_info < (3, 10):
+        return "old-python"
     try:
         importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:

@@ -77,11 +77,16 @@ lime_setup() {
     echo "[setup     ] megatron-lime, compiling csrc/ against torch $(python -c 'import importlib.metadata as m; print(m.version("torch"))') (a few minutes)"
     (cd "$repo" && python -m pip install -q --no-build-isolation -e ".[test]") || return 1
     python "$repo/scripts/setup_state.py" --write-stamp || return 1
-    echo "[setup     ] done in $(( SECONDS - start ))s; to use the tools yourself: source ${VIRTUAL_ENV:-$CONDA_PREFIX}/bin/activate"
+    if [[ "${VIRTUAL_ENV:-}" == "$repo/.venv" ]]; then
+        echo "[setup     ] done in $(( SECONDS - start ))s; to use the tools yourself: source $repo/.venv/bin/activate"
+    else
+        echo "[setup     ] done in $(( SECONDS - start ))s"
+    fi
 }
 
 if ! lime_setup; then
     echo "set-up failed (see above); fix the cause and re-run: completed steps are not repeated" >&2
+    echo "(a compiler 'Killed' is memory: MAX_JOBS=1 compiles one file at a time)" >&2
     exit 1
 fi
 unset -f lime_setup

@@ -117,7 +117,9 @@ setup(
     extras_require={
         # flash-attn compiles CUDA at install time: opt in with pip install -e ".[gpu]".
         "gpu": ["flash-attn>=2.5"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "lm-eval>=0.4.13,<0.5", "accelerate>=1.0", "matplotlib>=3.8"],
+        # wandb: tests/test_wandb.py reads an offline run; lm-eval and matplotlib: the evaluation and report tests.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.19", "lm-eval>=0.4.13,<0.5", "accelerate>=1.0",
+                 "matplotlib>=3.8"],
         # lm-evaluation-harness for tools/evaluate.py and --eval-tasks; matplotlib for tools/report.py.
         "eval": ["lm-eval>=0.4.13,<0.5", "accelerate>=1.0", "matplotlib>=3.8"],
     },

@@ -30,6 +30,8 @@
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Installs what is missing (a .venv, torch, this package with its compiled parts); instant when done.
+source "$REPO/scripts/setup.sh"
 OUT="$(mkdir -p "${QUICKSTART_DIR:-quickstart_out}" && cd "${QUICKSTART_DIR:-quickstart_out}" && pwd)"
 SIZE="${QUICKSTART_SIZE:-default}"
 QUESTION="${QUESTION:-What does json.dumps do in Python?}"
@@ -60,8 +62,46 @@ else
 fi
 
 TOTAL_START=$(date +%s)
-# run_stage NAME DESCRIPTION OUTPUT COMMAND...: skipped when .done/NAME exists; logs to logs/NAME.log
+
+# progress_lines LABEL: the trainer's log lines (on stdin) condensed to iteration, loss, tokens/s and
+# time left, plus each validation loss. On a terminal one line updates in place; elsewhere (a log,
+# CI) a line every 10% of the steps. A bash read loop: it sees each line as soon as it is written
+# (awk may wait to fill its input buffer).
+progress_lines() {
+    local label line shown tty=0 open=0 every=0 next_shown=0 loss speed left
+    label="$(printf '[%-10s]' "$1")"
+    [[ -t 1 ]] && tty=1
+    local step_re='iteration +([0-9]+)/ *([0-9]+) \|' loss_re='lm loss ([0-9.eE+-]+)'
+    local speed_re='tokens/s ([0-9]+)' left_re='time left ([0-9:]+)'
+    local valid_re='validation loss at iteration ([0-9]+) \| lm loss value: ([0-9.eE+-]+)'
+    while IFS= read -r line; do
+        if [[ $line =~ $step_re ]]; then
+            local step=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
+            loss=? speed=? left=?
+            [[ $line =~ $loss_re ]] && loss=$(printf '%.3f' "${BASH_REMATCH[1]}")
+            [[ $line =~ $speed_re ]] && speed=${BASH_REMATCH[1]}
+            [[ $line =~ $left_re ]] && left=${BASH_REMATCH[1]}
+            shown="$label   iteration $step/$total | loss $loss | $speed tokens/s | time left $left"
+            if (( every == 0 )); then every=$(( total / 10 > 0 ? total / 10 : 1 )); next_shown=$every; fi
+            if (( tty )); then
+                printf '\r%s\033[K' "$shown"; open=1
+            elif (( step >= next_shown || step == total )); then
+                echo "$shown"
+                while (( next_shown <= step )); do next_shown=$(( next_shown + every )); done
+            fi
+        elif [[ $line =~ $valid_re ]]; then
+            shown="$label   validation loss $(printf '%.3f' "${BASH_REMATCH[2]}") at iteration ${BASH_REMATCH[1]}"
+            if (( tty )); then printf '\r%s\033[K\n' "$shown"; open=0; else echo "$shown"; fi
+        fi
+    done
+    if (( tty && open )); then echo; fi
+}
+
+# run_stage [--progress] NAME DESCRIPTION OUTPUT COMMAND...: skipped when .done/NAME exists; logs to
+# logs/NAME.log; --progress also shows the training's progress (progress_lines) while it runs.
 run_stage() {
+    local progress=0
+    [[ "$1" == --progress ]] && { progress=1; shift; }
     local name=$1 description=$2 output=$3
     shift 3
     local log="$OUT/logs/$name.log"
@@ -70,8 +110,14 @@ run_stage() {
         return 0
     fi
     printf '[%-10s] %s ...\n' "$name" "$description"
-    local start=$(date +%s)
-    if ! "$@" >"$log" 2>&1; then
+    local start=$(date +%s) status=0
+    if (( progress )); then
+        "$@" 2>&1 | tee "$log" | progress_lines "$name"
+        status=${PIPESTATUS[0]}
+    else
+        "$@" >"$log" 2>&1 || status=$?
+    fi
+    if (( status != 0 )); then
         printf '[%-10s] FAILED after %ss. The end of its log (%s):\n' "$name" "$(( $(date +%s) - start ))" "$log" >&2
         tail -n 25 "$log" | sed 's/^/    /' >&2
         echo "quickstart stopped at stage '$name'; fix the cause and re-run: completed stages are skipped." >&2
@@ -109,7 +155,7 @@ COMMON_TRAIN_ARGS=(
     --log-interval 10 --eval-iters 4 --num-workers 0
     --tensorboard-dir "$OUT/tensorboard"
 )
-run_stage pretrain "pretraining $MODEL for $PRETRAIN_ITERS steps with deepspeed on $HARDWARE" "$OUT/checkpoints/pretrain" \
+run_stage --progress pretrain "pretraining $MODEL for $PRETRAIN_ITERS steps with deepspeed on $HARDWARE" "$OUT/checkpoints/pretrain" \
     env MASTER_PORT="${MASTER_PORT:-29511}" SAVE_DIR="$OUT/checkpoints/pretrain" \
         DATA_PATH="$OUT/data/sample_text_document" TOKENIZER_MODEL="$OUT/tokenizer" \
     bash "$REPO/examples/pretrain_lime_1b.sh" "${COMMON_TRAIN_ARGS[@]}" --split 98,2,0 \
@@ -133,7 +179,7 @@ run_stage sft-data "tokenising the instruction set with the <user>/<assistant> t
 grep -E '^total' "$OUT/logs/sft-data.log" | sed 's/^/             /'
 
 # 6. sft ----------------------------------------------------------------------------------------
-run_stage sft "instruction-tuning for $SFT_ITERS steps (packed, prompt masked)" "$OUT/checkpoints/sft" \
+run_stage --progress sft "instruction-tuning for $SFT_ITERS steps (packed, prompt masked)" "$OUT/checkpoints/sft" \
     env MASTER_PORT="${MASTER_PORT:-29512}" SAVE_DIR="$OUT/checkpoints/sft" PRETRAINED="$OUT/checkpoints/pretrain" \
         DATA_PATH="$OUT/data/sft_text_document" TOKENIZER_MODEL="$OUT/tokenizer" SFT_ITERS="$SFT_ITERS" \
     bash "$REPO/examples/sft_lime_1b.sh" "${COMMON_TRAIN_ARGS[@]}" --split 95,5,0 \

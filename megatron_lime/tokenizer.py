@@ -1,10 +1,18 @@
-"""The LIME tokenizer: load it, encode raw text losslessly, export it for Hugging Face.
+"""The LIME tokenizer: load it (ours or the user's own), encode raw text, export it for Hugging Face.
 
-Three kinds of path load (`load_tokenizer`):
-  * our tokenizer directory, written by tools/train_tokenizer.py: `tokenizer.model`
-    (sentencepiece, used for encoding: it is the fastest) plus the Hugging Face files;
-  * a user's own sentencepiece `.model` file;
-  * a Hugging Face tokenizer directory (`tokenizer.json`, loaded with the `tokenizers` library).
+Kinds, named by Megatron-LM's --tokenizer-type (flags: add_tokenizer_args / TokenizerSpec, the
+same in every tool; tools call build_tokenizer, which refuses what could not be exported):
+  * our tokenizer directory, written by tools/train_tokenizer.py: `tokenizer.model` (lossless
+    sentencepiece, used for encoding: it is the fastest) plus the Hugging Face files;
+  * any other sentencepiece `.model` (SentencePieceTokenizer): BPE or unigram, with its own
+    normaliser, whitespace escaping and dummy prefix, used in the form transformers converts it to;
+  * a Hugging Face tokenizer directory (HuggingFaceTokenizer: tokenizer.json, or anything
+    AutoTokenizer loads as a fast tokenizer);
+  * GPT-2's vocab.json + merges.txt (GPT2BPETokenizer).
+Whatever the kind, the export (save_hf) writes the `tokenizers` form the data was encoded with,
+so the exported tokenizer gives exactly the ids preprocessing wrote. with_chat_tokens() adds
+<user>, <assistant>, <context> as new ids after the last one when a tokenizer lacks them
+(SFT preprocessing, training and the export all add them the same way).
 
 `encode(text)` never adds special tokens, and the special strings (`<eos>`, `<user>`, ...)
 inside raw text are NOT turned into their special ids: pretraining text that happens to
@@ -27,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,103 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 MODEL_MAX_LENGTH = 512
 
 
+# Megatron-LM's --tokenizer-type names. The sentencepiece ones all load a sentencepiece .model
+# (or our directory); HuggingFaceTokenizer a folder AutoTokenizer loads; GPT2BPETokenizer a
+# vocab.json + merges.txt pair (--vocab-file, --merge-file).
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+TOKENIZER_TYPES = (*SENTENCEPIECE_TYPES, "HuggingFaceTokenizer", "GPT2BPETokenizer")
+# A folder holding these (and no tokenizer.json) loads as GPT2BPETokenizer: checkpoints record it so.
+GPT2_FILES = ("vocab.json", "merges.txt")
+CHAT_TOKENS = (SPECIAL_TOKENS.user, SPECIAL_TOKENS.assistant, SPECIAL_TOKENS.context)
+# Text a sentencepiece model's Hugging Face conversion must encode exactly as sentencepiece does
+# before any tool accepts the model: whitespace runs, leading/trailing spaces, newlines and tabs,
+# digits, punctuation, accents, CJK, emoji, a character outside any small vocabulary.
+CONVERSION_PROBE = ("  Hello,  world!\n\tThe year 2025: naïve café, \u00bd cup.  \n\n"
+                    "  x  \u4e2d\u6587 \U0001F600 \u2581meta <b>tag</b> end  ")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerSpec:
+    """Which tokenizer, in Megatron-LM's flags; every tool takes these (add_tokenizer_args)."""
+
+    tokenizer_type: str | None = None  # None: read off tokenizer_model (our folder, a .model, a HF folder)
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> "TokenizerSpec":
+        return cls(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                   vocab_file=args.vocab_file, merge_file=args.merge_file)
+
+    def describe(self) -> str:
+        if self.tokenizer_type == "GPT2BPETokenizer":
+            return f"GPT2BPETokenizer({self.vocab_file}, {self.merge_file})"
+        return self.tokenizer_model or "?"
+
+
+TOKENIZER_ARG_HELP = {
+    "tokenizer_type": "Megatron-LM's tokenizer kind: " + ", ".join(TOKENIZER_TYPES)
+                      + " (default: read off --tokenizer-model).",
+    "tokenizer_model": "Our tokenizer folder (tools/train_tokenizer.py), a sentencepiece .model, or a Hugging Face "
+                       "tokenizer folder (tokenizer.json, or anything AutoTokenizer loads).",
+    "vocab_file": "GPT2BPETokenizer: the vocab.json.",
+    "merge_file": "GPT2BPETokenizer: the merges.txt.",
+}
+
+
+def add_tokenizer_args(parser: Any) -> Any:
+    """The tokenizer flags, the same in every tool (training generates its own from TokenizerSpec's fields)."""
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES, help=TOKENIZER_ARG_HELP["tokenizer_type"])
+    group.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer_model", default=None,
+                       help=TOKENIZER_ARG_HELP["tokenizer_model"])
+    group.add_argument("--vocab-file", default=None, help=TOKENIZER_ARG_HELP["vocab_file"])
+    group.add_argument("--merge-file", default=None, help=TOKENIZER_ARG_HELP["merge_file"])
+    return group
+
+
+def describe_added_chat_tokens(tokenizer: "LimeTokenizer") -> str | None:
+    """The log line for chat tags with_chat_tokens() added, or None when the tokenizer had them all."""
+    if not tokenizer.added_chat_tokens:
+        return None
+    n = len(tokenizer.added_chat_tokens)
+    ids = [tokenizer.vocab_size - n + i for i in range(n)]
+    return (f"tokenizer {tokenizer.path} lacks {', '.join(tokenizer.added_chat_tokens)}: added as new special ids "
+            f"{', '.join(map(str, ids))} (vocabulary {tokenizer.vocab_size - n} -> {tokenizer.vocab_size}); SFT "
+            "training and the Hugging Face export add the same ids")
+
+
+def build_tokenizer(spec: TokenizerSpec, chat_tokens: bool = False, check: bool = True) -> "LimeTokenizer":
+    """The tokenizer a spec names, checked to go all the way to a Hugging Face export.
+
+    This is what tools call first: a tokenizer that cannot be supported is refused here, with
+    the reason, before any data is written. chat_tokens=True adds <user>/<assistant>/<context>
+    as new ids when the tokenizer lacks them (SFT, export): see LimeTokenizer.with_chat_tokens.
+    check=False skips the export check (worker processes of a tool that already checked).
+    """
+    kind = spec.tokenizer_type
+    if kind is not None and kind not in TOKENIZER_TYPES:
+        raise ValueError(f"--tokenizer-type {kind}: not one of {', '.join(TOKENIZER_TYPES)}")
+    if kind == "GPT2BPETokenizer":
+        if not spec.vocab_file or not spec.merge_file:
+            raise ValueError("--tokenizer-type GPT2BPETokenizer needs --vocab-file (vocab.json) and --merge-file (merges.txt)")
+        tokenizer: LimeTokenizer = HuggingFaceTokenizer.from_gpt2_files(spec.vocab_file, spec.merge_file)
+    else:
+        if not spec.tokenizer_model:
+            raise ValueError("--tokenizer-model is required (our tokenizer folder, a sentencepiece .model or a "
+                             "Hugging Face tokenizer folder)")
+        tokenizer = load_tokenizer(spec.tokenizer_model)
+        is_sentencepiece = os.path.isfile(spec.tokenizer_model) and not spec.tokenizer_model.endswith(".json") or \
+            os.path.isfile(os.path.join(spec.tokenizer_model, SENTENCEPIECE_FILE))
+        if kind in SENTENCEPIECE_TYPES and not is_sentencepiece:
+            raise ValueError(f"--tokenizer-type {kind}: {spec.tokenizer_model} is not a sentencepiece model "
+                             "(use --tokenizer-type HuggingFaceTokenizer)")
+    if check:
+        tokenizer.check_exportable()
+    return tokenizer.with_chat_tokens() if chat_tokens else tokenizer
+
+
 class LimeTokenizer:
     """A tokenizer with the ids the rest of megatron-lime needs.
 
@@ -58,6 +163,7 @@ class LimeTokenizer:
         vocab_size: number of ids (rows the embedding needs).
         eos_id, pad_id: always set (pad falls back to eos for foreign tokenizers without one).
         user_id, assistant_id, context_id: the SFT tags' ids, or None if the tokenizer lacks them.
+        added_chat_tokens: the tags with_chat_tokens() added as new ids (empty when it had them all).
         path: what it was loaded from.
     """
 
@@ -69,6 +175,7 @@ class LimeTokenizer:
     assistant_id: int | None
     context_id: int | None
     path: str
+    added_chat_tokens: tuple[str, ...] = ()
 
     def encode(self, text: str) -> list[int]:
         """Ids of raw text: no special tokens added, special strings in the text stay plain text."""
@@ -83,9 +190,30 @@ class LimeTokenizer:
     def id_to_piece(self, token_id: int) -> str:
         raise NotImplementedError
 
+    def hf_backend(self) -> Any:
+        """This tokenizer as a `tokenizers.Tokenizer` giving the same ids (what the export saves)."""
+        raise NotImplementedError
+
+    def with_chat_tokens(self) -> "LimeTokenizer":
+        """This tokenizer with <user>, <assistant>, <context> as special ids, added after the last id
+        (in that order) when missing. Deterministic, so preprocessing, SFT and export agree; text
+        never encodes to them."""
+        raise NotImplementedError
+
+    def check_exportable(self) -> None:
+        """Raise ValueError, with the reason, if the Hugging Face export would not give the same ids."""
+        backend = self.hf_backend()
+        backend.encode_special_tokens = True
+        got = backend.encode(CONVERSION_PROBE, add_special_tokens=False).ids
+        if got != self.encode(CONVERSION_PROBE):
+            raise ValueError(f"tokenizer {self.path}: its Hugging Face form (tokenizers library) encodes text "
+                             "differently from the tokenizer itself, so an exported model would not see the ids it "
+                             "was trained on; not supported (use a BPE or unigram sentencepiece model, a "
+                             "tokenizer.json, or tools/train_tokenizer.py)")
+
     def save_hf(self, output_dir: str) -> None:
         """Write files that `AutoTokenizer.from_pretrained(output_dir)` loads offline, giving the same ids."""
-        raise NotImplementedError
+        write_hf_tokenizer_files(self, output_dir)
 
     def special_ids(self) -> dict[str, int | None]:
         return {"pad": self.pad_id, "eos": self.eos_id, "user": self.user_id,
@@ -96,37 +224,65 @@ class LimeTokenizer:
 
 
 class SentencePieceTokenizer(LimeTokenizer):
-    """A sentencepiece model: ours (tokenizer.model in our directory) or a user's own `.model` file."""
+    """Our lossless sentencepiece model (tokenizer.model in our directory), encoded by sentencepiece.
 
-    def __init__(self, model_file: str, path: str | None = None):
+    Any other sentencepiece model (a LLaMA-style one with whitespace escaping and a dummy prefix,
+    a unigram model with NFKC normalisation, ...) is loaded as a HuggingFaceTokenizer converted
+    from it (load_sentencepiece): then preprocessing, training and the export all use one
+    `tokenizers` form, so the exported tokenizer gives exactly the ids the data holds. (Encoded by
+    sentencepiece itself, a unigram model can differ from its conversion where two segmentations
+    score the same, so the export could not promise that.)"""
+
+    def __init__(self, model_file: str | None = None, path: str | None = None, model_proto: bytes | None = None):
         import sentencepiece as spm
 
+        if model_proto is None:
+            with open(model_file, "rb") as f:
+                model_proto = f.read()
         self.model_file = model_file
-        self.path = path or model_file
-        self.processor = spm.SentencePieceProcessor(model_file=model_file)
+        self.model_proto = model_proto
+        self.path = path or model_file or "?"
+        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.processor.get_piece_size()
-
-        def piece_id(piece: str) -> int | None:
-            # piece_to_id answers unk_id for unknown pieces; only a real match counts.
-            i = self.processor.piece_to_id(piece)
-            return i if self.processor.id_to_piece(i) == piece else None
 
         eos = self.processor.eos_id()
         if eos < 0:
-            eos = piece_id(SPECIAL_TOKENS.eos) if piece_id(SPECIAL_TOKENS.eos) is not None else piece_id("</s>")
+            eos = self._piece_id(SPECIAL_TOKENS.eos) if self._piece_id(SPECIAL_TOKENS.eos) is not None else self._piece_id("</s>")
         if eos is None or eos < 0:
-            raise ValueError(f"{model_file}: the sentencepiece model has no end-of-sequence piece (eos_id is -1)")
+            raise ValueError(f"{self.path}: the sentencepiece model has no end-of-sequence piece (eos_id is -1)")
         self.eos_id = eos
         pad = self.processor.pad_id()
         self.pad_id = pad if pad >= 0 else eos
         unk = self.processor.unk_id()
         self.unk_id = unk if unk >= 0 else None
-        self.user_id = piece_id(SPECIAL_TOKENS.user)
-        self.assistant_id = piece_id(SPECIAL_TOKENS.assistant)
-        self.context_id = piece_id(SPECIAL_TOKENS.context)
+        self.user_id = self._piece_id(SPECIAL_TOKENS.user)
+        self.assistant_id = self._piece_id(SPECIAL_TOKENS.assistant)
+        self.context_id = self._piece_id(SPECIAL_TOKENS.context)
+
+    def _piece_id(self, piece: str) -> int | None:
+        # piece_to_id answers unk_id for unknown pieces; only a real match counts.
+        i = self.processor.piece_to_id(piece)
+        return i if self.processor.id_to_piece(i) == piece else None
+
+    def proto(self) -> Any:
+        from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+        proto = sp_pb2.ModelProto()
+        proto.ParseFromString(self.model_proto)
+        return proto
+
+    @property
+    def lossless(self) -> bool:
+        """Ours (tools/train_tokenizer.py): BPE, identity normalisation, no whitespace escaping, no dummy prefix."""
+        from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+        proto = self.proto()
+        spec = proto.normalizer_spec
+        return (proto.trainer_spec.model_type == sp_pb2.TrainerSpec.BPE and spec.name == "identity"
+                and not spec.escape_whitespaces and not spec.add_dummy_prefix)
 
     def encode(self, text: str) -> list[int]:
-        # Our special tokens are sentencepiece control symbols, which encode() never produces
+        # Special tokens are sentencepiece control symbols, which encode() never produces
         # from text, so "<eos>" in raw text becomes ordinary pieces.
         return self.processor.encode(text)
 
@@ -141,26 +297,58 @@ class SentencePieceTokenizer(LimeTokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self.processor.id_to_piece(int(token_id))
 
-    def save_hf(self, output_dir: str) -> None:
-        write_hf_tokenizer_files(self.model_file, output_dir)
+    def with_chat_tokens(self) -> "SentencePieceTokenizer":
+        from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+        missing = [t for t in CHAT_TOKENS if self._piece_id(t) is None]
+        if not missing:
+            return self
+        # Control pieces appended at the end: new ids, and sentencepiece never produces them from text.
+        proto = self.proto()
+        for token in missing:
+            piece = proto.pieces.add()
+            piece.piece, piece.score, piece.type = token, 0.0, sp_pb2.ModelProto.SentencePiece.CONTROL
+        extended = SentencePieceTokenizer(self.model_file, path=self.path, model_proto=proto.SerializeToString())
+        extended.added_chat_tokens = tuple(missing)
+        return extended
+
+    def hf_backend(self) -> Any:
+        return lossless_sentencepiece_backend(self.proto())
 
 
 class HuggingFaceTokenizer(LimeTokenizer):
-    """A Hugging Face tokenizer directory (tokenizer.json), driven through the `tokenizers` library."""
+    """A `tokenizers.Tokenizer` with its special tokens: a Hugging Face folder or GPT-2's vocab + merges."""
 
-    def __init__(self, directory: str):
-        from tokenizers import Tokenizer
-
-        tokenizer_json = os.path.join(directory, "tokenizer.json")
-        if not os.path.isfile(tokenizer_json):
-            raise FileNotFoundError(
-                f"{directory}: not a tokenizer we can load: no {SENTENCEPIECE_FILE} and no tokenizer.json "
-                "(slow-only Hugging Face tokenizers are not supported; save it with a fast tokenizer)"
-            )
-        self.path = directory
-        self.backend = Tokenizer.from_file(tokenizer_json)
+    def __init__(self, backend: Any, path: str, eos_token: str | None, pad_token: str | None = None,
+                 unk_token: str | None = None, tokenizer_class: str | None = None):
+        self.path = path
+        self.backend = backend
         # Raw text must never produce special ids (see the module docstring).
         self.backend.encode_special_tokens = True
+        self.tokenizer_class = tokenizer_class
+
+        def token_id(token: str | None) -> int | None:
+            return None if token is None else self.backend.token_to_id(token)
+
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        eos = token_id(eos_token)
+        if eos is None:
+            eos = token_id(SPECIAL_TOKENS.eos)
+        if eos is None:
+            raise ValueError(f"{path}: the tokenizer has no eos_token (set it in tokenizer_config.json)")
+        self.eos_id = eos
+        pad = token_id(pad_token)
+        self.pad_id = pad if pad is not None else eos
+        self.unk_id = token_id(unk_token)
+        self.user_id = token_id(SPECIAL_TOKENS.user)
+        self.assistant_id = token_id(SPECIAL_TOKENS.assistant)
+        self.context_id = token_id(SPECIAL_TOKENS.context)
+
+    @classmethod
+    def from_directory(cls, directory: str) -> "HuggingFaceTokenizer":
+        """tokenizer.json read directly; any other folder through AutoTokenizer (fast tokenizers only)."""
+        from tokenizers import Tokenizer
+
         config = _read_json(os.path.join(directory, "tokenizer_config.json"), default={})
         special_map = _read_json(os.path.join(directory, "special_tokens_map.json"), default={})
 
@@ -170,22 +358,50 @@ class HuggingFaceTokenizer(LimeTokenizer):
                 value = value.get("content")
             return value
 
-        def token_id(token: str | None) -> int | None:
-            return None if token is None else self.backend.token_to_id(token)
+        tokenizer_json = os.path.join(directory, "tokenizer.json")
+        if os.path.isfile(tokenizer_json):
+            return cls(Tokenizer.from_file(tokenizer_json), directory, token_string("eos_token"),
+                       token_string("pad_token"), token_string("unk_token"), config.get("tokenizer_class"))
+        try:
+            from transformers import AutoTokenizer
 
-        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
-        eos = token_id(token_string("eos_token"))
-        if eos is None:
-            eos = token_id(SPECIAL_TOKENS.eos)
-        if eos is None:
-            raise ValueError(f"{directory}: the tokenizer has no eos_token (set it in tokenizer_config.json)")
-        self.eos_id = eos
-        pad = token_id(token_string("pad_token"))
-        self.pad_id = pad if pad is not None else eos
-        self.unk_id = token_id(token_string("unk_token"))
-        self.user_id = token_id(SPECIAL_TOKENS.user)
-        self.assistant_id = token_id(SPECIAL_TOKENS.assistant)
-        self.context_id = token_id(SPECIAL_TOKENS.context)
+            loaded = AutoTokenizer.from_pretrained(directory)
+        except Exception as err:  # transformers raises many kinds; the message is what the user needs
+            raise FileNotFoundError(f"{directory}: not a tokenizer we can load: no {SENTENCEPIECE_FILE}, no "
+                                    f"tokenizer.json, and AutoTokenizer failed: {err}") from None
+        backend = getattr(loaded, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{directory}: AutoTokenizer gives a slow (Python) tokenizer, {type(loaded).__name__}; "
+                             "only tokenizers with a fast (tokenizers library) form are supported: save it with "
+                             "a fast tokenizer (tokenizer.json)")
+        return cls(Tokenizer.from_str(backend.to_str()), directory, loaded.eos_token, loaded.pad_token,
+                   loaded.unk_token, type(loaded).__name__)
+
+    @classmethod
+    def from_sentencepiece(cls, tokenizer: SentencePieceTokenizer) -> "HuggingFaceTokenizer":
+        """A sentencepiece model converted by transformers (converted_sentencepiece_backend)."""
+        processor = tokenizer.processor
+        return cls(converted_sentencepiece_backend(tokenizer.proto(), tokenizer.path), tokenizer.path,
+                   tokenizer.id_to_piece(tokenizer.eos_id),
+                   processor.id_to_piece(processor.pad_id()) if processor.pad_id() >= 0 else None,
+                   processor.id_to_piece(processor.unk_id()) if processor.unk_id() >= 0 else None)
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_file: str, merge_file: str) -> "HuggingFaceTokenizer":
+        """GPT-2's byte-level BPE from vocab.json + merges.txt (Megatron-LM's GPT2BPETokenizer); eos <|endoftext|>."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        for name, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{name} {path}: no such file")
+        backend = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        eos = "<|endoftext|>"
+        if backend.token_to_id(eos) is None:
+            raise ValueError(f"--vocab-file {vocab_file}: no {eos} entry, which GPT2BPETokenizer uses as its eos")
+        backend.add_special_tokens([eos])
+        return cls(backend, os.path.dirname(os.path.abspath(vocab_file)), eos, tokenizer_class="GPT2TokenizerFast")
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -199,32 +415,55 @@ class HuggingFaceTokenizer(LimeTokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self.backend.id_to_token(int(token_id))
 
-    def save_hf(self, output_dir: str) -> None:
-        import shutil
+    def with_chat_tokens(self) -> "HuggingFaceTokenizer":
+        from tokenizers import AddedToken, Tokenizer
 
-        os.makedirs(output_dir, exist_ok=True)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            source = os.path.join(self.path, name)
-            if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(os.path.join(output_dir, name)):
-                shutil.copyfile(source, os.path.join(output_dir, name))
+        missing = [t for t in CHAT_TOKENS if self.backend.token_to_id(t) is None]
+        if not missing:
+            return self
+        backend = Tokenizer.from_str(self.backend.to_str())
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        extended = HuggingFaceTokenizer(backend, self.path, self.id_to_piece(self.eos_id), self.id_to_piece(self.pad_id),
+                                        None if self.unk_id is None else self.id_to_piece(self.unk_id),
+                                        self.tokenizer_class)
+        extended.added_chat_tokens = tuple(missing)
+        return extended
+
+    def hf_backend(self) -> Any:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self.backend.to_str())
 
 
 def load_tokenizer(path: str) -> LimeTokenizer:
-    """Load our tokenizer directory, a sentencepiece `.model` file, or a Hugging Face tokenizer directory."""
+    """Load our tokenizer directory, a sentencepiece `.model` file, a Hugging Face tokenizer directory,
+    or a directory with GPT-2's vocab.json + merges.txt.
+
+    Tools call build_tokenizer (the flags, plus the export check); this is the plain loader.
+    """
     if os.path.isfile(path):
         if path.endswith(".json"):
-            return HuggingFaceTokenizer(os.path.dirname(os.path.abspath(path)))
-        return SentencePieceTokenizer(path)
+            return HuggingFaceTokenizer.from_directory(os.path.dirname(os.path.abspath(path)))
+        return load_sentencepiece(path, path)
     if os.path.isdir(path):
         model_file = os.path.join(path, SENTENCEPIECE_FILE)
         if os.path.isfile(model_file):
-            return SentencePieceTokenizer(model_file, path=path)
-        return HuggingFaceTokenizer(path)
+            return load_sentencepiece(model_file, path)
+        gpt2_files = [os.path.join(path, name) for name in GPT2_FILES]
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")) and all(map(os.path.isfile, gpt2_files)):
+            return HuggingFaceTokenizer.from_gpt2_files(*gpt2_files)
+        return HuggingFaceTokenizer.from_directory(path)
     raise FileNotFoundError(f"tokenizer not found: {path} (expected a directory or a sentencepiece .model file)")
 
 
+def load_sentencepiece(model_file: str, path: str) -> LimeTokenizer:
+    """Ours as it is; any other sentencepiece model in its converted form (see SentencePieceTokenizer)."""
+    tokenizer = SentencePieceTokenizer(model_file, path=path)
+    return tokenizer if tokenizer.lossless else HuggingFaceTokenizer.from_sentencepiece(tokenizer)
+
+
 # ---------------------------------------------------------------------------------------
-# Hugging Face export of a sentencepiece BPE model.
+# Hugging Face export.
 
 
 def sentencepiece_bpe_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
@@ -245,26 +484,19 @@ def sentencepiece_bpe_merges(vocab: dict[str, int], scores: dict[str, float]) ->
     return [(left, right) for _, _, _, left, right in merges]
 
 
-def write_hf_tokenizer_files(model_file: str, output_dir: str) -> None:
-    """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json for a sentencepiece BPE model.
+def _special_pieces(proto: Any) -> list[str]:
+    piece_type = type(proto.pieces[0]) if proto.pieces else None
+    kinds = (piece_type.CONTROL, piece_type.UNKNOWN, piece_type.USER_DEFINED) if piece_type else ()
+    return [p.piece for p in proto.pieces if p.type in kinds]
 
-    The result loads with `AutoTokenizer.from_pretrained(output_dir)` offline (no remote code)
-    as a fast tokenizer that gives the same ids as sentencepiece on raw text, and maps the
-    special strings to their single ids.
-    """
+
+def lossless_sentencepiece_backend(proto: Any) -> Any:
+    """Our lossless sentencepiece BPE as a `tokenizers.Tokenizer` with the same ids."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
-    proto = sp_pb2.ModelProto()
-    with open(model_file, "rb") as f:
-        proto.ParseFromString(f.read())
     if proto.trainer_spec.model_type != sp_pb2.TrainerSpec.BPE:
-        raise ValueError(f"{model_file}: only sentencepiece BPE models can be exported to tokenizer.json")
-    if proto.normalizer_spec.escape_whitespaces or proto.normalizer_spec.add_dummy_prefix:
-        raise ValueError(
-            f"{model_file}: not a lossless LIME tokenizer (escape_whitespaces/add_dummy_prefix set); "
-            "train one with tools/train_tokenizer.py"
-        )
+        raise ValueError("only sentencepiece BPE models without whitespace escaping can be exported this way")
     piece_type = sp_pb2.ModelProto.SentencePiece
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     scores = {p.piece: p.score for p in proto.pieces if p.type == piece_type.NORMAL}
@@ -277,21 +509,66 @@ def write_hf_tokenizer_files(model_file: str, output_dir: str) -> None:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk_piece, byte_fallback=True,
                                    fuse_unk=True, dropout=None))
     backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    special = [p.piece for p in proto.pieces if p.type in (piece_type.CONTROL, piece_type.UNKNOWN, piece_type.USER_DEFINED)]
-    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _special_pieces(proto)])
+    return backend
 
+
+def converted_sentencepiece_backend(proto: Any, path: str) -> Any:
+    """Any other sentencepiece model (BPE or unigram, with its normaliser, whitespace escaping and dummy
+    prefix) through transformers' converter, which follows the model's own settings."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    from tokenizers import AddedToken
+
+    try:
+        from transformers.convert_slow_tokenizer import SpmConverter
+
+        build = SpmConverter.build_tokenizer_from_spm_proto
+    except (ImportError, AttributeError):
+        raise ValueError(f"tokenizer {path}: converting a sentencepiece model with whitespace escaping or a dummy "
+                         "prefix needs transformers >= 5 (SpmConverter.build_tokenizer_from_spm_proto)") from None
+    model_type = proto.trainer_spec.model_type
+    if model_type == sp_pb2.TrainerSpec.BPE:
+        vocab: Any = {p.piece: i for i, p in enumerate(proto.pieces)}
+    elif model_type == sp_pb2.TrainerSpec.UNIGRAM:
+        vocab = [(p.piece, p.score) for p in proto.pieces]
+    else:
+        kind = sp_pb2.TrainerSpec.ModelType.Name(model_type)
+        raise ValueError(f"tokenizer {path}: a sentencepiece {kind} model has no Hugging Face equivalent; "
+                         "only BPE and unigram models are supported")
+    # legacy=True: the dummy prefix before every text piece between special tokens, as the SFT
+    # template encodes each piece on its own with sentencepiece.
+    backend = build(proto, vocab, legacy=True)
+    if backend is None:
+        raise ValueError(f"tokenizer {path}: transformers could not convert this sentencepiece model")
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _special_pieces(proto)])
+    return backend
+
+
+def write_hf_tokenizer_files(tokenizer: LimeTokenizer, output_dir: str) -> None:
+    """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json for any LimeTokenizer.
+
+    The result loads with `AutoTokenizer.from_pretrained(output_dir)` offline (no remote code)
+    as a fast tokenizer that gives the same ids as the tokenizer on raw text, and maps the
+    special strings (its eos, the chat tags) to their single ids.
+    """
+    from megatron_lime.files import write_json, write_text
+
+    backend = tokenizer.hf_backend()
+    # The exported tokenizer is for prompts, where "<user>" must map to its id.
+    backend.encode_special_tokens = False
     os.makedirs(output_dir, exist_ok=True)
-    backend.save(os.path.join(output_dir, "tokenizer.json"))
-    present = set(special)
+    write_text(os.path.join(output_dir, "tokenizer.json"), backend.to_str(pretty=True))
+    piece = tokenizer.id_to_piece
     tokens = {
-        "eos_token": SPECIAL_TOKENS.eos if SPECIAL_TOKENS.eos in present else None,
-        "pad_token": SPECIAL_TOKENS.pad if SPECIAL_TOKENS.pad in present else None,
-        "unk_token": unk_piece,
+        "eos_token": piece(tokenizer.eos_id),
+        "pad_token": piece(tokenizer.pad_id),
+        "unk_token": None if tokenizer.unk_id is None else piece(tokenizer.unk_id),
     }
-    extra = [t for t in (SPECIAL_TOKENS.user, SPECIAL_TOKENS.assistant, SPECIAL_TOKENS.context) if t in present]
+    tokens = {k: v for k, v in tokens.items() if v is not None}
+    extra = [piece(i) for i in (tokenizer.user_id, tokenizer.assistant_id, tokenizer.context_id) if i is not None]
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        **{k: v for k, v in tokens.items() if v is not None},
+        **tokens,
         "additional_special_tokens": extra,
         "model_max_length": MODEL_MAX_LENGTH,
         # Decoding must give the text back exactly: no " ." -> "." clean-up.
@@ -300,20 +577,16 @@ def write_hf_tokenizer_files(model_file: str, output_dir: str) -> None:
         "add_eos_token": False,
         "padding_side": "left",
     }
-    with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    special_map = {**{k: v for k, v in tokens.items() if v is not None}, "additional_special_tokens": extra}
-    with open(os.path.join(output_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-        json.dump(special_map, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    write_json(os.path.join(output_dir, "tokenizer_config.json"), config)
+    write_json(os.path.join(output_dir, "special_tokens_map.json"), {**tokens, "additional_special_tokens": extra})
 
 
 def _read_json(path: str, default: dict) -> dict:
     if not os.path.isfile(path):
         return default
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    from megatron_lime.files import read_json
+
+    return read_json(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -404,8 +677,8 @@ def train_tokenizer(texts: Iterable[str], output_dir: str, vocab_size: int = 50_
     with open(tmp_file, "wb") as f:
         f.write(proto.SerializeToString())
     os.replace(tmp_file, model_file)
-    write_hf_tokenizer_files(model_file, output_dir)
     tokenizer = SentencePieceTokenizer(model_file, path=output_dir)
+    tokenizer.save_hf(output_dir)
     info = {
         "library": f"sentencepiece {spm.__version__}",
         "model_type": "bpe",

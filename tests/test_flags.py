@@ -19,7 +19,7 @@ FROZEN_FLAGS = sorted([
     "--lr", "--min-lr", "--lr-warmup-iters", "--lr-warmup-fraction", "--lr-decay-style", "--lr-decay-power",
     "--lr-decay-iters", "--weight-decay", "--adam-beta1", "--adam-beta2", "--adam-eps",
     # data
-    "--data-path", "--split", "--data-cache-path", "--tokenizer-model", "--dataset-type", "--sft-packing",
+    "--data-path", "--split", "--data-cache-path", "--tokenizer-model", "--tokenizer-type", "--vocab-file", "--merge-file", "--dataset-type", "--sft-packing",
     "--no-sft-packing", "--num-workers",
     # checkpoints
     "--save", "--load", "--save-interval", "--finetune", "--no-finetune", "--keep-last",

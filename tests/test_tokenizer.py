@@ -8,7 +8,10 @@ import shutil
 import pytest
 from helpers import HARD_STRINGS, load_tool, train_tiny_tokenizer, write_tiny_corpus
 
-from megatron_lime.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer, SPECIAL_TOKENS, load_tokenizer)
+from megatron_lime.data import preprocess as preprocess_data
+from megatron_lime.data.sft import preprocess as preprocess_sft_data
+from megatron_lime.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer, SPECIAL_TOKENS, TokenizerSpec,
+                                     build_tokenizer, load_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -130,19 +133,43 @@ def test_save_hf_and_load_hf_directory(tokenizer_dir, tmp_path, texts):
     assert load_tokenizer(again).encode(texts[0]) == tok.encode(texts[0])
 
 
-def test_users_own_sentencepiece_model(texts, tmp_path):
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_standard_sentencepiece_model_exports_with_identical_ids(texts, tmp_path, model_type):
+    """sentencepiece's defaults (nmt_nfkc normalisation, dummy prefix, whitespace escaping, extra
+    whitespace removed), as LLaMA-style models have them: the export reproduces every id."""
     import sentencepiece as spm
+    from transformers import AutoTokenizer
 
     prefix = str(tmp_path / "user")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=400,
-                                   model_type="unigram", minloglevel=2)
-    tok = load_tokenizer(prefix + ".model")
-    assert isinstance(tok, SentencePieceTokenizer)
+                                   model_type=model_type, minloglevel=2)
+    tok = build_tokenizer(TokenizerSpec(tokenizer_model=prefix + ".model"))
+    assert isinstance(tok, HuggingFaceTokenizer)  # in its converted form: see SentencePieceTokenizer
     assert tok.eos_id == 2 and tok.pad_id == tok.eos_id  # default sentencepiece: </s> = 2, no pad
     assert tok.user_id is None and tok.assistant_id is None and tok.context_id is None
-    assert tok.decode(tok.encode("hello world")) == "hello world"
-    with pytest.raises(ValueError, match="only sentencepiece BPE"):
-        tok.save_hf(str(tmp_path / "hf"))
+    out = str(tmp_path / "hf")
+    tok.save_hf(out)
+    hf = AutoTokenizer.from_pretrained(out)
+    assert hf.eos_token == "</s>" and hf.eos_token_id == 2
+    mismatches = [(text, hf.convert_ids_to_tokens(hf(text, add_special_tokens=False)["input_ids"]),
+                   [tok.id_to_piece(i) for i in tok.encode(text)]) for text in texts + random_unicode_strings(100, seed=2)
+                  if hf(text, add_special_tokens=False)["input_ids"] != tok.encode(text)]
+    assert not mismatches, f"{len(mismatches)} texts tokenized differently, e.g. {mismatches[:1]}"
+
+
+def test_unsupported_sentencepiece_model_is_refused_at_load(texts, tmp_path):
+    import sentencepiece as spm
+
+    prefix = str(tmp_path / "words")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=400,
+                                   model_type="word", minloglevel=2)
+    with pytest.raises(ValueError, match="WORD model has no Hugging Face equivalent"):
+        build_tokenizer(TokenizerSpec(tokenizer_model=prefix + ".model"))
+    tool = preprocess_data
+    corpus = write_tiny_corpus(str(tmp_path / "c.jsonl"), num_docs=5)
+    assert tool.main(["--input", corpus, "--tokenizer-model", prefix + ".model",
+                      "--output-prefix", str(tmp_path / "out"), "--workers", "1"]) != 0
+    assert not os.path.exists(str(tmp_path / "out_text_document.bin"))
 
 
 def test_train_tokenizer_tool_sampling_and_errors(corpus, tmp_path, capsys):
@@ -164,7 +191,7 @@ def test_load_errors(tmp_path):
         load_tokenizer(str(tmp_path / "missing"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model and no tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model, no tokenizer.json"):
         load_tokenizer(str(empty))
 
 
@@ -194,3 +221,154 @@ def test_train_tokenizer_from_parquet_and_text_with_byte_budget(texts, tmp_path)
     expected = next(i + 1 for i in range(len(sizes)) if sum(sizes[:i + 1]) >= budget)
     assert info["trained_on_documents"] == expected
     assert load_tokenizer(out).decode(load_tokenizer(out).encode(texts[120])) == texts[120]
+
+
+# ---------------------------------------------------------------------------------------
+# Every kind of tokenizer, raw text -> preprocessing -> SFT training -> Hugging Face folder.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_tokenizer(kind: str, corpus: str, texts: list[str], out: str) -> list[str]:
+    """Train a tokenizer of `kind` in `out`; returns the tokenizer flags every tool takes for it."""
+    if kind == "lime":  # ours: lossless, has the chat tags
+        return ["--tokenizer-model", train_tiny_tokenizer(out, corpus, vocab_size=512)]
+    if kind == "sentencepiece":  # sentencepiece's defaults: unigram, nmt_nfkc, dummy prefix, </s>, no chat tags
+        import sentencepiece as spm
+
+        os.makedirs(out)
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=os.path.join(out, "sp"),
+                                       vocab_size=400, minloglevel=2, num_threads=1)
+        return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", os.path.join(out, "sp.model")]
+    # A byte-level BPE tokenizer.json (GPT-2 style) with 600 ids: the chat tags make 603, more than
+    # lime-tiny's 512 rows, so training grows the vocabulary.
+    from tokenizers import ByteLevelBPETokenizer
+
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(texts, vocab_size=600, min_frequency=1, special_tokens=["<|endoftext|>"],
+                                  show_progress=False)
+    os.makedirs(out)
+    tokenizer.save(os.path.join(out, "tokenizer.json"))
+    tokenizer.save_model(out)  # vocab.json + merges.txt, for GPT2BPETokenizer
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    if kind == "gpt2-files":
+        return ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", os.path.join(out, "vocab.json"),
+                "--merge-file", os.path.join(out, "merges.txt")]
+    return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", out]
+
+
+@pytest.mark.parametrize("kind", ["lime", "sentencepiece", "bytelevel-bpe"])
+def test_each_tokenizer_kind_from_raw_text_to_a_hugging_face_folder(kind, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from megatron_lime.data.indexed_dataset import IndexedDataset
+    from megatron_lime.data.sft.template import SFTExample, Turn, render_examples
+    from megatron_lime.sample_data import write_instruction_set
+
+    corpus = write_tiny_corpus(str(tmp_path / "corpus.jsonl"), num_docs=60)
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    flags = make_tokenizer(kind, corpus, texts, str(tmp_path / "tokenizer"))
+
+    # Pretraining data, then SFT data (the chat tags added as new ids when the tokenizer lacks them).
+    assert preprocess_data.main(["--input", corpus, "--output-prefix", str(tmp_path / "pre"), *flags,
+                                              "--append-eod", "--workers", "1", "--quiet"]) == 0
+    write_instruction_set(str(tmp_path / "dolly.jsonl"), max_examples=60)
+    (tmp_path / "m.yaml").write_text(f"seq_length: 64\nover_length: truncate\ndatasets:\n"
+                                     f"  - {{name: databricks/databricks-dolly-15k, path: {tmp_path / 'dolly.jsonl'}}}\n")
+    capsys.readouterr()
+    assert preprocess_sft_data.main(["--mixture", str(tmp_path / "m.yaml"), *flags,
+                                                  "--output-prefix", str(tmp_path / "sft"), "--quiet"]) == 0
+    added = "lacks <user>, <assistant>, <context>: added as new special ids" in capsys.readouterr().out
+    assert added == (kind != "lime")
+    tokenizer = build_tokenizer(TokenizerSpec.from_args(type("A", (), {
+        "tokenizer_type": None, "tokenizer_model": None, "vocab_file": None, "merge_file": None,
+        **{flag.lstrip("-").replace("-", "_"): value for flag, value in zip(flags[::2], flags[1::2])}})()),
+        chat_tokens=True)
+
+    if kind == "lime":  # the path every other training test takes: a checkpoint written here is enough
+        import torch
+
+        from megatron_lime import LimeConfig, LimeModel
+        from megatron_lime.conversion.checkpoints import write_consolidated
+
+        config = LimeConfig.from_name("lime-tiny")
+        torch.manual_seed(0)
+        write_consolidated(tmp_path / "ckpt", LimeModel(config).state_dict(),
+                           {"model": config.to_dict(), "tokenizer": flags[-1], "dataset_type": "sft", "args": {}})
+    else:  # a few SFT steps from scratch on lime-tiny (512 rows), one process
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
+        result = subprocess.run(
+            [sys.executable, os.path.join(REPO, "pretrain_lime.py"), "--model", "lime-tiny", "--seq-length", "64",
+             "--data-path", str(tmp_path / "sft_text_document"), *flags, "--dataset-type", "sft",
+             "--save", str(tmp_path / "ckpt"), "--train-iters", "2", "--micro-batch-size", "2",
+             "--global-batch-size", "2", "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0",
+             "--split", "100,0,0"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert "lacks <user>, <assistant>, <context>: added as new special ids" in result.stdout
+        grown = "the model's vocabulary is sized to fit the tokenizer: 512 -> 640 rows (603 ids" in result.stdout
+        assert grown == (kind == "bytelevel-bpe"), result.stdout[-3000:]
+
+    assert load_tool("convert_to_hf").main(["--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"),
+                                            "--dtype", "fp32"]) == 0
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["vocab_size"] == (640 if kind == "bytelevel-bpe" else 512)
+
+    # The exported tokenizer gives exactly the ids preprocessing wrote, document by document.
+    documents = IndexedDataset(str(tmp_path / "pre_text_document"))
+    assert len(documents) == len(texts)
+    for text, written in zip(texts, documents):
+        assert hf(text, add_special_tokens=False)["input_ids"] + [hf.eos_token_id] == written.tolist()
+
+    # Chat: the template renders what SFT trained on, tags as single ids, replies ended by the tokenizer's own eos.
+    eos = {"lime": "<eos>", "sentencepiece": "</s>", "bytelevel-bpe": "<|endoftext|>"}[kind]
+    assert hf.eos_token == eos and hf.eos_token_id == tokenizer.eos_id
+    example = SFTExample(turns=(Turn("What does heapq do?", "It keeps a heap."), Turn("And bisect?", "Sorted lists.")))
+    messages = [{"role": role, "content": content} for turn in example.turns
+                for role, content in (("user", turn.user), ("assistant", turn.assistant))]
+    rendered = hf.apply_chat_template(messages, tokenize=False)
+    assert rendered == f"<user>What does heapq do?<assistant>It keeps a heap.{eos}<user>And bisect?<assistant>Sorted lists.{eos}"
+    chat_ids = hf(rendered, add_special_tokens=False)["input_ids"]
+    assert chat_ids == render_examples([example], tokenizer)[0].token_ids
+    assert [hf.convert_tokens_to_ids(t) for t in ("<user>", "<assistant>", "<context>")] == \
+        [tokenizer.user_id, tokenizer.assistant_id, tokenizer.context_id]
+    sft_examples = IndexedDataset(str(tmp_path / "sft_text_document"))
+    assert sft_examples[0].tolist()[0] in (tokenizer.user_id, tokenizer.context_id)
+
+
+def test_gpt2_bpe_files_give_the_same_ids_as_their_tokenizer_json(tmp_path):
+    corpus = write_tiny_corpus(str(tmp_path / "corpus.jsonl"), num_docs=30)
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    flags = make_tokenizer("gpt2-files", corpus, texts, str(tmp_path / "tokenizer"))
+    for name, tool_flags in (("files", flags), ("json", ["--tokenizer-model", str(tmp_path / "tokenizer"),
+                                                          "--tokenizer-type", "HuggingFaceTokenizer"])):
+        assert preprocess_data.main(["--input", corpus, "--output-prefix", str(tmp_path / name),
+                                                  *tool_flags, "--append-eod", "--workers", "1", "--quiet"]) == 0
+    for suffix in (".bin", ".idx"):
+        with open(tmp_path / f"files_text_document{suffix}", "rb") as a, open(tmp_path / f"json_text_document{suffix}", "rb") as b:
+            assert a.read() == b.read()
+    with pytest.raises(ValueError, match="needs --vocab-file"):
+        build_tokenizer(TokenizerSpec(tokenizer_type="GPT2BPETokenizer"))
+
+
+def test_chat_tokens_are_new_ids_that_text_never_produces(texts, tmp_path):
+    import sentencepiece as spm
+
+    prefix = str(tmp_path / "sp")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=300,
+                                   minloglevel=2, num_threads=1)
+    base = load_tokenizer(prefix + ".model")
+    chat = base.with_chat_tokens()
+    assert (chat.user_id, chat.assistant_id, chat.context_id) == (300, 301, 302) and chat.vocab_size == 303
+    assert chat.added_chat_tokens == ("<user>", "<assistant>", "<context>")
+    for text in texts[:20] + ["<user>hi<assistant>"]:
+        assert chat.encode(text) == base.encode(text)
+    assert chat.with_chat_tokens() is chat

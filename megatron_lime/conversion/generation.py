@@ -177,6 +177,9 @@ def load_generator(path: str | Path, tokenizer_path: str | None = None, tag: str
     if tokenizer.vocab_size > weights.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids, more than the model's "
                          f"{weights.config.vocab_size}: wrong tokenizer for this checkpoint")
+    # The chat tags as SFT added them (new ids) when the tokenizer lacks them and the model has the rows.
+    with_chat = tokenizer.with_chat_tokens()
+    tokenizer = with_chat if with_chat.vocab_size <= weights.config.vocab_size else tokenizer
     special = {i for i in (tokenizer.pad_id, tokenizer.eos_id, tokenizer.user_id, tokenizer.assistant_id,
                            tokenizer.context_id, tokenizer.unk_id) if i is not None}
 

@@ -39,7 +39,8 @@ SUPPORTED_TRANSFORMERS = ">=4.56, <=5.24"
 
 # Renders `[<context>text]<user>question<assistant>` (the SFT template, data/sft/template.py):
 # a system or context message, first and at most once, becomes the <context> block; earlier
-# assistant turns end with <eos>, as in training. No spaces are added around the tags.
+# assistant turns end with the tokenizer's own eos token (`eos_token`: "<eos>" in ours, "</s>" in
+# a LLaMA-style one), as in training. No spaces are added around the tags.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] in ['system', 'context'] -%}"
@@ -48,7 +49,7 @@ CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'user' -%}"
     "<user>{{ message['content'] }}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "<assistant>{{ message['content'] }}<eos>"
+    "<assistant>{{ message['content'] }}{{ eos_token }}"
     "{%- else -%}"
     "{{ raise_exception('unknown role: ' + message['role'] + ' (use system, context, user or assistant)') }}"
     "{%- endif -%}"
@@ -81,20 +82,29 @@ def hf_config_dict(weights: LimeWeights, pad_id: int, eos_id: int, dtype: str) -
 
 
 def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_length: int) -> "Any":
-    """Tokenizer files + chat template + pad/eos; returns the LimeTokenizer."""
-    from megatron_lime.tokenizer import load_tokenizer
+    """Tokenizer files + chat template + pad/eos; returns the LimeTokenizer.
+
+    The chat tags are added as new ids when the tokenizer lacks them, exactly as SFT preprocessing
+    and training added them (LimeTokenizer.with_chat_tokens), when the model has rows for them.
+    """
+    from megatron_lime.tokenizer import describe_added_chat_tokens, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model_vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model only "
                          f"{model_vocab_size} embedding rows: wrong tokenizer for this checkpoint")
+    with_chat = tokenizer.with_chat_tokens()
+    chat = with_chat.vocab_size <= model_vocab_size
+    if chat:
+        tokenizer = with_chat
+        if describe_added_chat_tokens(tokenizer):
+            logger.info("%s", describe_added_chat_tokens(tokenizer))
+    else:
+        logger.warning("tokenizer %s lacks %s and the model has no rows for them: exported without a chat template",
+                       tokenizer_path, ", ".join(with_chat.added_chat_tokens))
     if tokenizer.vocab_size < model_vocab_size:
         logger.warning("tokenizer has %d ids, the model %d embedding rows (the extra rows are never produced "
                        "by the tokenizer)", tokenizer.vocab_size, model_vocab_size)
-    missing = [name for name, i in (("<user>", tokenizer.user_id), ("<assistant>", tokenizer.assistant_id),
-                                    ("<context>", tokenizer.context_id)) if i is None]
-    if missing:
-        raise ValueError(f"tokenizer {tokenizer_path} lacks {missing}: the chat template needs them")
     tokenizer.save_hf(str(out))
     config_path = out / "tokenizer_config.json"
     config = read_json(config_path) if config_path.is_file() else {}
@@ -102,12 +112,13 @@ def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_
         "tokenizer_class": config.get("tokenizer_class", "PreTrainedTokenizerFast"),
         "pad_token": tokenizer.id_to_piece(tokenizer.pad_id),
         "eos_token": tokenizer.id_to_piece(tokenizer.eos_id),
-        "chat_template": CHAT_TEMPLATE,
         "model_max_length": max_length,
         # Without this, transformers 4.x fast tokenizers also return token_type_ids, which
         # generate() rejects for a model that has none.
         "model_input_names": ["input_ids", "attention_mask"],
     })
+    if chat:
+        config["chat_template"] = CHAT_TEMPLATE
     write_json(config_path, config, sort_keys=False)
     return tokenizer
 

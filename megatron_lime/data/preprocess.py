@@ -6,9 +6,9 @@ The command line is tools/preprocess_data.py (a thin wrapper around `main`):
         --json-keys text --tokenizer-model tokenizers/lime-50k --append-eod \
         --output-prefix data/fineweb_edu --workers 8
 
-Same flags and meaning as Megatron-LM's tools/preprocess_data.py (--tokenizer-type
-SentencePieceTokenizer / HuggingFaceTokenizer / GPTSentencePieceTokenizer are accepted; the
-type is read off --tokenizer-model). Input: JSONL, JSONL.gz or parquet files, a directory or
+Same flags and meaning as Megatron-LM's tools/preprocess_data.py; the tokenizer flags
+(--tokenizer-type, --tokenizer-model, --vocab-file, --merge-file) are megatron_lime.tokenizer's,
+shared by every tool, and a tokenizer that could not be exported is refused here, first. Input: JSONL, JSONL.gz or parquet files, a directory or
 glob of them, or a `datasets` dataset saved to disk.
 
 Filters (`--filter "int_score >= 3" --filter "language == 'en'"`, any column of the input;
@@ -48,9 +48,8 @@ from megatron_lime.data.readers import (GZIP_ERRORS, BadRecordError, InputSource
                                         gzip_error_reason, jsonl_values, load_saved_dataset, open_binary, open_parquet,
                                         parse_jsonl_record)
 from megatron_lime.data.shards import shard_inputs, shard_suffix
-from megatron_lime.tokenizer import LimeTokenizer, load_tokenizer
+from megatron_lime.tokenizer import LimeTokenizer, TokenizerSpec, add_tokenizer_args, build_tokenizer
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "Llama2Tokenizer")
 # Bytes of JSONL (or rows of parquet) per worker task: big enough to amortise the
 # inter-process hop, small enough that 2 x workers of them in flight stay a few MB.
 CHUNK_BYTES = 1 << 20
@@ -73,9 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "(repeatable: all must hold). Columns, literals, == != < <= > >=, in / not in [...], "
                             "and/or/not; never Python eval. Kept/dropped counts per filter are in the summary.")
     group.add_argument("--split-sentences", action="store_true", help="Not supported (documents are never split); kept so Megatron command lines fail loudly.")
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-model", required=True, help="Our tokenizer directory, a sentencepiece .model, or a Hugging Face tokenizer directory.")
-    group.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES, help="Accepted for Megatron compatibility; the kind is detected from --tokenizer-model.")
+    group = add_tokenizer_args(parser)
     group.add_argument("--append-eod", action="store_true", help="Append the <eos> id to every document (separates documents in packed samples).")
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="Writes OUTPUT_PREFIX_{key}_document.bin/.idx.")
@@ -240,12 +237,12 @@ def jsonl_chunks(path: str, skip_bad: bool = False) -> Iterator[Chunk]:
 WORKER: dict[str, object] = {}
 
 
-def init_worker(tokenizer: LimeTokenizer | str, keys: tuple[str, ...], append_eod: bool, skip_bad: bool,
+def init_worker(tokenizer: LimeTokenizer | TokenizerSpec, keys: tuple[str, ...], append_eod: bool, skip_bad: bool,
                 filter_expressions: tuple[str, ...] = ()) -> None:
     # One process per core already: a Hugging Face tokenizer must not start its own thread pool too.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
+    if isinstance(tokenizer, TokenizerSpec):
+        tokenizer = build_tokenizer(tokenizer, check=False)  # the main process checked it
     filters = RecordFilters(filter_expressions)
     WORKER.update(tokenizer=tokenizer, keys=keys, append_eod=append_eod, skip_bad=skip_bad,
                   dtype=best_dtype(tokenizer.vocab_size), filters=filters,
@@ -420,7 +417,7 @@ def run(args: argparse.Namespace) -> dict:
         sources = shard_inputs(everything, args.num_shards, args.shard_index)
         names = f" ({sources[0].path} .. {sources[-1].path})" if sources else ""
         print(f"shard {args.shard_index} of {args.num_shards}: {len(sources)} of {len(everything)} inputs{names}", flush=True)
-    tokenizer = load_tokenizer(args.tokenizer_model)
+    tokenizer = build_tokenizer(TokenizerSpec.from_args(args))
     dtype = best_dtype(tokenizer.vocab_size)
     prefix = output_prefix(args)
     writers: list[IndexedDatasetWriter] = []

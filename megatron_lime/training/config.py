@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from megatron_lime.arguments import add_dataclass_flags, dataclass_from_args
 from megatron_lime.config import PRESETS, LimeConfig, param
+from megatron_lime.tokenizer import TOKENIZER_ARG_HELP
 
 
 @dataclass(kw_only=True)
@@ -99,7 +100,10 @@ class DataConfig:
     data_path: list[str] | None = param(None, "Dataset prefixes, optionally weighted: 'PREFIX' or '0.7 A 0.3 B'.")
     split: str = param("969,30,1", "Train/valid/test proportions of the documents.")
     data_cache_path: str | None = param(None, "Directory for the cached sample indices.")
-    tokenizer_model: str | None = param(None, "Tokenizer directory or file (megatron_lime.tokenizer.load_tokenizer).")
+    tokenizer_model: str | None = param(None, TOKENIZER_ARG_HELP["tokenizer_model"])
+    tokenizer_type: str | None = param(None, TOKENIZER_ARG_HELP["tokenizer_type"])
+    vocab_file: str | None = param(None, TOKENIZER_ARG_HELP["vocab_file"])
+    merge_file: str | None = param(None, TOKENIZER_ARG_HELP["merge_file"])
     dataset_type: Literal["gpt", "sft"] = param("gpt", "gpt: pretraining documents; sft: instruction data (packed).")
     sft_packing: bool = param(True, "Pack several SFT examples per sample (attention stays inside each).")
     num_workers: int = param(2, "DataLoader worker processes per rank.")

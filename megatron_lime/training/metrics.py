@@ -16,6 +16,7 @@ to divide by, so the line says "MFU n/a on CPU".
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -108,6 +109,11 @@ class StepMetrics:
         return self.tokens_per_second_per_device * self.flops_per_token / 1e12
 
     @property
+    def seconds_left(self) -> float:
+        """Time to the last iteration at this window's pace (evaluation and saves not counted)."""
+        return max(self.train_iters - self.iteration, 0) * self.ms_per_step / 1000
+
+    @property
     def mfu(self) -> float | None:
         return None if self.peak_tflops is None else self.tflops_per_device / self.peak_tflops
 
@@ -122,7 +128,15 @@ class StepMetrics:
                 f" ms/step {self.ms_per_step:.1f} | tokens/s {self.tokens_per_second:.0f}"
                 f" ({self.tokens_per_second_per_device:.0f}/device) |"
                 f" TFLOP/s/device {self.tflops_per_device:.2f} | {mfu} | peak memory {memory} |"
-                f" skipped {self.skipped_in_window} (total {self.skipped_total})")
+                f" skipped {self.skipped_in_window} (total {self.skipped_total}) |"
+                f" time left {format_duration(self.seconds_left)}")
+
+
+def format_duration(seconds: float) -> str:
+    """1:02:03 for an hour and more, 2:03 below: the shortest unambiguous form for a log line."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class MetricsLogger:
@@ -135,6 +149,9 @@ class MetricsLogger:
         self.wandb = None
         save_dir = run_config.get("checkpoint", {}).get("save")
         self.metrics_path = os.path.join(save_dir, METRICS_FILE) if save_dir else None
+        if wandb_project and importlib.util.find_spec("wandb") is None:  # every rank stops, not only rank 0
+            raise ValueError(f"--wandb-project {wandb_project}: wandb is not installed; pip install wandb "
+                             "(or drop --wandb-project; TensorBoard needs nothing extra)")
         if rank != 0:
             return
         if tensorboard_dir:
@@ -142,11 +159,8 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         if wandb_project:
-            try:
-                import wandb
-            except ImportError as err:
-                raise RuntimeError(f"--wandb-project {wandb_project} given but wandb is not installed "
-                                   f"(pip install wandb)") from err
+            import wandb  # WANDB_MODE=offline / WANDB_DIR and the rest of wandb's environment apply
+
             self.wandb = wandb
             wandb.init(project=wandb_project, name=wandb_name, config=run_config)
 

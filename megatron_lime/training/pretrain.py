@@ -18,6 +18,7 @@ over the R data-parallel ranks, each rank back-propagates R x that (without Deep
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -237,15 +238,22 @@ def build_model(config: LimeConfig, seed: int, device: torch.device) -> LimeMode
         return LimeModel(config)
 
 
-def load_tokenizer_for(args: TrainArgs):
-    if not args.data.tokenizer_model:
-        raise ValueError("--tokenizer-model is required (or set TOKENIZER_MODEL for the example scripts)")
-    from megatron_lime.tokenizer import load_tokenizer
+def load_tokenizer_for(args: TrainArgs, metrics: MetricsLogger):
+    """The run's tokenizer with the chat tags (added as new ids when missing, so pretraining and SFT
+    size the model alike); grows args.model's vocabulary when the tokenizer needs more rows."""
+    from megatron_lime.tokenizer import TokenizerSpec, build_tokenizer, describe_added_chat_tokens
 
-    tokenizer = load_tokenizer(args.data.tokenizer_model)
+    data = args.data
+    tokenizer = build_tokenizer(TokenizerSpec(tokenizer_type=data.tokenizer_type, tokenizer_model=data.tokenizer_model,
+                                              vocab_file=data.vocab_file, merge_file=data.merge_file), chat_tokens=True)
+    if describe_added_chat_tokens(tokenizer):
+        metrics.print(f"> {describe_added_chat_tokens(tokenizer)}")
     if tokenizer.vocab_size > args.model.vocab_size:
-        raise ValueError(f"tokenizer {args.data.tokenizer_model} has {tokenizer.vocab_size} ids but the model's "
-                         f"vocabulary is {args.model.vocab_size}: pass --vocab-size {tokenizer.vocab_size} or larger")
+        # As Megatron-LM pads its vocabulary: a multiple of 128 rows.
+        rows = -(-tokenizer.vocab_size // 128) * 128
+        metrics.print(f"> the model's vocabulary is sized to fit the tokenizer: {args.model.vocab_size} -> {rows} rows "
+                      f"({tokenizer.vocab_size} ids, padded to a multiple of 128)")
+        args.model = dataclasses.replace(args.model, vocab_size=rows)
     return tokenizer
 
 
@@ -267,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     gas = args.training.gradient_accumulation_steps(env.world_size)
     metrics = MetricsLogger(env.rank, args.logging.tensorboard_dir, args.logging.wandb_project,
                             args.logging.wandb_exp_name, args.to_dict())
+    tokenizer = load_tokenizer_for(args, metrics)
     tokens_per_step = args.training.global_batch_size * args.seq_length
     metrics.print(f"> {args.model.name}: {args.model.num_parameters() / 1e6:.1f}M parameters | "
                   f"{env.world_size} data-parallel ranks on {env.device.type} | micro batch "
@@ -274,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.training.global_batch_size} | {tokens_per_step} tokens/step | {total_iters} steps = "
                   f"{total_iters * tokens_per_step} tokens")
 
-    tokenizer = load_tokenizer_for(args)
     global_batch = args.training.global_batch_size
     eval_samples = args.logging.eval_iters * global_batch if args.logging.eval_interval else 0
     train_set, valid_set, _ = build_datasets(args, (total_iters * global_batch, eval_samples, eval_samples),
@@ -294,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.print(f"> loaded weights from consolidated checkpoint {source.path} (fresh optimizer, step 0)")
 
     engine, ds_config = wrap_model(model, args, env.device, env.world_size)
-    meta_base = {"model": args.model.to_dict(), "tokenizer": args.data.tokenizer_model,
+    meta_base = {"model": args.model.to_dict(), "tokenizer": tokenizer.path,
                  "data_path": args.data.data_path, "dataset_type": args.data.dataset_type,
                  "world_size": env.world_size, "args": args.to_dict(), "schedule": schedule}
     checkpointer = Checkpointer(args.checkpoint.save, args.checkpoint.save_interval, args.checkpoint.keep_last,

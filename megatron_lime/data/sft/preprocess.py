@@ -31,7 +31,7 @@ from megatron_lime.data.sft.mixture import Mixture, MixtureEntry, MixtureError, 
 from megatron_lime.data.sft.readers import DataFileError, RowLocation, iter_rows, unreadable_reason
 from megatron_lime.data.sft.template import OVER_LENGTH_POLICIES, SFTExample, SFTTokenizer, TemplateIds, encode_examples, render
 from megatron_lime.files import write_json
-from megatron_lime.tokenizer import load_tokenizer
+from megatron_lime.tokenizer import TokenizerSpec, add_tokenizer_args, build_tokenizer, describe_added_chat_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -273,8 +273,7 @@ Exit status: 0 on success, 1 on any data or configuration error.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=COMMAND_LINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixture", required=True, help="Mixture YAML (datasets, paths, splits, caps, weights, seed).")
-    parser.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
-                        help="Tokenizer directory or sentencepiece .model (needs <user>, <assistant>, <context>).")
+    add_tokenizer_args(parser)  # <user>, <assistant>, <context> are added as new ids when the tokenizer lacks them
     parser.add_argument("--output-prefix", required=True,
                         help="Writes PREFIX_text_document.{bin,idx}, PREFIX_loss_mask_document.{bin,idx}, PREFIX_summary.json.")
     parser.add_argument("--data-root", default=None, help="Resolve the mixture's relative paths against this directory.")
@@ -300,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         mixture = dataclasses.replace(mixture, **overrides)
         if mixture.seq_length <= 0:
             raise MixtureError(f"--seq-length must be positive, got {mixture.seq_length}")
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = build_tokenizer(TokenizerSpec.from_args(args), chat_tokens=True)
+        if describe_added_chat_tokens(tokenizer):
+            print(describe_added_chat_tokens(tokenizer))
         summaries = preprocess_mixture(mixture, tokenizer, args.output_prefix, skip_bad_records=args.skip_bad_records,
                                        progress=not args.quiet)
     except (SFTDataError, MixtureError, DataFileError, IndexedDatasetError, FileNotFoundError, ValueError,

@@ -98,8 +98,8 @@ class TemplateIds:
         if missing:
             raise ValueError(
                 f"tokenizer {tokenizer!r} has no {', '.join(m.removesuffix('_id') for m in missing)} special token(s): "
-                "the SFT template needs <user>, <assistant> and <context> (train the tokenizer with "
-                "tools/train_tokenizer.py, which adds them)"
+                "the SFT template needs <user>, <assistant> and <context> (megatron_lime.tokenizer.build_tokenizer "
+                "with chat_tokens=True adds them as new ids, as tools/preprocess_sft_data.py does)"
             )
         return cls(eos_id=tokenizer.eos_id, user_id=tokenizer.user_id, assistant_id=tokenizer.assistant_id,
                    context_id=tokenizer.context_id)

@@ -9,8 +9,8 @@
 #                  FineWeb-Edu-schema JSONL, plus a dolly-schema instruction set derived from it
 #   2. tokenizer   tools/train_tokenizer.py (sentencepiece BPE, byte fallback, lossless)
 #   3. preprocess  tools/preprocess_data.py -> Megatron-format .bin/.idx
-#   4. pretrain    the real `deepspeed` launcher running examples/pretrain_lime_1b.sh with a small
-#                  preset: all GPUs when there are any, else 2 CPU processes with gloo
+#   4. pretrain    examples/pretrain_lime_1b.sh (the bash form: our per-node launcher starting one
+#                  DeepSpeed rank per GPU, else 2 CPU processes with gloo) with a small preset
 #   5. sft-data    tools/preprocess_sft_data.py with the dolly adapter -> tokens + loss mask
 #   6. sft         examples/sft_lime_1b.sh from the pretrained checkpoint (--finetune)
 #   7. convert     tools/convert_to_hf.py -> a Hugging Face folder (safetensors, remote code, tokenizer)

@@ -22,8 +22,12 @@ EXTENSIONS = ("_kernels_cpu", "_data_helpers")
 
 def build_hash() -> str:
     digest = hashlib.sha256()
+    # Sources only: importing csrc/kernels/cuda_archs.py (check_cuda_compile.sh does) writes a
+    # __pycache__ that must not count as a change.
     sources = ["setup.py"] + sorted(os.path.relpath(os.path.join(folder, name), REPO)
-                                    for folder, _, names in os.walk(os.path.join(REPO, "csrc")) for name in names)
+                                    for folder, _, names in os.walk(os.path.join(REPO, "csrc"))
+                                    if "__pycache__" not in folder for name in names
+                                    if not name.endswith((".pyc", ".o")))
     for path in sources:
         digest.update(path.encode())
         with open(os.path.join(REPO, path), "rb") as f:

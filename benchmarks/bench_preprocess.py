@@ -145,11 +145,8 @@ def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> di
             "summary": proc.stdout.strip().splitlines()[-1]}
 
 
-def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_000_000) -> dict:
-    """The ceiling: one process encoding already-parsed texts, nothing else (same corpus and tokenizer)."""
-    from megatron_lime.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
+def read_texts(corpus: str, max_bytes: int) -> list[str]:
+    """The "text" values of the corpus's first `max_bytes` of JSONL, parsed before any timing starts."""
     texts, size = [], 0
     with open(corpus, encoding="utf-8") as f:
         for line in f:
@@ -157,6 +154,15 @@ def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_0
             size += len(line)
             if size >= max_bytes:
                 break
+    return texts
+
+
+def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_000_000) -> dict:
+    """The ceiling: one process encoding already-parsed texts, nothing else (same corpus and tokenizer)."""
+    from megatron_lime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    texts = read_texts(corpus, max_bytes)
     start, cpu_start = time.perf_counter(), time.process_time()
     tokens = sum(len(ids) for ids in tok.encode_batch(texts))
     seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
@@ -175,13 +181,7 @@ def bench_sentencepiece_parallel(corpus: str, tokenizer: str, processes: int, ma
     from megatron_lime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    texts, size = [], 0
-    with open(corpus, encoding="utf-8") as f:
-        for line in f:
-            texts.append(json.loads(line)["text"])
-            size += len(line)
-            if size >= max_bytes:
-                break
+    texts = read_texts(corpus, max_bytes)
     share = [texts[k::processes] for k in range(processes)]
 
     def encode(k: int, queue) -> None:

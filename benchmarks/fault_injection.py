@@ -29,6 +29,8 @@ from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # the package, and the tests' helpers for the tiny corpus
+
+from helpers import live_processes_in_group  # noqa: E402
 TIMEOUT_S = 180
 ERROR_LINE = re.compile(r"^(\[rank \d+\] )?([\w.]*(Error|Exception|Fault|Interrupt|Exit)\b.*|(error|ERROR)\b.*)$")
 
@@ -363,19 +365,6 @@ def error_message(output: str) -> str:
     return message[:150]
 
 
-def live_processes_in_group(group: int) -> int:
-    count = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            count += int(fields[2]) == group and fields[0] != "Z"
-    return count
-
-
 def files_under(folder: str) -> set[str]:
     return {os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files}
 
@@ -411,7 +400,7 @@ def run_case(name: str, ws: Workspace) -> Outcome:
     while live_processes_in_group(process.pid) and time.monotonic() - started < TIMEOUT_S:
         time.sleep(0.1)
     seconds = time.monotonic() - started
-    alive = live_processes_in_group(process.pid)
+    alive = len(live_processes_in_group(process.pid))
     if alive:
         os.killpg(process.pid, signal.SIGKILL)
     leftovers = leftover_files(folder, before) + (f"; {alive} process(es) still running" if alive else "")

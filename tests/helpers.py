@@ -134,3 +134,18 @@ def make_tiny_pretraining_data(tmp_dir: str, num_docs: int = 200, vocab_size: in
         if rc != 0:
             raise RuntimeError(f"preprocessing failed (exit {rc}) on {corpus}")
     return prefix, tokenizer_dir
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    """Processes (zombies aside) still in process group `group`: what a run left behind."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == group and fields[0] != "Z":
+                alive.append(int(entry))
+    return alive

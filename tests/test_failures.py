@@ -22,6 +22,7 @@ import threading
 import time
 
 import pytest
+from helpers import live_processes_in_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = [sys.executable, "-m", "megatron_lime.training.launch"]
@@ -42,21 +43,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def live_processes_in_group(group: int) -> list[int]:
-    """Processes (zombies aside) still in process group `group`: what a run left behind."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-            if int(fields[2]) == group and fields[0] != "Z":
-                alive.append(int(entry))
-    return alive
 
 
 def run_bounded(command: list[str], env: dict[str, str], preexec_fn=None, fault_marker: str | None = None):

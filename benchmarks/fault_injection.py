@@ -19,7 +19,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # the package, and the tests' helpers for the tiny corpus
 
-from helpers import live_processes_in_group  # noqa: E402
+from helpers import free_port, live_processes_in_group  # noqa: E402
 TIMEOUT_S = 180
 ERROR_LINE = re.compile(r"^(\[rank \d+\] )?([\w.]*(Error|Exception|Fault|Interrupt|Exit)\b.*|(error|ERROR)\b.*)$")
 
@@ -110,12 +109,6 @@ def case(name: str):
 
 # ----------------------------------------------------------------------------------------------
 # Helpers for training cases
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train(ws: Workspace, folder: str, processes: int, *extra: str, data_path: str | None = None) -> list[str]:

@@ -149,3 +149,12 @@ def live_processes_in_group(group: int) -> list[int]:
             if int(fields[2]) == group and fields[0] != "Z":
                 alive.append(int(entry))
     return alive
+
+
+def free_port() -> int:
+    """A free TCP port for a rendezvous: several runs on one machine must not share the default 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

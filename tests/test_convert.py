@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import load_tool, train_tiny_tokenizer, write_tiny_corpus
+from helpers import free_port, load_tool, train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.checkpoint import CheckpointError, torch_load
 from megatron_lime.config import LimeConfig
@@ -272,12 +271,6 @@ ZERO1_SCRIPT = textwrap.dedent("""
     sys.stdout.flush()
     os._exit(0)
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_conversion_from_a_two_process_zero1_checkpoint(tiny_run, tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
 from megatron_lime.evaluation.sample_tasks import TASK_DATASETS, write_hub_dataset, write_synthetic_tasks  # noqa: E402
-from helpers import load_tool  # noqa: E402
+from helpers import free_port, load_tool  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = list(TASK_DATASETS)  # hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa
@@ -55,12 +54,6 @@ metric_list:
   - metric: bits_per_byte
 """,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train(save: str, data, *extra: str) -> str:

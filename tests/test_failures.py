@@ -22,7 +22,7 @@ import threading
 import time
 
 import pytest
-from helpers import live_processes_in_group
+from helpers import free_port, live_processes_in_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = [sys.executable, "-m", "megatron_lime.training.launch"]
@@ -37,14 +37,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_bounded(command: list[str], env: dict[str, str], preexec_fn=None, fault_marker: str | None = None):
     """Run in a new session; (returncode, output, processes left in its group).
 
@@ -53,7 +45,7 @@ def run_bounded(command: list[str], env: dict[str, str], preexec_fn=None, fault_
     """
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True, preexec_fn=preexec_fn)
-    started, failed_at, lines = time.monotonic(), None, []
+    failed_at, lines = None, []
     killer = threading.Timer(HANG_S, os.killpg, (process.pid, signal.SIGKILL))
     killer.start()
     try:

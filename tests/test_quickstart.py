@@ -2,18 +2,13 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
+from helpers import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["data", "tokenizer", "preprocess", "pretrain", "sft-data", "sft", "convert", "evaluate", "report"]
-
-
-def free_port() -> str:
-    with socket.socket() as sock:  # other checkouts run this test at the same time
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 def run_quickstart(out_dir: str, **env: str) -> subprocess.CompletedProcess:
@@ -25,7 +20,7 @@ def run_quickstart(out_dir: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     out = str(tmp_path / "quickstart")
-    first = run_quickstart(out, MASTER_PORT=free_port())
+    first = run_quickstart(out, MASTER_PORT=str(free_port()))
     assert first.returncode == 0, first.stdout[-4000:]
     for stage in STAGES:
         assert re.search(rf"\[{re.escape(stage)} *\] done in \d+s -> ", first.stdout), (stage, first.stdout[-3000:])
@@ -47,7 +42,7 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
                      first.stdout), first.stdout[-2000:]
     assert re.search(r"report: .*report.md with .*loss.png", first.stdout), first.stdout[-2000:]
 
-    second = run_quickstart(out, MASTER_PORT=free_port())
+    second = run_quickstart(out, MASTER_PORT=str(free_port()))
     assert second.returncode == 0, second.stdout[-3000:]
     for stage in STAGES:
         assert re.search(rf"\[{re.escape(stage)} *\] skipped: done in an earlier run", second.stdout), stage

@@ -17,25 +17,19 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from helpers import free_port
 
 from megatron_lime.checkpoint import torch_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "pretrain_lime_1b.sh")
 LOG_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss (\S+) \| lr (\S+) \| grad norm (\S+) \|")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

@@ -49,7 +49,7 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -98,19 +98,34 @@ def deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+def numpy_array_safe_globals() -> list[Any]:
+    """What a numpy array pickles as: allowed only for the RNG files written before RNG states were tensors.
+
+    Safe to allow: an array's items that are Python objects are unpickled through the same checks.
+    Both module names, because numpy 1 wrote `numpy.core` where numpy 2 has `numpy._core`.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    return [(reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 _torch_load = torch.load  # the real one, also while deepspeed_loads_safely() has replaced torch.load
 
 
-def torch_load(path: str | os.PathLike, map_location: Any = "cpu", **kwargs: Any) -> Any:
-    """torch.load with weights_only=True and the DeepSpeed allowlist; a refused or corrupt file is a CheckpointError."""
+def torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow: Sequence[Any] = (), **kwargs: Any) -> Any:
+    """torch.load with weights_only=True and the DeepSpeed allowlist (plus `allow`); a refused or corrupt file is a
+    CheckpointError."""
     kwargs.pop("weights_only", None)
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        with torch.serialization.safe_globals([*deepspeed_safe_globals(), *allow]):
             return _torch_load(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        found = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(err))
         if found:
-            raise CheckpointError(f"{path}: refused to load: it holds {found.group(1)}, which is not a tensor, "
+            raise CheckpointError(f"{path}: refused to load: it holds {found.group(1) or found.group(2)}, which is not a tensor, "
                                   f"a container or an allowed DeepSpeed type (loading it could run code)") from None
         raise CheckpointError(f"{path}: not a readable PyTorch file ({_first_line(err)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:

@@ -137,6 +137,31 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+def test_rng_files_of_earlier_checkpoints_still_resume_and_stay_safe(tmp_path):
+    # Before RNG states were tensors, the files held random.getstate() and np.random.get_state() (a numpy array).
+    import random
+
+    import numpy as np
+
+    from megatron_lime.training.checkpointing import load_rng_state
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+               tmp_path / "rng_state_rank0.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    load_rng_state(str(tmp_path / "rng_state_rank0.pt"))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+    # Allowing numpy arrays does not let an object array's items run code.
+    marker = tmp_path / "pwned"
+    torch.save({"python": random.getstate(), "numpy": np.array([RunsCode(str(marker))], dtype=object)},
+               tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: refused to load: it holds"):
+        load_rng_state(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Conversion: one line naming the file, no traceback, exit 1
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_lime.checkpoint import (DS_CONFIG, LoadSource, deepspeed_loads_safely, mark_complete, rng_file,
-                                      tag_dirs, tag_name, torch_load, write_latest)
+from megatron_lime.checkpoint import (DS_CONFIG, LoadSource, deepspeed_loads_safely, mark_complete,
+                                      numpy_array_safe_globals, rng_file, tag_dirs, tag_name, torch_load, write_latest)
 from megatron_lime.files import write_json
 
 
@@ -63,12 +63,21 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     python, numpy = state["python"], state["numpy"]
-    random.setstate((python["version"], tuple(python["words"].tolist()), python["gauss"]))
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["gauss"]))
+    if isinstance(python, tuple):  # written before RNG states were tensors: random.getstate(), np.random.get_state()
+        random.setstate(python)
+        np.random.set_state(numpy)
+    else:
+        random.setstate((python["version"], tuple(python["words"].tolist()), python["gauss"]))
+        np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                             numpy["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_state(path: str) -> None:
+    """Set every generator from a rank's RNG file, this format or the earlier one (numpy arrays, tuples)."""
+    set_rng_state(torch_load(path, allow=numpy_array_safe_globals()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +157,6 @@ class Checkpointer:
         state = TrainState(**client_state["lime"])
         rng_path = rng_file(source.tag_dir, self.rank)
         if os.path.isfile(rng_path) and saved_world == self.world_size:
-            set_rng_state(torch_load(rng_path))
+            load_rng_state(rng_path)
         self.last_saved_iteration = state.iteration
         return state

@@ -276,3 +276,26 @@ def test_trainer_resume_safety(tiny_data, tmp_path):
     bad_latest = train(tiny_data, save)
     assert bad_latest.returncode != 0 and f"{save / 'latest'}: empty" in bad_latest.stdout
     assert sorted(p.name for p in save.glob("global_step*")) == ["global_step2"]
+
+
+def test_a_failed_save_names_the_file_it_was_writing_and_why(tmp_path, monkeypatch):
+    import collections
+
+    from megatron_lime.training import checkpointing
+
+    tag_dir = tmp_path / "global_step3"
+    tag_dir.mkdir()
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    os.utime(tag_dir / "mp_rank_00_model_states.pt", (1, 1))
+    (tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)  # the newest: being written
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 3 << 20))
+    error = checkpointing.write_failure(str(tag_dir), torch_error)
+    assert str(error).startswith(f"{tag_dir / 'zero_pp_rank_0_mp_rank_00_optim_states.pt'}: cannot write the "
+                                 "checkpoint: No space left on device (3 MiB free);")
+    assert "(no lime_config.json), so resuming skips it" in str(error)
+    os_error = OSError(28, "No space left on device", str(tag_dir / "rng_state_rank0.pt"))
+    assert str(checkpointing.write_failure(str(tag_dir), os_error)).startswith(
+        f"{tag_dir / 'rng_state_rank0.pt'}: cannot write the checkpoint: No space left on device;")
+    assert checkpointing.write_failure(str(tag_dir), RuntimeError("Connection closed by peer")) is None

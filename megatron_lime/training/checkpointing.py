@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
+import resource
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_lime.checkpoint import (DS_CONFIG, LoadSource, deepspeed_loads_safely, mark_complete,
-                                      numpy_array_safe_globals, rng_file, tag_dirs, tag_name, torch_load, write_latest)
+from megatron_lime.checkpoint import (DS_CONFIG, LIME_CONFIG, CheckpointError, LoadSource, deepspeed_loads_safely,
+                                      mark_complete, numpy_array_safe_globals, rng_file, tag_dirs, tag_name, torch_load,
+                                      write_latest)
 from megatron_lime.files import write_json
 
 
@@ -81,6 +84,43 @@ def load_rng_state(path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# A save that cannot write
+
+# torch.save's zip writer reports a failed write without the OS reason ("unexpected pos ...", "file write failed").
+_TORCH_WRITE_FAILURE = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed")
+_LOW_SPACE_BYTES = 64 << 20
+
+
+def write_failure(tag_dir: str, error: BaseException) -> CheckpointError | None:
+    """A one-line error naming the file a failed save was writing and why; None if `error` is not a write failure.
+
+    The file is the tag's most recently written one (the write that failed); the reason is the OS's where the
+    error carries it, else found out: the file size limit (ulimit -f) reached, or the disk (nearly) full.
+    """
+    if isinstance(error, OSError):
+        path, reason = error.filename, error.strerror or str(error)
+    elif _TORCH_WRITE_FAILURE.search(str(error)):
+        path, reason = None, None
+    else:
+        return None
+    if path is None:
+        written = [os.path.join(tag_dir, name) for name in os.listdir(tag_dir)] if os.path.isdir(tag_dir) else []
+        written = [p for p in written if os.path.isfile(p)]
+        path = max(written, key=os.path.getmtime) if written else tag_dir
+    if reason is None:
+        size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        free = shutil.disk_usage(tag_dir if os.path.isdir(tag_dir) else os.path.dirname(tag_dir)).free
+        if size_limit != resource.RLIM_INFINITY and os.path.isfile(path) and os.path.getsize(path) >= size_limit:
+            reason = f"File too large (the file size limit, ulimit -f, is {size_limit} bytes)"
+        elif free < _LOW_SPACE_BYTES:
+            reason = f"No space left on device ({free >> 20} MiB free)"
+        else:
+            reason = f"write failed ({str(error).strip().splitlines()[0][:200]})"
+    return CheckpointError(f"{path}: cannot write the checkpoint: {reason}; {tag_dir} stays incomplete "
+                           f"(no {LIME_CONFIG}), so resuming skips it")
+
+
+# ----------------------------------------------------------------------------------------------
 # The checkpointer the loop calls
 
 
@@ -112,11 +152,17 @@ class Checkpointer:
             return None
         tag = tag_name(state.iteration)
         tag_dir = os.path.join(self.save_dir, tag)
-        engine.save_checkpoint(self.save_dir, tag=tag, client_state={"lime": state.to_dict()}, save_latest=False)
-        os.makedirs(tag_dir, exist_ok=True)
-        torch.save(rng_state(), rng_file(tag_dir, self.rank))
-        if self.rank == 0:
-            write_json(os.path.join(tag_dir, DS_CONFIG), self.ds_config)
+        try:
+            engine.save_checkpoint(self.save_dir, tag=tag, client_state={"lime": state.to_dict()}, save_latest=False)
+            os.makedirs(tag_dir, exist_ok=True)
+            torch.save(rng_state(), rng_file(tag_dir, self.rank))
+            if self.rank == 0:
+                write_json(os.path.join(tag_dir, DS_CONFIG), self.ds_config)
+        except (OSError, RuntimeError) as err:
+            failure = write_failure(tag_dir, err)
+            if failure is None:  # not a write error (a peer's failure in a collective): reported as it is
+                raise
+            raise failure from None
         dist.barrier()  # every rank's shard and RNG state is on disk
         if self.rank == 0:  # the marker, then latest: latest only ever names a complete tag
             mark_complete(tag_dir, {**self.meta_base, **state.to_dict()})

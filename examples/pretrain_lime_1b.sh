@@ -8,7 +8,9 @@
 #   deepspeed [launcher options] examples/pretrain_lime_1b.sh [overrides]
 #                                                        the launcher runs this file with python on
 #                                                        each rank; the python part at the bottom
-#                                                        asks bash for the arrays below
+#                                                        asks bash for the arrays below; on SIGTERM
+#                                                        DeepSpeed's command returns at once, the ranks
+#                                                        still save and exit
 # Paths come from the environment:
 #   DATA_PATH        dataset prefix, or a blend "0.7 PREFIX_A 0.3 PREFIX_B" (tools/preprocess_data.py)
 #   TOKENIZER_MODEL  tokenizer directory (tools/train_tokenizer.py) or sentencepiece .model

@@ -6,12 +6,14 @@ One module-scoped set of runs, several assertions each (DeepSpeed start-up is th
   resumed  deepspeed --num_gpus 2 examples/...       resumes `first` to step 20: equal to `full`, bitwise
   single   deepspeed --num_gpus 1 examples/...       resumes `first` (universal checkpoint) at world size 1
   sigterm  deepspeed --num_gpus 2 examples/...       a long run stopped by SIGTERM to the process group
-  preempt  bash examples/pretrain_lime_1b.sh         SIGTERM to our launcher alone mid-run: it waits for the
-                                                     save; resuming reproduces `full`
+  preempt  bash examples/pretrain_lime_1b.sh         SIGTERM to the command alone mid-run (our launcher: it
+           deepspeed --num_gpus 2 examples/...       waits for the save; DeepSpeed's runner: dies, the ranks
+                                                     notice and save); resuming reproduces `full`
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -197,33 +199,57 @@ def test_sigterm_saves_a_checkpoint(tiny_data, tmp_path):
     assert meta["iteration"] == step and meta["consumed_samples"] == 8 * step
 
 
-def test_sigterm_to_the_launcher_completes_the_checkpoint_and_the_resumed_run_matches(runs, tiny_data, tmp_path):
+@pytest.mark.parametrize("form", ["bash", "deepspeed"])
+def test_sigterm_to_the_launcher_completes_the_checkpoint_and_the_resumed_run_matches(runs, tiny_data, tmp_path, form):
+    """SIGTERM to the command alone (`kill PID`, `timeout`, SLURM's B: signal), not to its process group.
+
+    bash form: our launcher forwards it and waits for the save, then exits 0. deepspeed form: DeepSpeed's
+    runner dies at once (-15, its own behaviour); the ranks notice it is gone, save and exit, and
+    DeepSpeed's per-node launcher with them. Either way the checkpoint is complete and resuming
+    reproduces the uninterrupted run.
+    """
     import psutil
 
     save = str(tmp_path / "preempted")
-    command = ["bash", SCRIPT, *overrides(tiny_data, save, save)]
-    process = subprocess.Popen(command, env=cpu_env(MASTER_PORT=str(free_port()), CPU_PROCESSES="2"), cwd=REPO,
+    if form == "bash":
+        command, env = ["bash", SCRIPT, *overrides(tiny_data, save, save)], cpu_env(CPU_PROCESSES="2")
+    else:
+        command, env = deepspeed_command(2, *overrides(tiny_data, save, save)), cpu_env()
+    process = subprocess.Popen(command, env={**env, "MASTER_PORT": str(free_port())}, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, ranks = [], []
+    lines, ranks, launcher, held = [], [], None, False
     try:
         for line in process.stdout:
             lines.append(line)
             if not ranks and LOG_LINE.search(line) and int(LOG_LINE.search(line).group(1)) >= 3:
                 # Hold the ranks so that the signal lands mid-run however fast this machine steps,
-                # then signal the launcher alone (bash exec'd it), as `kill PID` or SLURM's B: signal does.
-                ranks = psutil.Process(process.pid).children()
+                # then signal the command alone (bash exec'd our launcher; deepspeed is DeepSpeed's runner).
+                launcher = psutil.Process(process.pid)
+                if form == "deepspeed":
+                    launcher = launcher.children()[0]  # deepspeed.launcher.launch
+                ranks = launcher.children()
                 for rank in ranks:
                     rank.suspend()
+                held = True
                 process.send_signal(signal.SIGTERM)
-            if ranks and "[launcher] SIGTERM: forwarded" in line:
+                if form == "deepspeed":
+                    assert process.wait(timeout=30) == -signal.SIGTERM  # DeepSpeed's runner: gone at once
+            if held and (form == "deepspeed" or "[launcher] SIGTERM: forwarded" in line):
                 for rank in ranks:
                     rank.resume()
-        process.wait(timeout=120)
+                held = False
+        _, alive = psutil.wait_procs([launcher, *ranks], timeout=120)
+        assert not alive, f"still running 120 s after the signal: {alive}"
+        process.wait(timeout=30)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # a failed assertion leaves nothing running
     first = "".join(lines)
-    assert process.returncode == 0 and "termination signal received" in first, first[-4000:]
+    assert "termination signal received" in first, first[-4000:]
+    if form == "bash":
+        assert process.returncode == 0, first[-4000:]
+    else:
+        assert "has ended without stopping its ranks (SIGTERM to it alone?): saving a checkpoint" in first
     tag = open(os.path.join(save, "latest")).read().strip()
     step = int(tag.removeprefix("global_step"))
     assert 3 <= step < 20, first[-4000:]
@@ -232,7 +258,9 @@ def test_sigterm_to_the_launcher_completes_the_checkpoint_and_the_resumed_run_ma
     assert {"mp_rank_00_model_states.pt", "rng_state_rank0.pt", "rng_state_rank1.pt",
             "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
                 os.listdir(tag_dir))
-    resumed = check(launch(command, cpu_env(MASTER_PORT=str(free_port()), CPU_PROCESSES="2")), "resume")
+    if form == "deepspeed":
+        command = deepspeed_command(2, *overrides(tiny_data, save, save))  # a fresh port
+    resumed = check(launch(command, {**env, "MASTER_PORT": str(free_port())}), "resume")
     assert f"iteration {step}, consumed samples {8 * step}" in resumed
     assert sorted(losses(first)) == list(range(1, step + 1)) and sorted(losses(resumed)) == list(range(step + 1, 21))
     assert {**losses(first), **losses(resumed)} == losses(runs["full"])

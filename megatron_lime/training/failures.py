@@ -127,12 +127,50 @@ class _Signals:
 _signals = _Signals()
 
 
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` (Linux /proc), None if it is gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class _DeepSpeedCommandWatch:
+    """Notices when the `deepspeed` command that started this rank has ended.
+
+    DeepSpeed's single-node runner installs no signal handler: `kill PID`, `timeout` or a scheduler that
+    signals only the main process end it at once (status -15) and nobody tells the ranks, which would
+    train on as orphans. Its per-node launcher (deepspeed.launcher.launch, this rank's parent) stays
+    up, re-parented; so the runner is gone exactly when the launcher's parent is no longer the runner.
+    """
+
+    def __init__(self):
+        self.launcher = os.getppid()
+        self.runner = None
+        try:
+            with open(f"/proc/{self.launcher}/cmdline", "rb") as cmdline:
+                started_by_deepspeed = b"deepspeed.launcher.launch" in cmdline.read().split(b"\0")
+        except OSError:
+            started_by_deepspeed = False
+        if started_by_deepspeed:
+            self.runner = _parent_of(self.launcher)
+
+    def runner_ended(self) -> bool:
+        """One small /proc read; False when this rank was not started by the `deepspeed` command."""
+        return self.runner not in (None, 1) and _parent_of(self.launcher) not in (None, self.runner)
+
+
 class TerminationRequest:
-    """Created where the training loop starts: from then on a signal means "save after this step and exit"."""
+    """Created where the training loop starts: from then on a signal means "save after this step and exit".
+
+    So does the end of the `deepspeed` command that started the ranks (see _DeepSpeedCommandWatch).
+    """
 
     def __init__(self):
         _signals.install()
         _signals.phase = "loop"
+        self._deepspeed_command = _DeepSpeedCommandWatch()
 
     @property
     def signal_number(self) -> int | None:
@@ -143,6 +181,10 @@ class TerminationRequest:
         import torch
         import torch.distributed as dist
 
+        if _signals.signal_number is None and self._deepspeed_command.runner_ended():
+            _signals.signal_number, _signals.first_at = signal.SIGTERM, time.monotonic()
+            _say(f"the deepspeed command (pid {self._deepspeed_command.runner}) has ended without stopping its "
+                 "ranks (SIGTERM to it alone?): saving a checkpoint after this step, then exiting")
         flag = torch.tensor([1.0 if _signals.signal_number is not None else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -9,7 +9,8 @@ launcher (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, LOCAL_WORLD_SIZE, MASTER_ADD
 CROSS_RANK, CROSS_SIZE), so SCRIPT runs unchanged under either. It exists because the stock launchers
 cannot be preempted safely: on SIGTERM DeepSpeed's per-node launcher (deepspeed.launcher.launch) and
 torchrun give the ranks 30 s and then SIGKILL them, whatever the checkpoint needs, and the single-node
-`deepspeed` runner dies at once without waiting for its ranks. Here:
+`deepspeed` runner dies at once without waiting for (or telling) its ranks; they notice it is gone and
+save (failures.py), but the command has already returned. Here:
 
 - SIGTERM / SIGINT: forwarded to every rank; the launcher waits for all of them however long the
   save takes (the scheduler's kill timeout is the limit; size SLURM's --signal lead time to the save).

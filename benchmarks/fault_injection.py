@@ -204,6 +204,13 @@ def _sigterm_launcher(ws, folder):
                on_line=at_iteration(3, lambda p: p.send_signal(signal.SIGTERM)))
 
 
+@case("train: SIGTERM to the deepspeed command alone, 2 ranks (it dies at once; the ranks must save, exit)")
+def _sigterm_deepspeed_runner(ws, folder):
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+               *train(ws, folder, 1, "--train-iters", "100000")[1:]]
+    return Run(command, folder, on_line=at_iteration(3, lambda p: p.send_signal(signal.SIGTERM)))
+
+
 @case("train: rank 1 hung, SIGTERM twice 3 s apart, 2 ranks (the second exits)")
 def _sigterm_twice(ws, folder):
     def twice(process):

@@ -190,3 +190,41 @@ def test_missing_input(data, tmp_path, capsys):
     assert preprocess("--input", str(tmp_path / "nothing*.jsonl"), "--output-prefix", str(tmp_path / "x"),
                       "--tokenizer-model", tokenizer_dir) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_chunks_shrink_over_the_last_part_of_the_input_and_keep_every_line(data, tmp_path, monkeypatch):
+    corpus, tokenizer_dir, records = data
+    monkeypatch.setattr(preprocessing, "CHUNK_BYTES", 32 << 10)  # the corpus: 250 KB, lines of 2 KB on average
+    monkeypatch.setattr(preprocessing, "MIN_CHUNK_BYTES", 1 << 10)
+    second = tmp_path / "second.jsonl"
+    second.write_bytes(open(corpus, "rb").read())
+    sources = [preprocessing.InputSource(corpus, "jsonl"), preprocessing.InputSource(str(second), "jsonl")]
+    chunks = list(preprocessing.iter_chunks(sources, ("text",), preprocessing.RecordFilters(()), False, workers=2))
+    sizes = [end - start for start, end in (c.jsonl_range for c in chunks)]
+    assert b"".join(preprocessing.read_jsonl_range(c.path, *c.jsonl_range) for c in chunks) == open(corpus, "rb").read() * 2
+    assert min(sizes[:5]) > 25 << 10 and sum(sizes[-5:]) / 5 < 8 << 10  # full-size at first, small at the very end
+    text = open(corpus, "rb").read()
+    assert all(c.first_record == 1 + text.count(b"\n", 0, c.jsonl_range[0]) for c in chunks)  # error messages' lines
+    # Same output as with the default chunking.
+    assert preprocess("--input", f"{corpus},{second}", "--output-prefix", str(tmp_path / "small"), "--tokenizer-model",
+                      tokenizer_dir, "--append-eod", "--workers", "2") == 0
+    assert read_all(str(tmp_path / "small_text_document")) == expected_ids(tokenizer_dir, [r["text"] for r in records]) * 2
+
+
+def test_a_tokenizer_failing_the_export_check_writes_nothing_though_workers_started(data, tmp_path, monkeypatch, capsys):
+    # The check runs once the workers have their first chunks; its failure must still leave no output.
+    from megatron_lime.tokenizer import LimeTokenizer
+
+    corpus, tokenizer_dir, _ = data
+    monkeypatch.setattr(preprocessing, "CHUNK_BYTES", 2048)
+
+    def refuse(self):
+        raise ValueError(f"tokenizer {self.path}: encodes differently (test)")
+
+    monkeypatch.setattr(LimeTokenizer, "check_exportable", refuse)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert preprocess("--input", corpus, "--output-prefix", str(out / "ds"), "--tokenizer-model", tokenizer_dir,
+                      "--workers", "2") == 1
+    assert "encodes differently (test)" in capsys.readouterr().err
+    assert os.listdir(out) == []

@@ -20,9 +20,9 @@ name order, gives the bytes of one run over every input.
 
 How it runs: the main process only hands out work and writes tokens. For parquet files it
 reads only the footer and hands each worker whole row groups, which the worker reads itself,
-so several files (or row groups) are read at once; for JSONL it reads raw bytes split at line
-ends (no parsing). Workers parse, filter, validate and tokenize, and send back numpy arrays.
-At most 2 x --workers chunks are in flight and results are written in input order, so memory
+so several files (or row groups) are read at once; for JSONL it only finds line ends, and the
+workers read their byte ranges of a plain file themselves (a .gz is decompressed here and its
+bytes sent). Workers parse, filter, validate and tokenize, and send back numpy arrays. At most 2 x --workers chunks are in flight and results are written in input order, so memory
 stays flat however large the input is. Output goes to temporary names and is renamed at the
 end: after an error no .bin/.idx with the final name exists.
 """
@@ -53,6 +53,9 @@ from megatron_lime.tokenizer import LimeTokenizer, TokenizerSpec, add_tokenizer_
 # Bytes of JSONL (or rows of parquet) per worker task: big enough to amortise the
 # inter-process hop, small enough that 2 x workers of them in flight stay a few MB.
 CHUNK_BYTES = 1 << 20
+# Over the input's last few MB the chunks shrink to this, so that the workers finish together:
+# a 1 MB chunk is about 0.1 s of one core, which the other workers would spend idle at the end.
+MIN_CHUNK_BYTES = 64 << 10
 CHUNK_ROWS = 512
 # Parquet row groups up to this many rows are read by the workers themselves (a few MB of
 # text each; `datasets` writes 1,000-row groups). Larger ones (pandas writes one group per
@@ -114,7 +117,8 @@ class Chunk:
 
     path: str
     first_record: int  # line number (JSONL, 1-based) or row number (parquet / datasets, 0-based)
-    jsonl_bytes: bytes | None = None
+    jsonl_bytes: bytes | None = None  # .jsonl.gz: the decompressed lines
+    jsonl_range: tuple[int, int] | None = None  # plain JSONL: [start, end) bytes of whole lines, read by the worker
     row_groups: list[int] | None = None  # parquet: the worker reads these itself
     table: object | None = None  # pyarrow.RecordBatch or Table
     bad_file_reason: str | None = None  # the whole file could not be read
@@ -138,11 +142,15 @@ def columns_to_read(keys: tuple[str, ...], filters: RecordFilters) -> list[str]:
     return list(dict.fromkeys(keys + filters.columns))
 
 
-def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: RecordFilters, skip_bad: bool) -> Iterator[Chunk]:
+def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: RecordFilters, skip_bad: bool,
+                workers: int = 1) -> Iterator[Chunk]:
     columns = columns_to_read(keys, filters)
-    for source in sources:
+    # Plain JSONL bytes still to read after each source: the chunk size shrinks over the last few MB.
+    plain_sizes = [os.path.getsize(s.path) if s.kind == "jsonl" and not s.compressed else 0 for s in sources]
+    after = [sum(plain_sizes[i + 1:]) for i in range(len(sources))]
+    for source, bytes_after in zip(sources, after):
         if source.kind == "jsonl":
-            yield from jsonl_chunks(source.path, skip_bad)
+            yield from jsonl_chunks(source.path, skip_bad, None if source.compressed else (bytes_after, workers))
         elif source.kind == "parquet":
             try:
                 yield from parquet_chunks(source.path, keys, filters)
@@ -201,18 +209,33 @@ def parquet_chunks(path: str, keys: tuple[str, ...], filters: RecordFilters) -> 
         yield Chunk(path, group_first, row_groups=group)
 
 
-def jsonl_chunks(path: str, skip_bad: bool = False) -> Iterator[Chunk]:
+def jsonl_chunks(path: str, skip_bad: bool = False, tail: tuple[int, int] | None = None) -> Iterator[Chunk]:
     """~CHUNK_BYTES blocks of whole lines; the main process never parses JSON.
 
+    A plain file's chunks are byte ranges: the main process only finds line ends and counts lines
+    (for error messages), and each worker reads its range itself, so the text does not go through
+    a pipe twice. A .gz is read (decompressed) here and its chunks carry the bytes.
+    tail=(bytes of input after this file, workers), for a plain file: the blocks shrink towards
+    MIN_CHUNK_BYTES once less than 2 x workers x CHUNK_BYTES of input is left, so no worker is
+    left with a last full-size chunk while the others idle.
     A damaged .gz raises BadRecordError naming the file and the line where reading stopped;
     with skip_bad the lines before it are kept and the rest of the file counts as one bad record.
     """
-    line_number = 1
+    plain = not path.endswith(".gz")
+    line_number, position = 1, 0  # position: the file offset of `remainder` (plain files)
+    bytes_left = os.path.getsize(path) + tail[0] if tail else 0
+
+    def chunk(lines: bytes) -> Chunk:
+        return Chunk(path, line_number, jsonl_range=(position, position + len(lines))) if plain else \
+            Chunk(path, line_number, jsonl_bytes=lines)
+
     with open_binary(path) as f:
         remainder = b""
         while True:
+            size = max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, bytes_left // (2 * tail[1]))) if tail else CHUNK_BYTES
             try:
-                block = f.read(CHUNK_BYTES)
+                block = f.read(size)
+                bytes_left -= len(block)
             except GZIP_ERRORS as e:
                 error = BadRecordError(path, f"line {line_number}", gzip_error_reason(e) + "; the rest of the file is unread")
                 if not skip_bad:
@@ -227,10 +250,11 @@ def jsonl_chunks(path: str, skip_bad: bool = False) -> Iterator[Chunk]:
                 remainder = block
                 continue
             remainder = block[cut:]
-            yield Chunk(path, line_number, jsonl_bytes=block[:cut])
+            yield chunk(block[:cut])
             line_number += block.count(b"\n", 0, cut)
+            position += cut
         if remainder:
-            yield Chunk(path, line_number, jsonl_bytes=remainder)
+            yield chunk(remainder)
 
 
 # Worker state, set once per process by init_worker.
@@ -247,6 +271,17 @@ def init_worker(tokenizer: LimeTokenizer | TokenizerSpec, keys: tuple[str, ...],
     WORKER.update(tokenizer=tokenizer, keys=keys, append_eod=append_eod, skip_bad=skip_bad,
                   dtype=best_dtype(tokenizer.vocab_size), filters=filters,
                   columns=columns_to_read(keys, filters))
+
+
+def read_jsonl_range(path: str, start: int, end: int) -> bytes:
+    """The worker's own read of a plain JSONL chunk (the file handle is kept for the next chunk of the same file)."""
+    cached = WORKER.get("jsonl")
+    if cached is None or cached[0] != path:
+        if cached is not None:
+            cached[1].close()
+        WORKER["jsonl"] = cached = (path, open(path, "rb"))
+    cached[1].seek(start)
+    return cached[1].read(end - start)
 
 
 def read_row_groups(path: str, row_groups: list[int], columns: list[str]):
@@ -270,9 +305,10 @@ def passes_filters(filters: RecordFilters, record: dict, path: str, location: st
 def jsonl_documents(chunk: Chunk, keys: tuple[str, ...], filters: RecordFilters,
                     result: ChunkResult) -> Iterator[list[str] | BadRecordError]:
     """The text values of each kept JSONL record of the chunk, or the BadRecordError of a bad one."""
-    result.num_bytes = len(chunk.jsonl_bytes)  # type: ignore[arg-type]
-    lines = chunk.jsonl_bytes.split(b"\n")  # type: ignore[union-attr]
-    if chunk.jsonl_bytes.endswith(b"\n"):  # type: ignore[union-attr]
+    data = chunk.jsonl_bytes if chunk.jsonl_bytes is not None else read_jsonl_range(chunk.path, *chunk.jsonl_range)
+    result.num_bytes = len(data)
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
         lines.pop()  # the empty piece after the final newline is not a line
     for i, line in enumerate(lines):
         line_number = chunk.first_record + i
@@ -321,7 +357,8 @@ def encode_chunk(chunk: Chunk) -> ChunkResult | BadRecordError:
         result.num_bad, result.bad_records = 1, [chunk.bad_file_reason]
         return result
     columns: list[list[str]] = [[] for _ in keys]
-    documents = jsonl_documents if chunk.jsonl_bytes is not None else parquet_documents
+    is_jsonl = chunk.jsonl_bytes is not None or chunk.jsonl_range is not None
+    documents = jsonl_documents if is_jsonl else parquet_documents
     for values in documents(chunk, keys, filters, result):
         if isinstance(values, BadRecordError):
             if not WORKER["skip_bad"]:
@@ -417,7 +454,10 @@ def run(args: argparse.Namespace) -> dict:
         sources = shard_inputs(everything, args.num_shards, args.shard_index)
         names = f" ({sources[0].path} .. {sources[-1].path})" if sources else ""
         print(f"shard {args.shard_index} of {args.num_shards}: {len(sources)} of {len(everything)} inputs{names}", flush=True)
-    tokenizer = build_tokenizer(TokenizerSpec.from_args(args))
+    # The export check (~0.1 s for a 32k vocabulary) runs once the workers have their first chunks,
+    # not before them; an unsupported tokenizer still stops the run before any output gets its name.
+    tokenizer = build_tokenizer(TokenizerSpec.from_args(args), check=False)
+    export_checked = False
     dtype = best_dtype(tokenizer.vocab_size)
     prefix = output_prefix(args)
     writers: list[IndexedDatasetWriter] = []
@@ -457,10 +497,15 @@ def run(args: argparse.Namespace) -> dict:
         with written_together(writers):
             for key in keys:
                 writers.append(IndexedDatasetWriter(f"{prefix}_{key}_document", dtype))
-            for chunk in iter_chunks(sources, keys, filters, args.skip_bad_records):
+            for chunk in iter_chunks(sources, keys, filters, args.skip_bad_records, args.workers):
                 pending.append(pool.submit(encode_chunk, chunk))
                 if len(pending) >= max_in_flight:
+                    if not export_checked:
+                        tokenizer.check_exportable()
+                        export_checked = True
                     collect()
+            if not export_checked:
+                tokenizer.check_exportable()
             while pending:
                 collect()
             # A share with no files (more shards than files) is empty by design: the merge needs its pair.

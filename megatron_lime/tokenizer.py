@@ -474,14 +474,18 @@ def sentencepiece_bpe_merges(vocab: dict[str, int], scores: dict[str, float]) ->
     merge first, so every split of every piece into two pieces becomes a merge, ranked by
     the merged piece's score (ties: by the parts' ids, a fixed order).
     """
-    merges: list[tuple[float, int, int, str, str]] = []
-    for piece, piece_id in vocab.items():
+    get = vocab.get
+    ranked: list[tuple[float, int, int]] = []
+    for piece, score in scores.items():
         for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in vocab and right in vocab:
-                merges.append((-scores[piece], vocab[left], vocab[right], left, right))
-    merges.sort()
-    return [(left, right) for _, _, _, left, right in merges]
+            left = get(piece[:cut])
+            if left is not None:
+                right = get(piece[cut:])
+                if right is not None:
+                    ranked.append((-score, left, right))
+    ranked.sort()
+    pieces = {piece_id: piece for piece, piece_id in vocab.items()}
+    return [(pieces[left], pieces[right]) for _, left, right in ranked]
 
 
 def _special_pieces(proto: Any) -> list[str]:
@@ -498,11 +502,15 @@ def lossless_sentencepiece_backend(proto: Any) -> Any:
     if proto.trainer_spec.model_type != sp_pb2.TrainerSpec.BPE:
         raise ValueError("only sentencepiece BPE models without whitespace escaping can be exported this way")
     piece_type = sp_pb2.ModelProto.SentencePiece
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    scores = {p.piece: p.score for p in proto.pieces if p.type == piece_type.NORMAL}
-    normal_vocab = {piece: vocab[piece] for piece in scores}
+    vocab, normal_vocab, scores, unk_piece = {}, {}, {}, None
+    for i, p in enumerate(proto.pieces):  # one pass: reading protobuf fields is the slow part
+        piece, kind = p.piece, p.type
+        vocab[piece] = i
+        if kind == piece_type.NORMAL:
+            normal_vocab[piece], scores[piece] = i, p.score
+        elif kind == piece_type.UNKNOWN and unk_piece is None:
+            unk_piece = piece
     merges = sentencepiece_bpe_merges(normal_vocab, scores)
-    unk_piece = next((p.piece for p in proto.pieces if p.type == piece_type.UNKNOWN), None)
 
     # No normaliser and no pre-tokeniser: sentencepiece (identity rule, escape_whitespaces off)
     # runs BPE over the raw characters, and characters outside the vocabulary become bytes.

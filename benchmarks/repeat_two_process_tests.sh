@@ -10,6 +10,8 @@ TESTS=(
     "tests/test_convert.py::test_conversion_from_a_two_process_zero1_checkpoint"
     "tests/test_failures.py::test_a_failing_run_exits[step-2]"
     "tests/test_failures.py::test_launcher_forwards_sigterm_and_waits_for_the_save"
+    "tests/test_failures.py::test_the_deepspeed_launcher_also_stops_every_rank"
+    "tests/test_training_launch.py::test_sigterm_to_the_launcher_completes_the_checkpoint_and_the_resumed_run_matches[deepspeed]"
 )
 mkdir -p "$LOG_DIR"
 failed=0

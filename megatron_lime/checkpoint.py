@@ -95,7 +95,17 @@ def deepspeed_safe_globals() -> list[Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    # Some Python 3.11 releases (3.11.2 here) pickle an enum member as getattr(EnumClass, "name"): `getattr`
+    # maps to a function that only looks up members of these enums, never a general getattr.
+    allowed_enums = (ZeroStageEnum,)
+
+    def enum_member(enum_class: Any, name: str) -> Any:
+        if enum_class not in allowed_enums:
+            raise pickle.UnpicklingError(f"GLOBAL builtins.getattr on {enum_class!r} (only enum members of "
+                                         f"{', '.join(e.__name__ for e in allowed_enums)} are allowed)")
+        return enum_class[name]
+
+    return [LossScaler, ZeroStageEnum, fragment_address, (enum_member, "builtins.getattr")]
 
 
 def numpy_array_safe_globals() -> list[Any]:

@@ -299,3 +299,26 @@ def test_a_failed_save_names_the_file_it_was_writing_and_why(tmp_path, monkeypat
     assert str(checkpointing.write_failure(str(tag_dir), os_error)).startswith(
         f"{tag_dir / 'rng_state_rank0.pt'}: cannot write the checkpoint: No space left on device;")
     assert checkpointing.write_failure(str(tag_dir), RuntimeError("Connection closed by peer")) is None
+
+
+class PickledByName:
+    """Pickles as getattr(owner, name): how Python 3.11.2 pickles an enum member (ZeroStageEnum in ZeRO shards)."""
+
+    def __init__(self, owner, name: str):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_zero_shards_pickled_by_enum_name_load_and_getattr_stays_closed(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    shard = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"zero_stage": PickledByName(ZeroStageEnum, "optimizer_states"), "w": torch.ones(2)}, shard)
+    assert torch_load(shard)["zero_stage"] is ZeroStageEnum.optimizer_states
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": PickledByName(LossScaler, "__init__")}, evil)
+    with pytest.raises(CheckpointError, match="evil.pt: refused to load: it holds builtins.getattr"):
+        torch_load(evil)

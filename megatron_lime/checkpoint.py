@@ -31,7 +31,9 @@ Consolidated weights (also written by the Hugging Face converter's --from-hf):
 
 Loading: every `.pt` file is read with `torch.load(weights_only=True)`, which executes no pickled
 code; the only classes allowed besides tensors and containers are the three DeepSpeed types its
-ZeRO optimizer shards hold (DEEPSPEED_SAFE_GLOBALS). DeepSpeed's own readers (engine.load_checkpoint,
+ZeRO optimizer shards hold (deepspeed_safe_globals(); `getattr`, with which some Python 3.11
+releases pickle an enum member, is mapped to a lookup of those enums' members only), and numpy
+arrays in the RNG files of checkpoints written before RNG states were tensors. DeepSpeed's own readers (engine.load_checkpoint,
 zero_to_fp32, the universal-checkpoint loader) call `torch.load(..., weights_only=False)` themselves,
 so they are run inside `deepspeed_loads_safely()`, the one place that redirects them.
 

@@ -287,18 +287,22 @@ def test_a_failed_save_names_the_file_it_was_writing_and_why(tmp_path, monkeypat
     tag_dir.mkdir()
     (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
     os.utime(tag_dir / "mp_rank_00_model_states.pt", (1, 1))
-    (tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)  # the newest: being written
+    (tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)  # rank 0's newest: being written
+    os.utime(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt", (2, 2))
+    (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)  # rank 1's, newer: not rank 0's
     torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 3 << 20))
-    error = checkpointing.write_failure(str(tag_dir), torch_error)
+    error = checkpointing.write_failure(str(tag_dir), torch_error, rank=0)
     assert str(error).startswith(f"{tag_dir / 'zero_pp_rank_0_mp_rank_00_optim_states.pt'}: cannot write the "
                                  "checkpoint: No space left on device (3 MiB free);")
     assert "(no lime_config.json), so resuming skips it" in str(error)
     os_error = OSError(28, "No space left on device", str(tag_dir / "rng_state_rank0.pt"))
-    assert str(checkpointing.write_failure(str(tag_dir), os_error)).startswith(
+    assert str(checkpointing.write_failure(str(tag_dir), os_error, rank=0)).startswith(
         f"{tag_dir / 'rng_state_rank0.pt'}: cannot write the checkpoint: No space left on device;")
-    assert checkpointing.write_failure(str(tag_dir), RuntimeError("Connection closed by peer")) is None
+    assert checkpointing.write_failure(str(tag_dir), RuntimeError("Connection closed by peer"), rank=0) is None
+    assert str(checkpointing.write_failure(str(tag_dir), torch_error, rank=1)).startswith(
+        f"{tag_dir / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'}: cannot write the checkpoint:")
 
 
 class PickledByName:

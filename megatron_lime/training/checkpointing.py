@@ -16,6 +16,7 @@ another data-parallel size, convert first:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import random
 import re
@@ -27,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_lime.checkpoint import (DS_CONFIG, LIME_CONFIG, CheckpointError, LoadSource, deepspeed_loads_safely,
-                                      mark_complete, numpy_array_safe_globals, rng_file, tag_dirs, tag_name, torch_load,
+from megatron_lime.checkpoint import (DS_CONFIG, LIME_CONFIG, MODEL_STATES, CheckpointError, LoadSource,
+                                      deepspeed_loads_safely, mark_complete, numpy_array_safe_globals, rng_file, tag_dirs, tag_name, torch_load,
                                       write_latest)
 from megatron_lime.files import write_json
 
@@ -91,11 +92,13 @@ _TORCH_WRITE_FAILURE = re.compile(r"unexpected pos|file write failed|PytorchStre
 _LOW_SPACE_BYTES = 64 << 20
 
 
-def write_failure(tag_dir: str, error: BaseException) -> CheckpointError | None:
+def write_failure(tag_dir: str, error: BaseException, rank: int) -> CheckpointError | None:
     """A one-line error naming the file a failed save was writing and why; None if `error` is not a write failure.
 
-    The file is the tag's most recently written one (the write that failed); the reason is the OS's where the
-    error carries it, else found out: the file size limit (ulimit -f) reached, or the disk (nearly) full.
+    The file is the most recently written of the files this rank writes (its ZeRO shard and RNG state; on
+    rank 0 also the model states and ds_config.json): the write that failed, since the ranks write into one
+    folder at once. The reason is the OS's where the error carries it, else found out: the file size limit
+    (ulimit -f) reached, or the disk (nearly) full.
     """
     if isinstance(error, OSError):
         path, reason = error.filename, error.strerror or str(error)
@@ -104,8 +107,10 @@ def write_failure(tag_dir: str, error: BaseException) -> CheckpointError | None:
     else:
         return None
     if path is None:
-        written = [os.path.join(tag_dir, name) for name in os.listdir(tag_dir)] if os.path.isdir(tag_dir) else []
-        written = [p for p in written if os.path.isfile(p)]
+        mine = glob.glob(os.path.join(glob.escape(tag_dir), f"*zero_pp_rank_{rank}_mp_rank_*")) + [rng_file(tag_dir, rank)]
+        if rank == 0:
+            mine += [os.path.join(tag_dir, MODEL_STATES), os.path.join(tag_dir, DS_CONFIG)]
+        written = [p for p in mine if os.path.isfile(p)]
         path = max(written, key=os.path.getmtime) if written else tag_dir
     if reason is None:
         size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
@@ -159,7 +164,7 @@ class Checkpointer:
             if self.rank == 0:
                 write_json(os.path.join(tag_dir, DS_CONFIG), self.ds_config)
         except (OSError, RuntimeError) as err:
-            failure = write_failure(tag_dir, err)
+            failure = write_failure(tag_dir, err, self.rank)
             if failure is None:  # not a write error (a peer's failure in a collective): reported as it is
                 raise
             raise failure from None

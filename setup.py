@@ -10,7 +10,8 @@ against the wrong torch.
 Compiled parts (all from csrc/):
   megatron_lime._kernels_cpu    fused RMSNorm / SiLU for CPU (always built)
   megatron_lime._kernels_cuda   fused RMSNorm / SiLU for CUDA (built when torch has CUDA and nvcc exists)
-  megatron_lime._data_helpers   sample / blending index builders for the GPT datasets (always built)
+  megatron_lime._data_helpers   sample / blending index builders, pack_documents for preprocessing (always
+                                built; plain pybind11, no libtorch, so it imports without torch)
 
 LIME_BUILD_CUDA=0 skips the CUDA extension, LIME_BUILD_CUDA=1 requires it.
 LIME_CUDA_ARCHS="8.0;9.0" (or TORCH_CUDA_ARCH_LIST) picks the GPU architectures (default: 8.0 and 9.0,
@@ -21,7 +22,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 try:
     import torch
@@ -66,10 +67,14 @@ ext_modules = [
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp"],
     ),
-    CppExtension(
+    # Plain pybind11, not linked to libtorch: preprocessing imports it without torch (a second of start-up).
+    # pybind11's headers come with torch.
+    Extension(
         "megatron_lime._data_helpers",
         sources("csrc/data/*.cpp"),
+        include_dirs=[os.path.join(os.path.dirname(torch.__file__), "include")],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+        language="c++",
     ),
 ]
 

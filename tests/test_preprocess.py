@@ -228,3 +228,27 @@ def test_a_tokenizer_failing_the_export_check_writes_nothing_though_workers_star
                       "--workers", "2") == 1
     assert "encodes differently (test)" in capsys.readouterr().err
     assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+@pytest.mark.parametrize("eod", [None, 0, 7])
+def test_pack_documents_equals_its_numpy_reference(dtype, eod):
+    rng = np.random.default_rng(0)
+    top = 65_535 if dtype is np.uint16 else 2**31 - 1
+    encoded = [rng.integers(0, top, size=int(n), endpoint=True).tolist() for n in rng.integers(0, 40, size=300)]
+    encoded += [[], [top], [0], []]  # empty documents (dropped), the extreme ids
+    got = preprocessing.pack_documents([list(ids) for ids in encoded], eod, dtype)
+    want = preprocessing.pack_documents_reference([list(ids) for ids in encoded], eod, dtype)
+    assert got[0].dtype == want[0].dtype == dtype and got[1].dtype == want[1].dtype == np.int32
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+    assert preprocessing.pack_documents([(1, 2), []], eod, dtype)[0].tolist() == [1, 2] + ([] if eod is None else [eod])
+    assert [a.size for a in preprocessing.pack_documents([], eod, dtype)[:2]] == [0, 0]
+
+
+def test_pack_documents_refuses_ids_that_do_not_fit():
+    with pytest.raises(ValueError, match="token id 65536 \\(document 1\\) does not fit"):
+        preprocessing.pack_documents([[1], [65536]], None, np.uint16)
+    with pytest.raises(ValueError, match="token id -1"):
+        preprocessing.pack_documents([[-1]], None, np.int32)
+    with pytest.raises(TypeError):
+        preprocessing.pack_documents([["a"]], None, np.int32)

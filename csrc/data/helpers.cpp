@@ -14,6 +14,15 @@
 //   after n samples every dataset has within one sample of weight * n.
 //
 // Both run in O(output) with the GIL released; inputs are checked and errors raise ValueError.
+//
+// pack_documents (megatron_lime/data/preprocess.py): tokenized documents, as tokenizers return
+//   them (sequences of Python ints), back to back in one array: empty documents dropped, eod
+//   appended to each kept one when eod >= 0. Returns (tokens, lengths int32, documents dropped).
+//   Most of what a preprocessing worker does besides tokenizing; in one pass here it costs a
+//   sixth of numpy.fromiter over itertools.chain (pack_documents_reference, its reference). It
+//   reads Python objects, so it holds the GIL.
+//
+// Plain C++ and pybind11 (no libtorch): preprocessing imports this without importing torch.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -145,10 +154,66 @@ py::tuple build_blending_indices(const py::array_t<double, py::array::c_style | 
   return py::make_tuple(dataset_index, dataset_sample_index);
 }
 
+template <typename Token>
+py::tuple pack_documents(const py::object& encoded, int64_t eod) {
+  constexpr long long max_id = std::numeric_limits<Token>::max();
+  if (eod > max_id) {
+    throw std::invalid_argument("pack_documents: eod id " + std::to_string(eod) + " does not fit the token type");
+  }
+  PyObject* outer = PySequence_Fast(encoded.ptr(), "pack_documents: expected a sequence of documents");
+  if (outer == nullptr) throw py::error_already_set();
+  const py::object outer_ref = py::reinterpret_steal<py::object>(outer);
+  const Py_ssize_t num_documents = PySequence_Fast_GET_SIZE(outer);
+  PyObject** documents = PySequence_Fast_ITEMS(outer);
+  const int64_t extra = eod >= 0 ? 1 : 0;
+
+  // Pass 1: sizes (a list is its own fast sequence, so this only takes references).
+  std::vector<py::object> fast(num_documents);
+  size_t total = 0;
+  Py_ssize_t kept = 0;
+  for (Py_ssize_t i = 0; i < num_documents; ++i) {
+    PyObject* document = PySequence_Fast(documents[i], "pack_documents: a document must be a sequence of token ids");
+    if (document == nullptr) throw py::error_already_set();
+    fast[i] = py::reinterpret_steal<py::object>(document);
+    const Py_ssize_t length = PySequence_Fast_GET_SIZE(document);
+    if (length + extra > std::numeric_limits<int32_t>::max()) {
+      throw std::invalid_argument("pack_documents: document " + std::to_string(i) + " has more than 2^31 tokens");
+    }
+    if (length > 0) {
+      ++kept;
+      total += static_cast<size_t>(length + extra);
+    }
+  }
+
+  // Pass 2: the ids, checked to fit the token type.
+  py::array_t<Token> tokens(static_cast<py::ssize_t>(total));
+  py::array_t<int32_t> lengths(kept);
+  Token* out = tokens.mutable_data();
+  int32_t* length_out = lengths.mutable_data();
+  for (Py_ssize_t i = 0; i < num_documents; ++i) {
+    PyObject* document = fast[i].ptr();
+    const Py_ssize_t length = PySequence_Fast_GET_SIZE(document);
+    if (length == 0) continue;
+    PyObject** ids = PySequence_Fast_ITEMS(document);
+    for (Py_ssize_t j = 0; j < length; ++j) {
+      const long long id = PyLong_AsLongLong(ids[j]);
+      if (id == -1 && PyErr_Occurred()) throw py::error_already_set();
+      if (id < 0 || id > max_id) {
+        throw std::invalid_argument("pack_documents: token id " + std::to_string(id) + " (document " +
+                                    std::to_string(i) + ") does not fit the token type");
+      }
+      *out++ = static_cast<Token>(id);
+    }
+    if (extra) *out++ = static_cast<Token>(eod);
+    *length_out++ = static_cast<int32_t>(length + extra);
+  }
+  return py::make_tuple(tokens, lengths, num_documents - kept);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_data_helpers, m) {
-  m.doc() = "Sample and blending index builders for megatron_lime.data.gpt_dataset";
+  m.doc() = "Sample and blending index builders (megatron_lime.data), and pack_documents for preprocessing";
   m.def("build_sample_idx_int32", &build_sample_idx<int32_t>, py::arg("sizes"), py::arg("document_index"),
         py::arg("seq_length"), py::arg("num_samples"),
         "Sample index (num_samples + 1, 2) int32: (position in document_index, offset) of each sample's first token.");
@@ -156,4 +221,9 @@ PYBIND11_MODULE(_data_helpers, m) {
         py::arg("seq_length"), py::arg("num_samples"), "As build_sample_idx_int32, int64 (document_index >= 2^31 entries).");
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
         "(dataset_index int16[size], dataset_sample_index int64[size]) realising the weights greedily.");
+  m.def("pack_documents_uint16", &pack_documents<uint16_t>, py::arg("encoded"), py::arg("eod"),
+        "(tokens uint16, lengths int32, documents dropped): documents back to back, empty ones dropped, eod "
+        "appended when >= 0.");
+  m.def("pack_documents_int32", &pack_documents<int32_t>, py::arg("encoded"), py::arg("eod"),
+        "As pack_documents_uint16, int32 tokens (vocabularies of 65,500 ids or more).");
 }

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from megatron_lime.data.helpers import data_helpers
 from megatron_lime.data.indexed_dataset import IndexedDataset, strip_extension
 from megatron_lime.files import atomic_write, write_json
 
@@ -46,25 +47,6 @@ logger = logging.getLogger(__name__)
 # Bump when the meaning of the cached arrays changes, so old caches are never reused.
 INDEX_FORMAT_VERSION = 2
 SPLIT_NAMES = ("train", "valid", "test")
-
-_helpers = None
-
-
-def data_helpers():
-    """The compiled index builders (megatron_lime._data_helpers), with a clear message when missing."""
-    global _helpers
-    if _helpers is None:
-        try:
-            from megatron_lime import _data_helpers
-        except ImportError as e:
-            raise ImportError(
-                "megatron_lime._data_helpers is not built; run "
-                "`python setup.py build_ext --inplace` (or `pip install --no-build-isolation -e .`) "
-                f"in the megatron-lime checkout ({e})"
-            ) from e
-        _helpers = _data_helpers
-    return _helpers
-
 
 def normalise(weights: Sequence[float]) -> list[float]:
     """Weights as fractions; the builder and BlendedDataset use this one function, so their blends agree exactly."""

@@ -33,7 +33,8 @@ import torch
 from torch.utils.data import Dataset
 
 from megatron_lime.data.builder import (INDEX_FORMAT_VERSION, SPLIT_NAMES, DatasetConfig, IndexCache,
-                                        build_datasets, check_token_ids, data_helpers)
+                                        build_datasets, check_token_ids)
+from megatron_lime.data.helpers import data_helpers
 from megatron_lime.data.indexed_dataset import IndexedDataset
 
 

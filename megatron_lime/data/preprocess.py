@@ -43,6 +43,7 @@ from typing import Iterator
 import numpy as np
 
 from megatron_lime.data.filters import FilterValueError, RecordFilters
+from megatron_lime.data.helpers import data_helpers
 from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype, written_together
 from megatron_lime.data.readers import (GZIP_ERRORS, BadRecordError, InputSource, check_string_value, find_inputs,
                                         gzip_error_reason, jsonl_values, load_saved_dataset, open_binary, open_parquet,
@@ -384,9 +385,15 @@ def encode_chunk(chunk: Chunk) -> ChunkResult | BadRecordError:
 def pack_documents(encoded: list[list[int]], eod: int | None, dtype: type) -> tuple[np.ndarray, np.ndarray, int]:
     """(ids back to back, length of each document, number of empty documents dropped), eod appended to each.
 
-    One pass of np.fromiter over all ids, then the eod ids dropped into place with array
-    indexing: this is most of what a worker does besides tokenizing, so it is kept tight.
+    The compiled helper (csrc/data/helpers.cpp): besides tokenizing, this is most of a worker's work.
     """
+    pack = data_helpers().pack_documents_uint16 if dtype == np.uint16 else data_helpers().pack_documents_int32
+    return pack(encoded, -1 if eod is None else eod)
+
+
+def pack_documents_reference(encoded: list[list[int]], eod: int | None,
+                             dtype: type) -> tuple[np.ndarray, np.ndarray, int]:
+    """pack_documents in numpy (its reference in the tests; about 6x slower)."""
     kept = [ids for ids in encoded if ids]
     lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
     flat = np.fromiter(itertools.chain.from_iterable(kept), dtype=dtype, count=int(lengths.sum()))

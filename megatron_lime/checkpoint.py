@@ -33,8 +33,8 @@ Loading: every `.pt` file is read with `torch.load(weights_only=True)`, which ex
 code; the only classes allowed besides tensors and containers are the three DeepSpeed types its
 ZeRO optimizer shards hold (deepspeed_safe_globals(); `getattr`, with which some Python 3.11
 releases pickle an enum member, is mapped to a lookup of those enums' members only), and numpy
-arrays in the RNG files of checkpoints written before RNG states were tensors. DeepSpeed's own readers (engine.load_checkpoint,
-zero_to_fp32, the universal-checkpoint loader) call `torch.load(..., weights_only=False)` themselves,
+arrays in the RNG files of checkpoints written before RNG states were tensors. DeepSpeed's own
+readers (engine.load_checkpoint, zero_to_fp32, the universal-checkpoint loader) call `torch.load(..., weights_only=False)` themselves,
 so they are run inside `deepspeed_loads_safely()`, the one place that redirects them.
 
 Every error about a bad checkpoint is a CheckpointError whose message is one line naming the file
@@ -137,8 +137,8 @@ def torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow: Sequen
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(err))
         if found:
-            raise CheckpointError(f"{path}: refused to load: it holds {found.group(1) or found.group(2)}, which is not a tensor, "
-                                  f"a container or an allowed DeepSpeed type (loading it could run code)") from None
+            raise CheckpointError(f"{path}: refused to load: it holds {found.group(1) or found.group(2)}, which is not "
+                                  f"a tensor, a container or an allowed DeepSpeed type (loading it could run code)") from None
         raise CheckpointError(f"{path}: not a readable PyTorch file ({_first_line(err)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({_first_line(err)})") from None

@@ -22,9 +22,10 @@ How it runs: the main process only hands out work and writes tokens. For parquet
 reads only the footer and hands each worker whole row groups, which the worker reads itself,
 so several files (or row groups) are read at once; for JSONL it only finds line ends, and the
 workers read their byte ranges of a plain file themselves (a .gz is decompressed here and its
-bytes sent). Workers parse, filter, validate and tokenize, and send back numpy arrays. At most 2 x --workers chunks are in flight and results are written in input order, so memory
-stays flat however large the input is. Output goes to temporary names and is renamed at the
-end: after an error no .bin/.idx with the final name exists.
+bytes sent). Workers parse, filter, validate and tokenize, and send back numpy arrays (packed by
+the C++ helper). At most 2 x --workers chunks are in flight and results are written in input
+order, so memory stays flat however large the input is. Output goes to temporary names and is
+renamed at the end: after an error no .bin/.idx with the final name exists.
 """
 
 from __future__ import annotations

@@ -157,8 +157,14 @@ class _DeepSpeedCommandWatch:
             self.runner = _parent_of(self.launcher)
 
     def runner_ended(self) -> bool:
-        """One small /proc read; False when this rank was not started by the `deepspeed` command."""
-        return self.runner not in (None, 1) and _parent_of(self.launcher) not in (None, self.runner)
+        """One small /proc read; False when this rank was not started by the `deepspeed` command.
+
+        Also True when the per-node launcher itself is gone (this rank was re-parented): nobody would
+        stop the ranks then either.
+        """
+        if self.runner in (None, 1):
+            return False
+        return os.getppid() != self.launcher or _parent_of(self.launcher) != self.runner
 
 
 class TerminationRequest:

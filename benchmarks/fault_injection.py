@@ -29,7 +29,7 @@ from typing import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # the package, and the tests' helpers for the tiny corpus
 
-from helpers import free_port, live_processes_in_group  # noqa: E402
+from helpers import build_deepspeed_cpu_op, free_port, live_processes_in_group  # noqa: E402
 TIMEOUT_S = 180
 ERROR_LINE = re.compile(r"^(\[rank \d+\] )?([\w.]*(Error|Exception|Fault|Interrupt|Exit)\b.*|(error|ERROR)\b.*)$")
 
@@ -72,6 +72,7 @@ class Workspace:
             from helpers import make_tiny_pretraining_data
 
             self._tiny = make_tiny_pretraining_data(self.folder("shared-data"), num_docs=60)
+            build_deepspeed_cpu_op()  # before the disk-full cases: under their file size limit the JIT build fails
         return self._tiny
 
     @property

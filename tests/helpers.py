@@ -158,3 +158,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def build_deepspeed_cpu_op() -> None:
+    """Build (about 2 minutes, once per machine) or load (1 s) DeepSpeed's CPU shared-memory all-reduce op.
+
+    DeepSpeed JIT-builds it at the first CPU launch; a run under a file size limit (the disk-full cases)
+    would kill the compiler instead of failing where it should, so those cases call this first.
+    """
+    import subprocess
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; "
+                    "ShareMemCommBuilder().load()"], env=env, check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -92,6 +92,13 @@ def training_command(processes: int, tiny_data, save: str, *extra: str) -> list[
             *flags]
 
 
+@pytest.fixture(scope="module")
+def deepspeed_cpu_op_built():
+    from helpers import build_deepspeed_cpu_op
+
+    build_deepspeed_cpu_op()
+
+
 def limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # the checkpoint's shards are larger
 
@@ -111,7 +118,7 @@ FIRST_FAILURE = re.compile(r"^\[rank (\d)\] failed; stopping every rank:$", re.M
 
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_a_failing_run_exits(tiny_data, tmp_path, fault, processes):
+def test_a_failing_run_exits(tiny_data, deepspeed_cpu_op_built, tmp_path, fault, processes):
     environment, preexec_fn, extra, error_line = FAULTS[fault]
     environment = {k: v.format(last=processes - 1) for k, v in environment.items()}
     command = training_command(processes, tiny_data, str(tmp_path / "ckpt"), *extra)

@@ -34,8 +34,9 @@ code; the only classes allowed besides tensors and containers are the three Deep
 ZeRO optimizer shards hold (deepspeed_safe_globals(); `getattr`, with which some Python 3.11
 releases pickle an enum member, is mapped to a lookup of those enums' members only), and numpy
 arrays in the RNG files of checkpoints written before RNG states were tensors. DeepSpeed's own
-readers (engine.load_checkpoint, zero_to_fp32, the universal-checkpoint loader) call `torch.load(..., weights_only=False)` themselves,
-so they are run inside `deepspeed_loads_safely()`, the one place that redirects them.
+readers (engine.load_checkpoint, zero_to_fp32, the universal-checkpoint loader) call
+`torch.load(..., weights_only=False)` themselves, so they are run inside `deepspeed_loads_safely()`,
+the one place that redirects them.
 
 Every error about a bad checkpoint is a CheckpointError whose message is one line naming the file
 or tag and the reason.
@@ -44,6 +45,7 @@ or tag and the reason.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import math
 import os
@@ -81,6 +83,12 @@ def tag_name(iteration: int) -> str:
 
 def rng_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"rng_state_rank{rank}.pt")
+
+
+def optimizer_shards(tag_dir: str, rank: int | None = None) -> list[str]:
+    """DeepSpeed's ZeRO optimizer shards in a tag folder (bf16_ prefixed or not), sorted; only `rank`'s if given."""
+    rank_part = "*" if rank is None else str(rank)
+    return sorted(glob.glob(os.path.join(glob.escape(tag_dir), f"*zero_pp_rank_{rank_part}_mp_rank_*_optim_states.pt")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +145,9 @@ def torch_load(path: str | os.PathLike, map_location: Any = "cpu", allow: Sequen
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(err))
         if found:
-            raise CheckpointError(f"{path}: refused to load: it holds {found.group(1) or found.group(2)}, which is not "
-                                  f"a tensor, a container or an allowed DeepSpeed type (loading it could run code)") from None
+            held = found.group(1) or found.group(2)
+            raise CheckpointError(f"{path}: refused to load: it holds {held}, which is not a tensor, a container or "
+                                  f"an allowed DeepSpeed type (loading it could run code)") from None
         raise CheckpointError(f"{path}: not a readable PyTorch file ({_first_line(err)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({_first_line(err)})") from None

@@ -109,7 +109,7 @@ def read_deepspeed(save_dir: Path, tag: str | None = None) -> LimeWeights:
     save_dir, tag_dir, tag = Path(source.path), Path(source.tag_dir), source.tag
     metadata = source.meta
     config = LimeConfig.from_dict(metadata["model"])
-    optimizer_files = sorted(tag_dir.glob("*_optim_states.pt"))
+    optimizer_files = checkpoint.optimizer_shards(str(tag_dir))
     state_dict = None
     if (tag_dir / "zero").is_dir():
         # A universal checkpoint (deepspeed.checkpoint.ds_to_universal): zero/<param>/fp32.pt each

@@ -16,7 +16,6 @@ another data-parallel size, convert first:
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import random
 import re
@@ -29,8 +28,8 @@ import numpy as np
 import torch
 
 from megatron_lime.checkpoint import (DS_CONFIG, LIME_CONFIG, MODEL_STATES, CheckpointError, LoadSource,
-                                      deepspeed_loads_safely, mark_complete, numpy_array_safe_globals, rng_file,
-                                      tag_dirs, tag_name, torch_load, write_latest)
+                                      deepspeed_loads_safely, mark_complete, numpy_array_safe_globals,
+                                      optimizer_shards, rng_file, tag_dirs, tag_name, torch_load, write_latest)
 from megatron_lime.files import write_json
 
 
@@ -107,8 +106,7 @@ def write_failure(tag_dir: str, error: BaseException, rank: int) -> CheckpointEr
     else:
         return None
     if path is None:
-        shards = glob.glob(os.path.join(glob.escape(tag_dir), f"*zero_pp_rank_{rank}_mp_rank_*"))  # bf16_ or not
-        mine = shards + [rng_file(tag_dir, rank)]
+        mine = optimizer_shards(tag_dir, rank) + [rng_file(tag_dir, rank)]
         if rank == 0:
             mine += [os.path.join(tag_dir, MODEL_STATES), os.path.join(tag_dir, DS_CONFIG)]
         written = [p for p in mine if os.path.isfile(p)]

@@ -154,17 +154,19 @@ def test_gradcheck_float64_cpu_kernels():
     assert torch.autograd.gradcheck(SiLUFunction.apply, (torch.randn(4, 11, dtype=torch.float64, requires_grad=True),))
 
 
-def test_custom_ops_pass_opcheck():
+def check_custom_ops_pass_opcheck(x: torch.Tensor, weight: torch.Tensor) -> None:
     """Schema, fake (meta) implementations and autograd registration agree with the real kernels."""
-    x = torch.randn(4, 3, 20)
-    weight = torch.randn(20)
     torch.library.opcheck(torch.ops.lime.rms_norm_fwd.default, (x, weight, EPS))
     y, rstd = torch.ops.lime.rms_norm_fwd(x, weight, EPS)
     for weight_grad in (True, False):
         torch.library.opcheck(torch.ops.lime.rms_norm_bwd.default, (torch.randn_like(x), x, weight, rstd, weight_grad))
     torch.library.opcheck(torch.ops.lime.silu_fwd.default, (x,))
     torch.library.opcheck(torch.ops.lime.silu_bwd.default, (torch.randn_like(x), x))
-    assert rstd.shape == (4, 3) and rstd.dtype == torch.float32
+    assert rstd.shape == x.shape[:-1] and rstd.dtype == torch.float32
+
+
+def test_custom_ops_pass_opcheck():
+    check_custom_ops_pass_opcheck(torch.randn(4, 3, 20), torch.randn(20))
 
 
 def check_frozen_weight_skips_weight_gradient(device: str, monkeypatch) -> None:
@@ -419,14 +421,8 @@ def test_frozen_weight_skips_the_weight_gradient_cuda(monkeypatch):
 
 @cuda_only
 def test_custom_ops_pass_opcheck_cuda():
-    x = torch.randn(4, 3, 24, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(24, device="cuda")
-    torch.library.opcheck(torch.ops.lime.rms_norm_fwd.default, (x, weight, EPS))
-    y, rstd = torch.ops.lime.rms_norm_fwd(x, weight, EPS)
-    for weight_grad in (True, False):
-        torch.library.opcheck(torch.ops.lime.rms_norm_bwd.default, (torch.randn_like(x), x, weight, rstd, weight_grad))
-    torch.library.opcheck(torch.ops.lime.silu_fwd.default, (x,))
-    torch.library.opcheck(torch.ops.lime.silu_bwd.default, (torch.randn_like(x), x))
+    check_custom_ops_pass_opcheck(torch.randn(4, 3, 24, device="cuda", dtype=torch.bfloat16),
+                                  torch.randn(24, device="cuda"))
 
 
 @cuda_only

@@ -1,7 +1,8 @@
-# Sourced by examples/pretrain_lime_1b.sh and examples/sft_lime_1b.sh once they have filled
-# ALL_ARGS; not meant to be run on its own. `launch_or_print_args SCRIPT "$@"`:
-#   SCRIPT --print-args       prints ALL_ARGS NUL-separated (what the script's Python part asks
-#                             for on every rank)
+# Sourced by examples/pretrain_lime_1b.sh and examples/sft_lime_1b.sh once they have filled their
+# flag arrays (MODEL_ARGS, TRAINING_ARGS, DATA_ARGS, CHECKPOINT_ARGS, LOGGING_ARGS); not meant to be
+# run on its own. `launch_or_print_args SCRIPT "$@"`:
+#   SCRIPT --print-args       prints the arrays' flags NUL-separated (what the script's Python part
+#                             asks for on every rank)
 #   anything else             starts the ranks on SCRIPT with the arguments given:
 #                             HOSTFILE set: DeepSpeed's multi-node launcher (pdsh) over the hosts;
 #                             else megatron_lime/training/launch.py on this node, on every local GPU,
@@ -9,11 +10,18 @@
 #                             forwards SIGTERM/SIGINT to the ranks and waits for their checkpoint
 #                             (the stock ones SIGKILL the ranks 30 s after a SIGTERM), and stops
 #                             every rank when one fails.
+# Each script is bash and Python at once: to Python the bash part is one string, and bash exits in
+# launch_or_print_args before it reaches the Python part. A launcher (ours or `deepspeed`) runs the
+# script with python on every rank; its Python part calls
+# megatron_lime.training.launch.train_with_script_flags, which asks bash for the flags (so they are
+# written once, in the arrays) and trains with them followed by the command line's flags, which win
+# because the last occurrence of a flag wins.
 launch_or_print_args() {
     local script=$1
     shift
     if [[ "${1:-}" == "--print-args" ]]; then
-        printf '%s\0' "${ALL_ARGS[@]}"
+        printf '%s\0' "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" \
+            "${LOGGING_ARGS[@]}"
         exit 0
     fi
     if [[ -n "${HOSTFILE:-}" ]]; then

@@ -76,23 +76,15 @@ LOGGING_ARGS=(
     --eval-iters 10
     --tensorboard-dir "$SAVE_DIR/tensorboard"
 )
-ALL_ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}")
 
 source "$SCRIPT_DIR/launch.sh"
 launch_or_print_args "$SCRIPT" "$@"
 ":"""
-# The Python side. A launcher (ours or `deepspeed`) runs this file with python on every rank: to python
-# the bash above is one string, and bash never gets here (the launch above exits). It asks bash for the
-# flag arrays (`bash SCRIPT --print-args`, NUL-separated), so they are written once, and trains with them
-# followed by the command line's flags, which win because the last occurrence of a flag wins.
-# The sys.path line lets a checkout run without pip install.
+# The Python side, run by the launcher on every rank (bash never gets here): see examples/launch.sh.
 import os
-import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_lime.training.failures import run_guarded  # noqa: E402
-from megatron_lime.training.pretrain import main  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout without pip install
+from megatron_lime.training.launch import train_with_script_flags  # noqa: E402
 
-flags = subprocess.run(["bash", __file__, "--print-args"], check=True, stdout=subprocess.PIPE).stdout.decode()
-sys.exit(run_guarded(main, flags.split("\0")[:-1] + sys.argv[1:]))
+sys.exit(train_with_script_flags(__file__, sys.argv[1:]))

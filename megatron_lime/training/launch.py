@@ -129,5 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     return supervise(start_ranks(args), first_rank=args.node_rank * args.nproc_per_node)
 
 
+def train_with_script_flags(script: str, argv: list[str]) -> int:
+    """One rank of an example launcher script (examples/pretrain_lime_1b.sh, sft_lime_1b.sh): train with
+    the flags its bash arrays hold (`bash SCRIPT --print-args`, NUL-separated), then `argv`, which wins
+    because the last occurrence of a flag wins. Imported lazily: this module is standard library only."""
+    from megatron_lime.training.failures import run_guarded
+    from megatron_lime.training.pretrain import main as pretrain_main
+
+    printed = subprocess.run(["bash", script, "--print-args"], check=True, stdout=subprocess.PIPE).stdout.decode()
+    return run_guarded(pretrain_main, printed.split("\0")[:-1] + argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())

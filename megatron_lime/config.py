@@ -29,8 +29,10 @@ class LimeConfig:
     vocab_size: int = param(50_000, "Vocabulary size (rows of the tied embedding).")
     max_position_embeddings: int = param(512, "Longest sequence the sinusoidal table covers.")
     norm_eps: float = param(1e-5, "Epsilon of every RMSNorm.")
-    init_std: float = param(0.02, "Std of the normal initialisation (residual projections get std / sqrt(2 * num_layers)).")
-    position_base: float = param(10_000.0, "Base of the sinusoidal position frequencies (10,000 as in Vaswani et al.).", flag=False)
+    init_std: float = param(
+        0.02, "Std of the normal initialisation (residual projections get std / sqrt(2 * num_layers)).")
+    position_base: float = param(
+        10_000.0, "Base of the sinusoidal position frequencies (10,000 as in Vaswani et al.).", flag=False)
     attention_backend: Literal["auto", "flash", "flex", "sdpa"] = param(
         "auto", "Attention: auto = flash-attn on CUDA when installed, else FlexAttention for packed batches "
         "on CUDA and SDPA otherwise; or force one."
@@ -41,7 +43,8 @@ class LimeConfig:
     )
 
     def __post_init__(self) -> None:
-        for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+        for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                  "max_position_embeddings"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
         if self.hidden_size % self.num_attention_heads:

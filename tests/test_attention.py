@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeModel
 from megatron_lime.model import attention as attention_module
-from megatron_lime.model.attention import (CausalSelfAttention, attention_backend_for, cu_seqlens_from_document_ids,
+from megatron_lime.model.attention import (attention_backend_for, cu_seqlens_from_document_ids,
                                            document_attention_mask, document_block_mask, document_mask)
 
 # 3 rows of 37 tokens: four documents (one of length 1); one document; documents, a length-1 one, then padding

@@ -89,7 +89,7 @@ def test_compiled_blocks_train_like_eager_through_deepspeed(tmp_path):
     done = subprocess.run([sys.executable, "-c", RUNNER], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
-    line = next(l for l in done.stdout.splitlines() if l.startswith("LOSSES "))
+    line = next(text for text in done.stdout.splitlines() if text.startswith("LOSSES "))
     losses = json.loads(line[len("LOSSES "):])
     eager, compiled = losses["eager"], losses["compiled"]
     assert eager[-1] < eager[0] - 0.5  # it learns: the steps are real updates

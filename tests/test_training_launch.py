@@ -104,7 +104,7 @@ def test_two_process_run_trains_and_logs(runs):
     assert sum(per_step[i] for i in range(16, 21)) / 5 < sum(per_step[i] for i in range(1, 6)) / 5 - 0.5
     assert "2 data-parallel ranks on cpu" in output
     assert "micro batch 2 x accumulation 2 x 2 = global batch 8" in output
-    line = next(l for l in output.splitlines() if "iteration       20/" in l)
+    line = next(text for text in output.splitlines() if "iteration       20/" in text)
     for field in ("consumed samples          160", "consumed tokens          10240", "tokens/s", "/device)",
                   "TFLOP/s/device", "MFU n/a on CPU", "peak memory", "ms/step"):
         assert field in line, field

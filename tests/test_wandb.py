@@ -79,7 +79,8 @@ def test_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch):
 
 def test_asking_for_wandb_without_it_installed_says_so(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     for rank in (0, 1):  # every rank stops, so none waits for the others
         with pytest.raises(ValueError, match="--wandb-project lime-test: wandb is not installed; pip install wandb"):
             MetricsLogger(rank, None, "lime-test", None, {})

@@ -26,7 +26,8 @@ if REPO_ROOT not in sys.path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("inputs", nargs="+", metavar="RUN_DIR_OR_RESULTS",
-                        help="Training save directories (with metrics.jsonl) and/or tools/evaluate.py results JSON files.")
+                        help="Training save directories (with metrics.jsonl) and/or tools/evaluate.py results "
+                             "JSON files.")
     parser.add_argument("--output", required=True, help="Directory for the PNGs and report.md.")
     return parser
 
@@ -64,10 +65,12 @@ def run_summary_row(name: str, records: list[dict]) -> str:
 
     speeds = [r["tokens_per_second"] for r in train if r.get("tokens_per_second")]
     mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
+    final_train = fmt(train[-1]["loss"] if train else None, ".3f")
+    first_valid, last_valid = (fmt(valid[i]["loss"] if valid else None, ".3f") for i in (0, -1))
+    speed = fmt(statistics.median(speeds) if speeds else None, ",.0f")
+    mfu = fmt(100 * statistics.median(mfus) if mfus else None, ".1f")
     return (f"| {name} | {last['iteration']:,} | {last.get('consumed_tokens', 0):,} | "
-            f"{fmt(train[-1]['loss'] if train else None, '.3f')} | {fmt(valid[0]['loss'] if valid else None, '.3f')} -> "
-            f"{fmt(valid[-1]['loss'] if valid else None, '.3f')} | {fmt(statistics.median(speeds) if speeds else None, ',.0f')} | "
-            f"{fmt(100 * statistics.median(mfus) if mfus else None, '.1f')} |")
+            f"{final_train} | {first_valid} -> {last_valid} | {speed} | {mfu} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,8 +67,9 @@ def synthetic_rows(task: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     for i in range(n):
         if task == "hellaswag":
             ctx_a, ctx_b = _phrase(rng, 6).capitalize() + ".", _phrase(rng, 2)
+            endings = [_phrase(rng, rng.randint(2, 7)) + "." for _ in range(4)]
             rows.append({"ind": i, "activity_label": _phrase(rng, 2).title(), "ctx_a": ctx_a, "ctx_b": ctx_b,
-                         "ctx": f"{ctx_a} {ctx_b}", "endings": [_phrase(rng, rng.randint(2, 7)) + "." for _ in range(4)],
+                         "ctx": f"{ctx_a} {ctx_b}", "endings": endings,
                          "source_id": f"synthetic~{i}", "split": "val", "split_type": "indomain",
                          "label": str(rng.randrange(4))})
         elif task in ("arc_easy", "arc_challenge", "openbookqa"):
@@ -83,7 +84,8 @@ def synthetic_rows(task: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
         elif task == "winogrande":
             rows.append({"sentence": f"The {rng.choice(_WORDS)} was near the {rng.choice(_WORDS)} because _ was "
                                      f"{_phrase(rng, 2)}.",
-                         "option1": rng.choice(_WORDS), "option2": rng.choice(_WORDS), "answer": str(rng.randint(1, 2))})
+                         "option1": rng.choice(_WORDS), "option2": rng.choice(_WORDS),
+                         "answer": str(rng.randint(1, 2))})
         elif task == "boolq":
             rows.append({"question": _phrase(rng, 6), "passage": _phrase(rng, 30).capitalize() + ".", "idx": i,
                          "label": rng.randrange(2)})

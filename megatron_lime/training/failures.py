@@ -6,10 +6,11 @@
   interpreter is still whole, not left to its exit.
 - an exception on any rank: the first failing rank prints its traceback once, with its rank (for bad
   input, BAD_INPUT_ERRORS, its one-line message instead); a rank that fails because of it (a peer's
-  socket closed under a collective) prints one line naming the first failing rank. The first is agreed on through the c10d store the process group already runs
-  (MASTER_ADDR:MASTER_PORT). Then the rank kills its DataLoader workers and leaves with os._exit(1):
-  nothing (a worker join at exit, a collective, a destructor) can keep it alive. The launcher stops the
-  other ranks (megatron_lime.training.launch, or DeepSpeed's, both do).
+  socket closed under a collective) prints one line naming the first failing rank. The first is agreed
+  on through the c10d store the process group already runs (MASTER_ADDR:MASTER_PORT). Then the rank
+  kills its DataLoader workers and leaves with os._exit(1): nothing (a worker join at exit, a
+  collective, a destructor) can keep it alive. The launcher stops the other ranks
+  (megatron_lime.training.launch, or DeepSpeed's, both do).
 - SIGTERM / SIGINT: inside the training loop (from `TerminationRequest()` on) the first one asks the
   loop to save after the current step and exit 0. Anywhere else (start-up, while an error is being
   reported), or again more than REPEAT_WINDOW_S after the first, it exits at once with 128 + signal.
@@ -51,8 +52,10 @@ FAULT_ENV = "LIME_FAULT_INJECT"
 FIRST_FAILURE_KEY = "megatron_lime/first_failed_rank"
 # Bad input (a damaged checkpoint or dataset, an unwritable output): their message is one line naming the
 # file and the reason, printed as it is, without a traceback. By name: an unimported module raised none.
-BAD_INPUT_ERRORS = {"megatron_lime.checkpoint.CheckpointError", "megatron_lime.data.indexed_dataset.IndexedDatasetError",
-                    "megatron_lime.data.indexed_dataset.DatasetWriteError", "megatron_lime.data.readers.BadRecordError"}
+BAD_INPUT_ERRORS = {"megatron_lime.checkpoint.CheckpointError",
+                    "megatron_lime.data.indexed_dataset.IndexedDatasetError",
+                    "megatron_lime.data.indexed_dataset.DatasetWriteError",
+                    "megatron_lime.data.readers.BadRecordError"}
 PR_SET_PDEATHSIG = 1
 
 
@@ -244,7 +247,8 @@ def _is_peer_failure(error: BaseException) -> bool:
     import torch.distributed as dist
 
     text = str(error)
-    return isinstance(error, dist.DistError) or "Connection closed by peer" in text or "Connection reset by peer" in text
+    return (isinstance(error, dist.DistError) or "Connection closed by peer" in text
+            or "Connection reset by peer" in text)
 
 
 def _first_failing_rank(rank: int) -> int | None:

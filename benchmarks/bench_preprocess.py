@@ -157,14 +157,24 @@ def read_texts(corpus: str, max_bytes: int) -> list[str]:
     return texts
 
 
-def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_000_000) -> dict:
-    """The ceiling: one process encoding already-parsed texts, nothing else (same corpus and tokenizer)."""
+def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_000_000, encoder: str = "sentencepiece",
+                              ) -> dict:
+    """The ceiling: one process encoding already-parsed texts with sentencepiece itself, nothing else.
+
+    encoder="tool": the tokenizer's own encode_batch instead (for a standard sentencepiece model: sentencepiece
+    where it provably agrees with the Hugging Face conversion, the conversion elsewhere); "conversion": the
+    tokenizers-library conversion alone (what every text went through before).
+    """
     from megatron_lime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     texts = read_texts(corpus, max_bytes)
+    encode = {"sentencepiece": lambda batch: tok.processor.encode(batch, num_threads=1),
+              "tool": tok.encode_batch,
+              "conversion": lambda batch: [e.ids for e in tok.backend.encode_batch(batch, add_special_tokens=False)],
+              }[encoder]
     start, cpu_start = time.perf_counter(), time.process_time()
-    tokens = sum(len(ids) for ids in tok.encode_batch(texts))
+    tokens = sum(len(ids) for ids in encode(texts))
     seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     return {"documents": len(texts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "tokens_per_cpu_s": tokens / cpu_s}
@@ -185,7 +195,7 @@ def bench_sentencepiece_parallel(corpus: str, tokenizer: str, processes: int, ma
     share = [texts[k::processes] for k in range(processes)]
 
     def encode(k: int, queue) -> None:
-        queue.put(sum(len(ids) for ids in tok.encode_batch(share[k])))
+        queue.put(sum(len(ids) for ids in tok.processor.encode(share[k], num_threads=1)))
 
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
@@ -218,6 +228,96 @@ def bench_against_ceiling(corpus: str, tokenizer: str, prefix: str, workers: int
     best = max((r["end_to_end"] for r in rows), key=lambda r: r["tokens_per_s"])
     return {"workers": workers, "rounds": rows, "median_ratio": median("ratio"), "median_ratio_to_parallel": median("ratio_to_parallel"),
             "median_cpu_efficiency": median("cpu_efficiency"), "best": best}
+
+
+def train_standard_sentencepiece(corpus: str, model_file: str, vocab_size: int, num_documents: int = 20_000) -> str:
+    """A standard sentencepiece BPE model, as LLaMA-style models have them: sentencepiece's defaults (nmt_nfkc
+    normalisation, dummy prefix, whitespace escaping and collapsing) plus byte fallback. Megatron-LM reads it."""
+    import sentencepiece as spm
+
+    if os.path.isfile(model_file):
+        return model_file
+    texts = read_texts(corpus, 1 << 62)[:num_documents]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=model_file.removesuffix(".model"),
+                                   model_type="bpe", vocab_size=vocab_size, byte_fallback=True, num_threads=2,
+                                   minloglevel=2)
+    return model_file
+
+
+def run_megatron_lm(megatron_lm: str, corpus: str, model_file: str, prefix: str, workers: int) -> dict:
+    """Megatron-LM's tools/preprocess_data.py on the same input and model (GPTSentencePieceTokenizer, --append-eod)."""
+    for ext in (".bin", ".idx"):
+        if os.path.exists(prefix + "_text_document" + ext):
+            os.remove(prefix + "_text_document" + ext)
+    cmd = [sys.executable, os.path.join(megatron_lm, "tools", "preprocess_data.py"), "--input", corpus,
+           "--output-prefix", prefix, "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", model_file,
+           "--append-eod", "--workers", str(workers), "--log-interval", "1000000"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=megatron_lm,
+                          env={**os.environ, "PYTHONPATH": megatron_lm})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"Megatron-LM's preprocess_data.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return {"wall_s": wall, "load_average_1min_after": os.getloadavg()[0]}
+
+
+def same_bytes(a: str, b: str) -> bool:
+    import filecmp
+
+    return all(filecmp.cmp(a + ext, b + ext, shallow=False) for ext in (".bin", ".idx"))
+
+
+def bench_standard_sentencepiece(corpus: str, model_file: str, workdir: str, workers: int, rounds: int,
+                                 megatron_lm: str | None) -> dict:
+    """A standard sentencepiece model: which texts sentencepiece encodes, the encoders alone, end to end against
+    workers x sentencepiece alone, and (with Megatron-LM) Megatron-LM's tool side by side, runs alternated."""
+    from megatron_lime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_file)
+    texts = read_texts(corpus, 20_000_000)
+    covered = sum(map(tok.agreement.covers, texts))
+    result: dict = {"agreement": tok.describe_encoder(), "documents_sampled": len(texts),
+                    "documents_by_sentencepiece": covered, "rounds": []}
+    ours_prefix, megatron_prefix = os.path.join(workdir, "std_ours"), os.path.join(workdir, "std_megatron")
+    for _ in range(rounds):
+        row = {encoder: bench_sentencepiece_alone(corpus, model_file, encoder=encoder)["tokens_per_s"]
+               for encoder in ("sentencepiece", "tool", "conversion")}
+        ours = run_preprocess(corpus, model_file, ours_prefix, workers)
+        row["end_to_end"] = ours
+        row["ratio"] = ours["tokens_per_s"] / (workers * row["sentencepiece"])
+        if megatron_lm:
+            megatron = run_megatron_lm(megatron_lm, corpus, model_file, megatron_prefix, workers)
+            row["megatron_lm"] = megatron
+            row["speedup_over_megatron_lm"] = megatron["wall_s"] / ours["wall_s"]
+            row["identical_to_megatron_lm"] = same_bytes(ours_prefix + "_text_document",
+                                                         megatron_prefix + "_text_document")
+        result["rounds"].append(row)
+    return result
+
+
+def print_standard(result: dict, workers: int) -> None:
+    rounds = result["rounds"]
+
+    def spread(values: list[float], fmt: str) -> str:
+        values = sorted(values)
+        return f"{format(values[len(values) // 2], fmt)} (median; {format(values[0], fmt)}-{format(values[-1], fmt)})"
+
+    print(result["agreement"])
+    print(f"  documents sentencepiece encodes: {result['documents_by_sentencepiece']:,} of "
+          f"{result['documents_sampled']:,} ({result['documents_by_sentencepiece'] / result['documents_sampled']:.1%})")
+    for encoder, label in (("sentencepiece", "sentencepiece alone (the ceiling)"),
+                           ("tool", "the tool's encoder (sentencepiece + conversion)"),
+                           ("conversion", "the Hugging Face conversion alone (before)")):
+        print(f"  {label}: {spread([r[encoder] for r in rounds], ',.0f')} tokens/s, one process")
+    print(f"  preprocess_data.py, {workers} workers: {spread([r['end_to_end']['wall_s'] for r in rounds], '.2f')} s, "
+          f"end to end / ({workers} x sentencepiece alone) = {spread([r['ratio'] for r in rounds], '.1%')}")
+    if "megatron_lm" in rounds[0]:
+        print(f"  Megatron-LM's preprocess_data.py, {workers} workers: "
+              f"{spread([r['megatron_lm']['wall_s'] for r in rounds], '.2f')} s; ours is "
+              f"{spread([r['speedup_over_megatron_lm'] for r in rounds], '.2f')}x faster; .bin/.idx byte-identical in "
+              f"{sum(r['identical_to_megatron_lm'] for r in rounds)} of {len(rounds)} rounds")
+    print("  load average (1 min) after each run: "
+          + ", ".join(f"{r['end_to_end']['load_average_1min_after']:.1f}" for r in rounds))
 
 
 def write_parquet_copies(corpus: str, workdir: str, parts: int = 4, row_group_rows: int = 1000) -> tuple[str, str]:
@@ -304,7 +404,15 @@ def main() -> int:
     parser.add_argument("--skip-parquet", action="store_true")
     parser.add_argument("--index-documents", type=int, default=20_000_000)
     parser.add_argument("--skip-index", action="store_true")
+    parser.add_argument("--standard-sentencepiece", action="store_true",
+                        help="Also a standard sentencepiece BPE model (defaults + byte fallback, --vocab-size), "
+                             "Megatron-LM-readable; only it with --only-standard.")
+    parser.add_argument("--only-standard", action="store_true", help="Only the standard sentencepiece case.")
+    parser.add_argument("--megatron-lm", default=None, metavar="DIR",
+                        help="A Megatron-LM checkout: its tools/preprocess_data.py runs beside ours on the standard "
+                             "model (alternated rounds), and the .bin/.idx are compared byte for byte.")
     args = parser.parse_args()
+    args.standard_sentencepiece = args.standard_sentencepiece or args.only_standard
     os.makedirs(args.workdir, exist_ok=True)
     sys.path.insert(0, REPO)
 
@@ -323,6 +431,22 @@ def main() -> int:
         if rc != 0:
             return rc
         results["tokenizer_train_s"] = time.perf_counter() - start
+
+    if args.standard_sentencepiece:
+        model_file = train_standard_sentencepiece(corpus["path"], os.path.join(args.workdir, f"standard_bpe_{args.vocab_size}.model"),
+                                                  args.vocab_size)
+        workers = max(args.workers)
+        standard = bench_standard_sentencepiece(corpus["path"], model_file, args.workdir, workers, args.rounds,
+                                                args.megatron_lm)
+        results["standard_sentencepiece"] = standard
+        print(f"standard sentencepiece BPE ({args.vocab_size:,} pieces, byte fallback, nmt_nfkc), "
+              f"{corpus['bytes'] / 1e6:.1f} MB JSONL:", flush=True)
+        print_standard(standard, workers)
+        if args.only_standard:
+            from megatron_lime.files import write_json
+
+            write_json(os.path.join(args.workdir, "results.json"), results)
+            return 0
 
     runs = []
     for workers in args.workers:

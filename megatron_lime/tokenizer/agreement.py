@@ -18,35 +18,36 @@ Both encoders run three stages; each must agree.
    cluster of their own. A text is covered when none of its characters is
      * a non-first character of a multi-character key (then no multi-character key can match
        anywhere, in either encoder), or
-     * a single-character key other than a control character (Unicode category Cc, not CR):
-       controls always form their own grapheme cluster (UAX #29, GB4/GB5; only CR LF joins), so
-       both encoders replace exactly that character by its value, and nothing else, or
+     * a single-character key other than a control character (Unicode category Cc, not CR) that
+       the charsmap turns into one space: controls always form their own grapheme cluster
+       (UAX #29, GB4/GB5; only CR LF joins), so both encoders replace exactly that character by a
+       space, and nothing else (nmt_nfkc: tab, newline, form feed; the controls it deletes are
+       left out, so that words stay where the text shows them), or
      * U+2581 (the whitespace meta symbol: sentencepiece strips a trailing literal one as if it
        were an escaped space; the conversion does not).
-   On a covered text both normalisers are the same per-character map.
+   On a covered text both normalisers only turn some control characters into spaces.
 2. Whitespace. Sentencepiece with remove_extra_whitespaces, add_dummy_prefix and
    escape_whitespaces strips leading and trailing spaces (U+0020 only), collapses runs of them,
    returns nothing if nothing is left, else prepends one and writes spaces as U+2581. The converter
    builds the same steps (Replace `\\A +| +\\z`, Replace ` {2,}`, Replace ` ` -> U+2581, Metaspace
    prepend). We require exactly these three settings and no treat_whitespace_as_suffix; any other
    combination is left to the conversion.
-3. BPE. Both start from one symbol per character and repeatedly merge the best adjacent pair whose
-   concatenation is a normal piece: sentencepiece the highest score, the leftmost on a tie; the
-   converted BPE the lowest merge rank, ranked by piece score, then by the split's strings, the
-   leftmost on a tie. They pick the same pair at every step when
-     * the model is BPE (unigram: ties between segmentations are broken differently) with no
-       user-defined or unused pieces (those change sentencepiece's matching) and every
-       single-character piece is a normal piece;
-     * normal pieces have pairwise different scores, so a tie is always one piece P;
-     * P can be pending twice in overlapping places with different splits only as (x, s) and
-       (s, y) with x + s == s + y, x != s; we refuse a model where such a P ranks (s, y) before
-       (x, s) (the conversion would merge the right one first);
-     * no piece with a higher score than a piece P that has two or more splits contains P: then,
-       once P is the best pair, every pending P merges before anything else in both encoders,
-       whatever their order, and both reach the same symbols.
-   Unknown characters: byte fallback must be on with all 256 byte pieces; every character of a
-   normal piece must be a piece itself, so an unknown character never merges and both encoders
-   write its UTF-8 bytes as <0xXX> ids.
+3. BPE, one word at a time. Both start from one symbol per character and merge adjacent pairs whose
+   concatenation is a piece, best first: sentencepiece by piece score, the leftmost on a tie; the
+   converted BPE by merge rank (piece score, then the split's strings), the leftmost on a tie.
+   They can order merges that form the same piece differently (e.g. '000000' from ('0000', '00')
+   or ('00', '0000'), pending in overlapping places), so we do not argue that the procedures are
+   equal: we check their results. When no piece holds U+2581 after its first character (true of
+   models trained with split_by_whitespace, sentencepiece's default; checked), no merge can join
+   two words (a word: U+2581 and the characters up to the next U+2581), so each encoder's result
+   for a text is its results for the text's words put together, each word encoded on its own.
+   Every new word is encoded with both encoders once and the verdict kept (`router()`: C++,
+   megatron_lime._data_helpers.WordRouter, bounded memory); a text goes to sentencepiece only
+   when every one of its words is known to agree. A
+   model whose normal pieces hold U+2581 after the start, or user-defined pieces (the converter
+   then splits them off and skips merges), or a unigram model (its word-level ties are not
+   worth the bookkeeping), is left to the conversion. Unknown characters (byte fallback or
+   <unk>) are part of the words checked.
 
 tests/test_tokenizer.py checks agreement on adversarial text (unicode, whitespace runs, byte
 fallback, digits, empty) and that a model breaking a condition is encoded by the conversion.
@@ -64,30 +65,54 @@ META = "\u2581"  # sentencepiece's whitespace symbol
 
 @dataclass(frozen=True)
 class SentencePieceAgreement:
-    """Whether sentencepiece may encode a text in place of the conversion: `reason` None and `covers(text)`."""
+    """For which texts sentencepiece may stand in for the conversion: `covers(text)`, then every word verified.
+
+    covers() and words() are the reference of the compiled router() that encoding uses (tests compare them)."""
 
     reason: str | None  # why sentencepiece is never used for this model; None when it is, for covered texts
     unsafe: frozenset[str] = frozenset()  # a text holding any of these characters goes to the conversion
+    spaces: str = " "  # the characters the normaliser turns into a space: they separate words
     _ascii_unsafe: tuple[str, ...] = field(default=(), repr=False)
-    _pattern: Any = field(default=None, repr=False)
+    _unsafe_pattern: Any = field(default=None, repr=False)
+    _word_pattern: Any = field(default=None, repr=False)
+    _ascii_split: bool = field(default=False, repr=False)
 
     @classmethod
-    def usable_for(cls, unsafe: set[str]) -> "SentencePieceAgreement":
+    def usable_for(cls, rules: dict[str, str]) -> "SentencePieceAgreement":
+        unsafe = unsafe_characters(rules)
+        spaces = " " + "".join(sorted(k for k, v in rules.items() if len(k) == 1 and v == " " and k not in unsafe))
         ranges = _char_class(sorted(unsafe))
-        pattern = re.compile(f"[{ranges}]") if ranges else None
-        return cls(None, frozenset(unsafe), tuple(sorted(c for c in unsafe if c.isascii())), pattern)
+        # str.split() cuts at ASCII whitespace: exact for covered ASCII text when each of those is a space here
+        # or never in a covered text.
+        ascii_split = all(c in spaces or c in unsafe for c in " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")
+        return cls(None, frozenset(unsafe), spaces, tuple(sorted(c for c in unsafe if c.isascii())),
+                   re.compile(f"[{ranges}]") if ranges else None,
+                   re.compile(f"[^{_char_class(sorted(spaces))}]+"), ascii_split)
 
     @property
     def usable(self) -> bool:
         return self.reason is None
 
     def covers(self, text: str) -> bool:
-        """True when sentencepiece provably gives the conversion's ids for `text` (see the module docstring)."""
+        """True when both normalisers provably give the same string for `text` (see the module docstring)."""
         if self.reason is not None:
             return False
         if text.isascii():
             return not any(c in text for c in self._ascii_unsafe)
-        return self._pattern is None or self._pattern.search(text) is None
+        return self._unsafe_pattern is None or self._unsafe_pattern.search(text) is None
+
+    def words(self, text: str) -> set[str]:
+        """The words of a covered text: what lies between the characters the normaliser makes spaces."""
+        if self._ascii_split and text.isascii():
+            return set(text.split())
+        return set(self._word_pattern.findall(text))
+
+    def router(self, limit: int = 1_000_000) -> Any:
+        """The compiled form of covers() and words(), with the verdicts of checked words (at most `limit`
+        agreeing words are kept; past that they are forgotten and checked again when met)."""
+        from megatron_lime.data.helpers import data_helpers
+
+        return data_helpers().WordRouter(sorted(map(ord, self.unsafe)), sorted(map(ord, self.spaces)), limit)
 
 
 def _char_class(chars: list[str]) -> str:
@@ -104,32 +129,10 @@ def _char_class(chars: list[str]) -> str:
 
 
 def charsmap_rules(charsmap: bytes) -> dict[str, str]:
-    """Every key -> value of a sentencepiece precompiled charsmap (a Darts double-array trie + a string pool)."""
-    if not charsmap:
-        return {}
-    trie_size = int.from_bytes(charsmap[:4], "little")
-    units = [int.from_bytes(charsmap[4 + 4 * k:8 + 4 * k], "little") for k in range(trie_size // 4)]
-    pool = charsmap[4 + trie_size:]
+    """Every key -> value of a sentencepiece precompiled charsmap (C++: a walk of its double-array trie)."""
+    from megatron_lime.data.helpers import data_helpers
 
-    def offset(unit: int) -> int:
-        return (unit >> 10) << ((unit & (1 << 9)) >> 6)
-
-    rules: dict[str, str] = {}
-    stack = [(offset(units[0]), b"")]
-    while stack:
-        node, key = stack.pop()
-        for byte in range(1, 256):
-            child = node ^ byte
-            if child >= len(units) or units[child] & ((1 << 31) | 0xFF) != byte:
-                continue
-            unit = units[child]
-            nxt = child ^ offset(unit)
-            if (unit >> 8) & 1:  # has a leaf: key + byte is a key
-                start = units[nxt] & ((1 << 31) - 1)
-                end = pool.index(b"\0", start)
-                rules[(key + bytes([byte])).decode("utf-8")] = pool[start:end].decode("utf-8")
-            stack.append((nxt, key + bytes([byte])))
-    return rules
+    return data_helpers().charsmap_rules(charsmap)
 
 
 def unsafe_characters(rules: dict[str, str]) -> set[str]:
@@ -138,46 +141,21 @@ def unsafe_characters(rules: dict[str, str]) -> set[str]:
     for key, value in rules.items():
         if len(key) > 1:
             unsafe.update(key[1:])
-        elif key == "\r" or unicodedata.category(key) != "Cc" or META in value:
+        elif key == "\r" or unicodedata.category(key) != "Cc" or value != " ":
             unsafe.add(key)
     return unsafe
 
 
-def bpe_hazard(proto: Any) -> str | None:
-    """Why sentencepiece's BPE and the converted BPE could pick different pairs (BPE part of the docstring), or None."""
+def bpe_obstacle(proto: Any) -> str | None:
+    """Why a text's encoding is not its words' encodings put together (BPE part of the docstring), or None."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     kind = sp_pb2.ModelProto.SentencePiece
-    normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == kind.NORMAL}
     for i, p in enumerate(proto.pieces):
         if p.type in (kind.USER_DEFINED, kind.UNUSED):
             return f"piece {i} {p.piece!r} is {kind.Type.Name(p.type).lower().replace('_', '-')}"
-        if len(p.piece) == 1 and p.type != kind.NORMAL:
-            return f"the one-character piece {i} {p.piece!r} is not a normal piece"
-    if len({score for score, _ in normal.values()}) != len(normal):
-        return "two normal pieces have the same score"
-    for piece in normal:
-        missing = next((c for c in piece if c not in normal), None)
-        if missing is not None:
-            return f"piece {piece!r} holds {missing!r}, which is not a piece of its own"
-    splits = {piece: [(piece[:k], piece[k:]) for k in range(1, len(piece))
-                      if piece[:k] in normal and piece[k:] in normal] for piece in normal}
-    multi = {piece for piece, s in splits.items() if len(s) > 1}
-    for piece in multi:
-        # The converter ranks one piece's splits by (left, right); sentencepiece takes the leftmost.
-        for x, s in splits[piece]:
-            y = piece[len(s):] if piece.startswith(s) else None
-            if x != s and y is not None and (s, y) in splits[piece] and (s, y) < (x, s):
-                return (f"piece {piece!r} can be pending as ({x!r}, {s!r}) and ({s!r}, {y!r}) in overlapping places, "
-                        "and the conversion merges the right one first")
-    # A higher-scoring piece that contains a piece with several splits: every substring of every piece.
-    for other, (score, _) in normal.items():
-        for start in range(len(other)):
-            for end in range(start + 2, len(other) + (start > 0)):
-                inner = other[start:end]
-                if inner in multi and normal[inner][0] < score:
-                    return (f"piece {other!r} scores higher than {inner!r}, which it contains and which has "
-                            f"{len(splits[inner])} splits")
+        if p.type == kind.NORMAL and META in p.piece[1:]:
+            return f"piece {i} {p.piece!r} holds the whitespace symbol after its start (merges across words)"
     return None
 
 
@@ -188,17 +166,12 @@ def sentencepiece_agreement(proto: Any) -> SentencePieceAgreement:
     trainer, spec = proto.trainer_spec, proto.normalizer_spec
     if trainer.model_type != sp_pb2.TrainerSpec.BPE:
         return SentencePieceAgreement(f"a {sp_pb2.TrainerSpec.ModelType.Name(trainer.model_type)} model, not BPE")
-    if not trainer.byte_fallback:
-        return SentencePieceAgreement("no byte fallback (unknown characters)")
-    pieces = {p.piece: p.type for p in proto.pieces}
-    if any(pieces.get(f"<0x{b:02X}>") != sp_pb2.ModelProto.SentencePiece.BYTE for b in range(256)):
-        return SentencePieceAgreement("not all 256 byte pieces <0x00>..<0xFF> are there")
     settings = (spec.remove_extra_whitespaces, spec.add_dummy_prefix, spec.escape_whitespaces,
                 not trainer.treat_whitespace_as_suffix)
     if not all(settings):
         return SentencePieceAgreement("whitespace settings other than sentencepiece's defaults (remove extra "
                                       "whitespaces, dummy prefix, escaped whitespace, whitespace as prefix)")
-    hazard = bpe_hazard(proto)
-    if hazard is not None:
-        return SentencePieceAgreement(f"BPE ties: {hazard}")
-    return SentencePieceAgreement.usable_for(unsafe_characters(charsmap_rules(spec.precompiled_charsmap)))
+    obstacle = bpe_obstacle(proto)
+    if obstacle is not None:
+        return SentencePieceAgreement(obstacle)
+    return SentencePieceAgreement.usable_for(charsmap_rules(spec.precompiled_charsmap))

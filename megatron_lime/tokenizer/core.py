@@ -340,8 +340,9 @@ class HuggingFaceTokenizer(LimeTokenizer):
 class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
     """Any sentencepiece model other than ours, in the form transformers converts it to (what the export saves
     and what the data must hold), encoded by sentencepiece itself wherever the two provably give the same
-    ids (agreement.py: decided once, from the model, then per text by its characters) and by the
-    conversion elsewhere. Same ids either way, sentencepiece's speed on the texts it covers."""
+    ids (agreement.py: the model decides once whether they can, each text's characters whether its
+    normalisation agrees, and each of its words, checked once with both encoders, whether BPE agrees) and
+    by the conversion elsewhere. The conversion's ids for every text, at sentencepiece's speed on most."""
 
     def __init__(self, source: SentencePieceTokenizer):
         processor = source.processor
@@ -352,26 +353,45 @@ class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
                          processor.id_to_piece(processor.unk_id()) if processor.unk_id() >= 0 else None)
         self.processor = processor
         self.agreement = sentencepiece_agreement(proto)
+        self.router = self.agreement.router() if self.agreement.usable else None
 
     def describe_encoder(self) -> str:
         if self.agreement.usable:
-            return (f"tokenizer {self.path}: sentencepiece encodes every text without one of "
-                    f"{len(self.agreement.unsafe)} characters (where it provably gives the Hugging Face "
-                    "conversion's ids), the conversion the others")
+            return (f"tokenizer {self.path}: sentencepiece encodes the texts on which it provably gives the ids "
+                    f"of the Hugging Face conversion (none of {len(self.agreement.unsafe)} characters, every word "
+                    "checked), the conversion the others")
         return f"tokenizer {self.path}: its Hugging Face conversion encodes every text ({self.agreement.reason})"
 
+    def encode_by_sentencepiece(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.processor.encode(list(texts), num_threads=1)
+
+    def encode_by_conversion(self, texts: Sequence[str]) -> list[list[int]]:
+        return HuggingFaceTokenizer.encode_batch(self, texts)
+
+    def by_sentencepiece(self, texts: Sequence[str]) -> list[bool]:
+        """Which texts sentencepiece may encode: covered characters and every word verified (agreement.py)."""
+        if self.router is None:
+            return [False] * len(texts)
+        texts = list(texts)
+        status, new_words = self.router.route(texts)
+        if new_words:
+            verdicts = [a == b for a, b in zip(self.encode_by_sentencepiece(new_words),
+                                               self.encode_by_conversion(new_words))]
+            self.router.learn(new_words, verdicts)
+            pending = [i for i, s in enumerate(status) if s == 2]
+            for i, s in zip(pending, self.router.route([texts[i] for i in pending])[0]):
+                status[i] = s
+        return [s == 0 for s in status]
+
     def encode(self, text: str) -> list[int]:
-        if self.agreement.covers(text):
-            return self.processor.encode(text)
-        return super().encode(text)
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        covers = self.agreement.covers
-        routed = [covers(t) for t in texts]
+        routed = self.by_sentencepiece(texts)
         if all(routed):
-            return self.processor.encode(list(texts), num_threads=1)
-        fast = iter(self.processor.encode([t for t, r in zip(texts, routed) if r], num_threads=1))
-        rest = iter(super().encode_batch([t for t, r in zip(texts, routed) if not r]))
+            return self.encode_by_sentencepiece(texts)
+        fast = iter(self.encode_by_sentencepiece([t for t, r in zip(texts, routed) if r]))
+        rest = iter(self.encode_by_conversion([t for t, r in zip(texts, routed) if not r]))
         return [next(fast) if r else next(rest) for r in routed]
 
     def with_chat_tokens(self) -> "ConvertedSentencePieceTokenizer":

@@ -151,8 +151,9 @@ def test_standard_sentencepiece_model_exports_with_identical_ids(texts, tmp_path
     tok.save_hf(out)
     hf = AutoTokenizer.from_pretrained(out)
     assert hf.eos_token == "</s>" and hf.eos_token_id == 2
+    probes = texts + random_unicode_strings(100, seed=2)
     mismatches = [(text, hf.convert_ids_to_tokens(hf(text, add_special_tokens=False)["input_ids"]),
-                   [tok.id_to_piece(i) for i in tok.encode(text)]) for text in texts + random_unicode_strings(100, seed=2)
+                   [tok.id_to_piece(i) for i in tok.encode(text)]) for text in probes
                   if hf(text, add_special_tokens=False)["input_ids"] != tok.encode(text)]
     assert not mismatches, f"{len(mismatches)} texts tokenized differently, e.g. {mismatches[:1]}"
 
@@ -213,7 +214,8 @@ def test_train_tokenizer_from_parquet_and_text_with_byte_budget(texts, tmp_path)
     out = str(tmp_path / "tok")
     budget = 100_000
     assert load_tool("train_tokenizer").main(["--input", str(tmp_path / "part.parquet"), str(tmp_path / "notes.txt"),
-                                              "--output-dir", out, "--vocab-size", "400", "--max-bytes", str(budget)]) == 0
+                                              "--output-dir", out, "--vocab-size", "400",
+                                              "--max-bytes", str(budget)]) == 0
     with open(os.path.join(out, "tokenizer_info.json")) as f:
         info = json.load(f)
     # Documents are taken until the byte budget is reached (the last one may cross it).
@@ -278,8 +280,9 @@ def test_each_tokenizer_kind_from_raw_text_to_a_hugging_face_folder(kind, tmp_pa
     assert preprocess_data.main(["--input", corpus, "--output-prefix", str(tmp_path / "pre"), *flags,
                                               "--append-eod", "--workers", "1", "--quiet"]) == 0
     write_instruction_set(str(tmp_path / "dolly.jsonl"), max_examples=60)
+    dolly = tmp_path / "dolly.jsonl"
     (tmp_path / "m.yaml").write_text(f"seq_length: 64\nover_length: truncate\ndatasets:\n"
-                                     f"  - {{name: databricks/databricks-dolly-15k, path: {tmp_path / 'dolly.jsonl'}}}\n")
+                                     f"  - {{name: databricks/databricks-dolly-15k, path: {dolly}}}\n")
     capsys.readouterr()
     assert preprocess_sft_data.main(["--mixture", str(tmp_path / "m.yaml"), *flags,
                                                   "--output-prefix", str(tmp_path / "sft"), "--quiet"]) == 0
@@ -334,7 +337,8 @@ def test_each_tokenizer_kind_from_raw_text_to_a_hugging_face_folder(kind, tmp_pa
     messages = [{"role": role, "content": content} for turn in example.turns
                 for role, content in (("user", turn.user), ("assistant", turn.assistant))]
     rendered = hf.apply_chat_template(messages, tokenize=False)
-    assert rendered == f"<user>What does heapq do?<assistant>It keeps a heap.{eos}<user>And bisect?<assistant>Sorted lists.{eos}"
+    assert rendered == (f"<user>What does heapq do?<assistant>It keeps a heap.{eos}"
+                        f"<user>And bisect?<assistant>Sorted lists.{eos}")
     chat_ids = hf(rendered, add_special_tokens=False)["input_ids"]
     assert chat_ids == render_examples([example], tokenizer)[0].token_ids
     assert [hf.convert_tokens_to_ids(t) for t in ("<user>", "<assistant>", "<context>")] == \
@@ -353,7 +357,8 @@ def test_gpt2_bpe_files_give_the_same_ids_as_their_tokenizer_json(tmp_path):
         assert preprocess_data.main(["--input", corpus, "--output-prefix", str(tmp_path / name),
                                                   *tool_flags, "--append-eod", "--workers", "1", "--quiet"]) == 0
     for suffix in (".bin", ".idx"):
-        with open(tmp_path / f"files_text_document{suffix}", "rb") as a, open(tmp_path / f"json_text_document{suffix}", "rb") as b:
+        with open(tmp_path / f"files_text_document{suffix}", "rb") as a, \
+                open(tmp_path / f"json_text_document{suffix}", "rb") as b:
             assert a.read() == b.read()
     with pytest.raises(ValueError, match="needs --vocab-file"):
         build_tokenizer(TokenizerSpec(tokenizer_type="GPT2BPETokenizer"))
@@ -381,8 +386,9 @@ ADVERSARIAL_TEXTS = [
     "", " ", "   ", "\n", "\t\t", "\n\n\n", " \n ", "x", " x", "x ", "  x  y   z  ", "a\tb\nc\r\nd\re",
     "1234567890 3.14159 2025-12-04 1,000,000 00000000", "aaaaaaaaaaaaaaaaaaaaaaa", "-" * 40, "=" * 33 + "\n" + "#" * 9,
     "naïve café résumé", "cafe\u0301 (combining acute)", "\ufb01le \ufb02ow (ligatures)", "\u00bd \u2153 \u00b2 \u2122",
-    "\u2026 ellipsis \u00a0nbsp\u00a0 \u3000ideographic\u3000space", "\uff21\uff22\uff23 fullwidth", "\u2581meta\u2581 ",
-    "trailing meta\u2581", "中文字符日本語한국어", "😀👍🏽🇫🇷👨‍👩‍👧 emoji", "\U0001d54f\U0001f9ec \U000e0041 rare planes",
+    "\u2026 ellipsis \u00a0nbsp\u00a0 \u3000ideographic\u3000space", "\uff21\uff22\uff23 fullwidth",
+    "\u2581meta\u2581 ", "trailing meta\u2581", "中文字符日本語한국어", "😀👍🏽🇫🇷👨‍👩‍👧 emoji",
+    "\U0001d54f\U0001f9ec \U000e0041 rare planes",
     "\x00\x01\x07 controls \x1b[0m", "zero\u200bwidth\u200djoiner\ufeff", "ÅÅ Å Å", "\u0130stanbul \u1e9e",
     "def f(x):\n    return x ** 2  # comment\n", "<s> </s> <unk> <0x41> tags as text",
 ]

@@ -491,3 +491,24 @@ def test_agreement_is_refused_where_it_cannot_be_shown(standard_bpe, texts, tmp_
     assert "UNIGRAM model, not BPE" in unigram.agreement.reason
     assert not unigram.agreement.covers("plain text") and unigram.by_sentencepiece(["plain text"]) == [False]
     assert unigram.encode_batch(ADVERSARIAL_TEXTS) == _conversion_ids(unigram, ADVERSARIAL_TEXTS)
+
+
+def test_every_file_of_a_tokenizer_directory_is_written_through_files_py(texts, tmp_path, monkeypatch):
+    """train_tokenizer and the export write each file with a temporary name, fsync and rename (files.py)."""
+    from megatron_lime import files
+    from megatron_lime.tokenizer import train_tokenizer
+
+    written = []
+    atomic_write = files.atomic_write
+
+    def recording(path, *args, **kwargs):
+        written.append(os.path.basename(path))
+        return atomic_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "atomic_write", recording)
+    out = train_tokenizer(texts, str(tmp_path / "tok"), vocab_size=400)
+    expected = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer_info.json"]
+    assert sorted(written) == sorted(os.listdir(out)) == sorted(expected)
+    with open(os.path.join(out, "tokenizer_info.json"), encoding="utf-8") as f:
+        assert json.load(f)["lossless"] is True

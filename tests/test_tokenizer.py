@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import random
 import shutil
 
@@ -451,6 +452,8 @@ def test_standard_bpe_model_is_encoded_by_sentencepiece_where_it_provably_agrees
     chat = tok.with_chat_tokens()
     assert isinstance(chat, ConvertedSentencePieceTokenizer) and chat.user_id == tok.vocab_size
     assert chat.encode_batch(everything) == _conversion_ids(tok, everything)
+    clone = pickle.loads(pickle.dumps(chat))  # e.g. to spawned workers: the router is rebuilt
+    assert clone.router is not None and clone.encode_batch(everything) == _conversion_ids(tok, everything)
 
 
 def test_agreement_is_refused_where_it_cannot_be_shown(standard_bpe, texts, tmp_path):

@@ -254,6 +254,12 @@ class HuggingFaceTokenizer(LimeTokenizer):
         self.assistant_id = token_id(SPECIAL_TOKENS.assistant)
         self.context_id = token_id(SPECIAL_TOKENS.context)
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # A pickled tokenizers.Tokenizer comes back with encode_special_tokens off: raw text would then
+        # turn "<eos>" into the special id in a spawned worker.
+        self.backend.encode_special_tokens = True
+
     @classmethod
     def from_directory(cls, directory: str) -> "HuggingFaceTokenizer":
         """tokenizer.json read directly; any other folder through AutoTokenizer (fast tokenizers only)."""
@@ -353,6 +359,13 @@ class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
                          processor.id_to_piece(processor.unk_id()) if processor.unk_id() >= 0 else None)
         self.processor = processor
         self.agreement = sentencepiece_agreement(proto)
+        self.router = self.agreement.router() if self.agreement.usable else None
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "router": None}  # the compiled router is rebuilt (its verdicts are a cache)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
         self.router = self.agreement.router() if self.agreement.usable else None
 
     def describe_encoder(self) -> str:

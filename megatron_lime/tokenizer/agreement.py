@@ -3,8 +3,8 @@
 A sentencepiece model that is not ours (a standard BPE model: nmt_nfkc normalisation, dummy prefix,
 whitespace escaping and collapsing, byte fallback) is exported in the form transformers' converter
 gives it (huggingface.converted_sentencepiece_backend), and the data must hold exactly that form's
-ids. Sentencepiece encodes about 1.5x faster, so preprocessing uses it for every text where the two
-provably agree, and the conversion for the rest. `sentencepiece_agreement(proto)` works out, once
+ids. Sentencepiece encodes about twice as fast (benchmarks/bench_preprocess.py), so preprocessing uses
+it for every text where the two provably agree, and the conversion for the rest. `sentencepiece_agreement(proto)` works out, once
 when the model is loaded, whether and for which texts that holds:
 
 Both encoders run three stages; each must agree.
@@ -43,11 +43,11 @@ Both encoders run three stages; each must agree.
    for a text is its results for the text's words put together, each word encoded on its own.
    Every new word is encoded with both encoders once and the verdict kept (`router()`: C++,
    megatron_lime._data_helpers.WordRouter, bounded memory); a text goes to sentencepiece only
-   when every one of its words is known to agree. A
-   model whose normal pieces hold U+2581 after the start, or user-defined pieces (the converter
-   then splits them off and skips merges), or a unigram model (its word-level ties are not
-   worth the bookkeeping), is left to the conversion. Unknown characters (byte fallback or
-   <unk>) are part of the words checked.
+   when every one of its words is known to agree. A model whose normal pieces hold U+2581 after
+   the start, or with user-defined pieces (the converter then splits them off and skips merges),
+   or a unigram model (not BPE: left to the conversion, as its ties are broken differently), is
+   encoded by the conversion throughout. Unknown characters (byte fallback or <unk>) are part of
+   the words checked.
 
 tests/test_tokenizer.py checks agreement on adversarial text (unicode, whitespace runs, byte
 fallback, digits, empty) and that a model breaking a condition is encoded by the conversion.

@@ -2,6 +2,9 @@
 """Benchmark tools/preprocess_data.py end to end, and the sample index for a 20B-token corpus.
 
     python benchmarks/bench_preprocess.py --workdir /tmp/lime-bench [--workers 1 2] [--mb 50]
+    # both tokenizers side by side, with Megatron-LM's tool (a checkout of it; Python 3.11 runs core_v0.15.0):
+    python benchmarks/bench_preprocess.py --workdir /tmp/lime-bench --workers 2 --rounds 3 --skip-parquet \
+        --skip-index --standard-sentencepiece --megatron-lm /path/to/Megatron-LM
 
 1. Generates a ~50 MB JSONL (FineWeb-Edu schema) of English text: docstrings of every
    importable standard-library module, class, function and method (plus numpy, torch,
@@ -22,7 +25,14 @@
    1,000 rows, as `datasets` writes them), --parquet-workers workers, runs alternated: reading
    several files at once must not be slower than one file.
 6. Start-up: the same command on a one-document input.
-7. Sample index for a simulated 20B-token corpus: 20M documents with log-normal lengths
+7. --standard-sentencepiece: a standard 32k sentencepiece BPE model (sentencepiece's defaults: nmt_nfkc,
+   dummy prefix, whitespace escaping and collapsing; plus byte fallback) trained on the same corpus.
+   Per round, alternated: sentencepiece alone (the ceiling), the tool's encoder (sentencepiece where
+   it provably agrees with the Hugging Face conversion, the conversion elsewhere: tokenizer/agreement.py),
+   the conversion alone, the tool end to end, and with --megatron-lm DIR Megatron-LM's
+   tools/preprocess_data.py (GPTSentencePieceTokenizer, --append-eod, same workers), whose .bin/.idx
+   must be byte-identical to ours.
+8. Sample index for a simulated 20B-token corpus: 20M documents with log-normal lengths
    (mean ~1,000 tokens), a sparse .bin and a real .idx, GPTDataset's document shuffle +
    C++ build_sample_idx + sample shuffle for one epoch at seq_length 512, then the cached reload.
 
@@ -44,7 +54,8 @@ import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Installed libraries with long English docstrings, to give a 32k vocabulary enough distinct text.
-EXTRA_MODULES = ("numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "torch", "torch.nn", "torch.nn.functional",
+EXTRA_MODULES = ("numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "torch", "torch.nn",
+                 "torch.nn.functional",
                  "torch.linalg", "torch.fft", "torch.special", "torch.distributed", "torch.optim", "torch.utils.data",
                  "pyarrow", "pyarrow.compute", "pyarrow.parquet", "datasets", "tqdm", "yaml")
 SKIP_MODULES = {"antigravity", "this", "idlelib", "turtle", "turtledemo", "tkinter", "lib2to3", "pydoc_data",
@@ -69,7 +80,8 @@ def stdlib_module_names() -> list[str]:
 
 
 def stdlib_docstrings() -> list[str]:
-    """Every docstring of 80+ characters of the standard library (and EXTRA_MODULES): modules, classes, functions, methods."""
+    """Every docstring of 80+ characters of the standard library (and EXTRA_MODULES): modules, classes, functions,
+    methods."""
     docs: dict[str, None] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -122,7 +134,8 @@ def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> di
     wrapper = ("import resource, subprocess, sys, json; "
                "p = subprocess.run(sys.argv[1:]); "
                "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-               "print(json.dumps({'rc': p.returncode, 'maxrss_kb': u.ru_maxrss, 'cpu_s': u.ru_utime + u.ru_stime}), file=sys.stderr)")
+               "print(json.dumps({'rc': p.returncode, 'maxrss_kb': u.ru_maxrss, "
+               "'cpu_s': u.ru_utime + u.ru_stime}), file=sys.stderr)")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -138,7 +151,8 @@ def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> di
 
     ds = IndexedDataset(prefix + "_text_document")
     input_mb = input_size(corpus) / 1e6
-    return {"workers": workers, "wall_s": wall, "load_average_1min_after": os.getloadavg()[0], "documents": len(ds), "tokens": ds.num_tokens,
+    return {"workers": workers, "wall_s": wall, "load_average_1min_after": os.getloadavg()[0], "documents": len(ds),
+            "tokens": ds.num_tokens,
             "input_mb": input_mb, "docs_per_s": len(ds) / wall, "tokens_per_s": ds.num_tokens / wall,
             "mb_per_s": input_mb / wall, "peak_rss_mb": memory["maxrss_kb"] / 1024,
             "cpu_s": memory["cpu_s"], "tokens_per_cpu_s": ds.num_tokens / memory["cpu_s"],
@@ -157,14 +171,24 @@ def read_texts(corpus: str, max_bytes: int) -> list[str]:
     return texts
 
 
-def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_000_000) -> dict:
-    """The ceiling: one process encoding already-parsed texts, nothing else (same corpus and tokenizer)."""
+def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_000_000, encoder: str = "sentencepiece",
+                              ) -> dict:
+    """The ceiling: one process encoding already-parsed texts with sentencepiece itself, nothing else.
+
+    encoder="tool": the tokenizer's own encode_batch instead (for a standard sentencepiece model: sentencepiece
+    where it provably agrees with the Hugging Face conversion, the conversion elsewhere); "conversion": the
+    tokenizers-library conversion alone (what every text went through before).
+    """
     from megatron_lime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     texts = read_texts(corpus, max_bytes)
+    encode = {"sentencepiece": lambda batch: tok.processor.encode(batch, num_threads=1),
+              "tool": tok.encode_batch,
+              "conversion": lambda batch: [e.ids for e in tok.backend.encode_batch(batch, add_special_tokens=False)],
+              }[encoder]
     start, cpu_start = time.perf_counter(), time.process_time()
-    tokens = sum(len(ids) for ids in tok.encode_batch(texts))
+    tokens = sum(len(ids) for ids in encode(texts))
     seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     return {"documents": len(texts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "tokens_per_cpu_s": tokens / cpu_s}
@@ -185,7 +209,7 @@ def bench_sentencepiece_parallel(corpus: str, tokenizer: str, processes: int, ma
     share = [texts[k::processes] for k in range(processes)]
 
     def encode(k: int, queue) -> None:
-        queue.put(sum(len(ids) for ids in tok.encode_batch(share[k])))
+        queue.put(sum(len(ids) for ids in tok.processor.encode(share[k], num_threads=1)))
 
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
@@ -207,7 +231,8 @@ def bench_against_ceiling(corpus: str, tokenizer: str, prefix: str, workers: int
         alone = bench_sentencepiece_alone(corpus, tokenizer)
         parallel = bench_sentencepiece_parallel(corpus, tokenizer, workers)
         run = run_preprocess(corpus, tokenizer, prefix, workers)
-        rows.append({"alone_tokens_per_s": alone["tokens_per_s"], "parallel_alone_tokens_per_s": parallel["tokens_per_s"],
+        rows.append({"alone_tokens_per_s": alone["tokens_per_s"],
+                     "parallel_alone_tokens_per_s": parallel["tokens_per_s"],
                      "end_to_end": run, "ratio": run["tokens_per_s"] / (workers * alone["tokens_per_s"]),
                      "ratio_to_parallel": run["tokens_per_s"] / parallel["tokens_per_s"],
                      "cpu_efficiency": run["tokens_per_cpu_s"] / alone["tokens_per_cpu_s"]})
@@ -216,8 +241,99 @@ def bench_against_ceiling(corpus: str, tokenizer: str, prefix: str, workers: int
         values = sorted(r[key] for r in rows)
         return values[len(values) // 2]
     best = max((r["end_to_end"] for r in rows), key=lambda r: r["tokens_per_s"])
-    return {"workers": workers, "rounds": rows, "median_ratio": median("ratio"), "median_ratio_to_parallel": median("ratio_to_parallel"),
+    return {"workers": workers, "rounds": rows, "median_ratio": median("ratio"),
+            "median_ratio_to_parallel": median("ratio_to_parallel"),
             "median_cpu_efficiency": median("cpu_efficiency"), "best": best}
+
+
+def train_standard_sentencepiece(corpus: str, model_file: str, vocab_size: int, num_documents: int = 20_000) -> str:
+    """A standard sentencepiece BPE model, as LLaMA-style models have them: sentencepiece's defaults (nmt_nfkc
+    normalisation, dummy prefix, whitespace escaping and collapsing) plus byte fallback. Megatron-LM reads it."""
+    import sentencepiece as spm
+
+    if os.path.isfile(model_file):
+        return model_file
+    texts = read_texts(corpus, 1 << 62)[:num_documents]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=model_file.removesuffix(".model"),
+                                   model_type="bpe", vocab_size=vocab_size, byte_fallback=True, num_threads=2,
+                                   minloglevel=2)
+    return model_file
+
+
+def run_megatron_lm(megatron_lm: str, corpus: str, model_file: str, prefix: str, workers: int) -> dict:
+    """Megatron-LM's tools/preprocess_data.py on the same input and model (GPTSentencePieceTokenizer, --append-eod)."""
+    for ext in (".bin", ".idx"):
+        if os.path.exists(prefix + "_text_document" + ext):
+            os.remove(prefix + "_text_document" + ext)
+    cmd = [sys.executable, os.path.join(megatron_lm, "tools", "preprocess_data.py"), "--input", corpus,
+           "--output-prefix", prefix, "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", model_file,
+           "--append-eod", "--workers", str(workers), "--log-interval", "1000000"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=megatron_lm,
+                          env={**os.environ, "PYTHONPATH": megatron_lm})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"Megatron-LM's preprocess_data.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return {"wall_s": wall, "load_average_1min_after": os.getloadavg()[0]}
+
+
+def same_bytes(a: str, b: str) -> bool:
+    import filecmp
+
+    return all(filecmp.cmp(a + ext, b + ext, shallow=False) for ext in (".bin", ".idx"))
+
+
+def bench_standard_sentencepiece(corpus: str, model_file: str, workdir: str, workers: int, rounds: int,
+                                 megatron_lm: str | None) -> dict:
+    """A standard sentencepiece model: which texts sentencepiece encodes, the encoders alone, end to end against
+    workers x sentencepiece alone, and (with Megatron-LM) Megatron-LM's tool side by side, runs alternated."""
+    from megatron_lime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_file)
+    texts = read_texts(corpus, 20_000_000)
+    covered = sum(map(tok.agreement.covers, texts))
+    result: dict = {"agreement": tok.describe_encoder(), "documents_sampled": len(texts),
+                    "documents_by_sentencepiece": covered, "rounds": []}
+    ours_prefix, megatron_prefix = os.path.join(workdir, "std_ours"), os.path.join(workdir, "std_megatron")
+    for _ in range(rounds):
+        row = {encoder: bench_sentencepiece_alone(corpus, model_file, encoder=encoder)["tokens_per_s"]
+               for encoder in ("sentencepiece", "tool", "conversion")}
+        ours = run_preprocess(corpus, model_file, ours_prefix, workers)
+        row["end_to_end"] = ours
+        row["ratio"] = ours["tokens_per_s"] / (workers * row["sentencepiece"])
+        if megatron_lm:
+            megatron = run_megatron_lm(megatron_lm, corpus, model_file, megatron_prefix, workers)
+            row["megatron_lm"] = megatron
+            row["speedup_over_megatron_lm"] = megatron["wall_s"] / ours["wall_s"]
+            row["identical_to_megatron_lm"] = same_bytes(ours_prefix + "_text_document",
+                                                         megatron_prefix + "_text_document")
+        result["rounds"].append(row)
+    return result
+
+
+def print_standard(result: dict, workers: int) -> None:
+    rounds = result["rounds"]
+
+    def spread(values: list[float], fmt: str) -> str:
+        values = sorted(values)
+        return f"{format(values[len(values) // 2], fmt)} (median; {format(values[0], fmt)}-{format(values[-1], fmt)})"
+
+    print(result["agreement"])
+    print(f"  documents sentencepiece encodes: {result['documents_by_sentencepiece']:,} of "
+          f"{result['documents_sampled']:,} ({result['documents_by_sentencepiece'] / result['documents_sampled']:.1%})")
+    for encoder, label in (("sentencepiece", "sentencepiece alone (the ceiling)"),
+                           ("tool", "the tool's encoder (sentencepiece + conversion)"),
+                           ("conversion", "the Hugging Face conversion alone (before)")):
+        print(f"  {label}: {spread([r[encoder] for r in rounds], ',.0f')} tokens/s, one process")
+    print(f"  preprocess_data.py, {workers} workers: {spread([r['end_to_end']['wall_s'] for r in rounds], '.2f')} s, "
+          f"end to end / ({workers} x sentencepiece alone) = {spread([r['ratio'] for r in rounds], '.1%')}")
+    if "megatron_lm" in rounds[0]:
+        print(f"  Megatron-LM's preprocess_data.py, {workers} workers: "
+              f"{spread([r['megatron_lm']['wall_s'] for r in rounds], '.2f')} s; ours is "
+              f"{spread([r['speedup_over_megatron_lm'] for r in rounds], '.2f')}x faster; .bin/.idx byte-identical in "
+              f"{sum(r['identical_to_megatron_lm'] for r in rounds)} of {len(rounds)} rounds")
+    print("  load average (1 min) after each run: "
+          + ", ".join(f"{r['end_to_end']['load_average_1min_after']:.1f}" for r in rounds))
 
 
 def write_parquet_copies(corpus: str, workdir: str, parts: int = 4, row_group_rows: int = 1000) -> tuple[str, str]:
@@ -235,7 +351,8 @@ def write_parquet_copies(corpus: str, workdir: str, parts: int = 4, row_group_ro
     pq.write_table(table, one, row_group_size=row_group_rows)
     for k in range(parts):
         start, stop = table.num_rows * k // parts, table.num_rows * (k + 1) // parts
-        pq.write_table(table.slice(start, stop - start), os.path.join(several, f"part-{k:05d}.parquet"), row_group_size=row_group_rows)
+        pq.write_table(table.slice(start, stop - start), os.path.join(several, f"part-{k:05d}.parquet"),
+                       row_group_size=row_group_rows)
     return one, several
 
 
@@ -299,40 +416,70 @@ def main() -> int:
     parser.add_argument("--vocab-size", type=int, default=32_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3,
-                        help="Alternated rounds (sentencepiece alone, then end to end) per setting; medians and bests are reported.")
-    parser.add_argument("--parquet-workers", type=int, default=2, help="Workers for the 4-files-against-one parquet comparison.")
+                        help="Alternated rounds (sentencepiece alone, then end to end) per setting; medians and bests "
+                             "are reported.")
+    parser.add_argument("--parquet-workers", type=int, default=2,
+                        help="Workers for the 4-files-against-one parquet comparison.")
     parser.add_argument("--skip-parquet", action="store_true")
     parser.add_argument("--index-documents", type=int, default=20_000_000)
     parser.add_argument("--skip-index", action="store_true")
+    parser.add_argument("--standard-sentencepiece", action="store_true",
+                        help="Also a standard sentencepiece BPE model (defaults + byte fallback, --vocab-size), "
+                             "Megatron-LM-readable; only it with --only-standard.")
+    parser.add_argument("--only-standard", action="store_true", help="Only the standard sentencepiece case.")
+    parser.add_argument("--megatron-lm", default=None, metavar="DIR",
+                        help="A Megatron-LM checkout: its tools/preprocess_data.py runs beside ours on the standard "
+                             "model (alternated rounds), and the .bin/.idx are compared byte for byte.")
     args = parser.parse_args()
+    args.standard_sentencepiece = args.standard_sentencepiece or args.only_standard
     os.makedirs(args.workdir, exist_ok=True)
     sys.path.insert(0, REPO)
 
     results: dict = {"machine": f"{os.cpu_count()} CPUs", "python": sys.version.split()[0]}
     paragraphs = stdlib_docstrings()
     corpus = write_corpus(os.path.join(args.workdir, f"corpus_{args.mb:g}mb.jsonl"), int(args.mb * 1e6), paragraphs)
-    half = write_corpus(os.path.join(args.workdir, f"corpus_{args.mb / 2:g}mb.jsonl"), int(args.mb * 5e5), paragraphs, seed=1)
+    half = write_corpus(os.path.join(args.workdir, f"corpus_{args.mb / 2:g}mb.jsonl"), int(args.mb * 5e5), paragraphs,
+                        seed=1)
     tiny = write_corpus(os.path.join(args.workdir, "corpus_one_doc.jsonl"), 1, paragraphs)
     results["corpus"] = {"paragraphs": len(paragraphs), **corpus}
     tokenizer = os.path.join(args.workdir, f"tokenizer_{args.vocab_size}")
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer_info.json")):
         start = time.perf_counter()
-        rc = subprocess.call([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", corpus["path"],
+        rc = subprocess.call([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"),
+                              "--input", corpus["path"],
                               "--output-dir", tokenizer, "--vocab-size", str(args.vocab_size),
                               "--num-documents", "20000", "--num-threads", "2"])
         if rc != 0:
             return rc
         results["tokenizer_train_s"] = time.perf_counter() - start
 
+    if args.standard_sentencepiece:
+        model_file = os.path.join(args.workdir, f"standard_bpe_{args.vocab_size}.model")
+        train_standard_sentencepiece(corpus["path"], model_file, args.vocab_size)
+        workers = max(args.workers)
+        standard = bench_standard_sentencepiece(corpus["path"], model_file, args.workdir, workers, args.rounds,
+                                                args.megatron_lm)
+        results["standard_sentencepiece"] = standard
+        print(f"standard sentencepiece BPE ({args.vocab_size:,} pieces, byte fallback, nmt_nfkc), "
+              f"{corpus['bytes'] / 1e6:.1f} MB JSONL:", flush=True)
+        print_standard(standard, workers)
+        if args.only_standard:
+            from megatron_lime.files import write_json
+
+            write_json(os.path.join(args.workdir, "results.json"), results)
+            return 0
+
     runs = []
     for workers in args.workers:
-        measured = bench_against_ceiling(corpus["path"], tokenizer, os.path.join(args.workdir, "out"), workers, args.rounds)
+        measured = bench_against_ceiling(corpus["path"], tokenizer, os.path.join(args.workdir, "out"), workers,
+                                         args.rounds)
         results[f"against_ceiling_{workers}_workers"] = measured
         best = measured["best"]
         runs.append(best)
         alone = [r["alone_tokens_per_s"] for r in measured["rounds"]]
         print(f"{workers} worker(s): {best['wall_s']:.2f} s, {best['docs_per_s']:,.0f} docs/s, "
-              f"{best['tokens_per_s']:,.0f} tokens/s, {best['mb_per_s']:.1f} MB/s, largest process RSS {best['peak_rss_mb']:.0f} MB "
+              f"{best['tokens_per_s']:,.0f} tokens/s, {best['mb_per_s']:.1f} MB/s, "
+              f"largest process RSS {best['peak_rss_mb']:.0f} MB "
               f"(load average {best['load_average_1min_after']:.1f} on {os.cpu_count()} CPUs)", flush=True)
         print(f"  against its ceiling: end to end / ({workers} x sentencepiece alone) = "
               + ", ".join(f"{r['ratio']:.1%}" for r in measured["rounds"])
@@ -345,7 +492,8 @@ def main() -> int:
     results["preprocess"] = runs
     half_run = run_preprocess(half["path"], tokenizer, os.path.join(args.workdir, "half"), max(args.workers))
     results["preprocess_half_input"] = half_run
-    print(f"half input ({half_run['input_mb']:.0f} MB), {max(args.workers)} workers: largest process RSS {half_run['peak_rss_mb']:.0f} MB "
+    print(f"half input ({half_run['input_mb']:.0f} MB), {max(args.workers)} workers: "
+          f"largest process RSS {half_run['peak_rss_mb']:.0f} MB "
           f"(full input: {runs[-1]['peak_rss_mb']:.0f} MB)", flush=True)
     if not args.skip_parquet:
         pq_result = bench_parquet_files(corpus["path"], tokenizer, args.workdir, args.parquet_workers, args.rounds)
@@ -353,7 +501,8 @@ def main() -> int:
         print(f"parquet, {args.parquet_workers} workers: one file "
               + ", ".join(f"{t:,.0f}" for t in pq_result["one_file_tokens_per_s"]) + " tokens/s; 4 files "
               + ", ".join(f"{t:,.0f}" for t in pq_result["four_files_tokens_per_s"])
-              + f" tokens/s (alternated); 4 files / one file: median {pq_result['median_ratio_four_over_one']:.2f}", flush=True)
+              + f" tokens/s (alternated); 4 files / one file: median {pq_result['median_ratio_four_over_one']:.2f}",
+              flush=True)
     startup = min((run_preprocess(tiny["path"], tokenizer, os.path.join(args.workdir, "tiny"), max(args.workers))
                    for _ in range(3)), key=lambda r: r["wall_s"])
     results["startup_one_document_s"] = startup["wall_s"]
@@ -362,9 +511,11 @@ def main() -> int:
     if not args.skip_index:
         index = bench_sample_index(args.workdir, args.index_documents, 512)
         results["sample_index"] = index
-        print(f"sample index: {index['documents']:,} documents, {index['tokens'] / 1e9:.1f}B tokens, {index['samples']:,} "
+        print(f"sample index: {index['documents']:,} documents, {index['tokens'] / 1e9:.1f}B tokens, "
+              f"{index['samples']:,} "
               f"samples of 512: built + cached in {index['build_and_cache_s']:.1f} s (C++ build_sample_idx alone "
-              f"{index['build_sample_idx_cpp_only_s']:.2f} s), cached reload {index['cached_reload_s']:.2f} s", flush=True)
+              f"{index['build_sample_idx_cpp_only_s']:.2f} s), cached reload {index['cached_reload_s']:.2f} s",
+              flush=True)
     from megatron_lime.files import write_json
 
     write_json(os.path.join(args.workdir, "results.json"), results)

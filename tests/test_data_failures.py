@@ -13,11 +13,12 @@ import pytest
 from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.data import preprocess as preprocessing
+from megatron_lime.data.builder import build_datasets
 from megatron_lime.data.indexed_dataset import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
 from megatron_lime.data.sft import preprocess as sft_preprocessing
 from megatron_lime.sample_data import write_instruction_set
 from megatron_lime.training.config import parse_training_args
-from megatron_lime.training.data import build_datasets
+from megatron_lime.training.data import dataset_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD_LINES = "".join(json.dumps({"text": f"document number {i} about files"}) + "\n" for i in range(4000))
@@ -34,7 +35,8 @@ def damaged_gzips(directory) -> dict[str, tuple[str, str]]:
     data = gzip.compress(GOOD_LINES.encode(), mtime=0)
     files = {
         "truncated": (data[: len(data) // 2], "truncated gzip file"),
-        "bad_crc": (data[:-8] + bytes(b ^ 0xFF for b in data[-8:-4]) + data[-4:], "corrupt gzip file (CRC check failed"),
+        "bad_crc": (data[:-8] + bytes(b ^ 0xFF for b in data[-8:-4]) + data[-4:],
+                    "corrupt gzip file (CRC check failed"),
         "not_gzip": (b"this was never gzip data\n", "corrupt gzip file (Not a gzipped file"),
     }
     out = {}
@@ -201,7 +203,8 @@ def test_sft_damaged_gzip_is_named_and_skippable(tokenizer_dir, tmp_path, capsys
     damaged = tmp_path / "dolly.jsonl.gz"
     damaged.write_bytes(data[: len(data) * 2 // 3])
     mixture = sft_mixture(tmp_path, str(damaged))
-    args = ["--quiet", "--mixture", mixture, "--tokenizer", tokenizer_dir, "--output-prefix", str(tmp_path / "out" / "s")]
+    args = ["--quiet", "--mixture", mixture, "--tokenizer", tokenizer_dir,
+            "--output-prefix", str(tmp_path / "out" / "s")]
     assert sft_preprocessing.main(args) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f"{damaged}, line " in line and "truncated gzip file" in line
@@ -237,6 +240,6 @@ def test_out_of_range_token_id_is_found_when_training_opens_the_data(tmp_path):
                                 "--train-iters", "10"])
     assert args.model.vocab_size < 700
     with pytest.raises(IndexedDatasetError) as error:
-        build_datasets(args, (10, 0, 0), pad_id=0, eod_id=1)
+        build_datasets(*dataset_spec(args, (10, 0, 0), pad_id=0, eod_id=1))
     assert str(error.value).startswith(f"{prefix}.bin: token id 700 (document 20, token 2; 1 such ids in all)")
     assert "\n" not in str(error.value)

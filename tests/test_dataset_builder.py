@@ -10,10 +10,10 @@ import torch
 
 from megatron_lime.data import builder
 from megatron_lime.data.builder import DatasetConfig, build_blending_indices, build_datasets, parse_data_path
-from megatron_lime.data.gpt_dataset import GPTDataset, build_pretraining_datasets
+from megatron_lime.data.gpt_dataset import GPTDataset
 from megatron_lime.data.indexed_dataset import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, write_index
 from megatron_lime.data.sft import dataset as sft_dataset
-from megatron_lime.data.sft.dataset import SFTDataset, build_sft_datasets
+from megatron_lime.data.sft.dataset import SFTDataset
 
 SEQ = 16
 
@@ -54,19 +54,23 @@ def test_blend_forms(tmp_path):
     with pytest.raises(ValueError, match="not all zero"):
         parse_data_path(["0", a, "0", b])
     # `A B` is weighted by size (tokens): b has three times a's tokens.
-    train, _, _ = build_pretraining_datasets([a, b], "1,0,0", SEQ, 1, (400, 0, 0), cache_path=str(tmp_path / "c"))
+    train, _, _ = build_datasets(GPTDataset, DatasetConfig(data_path=[a, b], split="1,0,0", seq_length=SEQ, seed=1,
+                                                           num_samples=(400, 0, 0), cache_path=str(tmp_path / "c")))
     assert np.bincount(train.dataset_index).tolist() == [100, 300]
 
 
 def test_sft_blend_forms_parse_like_pretraining(tmp_path):
     """The old SFT parser read "0.7 A 0.3 B" as one prefix and rejected "A B"."""
     a, b = write_sft(tmp_path, "a", 40, 100), write_sft(tmp_path, "b", 120, 200)
-    one_string, _, _ = build_sft_datasets([f"0.7 {a} 0.3 {b}"], "1,0,0", SEQ, 1, (200, 0, 0))
+    one_string, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[f"0.7 {a} 0.3 {b}"], split="1,0,0",
+                                                                seq_length=SEQ, seed=1, num_samples=(200, 0, 0)))
     assert np.bincount(one_string.dataset_index).tolist() == [140, 60]
-    by_size, _, _ = build_sft_datasets([a, b], "1,0,0", SEQ, 1, (200, 0, 0))
+    by_size, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[a, b], split="1,0,0", seq_length=SEQ, seed=1,
+                                                             num_samples=(200, 0, 0)))
     assert np.bincount(by_size.dataset_index).tolist() == [50, 150]  # 40 vs 120 examples of equal length
     (tmp_path / "mix.txt").write_text(f"0.7 {a}\n0.3 {b}\n")
-    listed, _, _ = build_sft_datasets([str(tmp_path / "mix.txt")], "1,0,0", SEQ, 1, (200, 0, 0))
+    listed, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[str(tmp_path / "mix.txt")], split="1,0,0",
+                                                            seq_length=SEQ, seed=1, num_samples=(200, 0, 0)))
     assert np.array_equal(listed.dataset_index, one_string.dataset_index)
 
 
@@ -74,7 +78,9 @@ def test_sft_blend_forms_parse_like_pretraining(tmp_path):
 def test_weighted_sft_blend_lands_on_its_weights(tmp_path, weights):
     prefixes = [write_sft(tmp_path, f"d{i}", 30 + 17 * i, 100 * (i + 1)) for i in range(len(weights))]
     data_path = [str(x) for pair in zip(weights, prefixes) for x in pair]
-    train, valid, _ = build_sft_datasets(data_path, "9,1,0", SEQ, 3, (3000, 50, 0), cache_path=str(tmp_path / "c"))
+    train, valid, _ = build_datasets(SFTDataset, DatasetConfig(data_path=data_path, split="9,1,0", seq_length=SEQ,
+                                                               seed=3, num_samples=(3000, 50, 0),
+                                                               cache_path=str(tmp_path / "c")))
     assert len(train) == 3000 and len(valid) == 50
     realised = np.bincount(train.dataset_index, minlength=len(weights)) / len(train)
     np.testing.assert_allclose(realised, weights, atol=0.01)
@@ -84,8 +90,10 @@ def test_weighted_sft_blend_lands_on_its_weights(tmp_path, weights):
         assert first_token == 100 * (int(train.dataset_index[k]) + 1)
     # GPT and SFT blends are the same C++ order for the same weights and size.
     gpt = [write_gpt(str(tmp_path / f"g{i}"), [40] * 50, 10_000 * i) for i in range(len(weights))]
-    gpt_train, _, _ = build_pretraining_datasets([str(x) for pair in zip(weights, gpt) for x in pair], "9,1,0", SEQ,
-                                                 3, (3000, 50, 0), cache_path=str(tmp_path / "c"))
+    gpt_path = [str(x) for pair in zip(weights, gpt) for x in pair]
+    gpt_train, _, _ = build_datasets(GPTDataset, DatasetConfig(data_path=gpt_path, split="9,1,0", seq_length=SEQ,
+                                                               seed=3, num_samples=(3000, 50, 0),
+                                                               cache_path=str(tmp_path / "c")))
     assert np.array_equal(gpt_train.dataset_index, train.dataset_index)
     assert np.array_equal(train.dataset_index, build_blending_indices(np.asarray(weights) / sum(weights), 3000)[0])
 
@@ -109,33 +117,40 @@ def _same_size_and_mtime_rewrite(path: str, transform) -> None:
 def test_cache_is_keyed_on_content_not_mtime(tmp_path):
     prefix = write_gpt(str(tmp_path / "g"), [30, 50, 70, 90], 0)
     cache = str(tmp_path / "cache")
-    first = build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (10, 0, 0), cache_path=cache)[0]
+    first = build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                                     num_samples=(10, 0, 0), cache_path=cache))[0]
     # Same size, same mtime, other tokens in the .bin: another key.
     _same_size_and_mtime_rewrite(prefix + ".bin", lambda data: bytes([data[0] ^ 1]) + data[1:])
-    after_bin = build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (10, 0, 0), cache_path=cache)[0]
+    after_bin = build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                                         num_samples=(10, 0, 0), cache_path=cache))[0]
     assert after_bin.cache_key != first.cache_key
     # Same size, same mtime, other document lengths in the .idx: another key, and indices built for them.
     stat = os.stat(prefix + ".idx")
     write_index(prefix + ".idx", np.int32, [90, 70, 50, 30])
     os.utime(prefix + ".idx", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.path.getsize(prefix + ".idx") == stat.st_size
-    after_idx = build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (10, 0, 0), cache_path=cache)[0]
+    after_idx = build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                                         num_samples=(10, 0, 0), cache_path=cache))[0]
     assert after_idx.cache_key not in (first.cache_key, after_bin.cache_key)
     assert after_idx.indexed.sequence_lengths.tolist() == [90, 70, 50, 30]
     # Nothing changed: the cached arrays are reused.
-    again = build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (10, 0, 0), cache_path=cache)[0]
+    again = build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                                     num_samples=(10, 0, 0), cache_path=cache))[0]
     assert again.cache_key == after_idx.cache_key and isinstance(again.sample_index, np.memmap)
 
 
 def test_sft_plans_share_the_content_keyed_cache(tmp_path):
     prefix = write_sft(tmp_path, "s", 60, 100)
     cache = str(tmp_path / "cache")
-    first, _, _ = build_sft_datasets([prefix], "1,0,0", SEQ, 1, (100, 0, 0), cache_path=cache)
+    first, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                                           num_samples=(100, 0, 0), cache_path=cache))
     assert any(n.endswith("SFTDataset-train-examples.npy") for n in os.listdir(cache))
-    again, _, _ = build_sft_datasets([prefix], "1,0,0", SEQ, 1, (100, 0, 0), cache_path=cache)
+    again, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                                           num_samples=(100, 0, 0), cache_path=cache))
     assert again.cache_key == first.cache_key and isinstance(again.plan.examples, np.memmap)
     _same_size_and_mtime_rewrite(prefix + ".bin", lambda data: data[:4] + bytes([data[4] ^ 1]) + data[5:])
-    changed, _, _ = build_sft_datasets([prefix], "1,0,0", SEQ, 1, (100, 0, 0), cache_path=cache)
+    changed, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ,
+                                                             seed=1, num_samples=(100, 0, 0), cache_path=cache))
     assert changed.cache_key != first.cache_key
 
 
@@ -144,28 +159,34 @@ def test_token_ids_are_checked_against_the_vocabulary_on_open(tmp_path):
     with IndexedDatasetWriter(str(tmp_path / "bad"), np.uint16) as writer:
         writer.add_document(np.arange(10))
         writer.add_document(np.array([3, 4, 600, 5]))  # 600 >= a 512-id vocabulary
-    build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (5, 0, 0), vocab_size=5)
+    build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                             num_samples=(5, 0, 0), vocab_size=5))
     with pytest.raises(IndexedDatasetError, match=r"bad\.bin: token id 600 \(document 1, token 2; 1 such ids"):
-        build_pretraining_datasets([prefix, str(tmp_path / "bad")], "1,0,0", SEQ, 1, (5, 0, 0), vocab_size=512)
+        build_datasets(GPTDataset, DatasetConfig(data_path=[prefix, str(tmp_path / "bad")], split="1,0,0",
+                                                 seq_length=SEQ, seed=1, num_samples=(5, 0, 0), vocab_size=512))
     sft = write_sft(tmp_path, "s", 10, 300)
     with pytest.raises(IndexedDatasetError, match=r"s_text_document\.bin: token id 3\d\d .* vocabulary of 300 ids"):
-        build_sft_datasets([sft], "1,0,0", SEQ, 1, (5, 0, 0), vocab_size=300)
+        build_datasets(SFTDataset, DatasetConfig(data_path=[sft], split="1,0,0", seq_length=SEQ, seed=1,
+                                                 num_samples=(5, 0, 0), vocab_size=300))
 
 
 def test_the_token_id_scan_is_cached_with_the_data_fingerprint(tmp_path, monkeypatch):
     prefix = write_gpt(str(tmp_path / "g"), [20] * 5, 0)
     cache = str(tmp_path / "cache")
-    build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (5, 0, 0), cache_path=cache, vocab_size=5)
+    build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                             num_samples=(5, 0, 0), cache_path=cache, vocab_size=5))
     assert any("TokenRange" in name for name in os.listdir(cache))
 
     def must_not_scan(self):
         raise AssertionError("the .bin was scanned again although its token range is cached")
 
     monkeypatch.setattr(IndexedDataset, "token_range", must_not_scan)
-    build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (5, 0, 0), cache_path=cache, vocab_size=5)
+    build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                             num_samples=(5, 0, 0), cache_path=cache, vocab_size=5))
     monkeypatch.undo()
     with pytest.raises(IndexedDatasetError, match="token id 4"):  # the cached range still catches a smaller vocabulary
-        build_pretraining_datasets([prefix], "1,0,0", SEQ, 1, (5, 0, 0), cache_path=cache, vocab_size=4)
+        build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                                 num_samples=(5, 0, 0), cache_path=cache, vocab_size=4))
 
 
 def _builds_in_process(rank: int, world: int, init_file: str, kind: str, prefix: str, caches: list[str],

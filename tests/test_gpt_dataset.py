@@ -8,9 +8,9 @@ import torch
 from helpers import make_tiny_pretraining_data
 
 from megatron_lime.data import gpt_dataset
-from megatron_lime.data.builder import build_blending_indices, parse_data_path, parse_split
-from megatron_lime.data.gpt_dataset import (GPTDataset, build_pretraining_datasets, build_sample_index,
-                                            split_document_ranges)
+from megatron_lime.data.builder import (DatasetConfig, build_blending_indices, build_datasets, parse_data_path,
+                                        parse_split)
+from megatron_lime.data.gpt_dataset import GPTDataset, build_sample_index, split_document_ranges
 from megatron_lime.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 
 
@@ -29,7 +29,8 @@ def write_synthetic(prefix: str, lengths: list[int], base: int = 0) -> list[np.n
     return docs
 
 
-def reference_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
+def reference_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_length: int,
+                           num_samples: int) -> np.ndarray:
     """Pure numpy: the (position in document_index, offset) of stream position i * seq_length."""
     lengths = sizes[document_index]
     ends = np.cumsum(lengths)
@@ -103,9 +104,12 @@ def test_epochs_are_served_one_after_another(tmp_path):
 
 
 def test_deterministic_and_random_access(tiny, tmp_path):
-    a = build_pretraining_datasets([tiny], "90,9,1", 64, 1234, (300, 20, 5), cache_path=str(tmp_path / "a"))[0]
-    b = build_pretraining_datasets([tiny], "90,9,1", 64, 1234, (300, 20, 5), cache_path=str(tmp_path / "b"))[0]
-    c = build_pretraining_datasets([tiny], "90,9,1", 64, 99, (300, 20, 5), cache_path=str(tmp_path / "c"))[0]
+    a = build_datasets(GPTDataset, DatasetConfig(data_path=[tiny], split="90,9,1", seq_length=64, seed=1234,
+                                                 num_samples=(300, 20, 5), cache_path=str(tmp_path / "a")))[0]
+    b = build_datasets(GPTDataset, DatasetConfig(data_path=[tiny], split="90,9,1", seq_length=64, seed=1234,
+                                                 num_samples=(300, 20, 5), cache_path=str(tmp_path / "b")))[0]
+    c = build_datasets(GPTDataset, DatasetConfig(data_path=[tiny], split="90,9,1", seq_length=64, seed=99,
+                                                 num_samples=(300, 20, 5), cache_path=str(tmp_path / "c")))[0]
     for k in (299, 0, 150, 7):  # any order: sample k needs nothing but k
         assert torch.equal(a[k]["input_ids"], b[k]["input_ids"])
     assert any(not torch.equal(a[k]["input_ids"], c[k]["input_ids"]) for k in range(10))
@@ -119,11 +123,13 @@ def test_split_by_document(tiny):
     assert split_document_ranges(7, parse_split("1,1,1")) == [(0, 3), (3, 5), (5, 7)]
     with pytest.raises(ValueError, match="--split"):
         parse_split("1,2,3,4")
-    train, valid, test = build_pretraining_datasets([tiny], "90,10,0", 32, 1, (100, 10, 10), cache_path=None)
+    train, valid, test = build_datasets(GPTDataset, DatasetConfig(data_path=[tiny], split="90,10,0", seq_length=32,
+                                                                  seed=1, num_samples=(100, 10, 10), cache_path=None))
     assert test is None  # no documents
     assert train.document_range == (0, 180) and valid.document_range == (180, 200)
     assert set(train.document_index.tolist()).isdisjoint(valid.document_index.tolist())
-    assert build_pretraining_datasets([tiny], "90,10,0", 32, 1, (100, 0, 0), cache_path=None)[1] is None
+    assert build_datasets(GPTDataset, DatasetConfig(data_path=[tiny], split="90,10,0", seq_length=32, seed=1,
+                                                    num_samples=(100, 0, 0), cache_path=None))[1] is None
 
 
 @pytest.mark.parametrize("weights", [(0.7, 0.3), (0.5, 0.3, 0.2)])
@@ -132,7 +138,9 @@ def test_blend_fractions(tmp_path, weights):
     for i in range(len(weights)):
         write_synthetic(str(tmp_path / f"d{i}"), [100 + 37 * i] * 30, base=100_000 * i)
         prefixes += [str(weights[i]), str(tmp_path / f"d{i}")]
-    train, valid, _ = build_pretraining_datasets(prefixes, "9,1,0", 16, 3, (2000, 100, 0), cache_path=str(tmp_path / "c"))
+    train, valid, _ = build_datasets(GPTDataset, DatasetConfig(data_path=prefixes, split="9,1,0", seq_length=16,
+                                                               seed=3, num_samples=(2000, 100, 0),
+                                                               cache_path=str(tmp_path / "c")))
     assert len(train) == 2000 and len(valid) == 100
     realised = np.bincount(train.dataset_index, minlength=len(weights)) / len(train)
     np.testing.assert_allclose(realised, weights, atol=0.01)
@@ -159,7 +167,8 @@ def test_data_path_parsing(tiny):
 
 def test_cache_reuse_and_invalidation(tiny, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
-    first = build_pretraining_datasets([tiny], "90,9,1", 64, 7, (200, 10, 0), cache_path=cache)[0]
+    first = build_datasets(GPTDataset, DatasetConfig(data_path=[tiny], split="90,9,1", seq_length=64, seed=7,
+                                                     num_samples=(200, 10, 0), cache_path=cache))[0]
     files = sorted(os.listdir(cache))
     assert any(f.endswith("GPTDataset-train-sample_index.npy") for f in files)
 
@@ -167,7 +176,8 @@ def test_cache_reuse_and_invalidation(tiny, tmp_path, monkeypatch):
         raise AssertionError("the index was rebuilt although it is cached")
 
     monkeypatch.setattr(gpt_dataset, "build_sample_index", must_not_build)
-    again = build_pretraining_datasets([tiny], "90,9,1", 64, 7, (200, 10, 0), cache_path=cache)[0]
+    again = build_datasets(GPTDataset, DatasetConfig(data_path=[tiny], split="90,9,1", seq_length=64, seed=7,
+                                                     num_samples=(200, 10, 0), cache_path=cache))[0]
     assert again.cache_key == first.cache_key
     assert isinstance(again.sample_index, np.memmap)
     assert torch.equal(again[17]["input_ids"], first[17]["input_ids"])
@@ -177,7 +187,7 @@ def test_cache_reuse_and_invalidation(tiny, tmp_path, monkeypatch):
     for change in [dict(seq_length=32), dict(seed=8), dict(num_samples=(900, 10, 0)), dict(split="80,19,1")]:
         args = dict(data_path=[tiny], split="90,9,1", seq_length=64, seed=7, num_samples=(200, 10, 0), cache_path=cache)
         args.update(change)
-        keys.add(build_pretraining_datasets(**args)[0].cache_key)
+        keys.add(build_datasets(GPTDataset, DatasetConfig(**args))[0].cache_key)
     assert len(keys) == 5
 
 
@@ -185,16 +195,21 @@ def test_changed_data_is_not_served_from_a_stale_cache(tmp_path):
     prefix = str(tmp_path / "syn")
     write_synthetic(prefix, [100] * 10)
     cache = str(tmp_path / "cache")
-    before = build_pretraining_datasets([prefix], "1,0,0", 16, 1, (20, 0, 0), cache_path=cache)[0]
+    before = build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=16, seed=1,
+                                                      num_samples=(20, 0, 0), cache_path=cache))[0]
     write_synthetic(prefix, [101] * 10)  # re-preprocessed: same prefix, different documents
-    after = build_pretraining_datasets([prefix], "1,0,0", 16, 1, (20, 0, 0), cache_path=cache)[0]
+    after = build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=16, seed=1,
+                                                     num_samples=(20, 0, 0), cache_path=cache))[0]
     assert after.cache_key != before.cache_key
-    default = build_pretraining_datasets([prefix], "1,0,0", 16, 1, (20, 0, 0))[0]
-    assert os.path.isfile(os.path.join(str(tmp_path), "index-cache", f"{default.cache_key}-GPTDataset-train-description.json"))
+    default = build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="1,0,0", seq_length=16, seed=1,
+                                                       num_samples=(20, 0, 0)))[0]
+    description = f"{default.cache_key}-GPTDataset-train-description.json"
+    assert os.path.isfile(os.path.join(str(tmp_path), "index-cache", description))
 
 
 def test_dataloader_batches(tiny):
-    train = build_pretraining_datasets([tiny], "90,9,1", 64, 1, (16, 0, 0), cache_path=None)[0]
+    train = build_datasets(GPTDataset, DatasetConfig(data_path=[tiny], split="90,9,1", seq_length=64, seed=1,
+                                                     num_samples=(16, 0, 0), cache_path=None))[0]
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=4)))
     assert batch["input_ids"].shape == (4, 64) and batch["labels"].dtype == torch.long
     assert batch["loss_mask"].shape == (4, 64)
@@ -211,7 +226,8 @@ def _distributed_build(rank: int, world_size: int, init_file: str, prefix: str, 
             return original(*args, **kwargs)
 
         gpt_dataset.build_sample_index = counting
-        train = build_pretraining_datasets([prefix], "90,9,1", 32, 11, (100, 10, 0), cache_path=cache)[0]
+        train = build_datasets(GPTDataset, DatasetConfig(data_path=[prefix], split="90,9,1", seq_length=32, seed=11,
+                                                         num_samples=(100, 10, 0), cache_path=cache))[0]
         np.save(f"{out}-{rank}.npy", np.array([built["n"], *train[42]["input_ids"].tolist()]))
     finally:
         torch.distributed.destroy_process_group()

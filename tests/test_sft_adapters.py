@@ -14,9 +14,10 @@ import pytest
 from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.data.sft import sample_rows
-from megatron_lime.data.sft.adapters import ADAPTERS, BadRecordError, conversation_to_example, get_adapter
+from megatron_lime.data.readers import BadRecordError, find_input_files
+from megatron_lime.data.sft.adapters import ADAPTERS, conversation_to_example, get_adapter
 from megatron_lime.data.sft.mixture import MixtureError, load_mixture
-from megatron_lime.data.sft.readers import DataFileError, iter_rows, resolve_data_files, unreadable_reason
+from megatron_lime.data.sft.readers import DATA_SUFFIXES, DataFileError, iter_rows, unreadable_reason
 from megatron_lime.data.sft.template import SFTExample, TemplateIds, Turn, encode_examples, render, render_examples
 from megatron_lime.tokenizer import load_tokenizer
 
@@ -202,8 +203,8 @@ def test_readers_parquet_glob_directory_and_split(tmp_path):
     assert read_all(tmp_path / "hub", "train") == ROWS
     assert read_all(tmp_path / "hub", "test") == [{"instruction": "t", "n": 9}]
     assert read_all(str(tmp_path / "hub" / "data" / "train-*.parquet")) == ROWS
-    with pytest.raises(DataFileError, match="no such file, directory or glob match"):
-        resolve_data_files(str(tmp_path / "missing-*.parquet"))
+    with pytest.raises(FileNotFoundError, match="no such file, directory or glob match"):
+        find_input_files(str(tmp_path / "missing-*.parquet"), DATA_SUFFIXES)
 
 
 def test_readers_saved_datasets(tmp_path):

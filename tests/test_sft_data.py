@@ -15,11 +15,12 @@ import torch
 from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.config import LimeConfig
+from megatron_lime.data.builder import DatasetConfig, build_datasets, parse_split
 from megatron_lime.data.indexed_dataset import IndexedDataset
 from megatron_lime.data.sft import preprocess as sft_preprocess
 from megatron_lime.data.sft import sample_rows
-from megatron_lime.data.builder import parse_split
-from megatron_lime.data.sft.dataset import SFTDatasetError, build_sft_datasets, pack_best_fit, split_example_ids
+from megatron_lime.data.sft.dataset import SFTDataset, SFTOptions, pack_best_fit, split_example_ids
+from megatron_lime.data.sft.preprocess import SFTDataError
 from megatron_lime.model import LimeModel
 from megatron_lime.sample_data import write_instruction_set
 from megatron_lime.tokenizer import load_tokenizer
@@ -162,8 +163,8 @@ def check_sequence(item: dict, tokens: IndexedDataset, masks: IndexedDataset, pa
     for d, (start, end) in enumerate(zip(starts, ends)):
         assert (doc[start:end] == d).all()
         assert np.array_equal(item["position_ids"][start:end].numpy(), np.arange(end - start))
-        is_padding = d == len(starts) - 1 and (item["loss_mask"][start:end] == 0).all() and (ids[start:end] == pad_id).all() \
-            and (item["labels"][start:end] == -100).all()
+        is_padding = (d == len(starts) - 1 and (item["loss_mask"][start:end] == 0).all()
+                      and (ids[start:end] == pad_id).all() and (item["labels"][start:end] == -100).all())
         if is_padding and not any(len(tokens[k]) - 1 == end - start and np.array_equal(tokens[k][:-1], ids[start:end])
                                   for k in range(len(tokens))):
             continue
@@ -173,7 +174,8 @@ def check_sequence(item: dict, tokens: IndexedDataset, masks: IndexedDataset, pa
         k = matches[0]
         trained = masks[k][1:].astype(bool)
         assert np.array_equal(item["loss_mask"][start:end].numpy(), trained.astype(np.float32))
-        assert np.array_equal(item["labels"][start:end].numpy(), np.where(trained, tokens[k][1:].astype(np.int64), -100))
+        expected_labels = np.where(trained, tokens[k][1:].astype(np.int64), -100)
+        assert np.array_equal(item["labels"][start:end].numpy(), expected_labels)
         found.append(k)
     return found
 
@@ -181,8 +183,10 @@ def check_sequence(item: dict, tokens: IndexedDataset, masks: IndexedDataset, pa
 def test_packed_sequences_hold_whole_examples(dolly_prefix, tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)
     tokens, masks = IndexedDataset(dolly_prefix), IndexedDataset(dolly_prefix.replace("_text_", "_loss_mask_"))
-    train, valid, test = build_sft_datasets([dolly_prefix], "90,10,0", SEQ, seed=5, num_samples=(0, 0, 0),
-                                            eod_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    train, valid, test = build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="90,10,0",
+                                                                  seq_length=SEQ, seed=5, num_samples=(0, 0, 0),
+                                                                  options=SFTOptions(eod_id=tokenizer.eos_id,
+                                                                                     pad_id=tokenizer.pad_id)))
     assert test is None
     train_ids, valid_ids, _ = split_example_ids(len(tokens), "90,10,0", seed=5)
     assert len(train_ids) == round(0.9 * len(tokens)) and len(train_ids) + len(valid_ids) == len(tokens)
@@ -208,23 +212,29 @@ def test_packed_sequences_hold_whole_examples(dolly_prefix, tokenizer_dir):
 
 
 def test_epochs_unpacked_mode_blend_and_cache(dolly_prefix, tmp_path):
-    train, _, _ = build_sft_datasets([dolly_prefix], "1,0,0", SEQ, seed=1, num_samples=(500, 0, 0))
-    one_epoch, _, _ = build_sft_datasets([dolly_prefix], "1,0,0", SEQ, seed=1, num_samples=(0, 0, 0))
+    train, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="1,0,0", seq_length=SEQ,
+                                                           seed=1, num_samples=(500, 0, 0)))
+    one_epoch, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="1,0,0",
+                                                               seq_length=SEQ, seed=1, num_samples=(0, 0, 0)))
     assert len(train) >= 500 > 2 * len(one_epoch)
-    again, _, _ = build_sft_datasets([dolly_prefix], "1,0,0", SEQ, seed=1, num_samples=(500, 0, 0),
-                                     cache_path=str(tmp_path / "cache"))
-    cached, _, _ = build_sft_datasets([dolly_prefix], "1,0,0", SEQ, seed=1, num_samples=(500, 0, 0),
-                                      cache_path=str(tmp_path / "cache"))
+    again, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="1,0,0", seq_length=SEQ,
+                                                           seed=1, num_samples=(500, 0, 0),
+                                                           cache_path=str(tmp_path / "cache")))
+    cached, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="1,0,0", seq_length=SEQ,
+                                                            seed=1, num_samples=(500, 0, 0),
+                                                            cache_path=str(tmp_path / "cache")))
     assert len(glob.glob(str(tmp_path / "cache" / "*-description.json"))) == 1  # one cached plan, reused
     for k in (0, len(one_epoch), len(train) - 1):  # epoch 2 is reshuffled, not a copy of epoch 1
         assert all(torch.equal(train[k][key], again[k][key]) and torch.equal(train[k][key], cached[k][key])
                    for key in train[k])
     assert not torch.equal(train[0]["input_ids"], train[len(one_epoch)]["input_ids"])
-    other_seed, _, _ = build_sft_datasets([dolly_prefix], "1,0,0", SEQ, seed=2, num_samples=(500, 0, 0))
+    other_seed, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="1,0,0",
+                                                                seq_length=SEQ, seed=2, num_samples=(500, 0, 0)))
     assert not torch.equal(train[0]["input_ids"], other_seed[0]["input_ids"])
 
-    unpacked, _, _ = build_sft_datasets([dolly_prefix], "1,0,0", SEQ, seed=1, num_samples=(0, 0, 0), packed=False,
-                                        pad_id=0)
+    unpacked, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="1,0,0", seq_length=SEQ,
+                                                              seed=1, num_samples=(0, 0, 0),
+                                                              options=SFTOptions(packed=False, pad_id=0)))
     assert len(unpacked) == len(IndexedDataset(dolly_prefix))
     item = unpacked[0]
     real = int((item["document_ids"] == 0).sum())
@@ -232,18 +242,22 @@ def test_epochs_unpacked_mode_blend_and_cache(dolly_prefix, tmp_path):
     assert (item["input_ids"][real:] == 0).all() and (item["loss_mask"][real:] == 0).all()
     assert (item["labels"][real:] == -100).all()
 
-    blend, _, _ = build_sft_datasets(["3", dolly_prefix, "1", dolly_prefix], "1,0,0", SEQ, seed=1,
-                                     num_samples=(40, 0, 0))
+    blend, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=["3", dolly_prefix, "1", dolly_prefix],
+                                                           split="1,0,0", seq_length=SEQ, seed=1,
+                                                           num_samples=(40, 0, 0)))
     assert len(blend) == 40 and np.bincount(blend.dataset_index).tolist() == [30, 10]
 
 
 def test_dataset_errors(dolly_prefix, tmp_path):
-    with pytest.raises(SFTDatasetError, match="need more than seq_length=16 positions"):
-        build_sft_datasets([dolly_prefix], "1,0,0", 16, seed=1, num_samples=(1, 0, 0))
-    with pytest.raises(SFTDatasetError, match="do not end with eod id 7"):
-        build_sft_datasets([dolly_prefix], "1,0,0", SEQ, seed=1, num_samples=(1, 0, 0), eod_id=7)
+    with pytest.raises(SFTDataError, match="need more than seq_length=16 positions"):
+        build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="1,0,0", seq_length=16, seed=1,
+                                                 num_samples=(1, 0, 0)))
+    with pytest.raises(SFTDataError, match="do not end with eod id 7"):
+        build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="1,0,0", seq_length=SEQ, seed=1,
+                                                 num_samples=(1, 0, 0), options=SFTOptions(eod_id=7)))
     with pytest.raises(ValueError, match="must end in '_text_document'"):
-        build_sft_datasets([dolly_prefix.removesuffix("_text_document")], "1,0,0", SEQ, seed=1, num_samples=(1, 0, 0))
+        build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix.removesuffix("_text_document")],
+                                                 split="1,0,0", seq_length=SEQ, seed=1, num_samples=(1, 0, 0)))
     with pytest.raises(ValueError, match="split must be"):
         parse_split("1,2,3,4")
 
@@ -260,8 +274,9 @@ def test_pack_best_fit_never_splits_and_fills():
 def test_packed_example_gives_the_same_logits_as_alone(sample_output):
     torch.manual_seed(0)
     model = LimeModel(LimeConfig.from_name("lime-tiny")).eval()
-    train, _, _ = build_sft_datasets([sample_output[0] + "_text_document"], "1,0,0", SEQ, seed=3,
-                                     num_samples=(0, 0, 0))
+    train, _, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[sample_output[0] + "_text_document"],
+                                                           split="1,0,0", seq_length=SEQ, seed=3,
+                                                           num_samples=(0, 0, 0)))
     # The sequence with the most examples, at least three: the middle one has neighbours on both sides.
     item = max((train[k] for k in range(len(train))), key=lambda item: len(item["document_ids"].unique()))
     assert len(item["document_ids"].unique()) >= 3
@@ -283,7 +298,8 @@ def test_tiny_sft_run_lowers_loss_on_trained_tokens(dolly_prefix):
     """30 AdamW steps of lime-tiny on packed SFT sequences: the loss on responses falls."""
     torch.manual_seed(0)
     model = LimeModel(LimeConfig.from_name("lime-tiny"))
-    train, valid, _ = build_sft_datasets([dolly_prefix], "90,10,0", SEQ, seed=0, num_samples=(30 * 8, 0, 0))
+    train, valid, _ = build_datasets(SFTDataset, DatasetConfig(data_path=[dolly_prefix], split="90,10,0",
+                                                               seq_length=SEQ, seed=0, num_samples=(30 * 8, 0, 0)))
     loader = torch.utils.data.DataLoader(train, batch_size=8, shuffle=False, drop_last=True)
     held_out = {key: torch.stack([valid[k][key] for k in range(len(valid))]) for key in valid[0]}
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import random
 import shutil
 
@@ -151,8 +152,9 @@ def test_standard_sentencepiece_model_exports_with_identical_ids(texts, tmp_path
     tok.save_hf(out)
     hf = AutoTokenizer.from_pretrained(out)
     assert hf.eos_token == "</s>" and hf.eos_token_id == 2
+    probes = texts + random_unicode_strings(100, seed=2)
     mismatches = [(text, hf.convert_ids_to_tokens(hf(text, add_special_tokens=False)["input_ids"]),
-                   [tok.id_to_piece(i) for i in tok.encode(text)]) for text in texts + random_unicode_strings(100, seed=2)
+                   [tok.id_to_piece(i) for i in tok.encode(text)]) for text in probes
                   if hf(text, add_special_tokens=False)["input_ids"] != tok.encode(text)]
     assert not mismatches, f"{len(mismatches)} texts tokenized differently, e.g. {mismatches[:1]}"
 
@@ -213,7 +215,8 @@ def test_train_tokenizer_from_parquet_and_text_with_byte_budget(texts, tmp_path)
     out = str(tmp_path / "tok")
     budget = 100_000
     assert load_tool("train_tokenizer").main(["--input", str(tmp_path / "part.parquet"), str(tmp_path / "notes.txt"),
-                                              "--output-dir", out, "--vocab-size", "400", "--max-bytes", str(budget)]) == 0
+                                              "--output-dir", out, "--vocab-size", "400",
+                                              "--max-bytes", str(budget)]) == 0
     with open(os.path.join(out, "tokenizer_info.json")) as f:
         info = json.load(f)
     # Documents are taken until the byte budget is reached (the last one may cross it).
@@ -278,8 +281,9 @@ def test_each_tokenizer_kind_from_raw_text_to_a_hugging_face_folder(kind, tmp_pa
     assert preprocess_data.main(["--input", corpus, "--output-prefix", str(tmp_path / "pre"), *flags,
                                               "--append-eod", "--workers", "1", "--quiet"]) == 0
     write_instruction_set(str(tmp_path / "dolly.jsonl"), max_examples=60)
+    dolly = tmp_path / "dolly.jsonl"
     (tmp_path / "m.yaml").write_text(f"seq_length: 64\nover_length: truncate\ndatasets:\n"
-                                     f"  - {{name: databricks/databricks-dolly-15k, path: {tmp_path / 'dolly.jsonl'}}}\n")
+                                     f"  - {{name: databricks/databricks-dolly-15k, path: {dolly}}}\n")
     capsys.readouterr()
     assert preprocess_sft_data.main(["--mixture", str(tmp_path / "m.yaml"), *flags,
                                                   "--output-prefix", str(tmp_path / "sft"), "--quiet"]) == 0
@@ -334,7 +338,8 @@ def test_each_tokenizer_kind_from_raw_text_to_a_hugging_face_folder(kind, tmp_pa
     messages = [{"role": role, "content": content} for turn in example.turns
                 for role, content in (("user", turn.user), ("assistant", turn.assistant))]
     rendered = hf.apply_chat_template(messages, tokenize=False)
-    assert rendered == f"<user>What does heapq do?<assistant>It keeps a heap.{eos}<user>And bisect?<assistant>Sorted lists.{eos}"
+    assert rendered == (f"<user>What does heapq do?<assistant>It keeps a heap.{eos}"
+                        f"<user>And bisect?<assistant>Sorted lists.{eos}")
     chat_ids = hf(rendered, add_special_tokens=False)["input_ids"]
     assert chat_ids == render_examples([example], tokenizer)[0].token_ids
     assert [hf.convert_tokens_to_ids(t) for t in ("<user>", "<assistant>", "<context>")] == \
@@ -353,7 +358,8 @@ def test_gpt2_bpe_files_give_the_same_ids_as_their_tokenizer_json(tmp_path):
         assert preprocess_data.main(["--input", corpus, "--output-prefix", str(tmp_path / name),
                                                   *tool_flags, "--append-eod", "--workers", "1", "--quiet"]) == 0
     for suffix in (".bin", ".idx"):
-        with open(tmp_path / f"files_text_document{suffix}", "rb") as a, open(tmp_path / f"json_text_document{suffix}", "rb") as b:
+        with open(tmp_path / f"files_text_document{suffix}", "rb") as a, \
+                open(tmp_path / f"json_text_document{suffix}", "rb") as b:
             assert a.read() == b.read()
     with pytest.raises(ValueError, match="needs --vocab-file"):
         build_tokenizer(TokenizerSpec(tokenizer_type="GPT2BPETokenizer"))
@@ -372,3 +378,140 @@ def test_chat_tokens_are_new_ids_that_text_never_produces(texts, tmp_path):
     for text in texts[:20] + ["<user>hi<assistant>"]:
         assert chat.encode(text) == base.encode(text)
     assert chat.with_chat_tokens() is chat
+
+
+# ---------------------------------------------------------------------------------------
+# Standard sentencepiece models: sentencepiece itself where it provably agrees with the conversion.
+
+ADVERSARIAL_TEXTS = [
+    "", " ", "   ", "\n", "\t\t", "\n\n\n", " \n ", "x", " x", "x ", "  x  y   z  ", "a\tb\nc\r\nd\re",
+    "1234567890 3.14159 2025-12-04 1,000,000 00000000", "aaaaaaaaaaaaaaaaaaaaaaa", "-" * 40, "=" * 33 + "\n" + "#" * 9,
+    "naïve café résumé", "cafe\u0301 (combining acute)", "\ufb01le \ufb02ow (ligatures)", "\u00bd \u2153 \u00b2 \u2122",
+    "\u2026 ellipsis \u00a0nbsp\u00a0 \u3000ideographic\u3000space", "\uff21\uff22\uff23 fullwidth",
+    "\u2581meta\u2581 ", "trailing meta\u2581", "中文字符日本語한국어", "😀👍🏽🇫🇷👨‍👩‍👧 emoji",
+    "\U0001d54f\U0001f9ec \U000e0041 rare planes",
+    "\x00\x01\x07 controls \x1b[0m", "zero\u200bwidth\u200djoiner\ufeff", "ÅÅ Å Å", "\u0130stanbul \u1e9e",
+    "def f(x):\n    return x ** 2  # comment\n", "<s> </s> <unk> <0x41> tags as text",
+]
+
+
+@pytest.fixture(scope="module")
+def standard_bpe(texts, tmp_path_factory) -> str:
+    """A standard sentencepiece BPE model: sentencepiece's defaults (nmt_nfkc, dummy prefix, whitespace
+    escaping and collapsing) plus byte fallback, as LLaMA-style models have them."""
+    import sentencepiece as spm
+
+    prefix = str(tmp_path_factory.mktemp("std") / "standard")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts * 3), model_prefix=prefix, vocab_size=800,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    return prefix + ".model"
+
+
+def _conversion_ids(tok, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in tok.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def test_standard_bpe_model_is_encoded_by_sentencepiece_where_it_provably_agrees(standard_bpe, texts):
+    from megatron_lime.tokenizer import ConvertedSentencePieceTokenizer
+
+    tok = build_tokenizer(TokenizerSpec(tokenizer_model=standard_bpe))
+    assert isinstance(tok, ConvertedSentencePieceTokenizer)
+    assert tok.agreement.usable, tok.agreement.reason
+    assert "sentencepiece encodes the texts on which it provably gives the ids" in tok.describe_encoder()
+    rng = random.Random(7)  # text a covered document looks like: no NFKC-changed characters, CR or U+2581
+    plain = ["".join(rng.choice("abcdefghij XYZ.,;:!?()[]{}<>/-_=+*#0123456789  \t\n中文字符日本語😀👍éçñøßΩж")
+                     for _ in range(rng.randint(0, 60))) for _ in range(300)]
+    adversarial = ADVERSARIAL_TEXTS + random_unicode_strings(300, seed=5) + plain
+    covered = [t for t in adversarial if tok.agreement.covers(t)]
+    # Not vacuous: plain text, whitespace runs, digits, controls, CJK and emoji are covered; NFKC-changed
+    # characters, combining marks, CR and the meta symbol are not.
+    assert {"", "  x  y   z  ", "\t\t", "中文字符日本語한국어", "aaaaaaaaaaaaaaaaaaaaaaa"} <= set(covered)
+    assert not {"\ufb01le \ufb02ow (ligatures)", "cafe\u0301 (combining acute)", "a\tb\nc\r\nd\re",
+                "trailing meta\u2581", "\uff21\uff22\uff23 fullwidth"} & set(covered)
+    assert sum(map(tok.agreement.covers, plain)) == len(plain) and len(covered) > len(plain)
+    # The claim: on every covered text sentencepiece gives the conversion's ids (byte fallback included)...
+    by_sentencepiece = tok.processor.encode(covered)
+    conversion = _conversion_ids(tok, covered)
+    diverging = [(t, a, b) for t, a, b in zip(covered, by_sentencepiece, conversion) if a != b]
+    assert not diverging, f"{len(diverging)} covered texts differ, e.g. {diverging[:1]}"
+    assert any(tok.id_to_piece(i).startswith("<0x") for ids in by_sentencepiece for i in ids), \
+        "no covered text exercised byte fallback"
+    # ... and the tokenizer, whichever encoder each text goes to, gives the conversion's ids for every text.
+    everything = adversarial + texts
+    assert tok.encode_batch(everything) == _conversion_ids(tok, everything)
+    assert [tok.encode(t) for t in adversarial] == _conversion_ids(tok, adversarial)
+    # The compiled router against its Python reference: the same texts covered, the same words handed back.
+    router = tok.agreement.router()
+    status, new_words = router.route(adversarial)
+    assert [s != 1 for s in status] == [tok.agreement.covers(t) for t in adversarial]
+    assert set(new_words) == set().union(*(tok.agreement.words(t) for t in covered))
+    # A word known to differ sends its texts to the conversion.
+    router.learn(new_words, [w != "x" for w in new_words])
+    assert router.route(["x", "  x  y   z  ", "y z"])[0] == [1, 1, 0]
+    # The SFT tags added as new ids keep the fast path (sentencepiece never produces them either).
+    chat = tok.with_chat_tokens()
+    assert isinstance(chat, ConvertedSentencePieceTokenizer) and chat.user_id == tok.vocab_size
+    assert chat.encode_batch(everything) == _conversion_ids(tok, everything)
+    clone = pickle.loads(pickle.dumps(chat))  # e.g. to spawned workers: the router is rebuilt
+    assert clone.router is not None and clone.encode_batch(everything) == _conversion_ids(tok, everything)
+
+
+def test_agreement_is_refused_where_it_cannot_be_shown(standard_bpe, texts, tmp_path):
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from megatron_lime.tokenizer import sentencepiece_agreement
+    from megatron_lime.tokenizer.agreement import charsmap_rules
+
+    proto = sp_pb2.ModelProto()
+    with open(standard_bpe, "rb") as f:
+        proto.ParseFromString(f.read())
+    rules = charsmap_rules(proto.normalizer_spec.precompiled_charsmap)
+    # The charsmap read back: nmt_nfkc's NFKC rules (fullwidth, ellipsis, ligature) and a multi-character key.
+    assert rules["\uff21"] == "A" and rules["\u2026"] == "..." and rules["\ufb01"] == "fi"
+    assert any(len(key) > 1 for key in rules)
+
+    def reason(edit) -> str | None:
+        changed = sp_pb2.ModelProto()
+        changed.CopyFrom(proto)
+        edit(changed)
+        return sentencepiece_agreement(changed).reason
+
+    def meta_inside(p):
+        piece = next(q for q in p.pieces if q.type == sp_pb2.ModelProto.SentencePiece.NORMAL and len(q.piece) > 2)
+        piece.piece = piece.piece[0] + "\u2581" + piece.piece[1:]
+
+    assert reason(lambda p: None) is None
+    assert "whitespace settings" in reason(lambda p: setattr(p.normalizer_spec, "add_dummy_prefix", False))
+    assert "whitespace settings" in reason(lambda p: setattr(p.normalizer_spec, "remove_extra_whitespaces", False))
+    assert "after its start (merges across words)" in reason(meta_inside)
+    assert "user-defined" in reason(lambda p: setattr(p.pieces[-1], "type",
+                                                       sp_pb2.ModelProto.SentencePiece.USER_DEFINED))
+    prefix = str(tmp_path / "unigram")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=400,
+                                   model_type="unigram", byte_fallback=True, minloglevel=2)
+    unigram = load_tokenizer(prefix + ".model")
+    assert "UNIGRAM model, not BPE" in unigram.agreement.reason
+    assert not unigram.agreement.covers("plain text") and unigram.by_sentencepiece(["plain text"]) == [False]
+    assert unigram.encode_batch(ADVERSARIAL_TEXTS) == _conversion_ids(unigram, ADVERSARIAL_TEXTS)
+
+
+def test_every_file_of_a_tokenizer_directory_is_written_through_files_py(texts, tmp_path, monkeypatch):
+    """train_tokenizer and the export write each file with a temporary name, fsync and rename (files.py)."""
+    from megatron_lime import files
+    from megatron_lime.tokenizer import train_tokenizer
+
+    written = []
+    atomic_write = files.atomic_write
+
+    def recording(path, *args, **kwargs):
+        written.append(os.path.basename(path))
+        return atomic_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "atomic_write", recording)
+    out = train_tokenizer(texts, str(tmp_path / "tok"), vocab_size=400)
+    expected = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer_info.json"]
+    assert sorted(written) == sorted(os.listdir(out)) == sorted(expected)
+    with open(os.path.join(out, "tokenizer_info.json"), encoding="utf-8") as f:
+        assert json.load(f)["lossless"] is True

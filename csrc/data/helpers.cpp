@@ -22,16 +22,26 @@
 //   sixth of numpy.fromiter over itertools.chain (pack_documents_reference, its reference). It
 //   reads Python objects, so it holds the GIL.
 //
+// charsmap_rules, WordRouter (megatron_lime/tokenizer/agreement.py): the rules of a sentencepiece
+//   normaliser; and: which texts a standard sentencepiece model may
+//   encode itself instead of its Hugging Face conversion. A text qualifies when it holds none of the
+//   "unsafe" code points and each of its words (runs between "space" code points) is known to be
+//   encoded alike by both; words not seen before are handed back to be checked once (learn). One
+//   pass over each text's UTF-8; SentencePieceAgreement.covers / .words is the Python reference.
+//
 // Plain C++ and pybind11 (no libtorch): preprocessing imports this without importing torch.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 namespace py = pybind11;
@@ -210,6 +220,141 @@ py::tuple pack_documents(const py::object& encoded, int64_t eod) {
   return py::make_tuple(tokens, lengths, num_documents - kept);
 }
 
+// Every key -> value of a sentencepiece precompiled charsmap: a Darts-clone double-array trie of
+// UTF-8 keys (a u32 byte size, then the units) followed by the NUL-terminated values
+// (tokenizer/agreement.py). Walks all 255 byte labels of every node: too slow in Python.
+py::dict charsmap_rules(const py::bytes& charsmap) {
+  const std::string blob = charsmap;
+  py::dict rules;
+  if (blob.empty()) return rules;
+  if (blob.size() < 4) throw std::invalid_argument("charsmap_rules: charsmap shorter than its header");
+  uint32_t trie_bytes = 0;
+  std::memcpy(&trie_bytes, blob.data(), 4);
+  if (trie_bytes % 4 != 0 || 4 + static_cast<size_t>(trie_bytes) > blob.size()) {
+    throw std::invalid_argument("charsmap_rules: trie size does not fit the charsmap");
+  }
+  std::vector<uint32_t> units(trie_bytes / 4);
+  std::memcpy(units.data(), blob.data() + 4, trie_bytes);
+  const std::string pool = blob.substr(4 + trie_bytes);
+  if (units.empty()) return rules;
+  auto offset = [](uint32_t unit) { return (unit >> 10) << ((unit & (1u << 9)) >> 6); };
+  std::vector<std::pair<size_t, std::string>> stack = {{offset(units[0]), std::string()}};
+  while (!stack.empty()) {
+    auto [node, key] = std::move(stack.back());
+    stack.pop_back();
+    for (uint32_t byte = 1; byte < 256; ++byte) {
+      const size_t child = node ^ byte;
+      if (child >= units.size() || (units[child] & ((1u << 31) | 0xFFu)) != byte) continue;
+      const size_t next = child ^ offset(units[child]);
+      std::string longer = key + static_cast<char>(byte);
+      if ((units[child] >> 8) & 1u) {
+        if (next >= units.size()) throw std::invalid_argument("charsmap_rules: leaf outside the trie");
+        const size_t start = units[next] & ((1u << 31) - 1);
+        const size_t end = pool.find('\0', start);
+        if (start > pool.size() || end == std::string::npos) {
+          throw std::invalid_argument("charsmap_rules: value outside the string pool");
+        }
+        rules[py::str(longer)] = py::str(pool.substr(start, end - start));
+      }
+      stack.emplace_back(next, std::move(longer));
+    }
+  }
+  return rules;
+}
+
+// Decodes one UTF-8 code point at p (valid UTF-8: Python produced it); advances p.
+inline uint32_t next_code_point(const unsigned char*& p) {
+  const uint32_t c = *p++;
+  if (c < 0x80) return c;
+  if (c < 0xE0) return ((c & 0x1F) << 6) | (*p++ & 0x3F);
+  if (c < 0xF0) {
+    const uint32_t c1 = *p++ & 0x3F;
+    return ((c & 0x0F) << 12) | (c1 << 6) | (*p++ & 0x3F);
+  }
+  const uint32_t c1 = *p++ & 0x3F, c2 = *p++ & 0x3F;
+  return ((c & 0x07) << 18) | (c1 << 12) | (c2 << 6) | (*p++ & 0x3F);
+}
+
+class WordRouter {
+ public:
+  static constexpr int kSentencePiece = 0, kConversion = 1, kUnknownWords = 2;
+
+  WordRouter(const std::vector<uint32_t>& unsafe, const std::vector<uint32_t>& spaces, size_t limit)
+      : kind_(0x110000, 0), limit_(limit) {
+    for (uint32_t c : spaces) set_kind(c, kSpace);
+    for (uint32_t c : unsafe) set_kind(c, kUnsafe);
+  }
+
+  // (status per text, words met for the first time): status 0 = every word agrees, 1 = an unsafe
+  // character or a word that differs, 2 = some word not checked yet (and none known to differ).
+  py::tuple route(const py::list& texts) {
+    std::vector<int> status(texts.size(), kSentencePiece);
+    std::unordered_set<std::string> unknown;
+    for (size_t i = 0; i < texts.size(); ++i) {
+      PyObject* text = texts[i].ptr();
+      if (!PyUnicode_Check(text)) throw std::invalid_argument("WordRouter.route: texts must be str");
+      Py_ssize_t size = 0;
+      const char* data = PyUnicode_AsUTF8AndSize(text, &size);
+      if (data == nullptr) throw py::error_already_set();
+      status[i] = route_one(reinterpret_cast<const unsigned char*>(data), size, unknown);
+    }
+    py::list words;
+    for (const std::string& w : unknown) words.append(py::str(w));
+    return py::make_tuple(status, words);
+  }
+
+  // Remember the verdicts of words route() handed back (agree[k]: both encoders gave the same ids).
+  void learn(const std::vector<std::string>& words, const std::vector<bool>& agree) {
+    if (words.size() != agree.size()) throw std::invalid_argument("WordRouter.learn: one verdict per word");
+    if (agree_.size() + words.size() > limit_) agree_.clear();  // bounded memory: forget, check again when met
+    for (size_t k = 0; k < words.size(); ++k) (agree[k] ? agree_ : differ_).insert(words[k]);
+  }
+
+  size_t agreeing() const { return agree_.size(); }
+  size_t differing() const { return differ_.size(); }
+
+ private:
+  static constexpr uint8_t kSpace = 1, kUnsafe = 2;
+
+  void set_kind(uint32_t c, uint8_t kind) {
+    if (c >= kind_.size()) throw std::invalid_argument("WordRouter: code point out of range");
+    kind_[c] = kind;
+  }
+
+  int route_one(const unsigned char* p, Py_ssize_t size, std::unordered_set<std::string>& unknown) const {
+    const unsigned char* end = p + size;
+    const unsigned char* word = nullptr;  // start of the current word
+    std::vector<std::string> unchecked;   // handed back only if the text can still go to sentencepiece
+    std::string key;
+    auto finish_word = [&](const unsigned char* stop) {
+      key.assign(reinterpret_cast<const char*>(word), stop - word);
+      word = nullptr;
+      if (agree_.count(key)) return true;
+      if (differ_.count(key)) return false;
+      unchecked.push_back(key);
+      return true;
+    };
+    while (p < end) {
+      const unsigned char* here = p;
+      const uint8_t kind = kind_[next_code_point(p)];
+      if (kind == kUnsafe) return kConversion;
+      if (kind == kSpace) {
+        if (word != nullptr && !finish_word(here)) return kConversion;
+      } else if (word == nullptr) {
+        word = here;
+      }
+    }
+    if (word != nullptr && !finish_word(end)) return kConversion;
+    if (unchecked.empty()) return kSentencePiece;
+    unknown.insert(unchecked.begin(), unchecked.end());
+    return kUnknownWords;
+  }
+
+  std::vector<uint8_t> kind_;  // per code point: 0 word character, kSpace, kUnsafe
+  std::unordered_set<std::string> agree_, differ_;
+  size_t limit_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_data_helpers, m) {
@@ -226,4 +371,15 @@ PYBIND11_MODULE(_data_helpers, m) {
         "appended when >= 0.");
   m.def("pack_documents_int32", &pack_documents<int32_t>, py::arg("encoded"), py::arg("eod"),
         "As pack_documents_uint16, int32 tokens (vocabularies of 65,500 ids or more).");
+  m.def("charsmap_rules", &charsmap_rules, py::arg("charsmap"),
+        "{key: value} of a sentencepiece precompiled charsmap (its normalisation rules).");
+  py::class_<WordRouter>(m, "WordRouter",
+                         "Which texts sentencepiece may encode in place of the conversion (tokenizer/agreement.py).")
+      .def(py::init<const std::vector<uint32_t>&, const std::vector<uint32_t>&, size_t>(), py::arg("unsafe"),
+           py::arg("spaces"), py::arg("limit"))
+      .def("route", &WordRouter::route, py::arg("texts"),
+           "(status per text: 0 sentencepiece, 1 conversion, 2 unchecked words; the unchecked words).")
+      .def("learn", &WordRouter::learn, py::arg("words"), py::arg("agree"))
+      .def_property_readonly("agreeing", &WordRouter::agreeing)
+      .def_property_readonly("differing", &WordRouter::differing);
 }

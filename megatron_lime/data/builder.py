@@ -139,8 +139,9 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
 
 def _ranks() -> tuple[bool, int, int]:
     """(distributed, global rank, rank within its node). LOCAL_RANK is set by every launcher we use."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        rank = torch.distributed.get_rank()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank = dist.get_rank()
         return True, rank, int(os.environ.get("LOCAL_RANK", rank))
     return False, 0, 0
 
@@ -173,7 +174,8 @@ class IndexCache:
                 np.save(f, array, allow_pickle=False)
         write_json(f"{self.stem}-description.json", self.description)
 
-    def _load_or_build_here(self, names: Sequence[str], build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def _load_or_build_here(self, names: Sequence[str],
+                            build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         if self.complete(names):
             return self.load(names)
         start = time.perf_counter()
@@ -237,7 +239,8 @@ def check_token_ids(indexed: IndexedDataset, vocab_size: int, cache_dir: str | N
     cache = IndexCache(cache_dir, "TokenRange", {"class": "TokenRange", "format_version": INDEX_FORMAT_VERSION,
                                                   "prefix": os.path.abspath(indexed.prefix),
                                                   "content_fingerprint": indexed.fingerprint()})
-    token_range = cache.load_or_build(("min_max",), lambda: {"min_max": np.array(indexed.token_range(), dtype=np.int64)})
+    token_range = cache.load_or_build(("min_max",),
+                                      lambda: {"min_max": np.array(indexed.token_range(), dtype=np.int64)})
     smallest, largest = (int(v) for v in token_range["min_max"])
     if smallest < 0 or largest >= vocab_size:
         indexed.check_token_ids(vocab_size)
@@ -295,7 +298,7 @@ class DatasetConfig:
     num_samples: tuple[int, int, int]  # samples wanted for train / valid / test
     cache_path: str | None = None  # where index arrays are cached (default: index-cache/ beside each dataset)
     vocab_size: int | None = None  # when given, every token id is checked to be below it
-    options: dict[str, Any] | None = None  # the dataset type's own settings (e.g. SFT packing, pad id)
+    options: Any = None  # the dataset type's own settings (SFTDataset: sft.dataset.SFTOptions)
 
     def cache_dir_for(self, prefix: str) -> str:
         return self.cache_path if self.cache_path is not None else default_cache_dir(prefix)
@@ -361,4 +364,6 @@ def build_datasets(dataset_type: type[BuildableDataset], config: DatasetConfig
         description = {"split": name, "components": [c.cache_key for c in components]}
         results.append(BlendedDataset(components, blend_weights, size,
                                       config.cache_dir_for(pairs[usable[0]][1]), description))
+    logger.info("%s: %s", dataset_type.__name__, ", ".join(f"{n}={len(d) if d is not None else 0}"
+                                                            for n, d in zip(SPLIT_NAMES, results)))
     return results[0], results[1], results[2]

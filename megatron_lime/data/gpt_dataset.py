@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from megatron_lime.data.builder import (INDEX_FORMAT_VERSION, SPLIT_NAMES, DatasetConfig, IndexCache,
-                                        build_datasets, check_token_ids)
+from megatron_lime.data.builder import INDEX_FORMAT_VERSION, SPLIT_NAMES, DatasetConfig, IndexCache, check_token_ids
 from megatron_lime.data.helpers import data_helpers
 from megatron_lime.data.indexed_dataset import IndexedDataset
 
@@ -104,7 +103,7 @@ class GPTDataset(Dataset):
         self.shuffle_index = arrays["shuffle_index"]
 
     def epochs_needed(self, num_samples: int) -> int:
-        """Fewest epochs whose token stream holds num_samples samples (each needs seq_length more tokens, +1 at the end)."""
+        """Fewest epochs whose token stream holds num_samples samples (each seq_length more tokens, +1 at the end)."""
         return max(1, math.ceil((num_samples * self.seq_length + 1) / self.tokens_per_epoch))
 
     def _build_indices(self) -> dict[str, np.ndarray]:
@@ -116,7 +115,8 @@ class GPTDataset(Dataset):
         total_samples = (self.num_epochs * self.tokens_per_epoch - 1) // self.seq_length
         sample_index = build_sample_index(self.indexed.sequence_lengths, document_index, self.seq_length, total_samples)
         # Shuffle within each epoch (a sample belongs to the epoch of its first token).
-        epoch_starts = [min(total_samples, -(-e * self.tokens_per_epoch // self.seq_length)) for e in range(self.num_epochs + 1)]
+        epoch_starts = [min(total_samples, -(-e * self.tokens_per_epoch // self.seq_length))
+                        for e in range(self.num_epochs + 1)]
         epoch_starts[-1] = total_samples
         index_dtype = np.int32 if total_samples < np.iinfo(np.int32).max else np.int64
         shuffle_index = np.concatenate([
@@ -164,10 +164,12 @@ class GPTDataset(Dataset):
         return indexed
 
     @classmethod
-    def split(cls, indexed: IndexedDataset, fractions: list[float], config: DatasetConfig) -> list[tuple[int, int] | None]:
+    def split(cls, indexed: IndexedDataset, fractions: list[float],
+              config: DatasetConfig) -> list[tuple[int, int] | None]:
         """Contiguous document ranges (Megatron-LM's rule); None for a range without documents or tokens."""
         ranges = split_document_ranges(len(indexed), fractions)
-        return [(begin, end) if end > begin and int(np.asarray(indexed.sequence_lengths[begin:end]).sum(dtype=np.int64)) > 0
+        lengths = indexed.sequence_lengths
+        return [(begin, end) if end > begin and int(np.asarray(lengths[begin:end]).sum(dtype=np.int64)) > 0
                 else None for begin, end in ranges]
 
     @classmethod
@@ -175,23 +177,3 @@ class GPTDataset(Dataset):
               config: DatasetConfig) -> "GPTDataset":
         return cls(indexed, document_range, config.seq_length, num_samples, config.seed,
                    config.cache_dir_for(indexed.prefix), SPLIT_NAMES[split_index])
-
-
-def build_pretraining_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
-                               num_samples: tuple[int, int, int], cache_path: str | None = None,
-                               vocab_size: int | None = None,
-                               ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
-    """(train, valid, test) GPT datasets for Megatron-style --data-path / --split; a split with no samples wanted or no documents is None.
-
-    Args:
-        data_path: a blend (builder.parse_data_path): ["prefix"], ["A", "B"], ["0.7", "A", "0.3", "B"], ["blend.txt"].
-        split: document split like "969,30,1", applied to every dataset.
-        seq_length: tokens per training sequence (samples hold seq_length + 1).
-        seed: seeds the document and sample shuffles.
-        num_samples: samples wanted for (train, valid, test); each dataset has at least as many.
-        cache_path: where index arrays are cached (default: `index-cache/` next to each dataset).
-        vocab_size: when given, each dataset's token dtype and every token id are checked against it.
-    """
-    return build_datasets(GPTDataset, DatasetConfig(data_path=data_path, split=split, seq_length=seq_length, seed=seed,
-                                                    num_samples=num_samples, cache_path=cache_path,
-                                                    vocab_size=vocab_size))

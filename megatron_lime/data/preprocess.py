@@ -8,8 +8,9 @@ The command line is tools/preprocess_data.py (a thin wrapper around `main`):
 
 Same flags and meaning as Megatron-LM's tools/preprocess_data.py; the tokenizer flags
 (--tokenizer-type, --tokenizer-model, --vocab-file, --merge-file) are megatron_lime.tokenizer's,
-shared by every tool, and a tokenizer that could not be exported is refused here, first. Input: JSONL, JSONL.gz or parquet files, a directory or
-glob of them, or a `datasets` dataset saved to disk.
+shared by every tool, and a tokenizer that could not be exported is refused here, first.
+Input: JSONL, JSONL.gz or parquet files, a directory or glob of them, or a `datasets` dataset
+saved to disk.
 
 Filters (`--filter "int_score >= 3" --filter "language == 'en'"`, any column of the input;
 the language is megatron_lime/data/filters.py) keep a record when all hold; the summary gives
@@ -70,28 +71,39 @@ MAX_BAD_RECORDS_SHOWN = 20
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", required=True, help="JSONL / JSONL.gz / parquet file, directory or glob, or a saved `datasets` dataset.")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="Fields (columns) to tokenize; one output dataset per key.")
+    group.add_argument("--input", required=True,
+                       help="JSONL / JSONL.gz / parquet file, directory or glob, or a saved `datasets` dataset.")
+    group.add_argument("--json-keys", nargs="+", default=["text"],
+                       help="Fields (columns) to tokenize; one output dataset per key.")
     group.add_argument("--filter", dest="filters", action="append", default=[], metavar="EXPR",
                        help="Keep only records where EXPR holds, e.g. \"int_score >= 3\" or \"language in ['en']\" "
                             "(repeatable: all must hold). Columns, literals, == != < <= > >=, in / not in [...], "
                             "and/or/not; never Python eval. Kept/dropped counts per filter are in the summary.")
-    group.add_argument("--split-sentences", action="store_true", help="Not supported (documents are never split); kept so Megatron command lines fail loudly.")
+    group.add_argument("--split-sentences", action="store_true",
+                       help="Not supported (documents are never split); kept so Megatron command lines fail loudly.")
     group = add_tokenizer_args(parser)
-    group.add_argument("--append-eod", action="store_true", help="Append the <eos> id to every document (separates documents in packed samples).")
+    group.add_argument("--append-eod", action="store_true",
+                       help="Append the <eos> id to every document (separates documents in packed samples).")
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="Writes OUTPUT_PREFIX_{key}_document.bin/.idx.")
-    group.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="Megatron's only format (accepted for compatibility).")
+    group.add_argument("--dataset-impl", default="mmap", choices=["mmap"],
+                       help="Megatron's only format (accepted for compatibility).")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="Tokenizer worker processes.")
     group.add_argument("--num-shards", type=int, default=1,
-                       help="Split the sorted input files into N contiguous, size-balanced shares (one per job of a cluster array).")
+                       help="Split the sorted input files into N contiguous, size-balanced shares "
+                            "(one per job of a cluster array).")
     group.add_argument("--shard-index", type=int, default=0,
                        help="Which share this run processes (0..N-1); the output prefix gets _shardIIIII-of-NNNNN.")
-    group.add_argument("--partitions", type=int, default=1, help="Accepted for compatibility; only 1 is supported (workers already parallelise).")
+    group.add_argument("--partitions", type=int, default=1,
+                       help="Accepted for compatibility; only 1 is supported (workers already parallelise).")
     group.add_argument("--log-interval", type=int, default=10_000, help="Documents between progress updates.")
-    group.add_argument("--skip-bad-records", action="store_true", help="Skip malformed records and unreadable (e.g. truncated .gz) files, counted and reported, instead of stopping.")
-    group.add_argument("--allow-empty", action="store_true", help="Write an empty dataset when the input has no documents (default: exit 1 with 'no documents').")
+    group.add_argument("--skip-bad-records", action="store_true",
+                       help="Skip malformed records and unreadable (e.g. truncated .gz) files, counted and reported, "
+                            "instead of stopping.")
+    group.add_argument("--allow-empty", action="store_true",
+                       help="Write an empty dataset when the input has no documents "
+                            "(default: exit 1 with 'no documents').")
     group.add_argument("--quiet", action="store_true", help="No progress bar (the summary is still printed).")
     args = parser.parse_args(argv)
     if args.split_sentences:
@@ -162,7 +174,8 @@ def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: Reco
                 yield Chunk(source.path, 0, bad_file_reason=str(e))
             except Exception as e:  # a corrupt page part-way through the file
                 if not skip_bad:
-                    raise BadRecordError(source.path, "file", f"unreadable parquet data ({type(e).__name__}: {e})") from None
+                    raise BadRecordError(source.path, "file",
+                                         f"unreadable parquet data ({type(e).__name__}: {e})") from None
                 yield Chunk(source.path, 0, bad_file_reason=f"{source.path}: unreadable parquet data ({e})")
         elif source.kind == "datasets":
             dataset = load_saved_dataset(source.path, keys)
@@ -182,7 +195,7 @@ def check_filter_columns(path: str, location: str, available: list[str], filters
 
 
 def parquet_chunks(path: str, keys: tuple[str, ...], filters: RecordFilters) -> Iterator[Chunk]:
-    """Runs of whole row groups (about CHUNK_ROWS rows) for the workers to read; the main process reads only the footer."""
+    """Runs of whole row groups (about CHUNK_ROWS rows) for the workers to read; the main process reads the footer."""
     parquet = open_parquet(path, keys)
     check_filter_columns(path, "file", parquet.schema_arrow.names, filters)
     columns = columns_to_read(keys, filters)
@@ -239,7 +252,8 @@ def jsonl_chunks(path: str, skip_bad: bool = False, tail: tuple[int, int] | None
                 block = f.read(size)
                 bytes_left -= len(block)
             except GZIP_ERRORS as e:
-                error = BadRecordError(path, f"line {line_number}", gzip_error_reason(e) + "; the rest of the file is unread")
+                error = BadRecordError(path, f"line {line_number}",
+                                       gzip_error_reason(e) + "; the rest of the file is unread")
                 if not skip_bad:
                     raise error from None
                 yield Chunk(path, line_number, bad_file_reason=str(error))
@@ -341,7 +355,8 @@ def parquet_documents(chunk: Chunk, keys: tuple[str, ...], filters: RecordFilter
     for i in range(table.num_rows):
         row = chunk.first_record + i
         try:
-            if passes_filters(filters, {c: column[i] for c, column in filter_columns.items()}, chunk.path, f"row {row}"):
+            values_of_row = {c: column[i] for c, column in filter_columns.items()}
+            if passes_filters(filters, values_of_row, chunk.path, f"row {row}"):
                 values = [check_string_value(col[i], chunk.path, row, k) for col, k in zip(raw, keys)]
                 result.num_bytes += sum(len(v) for v in values)  # characters; close to bytes for English
                 yield values
@@ -350,7 +365,7 @@ def parquet_documents(chunk: Chunk, keys: tuple[str, ...], filters: RecordFilter
 
 
 def encode_chunk(chunk: Chunk) -> ChunkResult | BadRecordError:
-    """Parse, filter, validate and tokenize one chunk. A bad record is returned (not raised) without --skip-bad-records."""
+    """Parse, filter, validate and tokenize one chunk (without --skip-bad-records, a bad record is returned)."""
     tokenizer: LimeTokenizer = WORKER["tokenizer"]  # type: ignore[assignment]
     keys: tuple[str, ...] = WORKER["keys"]  # type: ignore[assignment]
     filters: RecordFilters = WORKER["filters"]  # type: ignore[assignment]
@@ -376,7 +391,8 @@ def encode_chunk(chunk: Chunk) -> ChunkResult | BadRecordError:
     result.filter_counts = filters.take_counts()
     eod = tokenizer.eos_id if WORKER["append_eod"] else None
     for column in columns:
-        tokens, lengths, num_empty = pack_documents(tokenizer.encode_batch(column), eod, WORKER["dtype"])  # type: ignore[arg-type]
+        encoded = tokenizer.encode_batch(column)
+        tokens, lengths, num_empty = pack_documents(encoded, eod, WORKER["dtype"])  # type: ignore[arg-type]
         result.num_empty += num_empty
         result.tokens.append(tokens)
         result.lengths.append(lengths)
@@ -436,8 +452,8 @@ class Progress:
             if self.documents >= self.next_update:
                 self.next_update = self.documents + self.log_interval
                 elapsed = max(time.perf_counter() - self.start, 1e-9)
-                self.bar.set_postfix_str(f"{self.tokens / elapsed / 1e3:,.0f}k tok/s, {self.bytes / elapsed / 1e6:.1f} MB/s",
-                                         refresh=False)
+                rates = f"{self.tokens / elapsed / 1e3:,.0f}k tok/s, {self.bytes / elapsed / 1e6:.1f} MB/s"
+                self.bar.set_postfix_str(rates, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -461,7 +477,8 @@ def run(args: argparse.Namespace) -> dict:
         everything = sources
         sources = shard_inputs(everything, args.num_shards, args.shard_index)
         names = f" ({sources[0].path} .. {sources[-1].path})" if sources else ""
-        print(f"shard {args.shard_index} of {args.num_shards}: {len(sources)} of {len(everything)} inputs{names}", flush=True)
+        print(f"shard {args.shard_index} of {args.num_shards}: {len(sources)} of {len(everything)} inputs{names}",
+              flush=True)
     # The export check (~0.1 s for a 32k vocabulary) runs once the workers have their first chunks,
     # not before them; an unsupported tokenizer still stops the run before any output gets its name.
     tokenizer = build_tokenizer(TokenizerSpec.from_args(args), check=False)
@@ -553,8 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['empty_skipped']:,} empty documents skipped, {summary['blank_lines']:,} blank lines skipped, "
         f"{summary['bad_records']:,} bad records skipped, "
         + (f"{dropped:,} filtered out, " if filters else "")
-        + f"{seconds:.1f} s ({summary['documents'] / seconds:,.0f} docs/s, {summary['tokens'] / seconds:,.0f} tokens/s, "
-        f"{summary['bytes'] / seconds / 1e6:.1f} MB/s) -> {outputs}"
+        + f"{seconds:.1f} s ({summary['documents'] / seconds:,.0f} docs/s, "
+        f"{summary['tokens'] / seconds:,.0f} tokens/s, {summary['bytes'] / seconds / 1e6:.1f} MB/s) -> {outputs}"
     )
     return 0
 

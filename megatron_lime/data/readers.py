@@ -1,8 +1,9 @@
 """Streaming readers of raw text corpora: JSONL, JSONL.gz, parquet, `datasets` saved to disk, plain text.
 
 Used by tools/preprocess_data.py (which splits the reading into chunks for worker processes)
-and tools/train_tokenizer.py. Every problem with a record raises `BadRecordError`, which names
-the file, the line or row, and what was wrong.
+and tools/train_tokenizer.py; `find_input_files` and `BadRecordError` are shared with the SFT
+readers (sft/readers.py, sft/adapters.py). Every problem with a record raises `BadRecordError`,
+which names the file, the line or row, and what was wrong.
 """
 
 from __future__ import annotations
@@ -11,23 +12,35 @@ import glob
 import gzip
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 # A directory holding one of these was written by `datasets.Dataset.save_to_disk`.
 DATASETS_MARKERS = ("state.json", "dataset_dict.json")
+# JSON files in dataset directories (a hub snapshot) that describe the data rather than hold it.
+METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"})
 
 
 class BadRecordError(ValueError):
-    """A record that cannot be used: where it is and what was wrong."""
+    """A record that cannot be used: where it is (file; line, row, ...) and what was wrong.
 
-    def __init__(self, path: str, location: str, reason: str):
-        super().__init__(f"{path}: {location}: {reason}")
+    Code that sees a row without knowing where it came from (the SFT adapters) raises
+    `BadRecordError.of_row(reason)`; whoever read the row names the file and row when reporting it.
+    """
+
+    def __init__(self, path: str | None, location: str | None, reason: str):
+        super().__init__(": ".join(part for part in (path, location, reason) if part is not None))
         self.path, self.location, self.reason = path, location, reason
+
+    @classmethod
+    def of_row(cls, reason: str) -> "BadRecordError":
+        """A bad row whose file and row the caller adds (the message is the reason alone)."""
+        return cls(None, None, reason)
 
     def __reduce__(self):  # travels from worker processes to the main one
         return type(self), (self.path, self.location, self.reason)
@@ -59,32 +72,65 @@ def is_saved_dataset(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in DATASETS_MARKERS)
 
 
-def find_inputs(pattern: str, allow_text: bool = False) -> list[InputSource]:
-    """Expand --input: a file, a directory (searched recursively, sorted), a glob, or a saved `datasets` dataset."""
-    if is_saved_dataset(pattern):
-        return [InputSource(pattern, "datasets")]
+def _split_pattern(split: str) -> re.Pattern:
+    # "train" matches data/train-0000.parquet, train.jsonl, train/part-0.parquet, but not "pretrain.json".
+    return re.compile(rf"(^|[/\\_.-]){re.escape(split)}([/\\_.-]|$)")
+
+
+def find_input_files(pattern: str, suffixes: Sequence[str], split: str | None = None, flag: str = "") -> list[str]:
+    """The inputs a path names, sorted: the one finder of pretraining, tokenizer training and SFT inputs.
+
+    A file is returned as it is (its type is the caller's to check); a directory written by
+    `datasets.save_to_disk` is returned whole; any other directory is searched recursively for
+    names ending in `suffixes`, skipping hidden names (e.g. .cache/ of huggingface-cli) and the
+    metadata JSON of hub snapshots, and with `split` only the files whose path names that split
+    when there are any (`data/train-00000-of-00001.parquet` for "train"); a glob is each of its
+    matches (files of the suffixes, or directories as above). Raises FileNotFoundError naming
+    the path (after `flag`, e.g. "--input ") when nothing is found.
+    """
+    suffixes = tuple(suffixes)
+    if is_saved_dataset(pattern) or os.path.isfile(pattern):
+        return [pattern]
     if os.path.isdir(pattern):
-        candidates = sorted(os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names)
-    elif os.path.isfile(pattern):
-        candidates = [pattern]
-    else:
-        candidates = sorted(glob.glob(pattern, recursive=True))
-        if not candidates:
-            raise FileNotFoundError(f"--input {pattern}: no such file, directory or glob match")
+        found = []
+        for root, dirs, names in os.walk(pattern):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.join(root, name) for name in names
+                      if name.endswith(suffixes) and not name.startswith(".") and name not in METADATA_FILES]
+        found.sort()
+        if split is not None:
+            of_split = [f for f in found if _split_pattern(split).search(os.path.relpath(f, pattern))]
+            found = of_split or found
+        if not found:
+            raise FileNotFoundError(f"{flag}{pattern}: no data files ({', '.join(suffixes)}) in this directory")
+        return found
+    matches = sorted(glob.glob(pattern, recursive=True))
+    if not matches:
+        raise FileNotFoundError(f"{flag}{pattern}: no such file, directory or glob match")
+    files: list[str] = []
+    for match in matches:
+        if os.path.isdir(match):
+            files += find_input_files(match, suffixes, split, flag)
+        elif match.endswith(suffixes):
+            files.append(match)
+    if not files:
+        raise FileNotFoundError(f"{flag}{pattern}: no data files ({', '.join(suffixes)}) among the matches")
+    return files
+
+
+def find_inputs(pattern: str, allow_text: bool = False) -> list[InputSource]:
+    """Expand --input (find_input_files) into typed sources; tokenizer training also reads .txt (allow_text)."""
+    suffixes = JSONL_SUFFIXES + PARQUET_SUFFIXES + (TEXT_SUFFIXES if allow_text else ())
     sources = []
-    for path in candidates:
+    for path in find_input_files(pattern, suffixes, flag="--input "):
+        if is_saved_dataset(path):
+            sources.append(InputSource(path, "datasets"))
+            continue
         kind = file_kind(path)
-        if kind == "text" and not allow_text:
-            kind = None
-        if kind is not None:
-            sources.append(InputSource(path, kind))
-        elif path == pattern:
-            raise ValueError(
-                f"{path}: unsupported input type (expected {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}"
-                f"{', ' + ', '.join(TEXT_SUFFIXES) if allow_text else ''}, or a dataset saved with datasets.save_to_disk)"
-            )
-    if not sources:
-        raise FileNotFoundError(f"--input {pattern}: no JSONL, JSONL.gz or parquet files found")
+        if kind is None or (kind == "text" and not allow_text):
+            raise ValueError(f"{path}: unsupported input type (expected {', '.join(suffixes)}, "
+                             "or a dataset saved with datasets.save_to_disk)")
+        sources.append(InputSource(path, kind))
     return sources
 
 
@@ -131,10 +177,12 @@ def jsonl_values(record: dict, path: str, line_number: int, keys: tuple[str, ...
     values = []
     for key in keys:
         if key not in record:
-            raise BadRecordError(path, f"line {line_number}", f"missing key {key!r} (keys: {', '.join(list(record)[:10])})")
+            raise BadRecordError(path, f"line {line_number}",
+                                 f"missing key {key!r} (keys: {', '.join(list(record)[:10])})")
         value = record[key]
         if not isinstance(value, str):
-            raise BadRecordError(path, f"line {line_number}", f"key {key!r} is {type(value).__name__}, expected a string")
+            raise BadRecordError(path, f"line {line_number}",
+                                 f"key {key!r} is {type(value).__name__}, expected a string")
         values.append(value)
     return tuple(values)
 
@@ -172,10 +220,12 @@ def load_saved_dataset(path: str, keys: tuple[str, ...]):
         elif len(dataset) == 1:
             dataset = next(iter(dataset.values()))
         else:
-            raise ValueError(f"{path}: a DatasetDict with splits {list(dataset)}; point --input at one split's directory")
+            raise ValueError(f"{path}: a DatasetDict with splits {list(dataset)}; "
+                             "point --input at one split's directory")
     for key in keys:
         if key not in dataset.column_names:
-            raise BadRecordError(path, "dataset", f"missing column {key!r} (columns: {', '.join(dataset.column_names)})")
+            raise BadRecordError(path, "dataset",
+                                 f"missing column {key!r} (columns: {', '.join(dataset.column_names)})")
     return dataset
 
 

@@ -69,14 +69,14 @@ def build_loader(dataset: Dataset, sampler: MicroBatchSampler, num_workers: int,
                       persistent_workers=False)
 
 
-def build_datasets(args: TrainArgs, num_samples: tuple[int, int, int], pad_id: int, eod_id: int | None):
-    """(train, valid, test) for --dataset-type gpt or sft (megatron_lime/data/builder.py); None for an empty split.
+def dataset_spec(args: TrainArgs, num_samples: tuple[int, int, int], pad_id: int, eod_id: int | None):
+    """(dataset type, DatasetConfig) of a run for megatron_lime.data.builder.build_datasets, the one entry point.
 
-    Every token id is checked against the model's vocabulary here, when the data is opened, so a
-    dataset made with another tokenizer fails now with its file named, not inside a training step.
+    --dataset-type gpt or sft; vocab_size is the model's, so every token id is checked when the data is opened
+    and a dataset made with another tokenizer fails then with its file named, not inside a training step.
     eod_id: SFT examples must end with it (pretraining data has its <eos> in the .bin already).
     """
-    from megatron_lime.data.builder import DatasetConfig, build_datasets as build
+    from megatron_lime.data.builder import DatasetConfig
 
     data = args.data
     if not data.data_path:
@@ -87,11 +87,11 @@ def build_datasets(args: TrainArgs, num_samples: tuple[int, int, int], pad_id: i
     if data.dataset_type == "gpt":
         from megatron_lime.data.gpt_dataset import GPTDataset
 
-        return build(GPTDataset, config)
-    from megatron_lime.data.sft.dataset import SFTDataset
+        return GPTDataset, config
+    from megatron_lime.data.sft.dataset import SFTDataset, SFTOptions
 
-    config.options = dict(eod_id=eod_id, packed=data.sft_packing, pad_id=pad_id)
-    return build(SFTDataset, config)
+    config.options = SFTOptions(eod_id=eod_id, packed=data.sft_packing, pad_id=pad_id)
+    return SFTDataset, config
 
 
 MODEL_INPUTS = ("input_ids", "labels", "loss_mask", "position_ids", "document_ids")

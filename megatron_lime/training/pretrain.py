@@ -30,13 +30,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_lime.config import LimeConfig
+from megatron_lime.data.builder import build_datasets
 from megatron_lime.evaluation.in_training import TaskEvaluator
 from megatron_lime.model import LimeModel
 from megatron_lime.checkpoint import (LoadSource, check_model_matches, check_schedule, holds_checkpoint,
                                       load_consolidated, resolve_load)
 from megatron_lime.training.checkpointing import Checkpointer, TrainState
 from megatron_lime.training.config import TrainArgs, parse_training_args, train_iters
-from megatron_lime.training.data import MicroBatchSampler, build_datasets, build_loader, to_device
+from megatron_lime.training.data import MicroBatchSampler, build_loader, dataset_spec, to_device
 from megatron_lime.training.failures import TerminationRequest, inject_fault, run_guarded
 from megatron_lime.training.metrics import MetricsLogger, StepMetrics, cpu_peak_rss_gib, peak_memory_gib, peak_tflops_for
 from megatron_lime.training.schedule import lr_for_config, schedule_record
@@ -285,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
 
     global_batch = args.training.global_batch_size
     eval_samples = args.logging.eval_iters * global_batch if args.logging.eval_interval else 0
-    train_set, valid_set, _ = build_datasets(args, (total_iters * global_batch, eval_samples, eval_samples),
-                                             pad_id=tokenizer.pad_id, eod_id=tokenizer.eos_id)
+    num_samples = (total_iters * global_batch, eval_samples, eval_samples)
+    train_set, valid_set, _ = build_datasets(*dataset_spec(args, num_samples, pad_id=tokenizer.pad_id,
+                                                           eod_id=tokenizer.eos_id))
     if train_set is None:
         raise ValueError(f"--data-path {args.data.data_path} with --split {args.data.split} gives no training samples")
 

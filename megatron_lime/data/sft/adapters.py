@@ -23,31 +23,29 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+from megatron_lime.data.readers import BadRecordError
 from megatron_lime.data.sft.template import SFTExample, Turn
-
-
-class BadRecordError(ValueError):
-    """A row that cannot become an example; the message says what is wrong with it."""
 
 
 def text_field(row: Mapping[str, Any], column: str, *, required: bool = True, allow_numbers: bool = False) -> str:
     """The stripped text of `row[column]`; "" when optional and missing or null."""
     if column not in row:
         if required:
-            raise BadRecordError(f"missing column {column!r} (columns present: {', '.join(sorted(row)) or 'none'})")
+            present = ", ".join(sorted(row)) or "none"
+            raise BadRecordError.of_row(f"missing column {column!r} (columns present: {present})")
         return ""
     value = row[column]
     if value is None:
         if required:
-            raise BadRecordError(f"column {column!r} is null")
+            raise BadRecordError.of_row(f"column {column!r} is null")
         return ""
     if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise BadRecordError(f"column {column!r} should be text, got {type(value).__name__}: {value!r:.80}")
+        raise BadRecordError.of_row(f"column {column!r} should be text, got {type(value).__name__}: {value!r:.80}")
     text = value.strip()
     if required and not text:
-        raise BadRecordError(f"column {column!r} is empty")
+        raise BadRecordError.of_row(f"column {column!r} is empty")
     return text
 
 
@@ -62,16 +60,17 @@ def conversation_to_example(messages: Any, role_key: str = "role", content_key: 
                             column: str = "messages") -> SFTExample:
     """Turn a list of {role, content} messages into an example (rules in the module docstring)."""
     if not isinstance(messages, (list, tuple)):
-        raise BadRecordError(f"column {column!r} should be a list of messages, got {type(messages).__name__}")
+        raise BadRecordError.of_row(f"column {column!r} should be a list of messages, got {type(messages).__name__}")
     merged: list[tuple[str, str]] = []  # (role, text), consecutive same roles joined
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise BadRecordError(f"{column}[{i}] should be a mapping with {role_key!r} and {content_key!r}, "
-                                 f"got {type(message).__name__}")
+            raise BadRecordError.of_row(f"{column}[{i}] should be a mapping with {role_key!r} and {content_key!r}, "
+                                        f"got {type(message).__name__}")
         raw_role = message.get(role_key)
         role = ROLE_ALIASES.get(str(raw_role).strip().lower()) if raw_role is not None else None
         if role is None:
-            raise BadRecordError(f"{column}[{i}] has unknown role {raw_role!r} (known: {', '.join(ROLE_ALIASES)})")
+            raise BadRecordError.of_row(f"{column}[{i}] has unknown role {raw_role!r} "
+                                        f"(known: {', '.join(ROLE_ALIASES)})")
         content = text_field(message, content_key)  # raises on missing / empty content
         if merged and merged[-1][0] == role:
             merged[-1] = (role, merged[-1][1] + "\n\n" + content)
@@ -86,11 +85,11 @@ def conversation_to_example(messages: Any, role_key: str = "role", content_key: 
     if merged and merged[-1][0] == "user":
         merged.pop()  # a question without a reply: nothing to train on
     if not merged or merged[0][0] != "user":
-        raise BadRecordError(f"column {column!r} has no user message followed by an assistant reply")
+        raise BadRecordError.of_row(f"column {column!r} has no user message followed by an assistant reply")
     turns = []
     for (user_role, user_text), (reply_role, reply_text) in zip(merged[0::2], merged[1::2]):
         if user_role != "user" or reply_role != "assistant":
-            raise BadRecordError(f"column {column!r}: a system message after the first turn is not supported")
+            raise BadRecordError.of_row(f"column {column!r}: a system message after the first turn is not supported")
         turns.append(Turn(user=user_text, assistant=reply_text))
     return SFTExample(turns=tuple(turns), context=context)
 
@@ -129,7 +128,7 @@ class DollyAdapter(Adapter):
         context = strip_citation_markers(text_field(row, "context", required=False))
         response = strip_citation_markers(text_field(row, "response"))
         if not response:
-            raise BadRecordError("column 'response' is empty once citation markers are removed")
+            raise BadRecordError.of_row("column 'response' is empty once citation markers are removed")
         return SFTExample(turns=(Turn(text_field(row, "instruction"), response),), context=context or None)
 
 
@@ -159,7 +158,7 @@ class NoRobotsAdapter(Adapter):
 
     def convert(self, row: Mapping[str, Any]) -> SFTExample:
         if "messages" not in row:
-            raise BadRecordError(f"missing column 'messages' (columns present: {', '.join(sorted(row))})")
+            raise BadRecordError.of_row(f"missing column 'messages' (columns present: {', '.join(sorted(row))})")
         return conversation_to_example(row["messages"])
 
 
@@ -208,7 +207,7 @@ class DahoasPairwiseAdapter(Adapter):
     def convert(self, row: Mapping[str, Any]) -> SFTExample:
         prompt = HH_SUFFIX.sub("", HH_PREFIX.sub("", text_field(row, "prompt")))
         if not prompt:
-            raise BadRecordError("column 'prompt' is empty once Human:/Assistant: tags are removed")
+            raise BadRecordError.of_row("column 'prompt' is empty once Human:/Assistant: tags are removed")
         return SFTExample(turns=(Turn(prompt, text_field(row, "chosen")),))
 
 

@@ -1,7 +1,8 @@
 """SFT datasets for the training loop: packed (or padded) sequences of whole examples.
 
-    train, valid, test = build_sft_datasets(["data/sft/lime_sft_text_document"], "969,30,1",
-                                            seq_length=512, seed=1234, num_samples=(n_train, n_valid, n_test))
+    train, valid, test = build_datasets(SFTDataset, DatasetConfig(
+        data_path=["data/sft/lime_sft_text_document"], split="969,30,1", seq_length=512, seed=1234,
+        num_samples=(n_train, n_valid, n_test), options=SFTOptions(eod_id=tokenizer.eos_id)))
 
 Item k is a dict of (seq_length,) tensors:
   input_ids     LongTensor   the examples' tokens back to back, then pad_id
@@ -13,7 +14,7 @@ Item k is a dict of (seq_length,) tensors:
 An example of n tokens takes n - 1 positions (its final <eos> is a target, never an input),
 is never split across sequences, and attends only to itself when the model is given
 document_ids. Packing is best-fit over a window of open sequences, in a seeded random order
-that changes every epoch; `packed=False` puts one example in each padded sequence.
+that changes every epoch; `SFTOptions(packed=False)` puts one example in each padded sequence.
 The train/valid/test split is a seeded permutation of each dataset's examples, cut by the
 split weights, so every split draws from the whole mixture. The --data-path blend (`PREFIX`,
 `A B`, `W1 A W2 B`, a file listing them), blending and the cache of sequence plans are the
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import logging
 import os
 from dataclasses import dataclass
 
@@ -33,17 +33,28 @@ import torch
 from torch.utils.data import Dataset
 
 from megatron_lime.data.builder import (INDEX_FORMAT_VERSION, SPLIT_NAMES, DatasetConfig, IndexCache,
-                                        build_datasets, check_token_ids, parse_split)
+                                        check_token_ids, parse_split)
 from megatron_lime.data.indexed_dataset import IndexedDataset
-from megatron_lime.data.sft.preprocess import loss_mask_prefix_for
-
-logger = logging.getLogger(__name__)
+from megatron_lime.data.sft.preprocess import SFTDataError, loss_mask_prefix_for
 
 OPEN_SEQUENCES = 256  # best-fit window: sequences still being filled
 
 
-class SFTDatasetError(ValueError):
-    """SFT data that cannot be used as asked (mismatched files, examples longer than the sequence)."""
+@dataclass(frozen=True, kw_only=True)
+class SFTOptions:
+    """SFTDataset's own settings, passed to the builder as DatasetConfig.options (the trainer fills them in)."""
+
+    eod_id: int | None = None  # when given, every example must end with it (catches data made with another tokenizer)
+    packed: bool = True  # best-fit packing of whole examples; False: one example per padded sequence
+    pad_id: int = 0  # fills the rest of a sequence
+
+
+def sft_options(config: DatasetConfig) -> SFTOptions:
+    if config.options is None:
+        return SFTOptions()
+    if not isinstance(config.options, SFTOptions):
+        raise TypeError(f"SFTDataset takes DatasetConfig.options=SFTOptions(...), not {type(config.options).__name__}")
+    return config.options
 
 
 class SFTExampleSource:
@@ -56,24 +67,24 @@ class SFTExampleSource:
         self.tokens = IndexedDataset(text_prefix, vocab_size=vocab_size)
         self.loss_masks = IndexedDataset(self.mask_prefix)
         if self.loss_masks.dtype != np.uint8:
-            raise SFTDatasetError(f"{self.mask_prefix}: loss masks must be uint8, got {np.dtype(self.loss_masks.dtype)}")
+            raise SFTDataError(f"{self.mask_prefix}: loss masks must be uint8, got {np.dtype(self.loss_masks.dtype)}")
         if vocab_size is not None:
             check_token_ids(self.tokens, vocab_size, cache_dir)
         if self.loss_masks.max_token_id() > 1:
-            raise SFTDatasetError(f"{self.loss_masks.bin_path}: loss mask values must be 0 or 1, found "
+            raise SFTDataError(f"{self.loss_masks.bin_path}: loss mask values must be 0 or 1, found "
                                   f"{self.loss_masks.max_token_id()}: corrupt or not a loss mask")
         if not np.array_equal(self.tokens.sequence_lengths, self.loss_masks.sequence_lengths):
-            raise SFTDatasetError(f"{text_prefix} and {self.mask_prefix} do not describe the same examples "
+            raise SFTDataError(f"{text_prefix} and {self.mask_prefix} do not describe the same examples "
                                   f"({len(self.tokens)} vs {len(self.loss_masks)} sequences, or different lengths)")
         if len(self.tokens) == 0:
-            raise SFTDatasetError(f"{text_prefix}: no examples")
+            raise SFTDataError(f"{text_prefix}: no examples")
         self.lengths = np.asarray(self.tokens.sequence_lengths, dtype=np.int64)
         if eod_id is not None:
             last = np.array([self.tokens.get(i, offset=int(n) - 1)[0] if n else -1
                              for i, n in enumerate(self.lengths)])  # (n_examples,) last token of each
             wrong = np.flatnonzero(last != eod_id)
             if wrong.size:
-                raise SFTDatasetError(f"{text_prefix}: {wrong.size} example(s) (first: #{wrong[0]}) do not end with "
+                raise SFTDataError(f"{text_prefix}: {wrong.size} example(s) (first: #{wrong[0]}) do not end with "
                                       f"eod id {eod_id}: made with another tokenizer?")
 
     def __len__(self) -> int:
@@ -176,13 +187,13 @@ class SFTDataset(Dataset):
         positions = source.lengths - 1  # (n_examples,) positions each example takes
         too_long = example_ids[positions[example_ids] > seq_length]
         if too_long.size:
-            raise SFTDatasetError(
+            raise SFTDataError(
                 f"{source.text_prefix}: {too_long.size} example(s) need more than seq_length={seq_length} positions "
                 f"(example #{too_long[0]} has {source.lengths[too_long[0]]} tokens); preprocess with "
                 f"tools/preprocess_sft_data.py --seq-length {seq_length}"
             )
         if np.any(positions[example_ids] < 1):
-            raise SFTDatasetError(f"{source.text_prefix}: an example has fewer than 2 tokens")
+            raise SFTDataError(f"{source.text_prefix}: an example has fewer than 2 tokens")
         description = {
             "class": "SFTDataset", "format_version": INDEX_FORMAT_VERSION,
             "prefix": os.path.abspath(source.text_prefix), "content_fingerprint": source.fingerprint(),
@@ -238,8 +249,7 @@ class SFTDataset(Dataset):
 
     @classmethod
     def open(cls, prefix: str, config: DatasetConfig) -> SFTExampleSource:
-        return SFTExampleSource(prefix, (config.options or {}).get("eod_id"), config.vocab_size,
-                                config.cache_dir_for(prefix))
+        return SFTExampleSource(prefix, sft_options(config).eod_id, config.vocab_size, config.cache_dir_for(prefix))
 
     @classmethod
     def split(cls, source: SFTExampleSource, fractions: list[float], config: DatasetConfig) -> list[np.ndarray | None]:
@@ -249,30 +259,6 @@ class SFTDataset(Dataset):
     @classmethod
     def build(cls, source: SFTExampleSource, example_ids: np.ndarray, split_index: int, num_samples: int,
               config: DatasetConfig) -> "SFTDataset":
-        options = config.options or {}
+        options = sft_options(config)
         return cls(source, example_ids, config.seq_length, config.seed + split_index, num_samples,
-                   options.get("packed", True), options.get("pad_id", 0), config.cache_dir_for(source.text_prefix),
-                   SPLIT_NAMES[split_index])
-
-
-def build_sft_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
-                       num_samples: tuple[int, int, int], cache_path: str | None = None,
-                       eod_id: int | None = None, *, packed: bool = True, pad_id: int = 0,
-                       vocab_size: int | None = None) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
-    """Train / valid / test datasets of SFT sequences (see the module docstring); None for an empty split.
-
-    data_path: a blend (builder.parse_data_path) of "PREFIX_text_document" prefixes as written by
-        tools/preprocess_sft_data.py (the loss mask is read from the matching _loss_mask_document).
-    split: Megatron's split weights, e.g. "969,30,1", applied to each dataset's examples.
-    num_samples: sequences wanted per split; each dataset repeats epochs (reshuffled) until it has
-        at least that many. 0 means one epoch.
-    cache_path: where sequence plans are cached (default: `index-cache/` next to each dataset).
-    eod_id: when given, every example must end with it (catches data made with another tokenizer).
-    vocab_size: when given, every token id is checked to be below it.
-    """
-    train, valid, test = results = build_datasets(SFTDataset, DatasetConfig(
-        data_path=data_path, split=split, seq_length=seq_length, seed=seed, num_samples=num_samples,
-        cache_path=cache_path, vocab_size=vocab_size, options=dict(eod_id=eod_id, packed=packed, pad_id=pad_id)))
-    logger.info("SFT datasets: %s", ", ".join(f"{n}={len(d) if d is not None else 0}"
-                                              for n, d in zip(SPLIT_NAMES, results)))
-    return train, valid, test
+                   options.packed, options.pad_id, config.cache_dir_for(source.text_prefix), SPLIT_NAMES[split_index])

@@ -24,12 +24,14 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from megatron_lime.data.indexed_dataset import (DatasetWriteError, IndexedDatasetError, IndexedDatasetWriter, best_dtype,
-                                                written_together)
-from megatron_lime.data.sft.adapters import BadRecordError, get_adapter
+from megatron_lime.data.indexed_dataset import (DatasetWriteError, IndexedDatasetError, IndexedDatasetWriter,
+                                                best_dtype, written_together)
+from megatron_lime.data.readers import BadRecordError
+from megatron_lime.data.sft.adapters import get_adapter
 from megatron_lime.data.sft.mixture import Mixture, MixtureEntry, MixtureError, load_mixture
 from megatron_lime.data.sft.readers import DataFileError, RowLocation, iter_rows, unreadable_reason
-from megatron_lime.data.sft.template import OVER_LENGTH_POLICIES, SFTExample, SFTTokenizer, TemplateIds, encode_examples, render
+from megatron_lime.data.sft.template import (OVER_LENGTH_POLICIES, SFTExample, SFTTokenizer, TemplateIds,
+                                             encode_examples, render)
 from megatron_lime.files import write_json
 from megatron_lime.tokenizer import TokenizerSpec, add_tokenizer_args, build_tokenizer, describe_added_chat_tokens
 
@@ -40,7 +42,9 @@ BAD_RECORDS_SHOWN = 5  # skipped bad rows whose reason is logged, per dataset
 
 
 class SFTDataError(ValueError):
-    """A bad row, when bad rows are not skipped: names the dataset, the file and the row."""
+    """SFT data that cannot be used, in one line: a bad row when bad rows are not skipped (names the dataset,
+    the file and the row), a mixture without examples, or a preprocessed pair the datasets cannot use
+    (mismatched text and loss-mask files, examples longer than the sequence)."""
 
 
 def text_prefix(output_prefix: str) -> str:
@@ -112,7 +116,7 @@ def _read_examples(entry: MixtureEntry, summary: DatasetSummary, skip_bad_record
         try:
             example = adapter.convert(row)
         except BadRecordError as e:
-            bad(location, str(e))
+            bad(location, e.reason)
             continue
         if example is None:
             summary.filtered += 1
@@ -271,17 +275,23 @@ Exit status: 0 on success, 1 on any data or configuration error.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=COMMAND_LINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=COMMAND_LINE_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixture", required=True, help="Mixture YAML (datasets, paths, splits, caps, weights, seed).")
     add_tokenizer_args(parser)  # <user>, <assistant>, <context> are added as new ids when the tokenizer lacks them
     parser.add_argument("--output-prefix", required=True,
-                        help="Writes PREFIX_text_document.{bin,idx}, PREFIX_loss_mask_document.{bin,idx}, PREFIX_summary.json.")
-    parser.add_argument("--data-root", default=None, help="Resolve the mixture's relative paths against this directory.")
+                        help="Writes PREFIX_text_document.{bin,idx}, PREFIX_loss_mask_document.{bin,idx}, "
+                             "PREFIX_summary.json.")
+    parser.add_argument("--data-root", default=None,
+                        help="Resolve the mixture's relative paths against this directory.")
     parser.add_argument("--seq-length", type=int, default=None,
-                        help="Training sequence length (overrides the mixture's); examples may have seq_length + 1 tokens.")
+                        help="Training sequence length (overrides the mixture's); examples may have seq_length + 1 "
+                             "tokens.")
     parser.add_argument("--over-length", choices=OVER_LENGTH_POLICIES, default=None,
-                        help="Longer examples: drop, or truncate (context first, then trailing turns). Overrides the mixture's.")
-    parser.add_argument("--seed", type=int, default=None, help="Seed of caps, fractional weights and the shuffle (overrides the mixture's).")
+                        help="Longer examples: drop, or truncate (context first, then trailing turns). Overrides the "
+                             "mixture's.")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Seed of caps, fractional weights and the shuffle (overrides the mixture's).")
     parser.add_argument("--skip-bad-records", action="store_true",
                         help="Skip rows that cannot become examples and count them, instead of stopping.")
     parser.add_argument("--quiet", action="store_true", help="No progress bars (the summary is still printed).")
@@ -316,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: {message}")
     seconds = time.perf_counter() - start
     examples, tokens = sum(s.written for s in summaries), sum(s.tokens for s in summaries)
-    print(f"\nwrote {text_prefix(args.output_prefix)}.{{bin,idx}} and {loss_mask_prefix(args.output_prefix)}.{{bin,idx}} "
+    print(f"\nwrote {text_prefix(args.output_prefix)}.{{bin,idx}} and "
+          f"{loss_mask_prefix(args.output_prefix)}.{{bin,idx}} "
           f"in {seconds:.1f} s ({examples / seconds:,.0f} examples/s, {tokens / seconds:,.0f} tokens/s)")
     return 0
 

@@ -1,28 +1,24 @@
 """Read the rows of a dataset as users download it: parquet, JSONL, JSON, or `datasets` saved to disk.
 
-A path is a file, a directory or a glob. A directory written by `Dataset.save_to_disk` /
-`DatasetDict.save_to_disk` is loaded with `datasets.load_from_disk`; any other directory (a hub
-snapshot, say) is searched recursively for data files, and when a split is named only the files
-whose path names that split are read (`data/train-00000-of-00001.parquet` for split "train"),
-as the hub lays them out.
+A path is a file, a directory or a glob, found by the one input finder (readers.find_input_files,
+shared with pretraining). A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
+is loaded with `datasets.load_from_disk`; any other directory (a hub snapshot, say) is searched
+recursively for data files, and when a split is named only the files whose path names that split
+are read (`data/train-00000-of-00001.parquet` for split "train"), as the hub lays them out.
 
 Every row comes with its location (file and row number) so errors can name it.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from megatron_lime.data.readers import GZIP_ERRORS, gzip_error_reason, is_saved_dataset
+from megatron_lime.data.readers import GZIP_ERRORS, find_input_files, gzip_error_reason
 
 DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
-# JSON files in dataset directories that describe the data rather than hold it.
-METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"})
 
 
 @dataclass(frozen=True)
@@ -47,43 +43,9 @@ def _open_text(path: str):
     return open(path, encoding="utf-8")
 
 
-def _split_pattern(split: str) -> re.Pattern:
-    # "train" matches data/train-0000.parquet, train.jsonl, train/part-0.parquet, but not "pretrain.json".
-    return re.compile(rf"(^|[/\\_.-]){re.escape(split)}([/\\_.-]|$)")
-
-
-def resolve_data_files(path: str, split: str | None = None) -> list[str]:
-    """The data files (or one saved-dataset directory) a path names, sorted; raises when there are none."""
-    if is_saved_dataset(path):
-        return [path]
-    if os.path.isfile(path):
-        return [path]
-    if os.path.isdir(path):
-        found = []
-        for root, dirs, names in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # e.g. .cache/ of huggingface-cli
-            found += [os.path.join(root, name) for name in names
-                      if name.endswith(DATA_SUFFIXES) and not name.startswith(".") and name not in METADATA_FILES]
-        found.sort()
-        if split is not None:
-            pattern = _split_pattern(split)
-            of_split = [f for f in found if pattern.search(os.path.relpath(f, path))]
-            found = of_split or found
-        if not found:
-            raise DataFileError(f"{path}: no data files ({', '.join(DATA_SUFFIXES)}) in this directory")
-        return found
-    matches = sorted(glob.glob(path, recursive=True))
-    if not matches:
-        raise DataFileError(f"{path}: no such file, directory or glob match")
-    files: list[str] = []
-    for match in matches:
-        files.extend(resolve_data_files(match, split) if os.path.isdir(match) else [match])
-    return files
-
-
 def iter_rows(path: str, split: str | None = None) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
     """Every row of every file `path` names, with its location."""
-    for file in resolve_data_files(path, split):
+    for file in find_input_files(path, DATA_SUFFIXES, split):
         yield from iter_file_rows(file, split)
 
 
@@ -131,7 +93,8 @@ def _iter_json_lines(file: str) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
                     yield location, record
                 row += 1
     except GZIP_ERRORS as e:  # a damaged .gz: one bad row stands for the rest of the file
-        yield RowLocation(file, row, line_number + 1), _Unreadable(gzip_error_reason(e) + "; the rest of the file is unread")
+        reason = gzip_error_reason(e) + "; the rest of the file is unread"
+        yield RowLocation(file, row, line_number + 1), _Unreadable(reason)
 
 
 def _iter_json(file: str, split: str | None = None) -> Iterator[tuple[RowLocation, dict[str, Any]]]:

@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_lime.config import LimeConfig
-from megatron_lime.evaluation.in_training import TaskEvaluator
+from megatron_lime.evaluation.in_training import task_evaluator as TaskEvaluator
 from megatron_lime.model import LimeModel
-from megatron_lime.checkpoint import (LoadSource, check_model_matches, check_schedule, holds_checkpoint,
-                                      load_consolidated, resolve_load)
-from megatron_lime.training.checkpointing import Checkpointer, TrainState
+from megatron_lime.checkpoint import LoadSource, holds_checkpoint, resolve_load
+from megatron_lime.checkpoint import read_consolidated as load_consolidated
+from megatron_lime.training.checkpointing import Checkpointer, TrainState, check_model_matches, check_schedule
 from megatron_lime.training.config import TrainArgs, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler, build_datasets, build_loader, to_device
 from megatron_lime.training.failures import TerminationRequest, inject_fault, run_guarded

@@ -5,9 +5,9 @@ The folder loads with no network through
     AutoTokenizer.from_pretrained(path)
     AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, trust_remote_code=True)
 
-and holds: config.json (model_type "lime", auto_map, tie_word_embeddings), configuration_lime.py
-and modeling_lime.py (standalone, copied from hf_files/), model.safetensors (the tied embedding
-stored once, names from weight_map.py), generation_config.json, the tokenizer files with the
+and holds: config.json (model_type "lime", auto_map, tie_word_embeddings), configuration_lime.py,
+modeling_lime.py and integrity_lime.py (standalone, copied from hf_files/), model.safetensors (the
+tied embedding stored once, names from weight_map.py), generation_config.json, the tokenizer files with the
 chat template, README.md (a model card filled from the run) and lime_run.json (the run's record,
 so `--from-hf` can give training its history back, and the content hash of every other file, which
 modeling_lime.py checks in `from_pretrained` and megatron_lime's readers check before use).
@@ -31,7 +31,7 @@ from megatron_lime.files import atomic_directory, read_json, write_json, write_t
 logger = logging.getLogger(__name__)
 
 HF_FILES_DIR = Path(__file__).parent / "hf_files"
-REMOTE_CODE_FILES = ("configuration_lime.py", "modeling_lime.py")
+REMOTE_CODE_FILES = ("configuration_lime.py", "modeling_lime.py", "integrity_lime.py")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The transformers versions modeling_lime.py is written for (see its docstring).
 SUPPORTED_TRANSFORMERS = ">=4.56, <=5.24"

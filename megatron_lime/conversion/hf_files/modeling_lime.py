@@ -17,18 +17,14 @@ Supported transformers versions: 4.56 to 5.24. Differences handled here:
   - `_tied_weights_keys` is a dict {tied: source} in 5.x and a list in 4.x.
 Only `Cache` objects are accepted (DynamicCache is created when none is given); legacy tuples are not.
 
-Integrity: `from_pretrained` on a local folder first checks every file that the export's record
-(lime_run.json, "files": {name: "sha256:<hex>"}) lists against its hash, and stops with one line
-naming the file, the expected and the found hash. A folder without a record loads after one warning.
-(The same check as megatron_lime.checkpoint.integrity, written out again: this file must stand alone.)
+Integrity: `from_pretrained` on a local folder first checks every file of the export against the hash
+its record lists (integrity_lime.py), and stops with one line naming the file, the expected and the
+found hash.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -40,43 +36,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_lime import LimeConfig
-
-logger = transformers.logging.get_logger(__name__)
-
-EXPORT_RECORD = "lime_run.json"  # the run's record; its "files" entry holds every other file's content hash
-_HASH_CHUNK = 16 << 20
-
-
-def _file_hash(path: str, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return f"{algorithm}:{digest.hexdigest()}"
-
-
-def verify_export(folder: str) -> bool:
-    """Check the files of an export folder against the hashes in its lime_run.json (ValueError, one line, at the
-    first bad file); False, after a warning, when there is no record to check against."""
-    record_path = os.path.join(folder, EXPORT_RECORD)
-    try:
-        with open(record_path, encoding="utf-8") as handle:
-            files = json.load(handle).get("files")
-    except (OSError, ValueError, AttributeError):
-        files = None
-    if not isinstance(files, dict):
-        logger.warning("%s: no content hashes recorded (%s): loading it unverified", folder, EXPORT_RECORD)
-        return False
-    for name, expected in sorted(files.items()):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: missing ({EXPORT_RECORD} lists it with {expected})")
-        found = _file_hash(path, str(expected).partition(":")[0])
-        if found != expected:
-            raise ValueError(f"{path}: content hash mismatch: expected {expected}, found {found} "
-                             f"(the file changed after it was saved)")
-    return True
-
+from .integrity_lime import verify_local_export
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 # transformers 5.24 renamed the output field `past_key_values` to `cache`; generate reads whichever exists.
@@ -180,9 +140,8 @@ class LimePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' from_pretrained, after verify_export on a local folder."""
-        if pretrained_model_name_or_path is not None and os.path.isdir(str(pretrained_model_name_or_path)):
-            verify_export(str(pretrained_model_name_or_path))
+        """transformers' from_pretrained, after the files of a local export folder are checked (integrity_lime.py)."""
+        verify_local_export(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 

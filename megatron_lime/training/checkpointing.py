@@ -227,7 +227,8 @@ class Checkpointer:
 
         record = integrity.record_of(source.meta)
         if record is None:
-            integrity.warn_unverified(source.tag_dir)
+            if self.rank == 0:
+                integrity.warn_unverified(source.tag_dir)
             return
         names = sorted(record) if names is None else names
         problem = None

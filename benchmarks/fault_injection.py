@@ -509,21 +509,23 @@ def _flipped_export(ws, folder):
     return Run(from_pretrained(export), folder, env={"HF_HUB_OFFLINE": "1"})
 
 
-@case("from_pretrained: truncated export model.safetensors")
-def _truncated_export(ws, folder):
+def truncated_export(ws: Workspace, folder: str) -> str:
+    """A copy of the export whose model.safetensors lost its last quarter."""
     export = ws.copy_of(ws.export, folder, "hf")
     path = os.path.join(export, "model.safetensors")
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) * 3 // 4])
-    return Run(from_pretrained(export), folder, env={"HF_HUB_OFFLINE": "1"})
+    return export
+
+
+@case("from_pretrained: truncated export model.safetensors")
+def _truncated_export(ws, folder):
+    return Run(from_pretrained(truncated_export(ws, folder)), folder, env={"HF_HUB_OFFLINE": "1"})
 
 
 @case("convert --from-hf: truncated export model.safetensors")
 def _truncated_export_import(ws, folder):
-    export = ws.copy_of(ws.export, folder, "hf")
-    path = os.path.join(export, "model.safetensors")
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) * 3 // 4])
+    export = truncated_export(ws, folder)
     return Run(tool("convert_to_hf", "--from-hf", "--load", export, "--output", os.path.join(folder, "back")), folder)
 
 

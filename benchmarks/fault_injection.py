@@ -9,11 +9,14 @@ message (the last `SomethingError: ...` line, or the last line printed), and the
 the run left in its output folder and processes still alive in its process group. A case is one
 function registered with @case that builds its inputs in a scratch folder and returns a `Run`;
 to add one, write another such function. CPU only, lime-tiny; about 15 s per training case on 2 cores.
+The tiny corpus, tokenizer and dataset are made with the package's own tools (tools/make_sample_data.py,
+train_tokenizer.py, preprocess_data.py); nothing is imported from tests/.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import resource
@@ -27,9 +30,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # the package, and the tests' helpers for the tiny corpus
-
-from helpers import build_deepspeed_cpu_op, free_port, live_processes_in_group  # noqa: E402
 TIMEOUT_S = 180
 ERROR_LINE = re.compile(r"^(\[rank \d+\] )?([\w.]*(Error|Exception|Fault|Interrupt|Exit)\b.*|(error|ERROR)\b.*)$")
 
@@ -69,23 +69,56 @@ class Workspace:
     @property
     def tiny_data(self) -> tuple[str, str]:
         if self._tiny is None:
-            from helpers import make_tiny_pretraining_data
-
-            self._tiny = make_tiny_pretraining_data(self.folder("shared-data"), num_docs=60)
+            self._tiny = make_tiny_data(self.folder("shared-data"))
             build_deepspeed_cpu_op()  # before the disk-full cases: under their file size limit the JIT build fails
         return self._tiny
 
-    @property
-    def checkpoint(self) -> str:
-        """A complete 1-rank checkpoint at iteration 2 of a 4-step run (SAVE_DIR with latest -> global_step2)."""
-        save = os.path.join(self.root, "shared-checkpoint")
+    def _saved_run(self, name: str, *extra: str) -> str:
+        save = os.path.join(self.root, name)
         if not os.path.isfile(os.path.join(save, "latest")):
-            folder = self.folder("shared-checkpoint-run")
-            command = train(self, folder, 1, "--train-iters", "4", "--save-interval", "2", "--exit-interval", "2")
+            folder = self.folder(name + "-run")
+            command = train(self, folder, 1, "--train-iters", "4", "--save-interval", "2", "--exit-interval", "2",
+                            *extra)
             subprocess.run(command, cwd=REPO, env=training_env(), check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=TIMEOUT_S)
             shutil.copytree(os.path.join(folder, "ckpt"), save)
         return save
+
+    @property
+    def checkpoint(self) -> str:
+        """A complete 1-rank checkpoint at iteration 2 of a 4-step run (SAVE_DIR with latest -> global_step2)."""
+        return self._saved_run("shared-checkpoint")
+
+    @property
+    def other_checkpoint(self) -> str:
+        """Another run's checkpoint (another seed): the source of files swapped in."""
+        return self._saved_run("other-checkpoint", "--seed", "7")
+
+    @property
+    def export(self) -> str:
+        """The Hugging Face export (fp32) of `checkpoint`."""
+        out = os.path.join(self.root, "shared-export")
+        if not os.path.isdir(out):
+            subprocess.run(tool("convert_to_hf", "--load", self.checkpoint, "--output", out, "--dtype", "fp32"),
+                           cwd=REPO, env=training_env(), check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=TIMEOUT_S)
+        return out
+
+    @property
+    def consolidated(self) -> str:
+        """`export` read back into a consolidated folder (model.safetensors + lime_config.json)."""
+        out = os.path.join(self.root, "shared-consolidated")
+        if not os.path.isdir(out):
+            subprocess.run(tool("convert_to_hf", "--from-hf", "--load", self.export, "--output", out), cwd=REPO,
+                           env=training_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=TIMEOUT_S)
+        return out
+
+    def copy_of(self, source: str, folder: str, name: str) -> str:
+        target = os.path.join(folder, name)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        return target
 
     def copy_checkpoint(self, folder: str) -> str:
         """A fresh copy of `checkpoint` as FOLDER/ckpt (where train() saves and loads)."""
@@ -110,6 +143,54 @@ def case(name: str):
 
 # ----------------------------------------------------------------------------------------------
 # Helpers for training cases
+
+
+def make_tiny_data(folder: str) -> tuple[str, str]:
+    """The sample corpus (0.2 MB), a 512-piece tokenizer and its preprocessed dataset; (prefix, tokenizer dir)."""
+    prefix, tokenizer = os.path.join(folder, "tiny_text_document"), os.path.join(folder, "tokenizer")
+    if not os.path.isfile(prefix + ".idx"):
+        for command in (
+                tool("make_sample_data", "--output-dir", folder, "--max-megabytes", "0.2", "--max-sft-examples", "10"),
+                tool("train_tokenizer", "--input", os.path.join(folder, "pretrain.jsonl"), "--output-dir", tokenizer,
+                     "--vocab-size", "512"),
+                tool("preprocess_data", "--input", os.path.join(folder, "pretrain.jsonl"), "--output-prefix",
+                     os.path.join(folder, "tiny"), "--tokenizer-model", tokenizer, "--append-eod", "--workers", "1",
+                     "--quiet")):
+            subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=TIMEOUT_S)
+    return prefix, tokenizer
+
+
+def free_port() -> int:
+    """A free TCP port for a rendezvous: several runs on one machine must not share the default 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    """Processes (zombies aside) still in process group `group`: what a run left behind."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == group and fields[0] != "Z":
+                alive.append(int(entry))
+    return alive
+
+
+def build_deepspeed_cpu_op() -> None:
+    """Build (about 2 minutes, once per machine) or load DeepSpeed's CPU shared-memory all-reduce op, which
+    DeepSpeed JIT-builds at the first CPU launch: under the disk-full cases' file size limit that build fails."""
+    subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; "
+                    "ShareMemCommBuilder().load()"], env=training_env(), check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def train(ws: Workspace, folder: str, processes: int, *extra: str, data_path: str | None = None) -> list[str]:
@@ -356,6 +437,114 @@ def _convert_truncated(ws, folder):
 
 
 # ----------------------------------------------------------------------------------------------
+# Integrity: a changed byte, a file from another checkpoint, a truncated export (issue 21)
+
+
+def flip_byte(path: str) -> None:
+    """Change one byte in the middle of the file (for a .pt: inside tensor data, which torch.load accepts)."""
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+CHECKPOINT_FILES = {"model states": "mp_rank_00_model_states.pt",
+                    "optimizer shard": "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                    "RNG state": "rng_state_rank0.pt", "ds_config.json": "ds_config.json"}
+
+for _kind, _name in CHECKPOINT_FILES.items():
+
+    @case(f"resume: flipped byte in the {_kind}")
+    def _flipped_resume(ws, folder, name=_name):
+        flip_byte(os.path.join(ws.copy_checkpoint(folder), "global_step2", name))
+        return Run(resume(ws, folder), folder)
+
+    @case(f"convert: flipped byte in the {_kind}")
+    def _flipped_convert(ws, folder, name=_name):
+        save = ws.copy_checkpoint(folder)
+        flip_byte(os.path.join(save, "global_step2", name))
+        return Run(tool("convert_to_hf", "--load", save, "--output", os.path.join(folder, "hf")), folder)
+
+
+@case("resume: RNG state file from another checkpoint swapped in")
+def _swapped_rng(ws, folder):
+    save = ws.copy_checkpoint(folder)
+    shutil.copy(os.path.join(ws.other_checkpoint, "global_step2", "rng_state_rank0.pt"),
+                os.path.join(save, "global_step2", "rng_state_rank0.pt"))
+    return Run(resume(ws, folder), folder)
+
+
+@case("convert: optimizer shard from another checkpoint swapped in")
+def _swapped_shard(ws, folder):
+    save = ws.copy_checkpoint(folder)
+    name = CHECKPOINT_FILES["optimizer shard"]
+    shutil.copy(os.path.join(ws.other_checkpoint, "global_step2", name), os.path.join(save, "global_step2", name))
+    return Run(tool("convert_to_hf", "--load", save, "--output", os.path.join(folder, "hf")), folder)
+
+
+@case("generate: flipped byte in the model states")
+def _flipped_generate(ws, folder):
+    save = ws.copy_checkpoint(folder)
+    flip_byte(os.path.join(save, "global_step2", CHECKPOINT_FILES["model states"]))
+    return Run(tool("generate", "--load", save, "--prompt", "hello", "--raw", "--max-new-tokens", "4"), folder)
+
+
+@case("convert: flipped byte in a consolidated model.safetensors")
+def _flipped_consolidated(ws, folder):
+    consolidated = ws.copy_of(ws.consolidated, folder, "consolidated")
+    flip_byte(os.path.join(consolidated, "model.safetensors"))
+    return Run(tool("convert_to_hf", "--load", consolidated, "--output", os.path.join(folder, "hf")), folder)
+
+
+def from_pretrained(export: str) -> list[str]:
+    """The export's own loading code (modeling_lime.py, trust_remote_code), as its users run it."""
+    code = ("import sys; from transformers import AutoModelForCausalLM; "
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)")
+    return [sys.executable, "-c", code, export]
+
+
+@case("from_pretrained: flipped byte in an export's model.safetensors")
+def _flipped_export(ws, folder):
+    export = ws.copy_of(ws.export, folder, "hf")
+    flip_byte(os.path.join(export, "model.safetensors"))
+    return Run(from_pretrained(export), folder, env={"HF_HUB_OFFLINE": "1"})
+
+
+def truncated_export(ws: Workspace, folder: str) -> str:
+    """A copy of the export whose model.safetensors lost its last quarter."""
+    export = ws.copy_of(ws.export, folder, "hf")
+    path = os.path.join(export, "model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) * 3 // 4])
+    return export
+
+
+@case("from_pretrained: truncated export model.safetensors")
+def _truncated_export(ws, folder):
+    return Run(from_pretrained(truncated_export(ws, folder)), folder, env={"HF_HUB_OFFLINE": "1"})
+
+
+@case("convert --from-hf: truncated export model.safetensors")
+def _truncated_export_import(ws, folder):
+    export = truncated_export(ws, folder)
+    return Run(tool("convert_to_hf", "--from-hf", "--load", export, "--output", os.path.join(folder, "back")), folder)
+
+
+@case("generate: flipped byte in an export's tokenizer.json")
+def _flipped_tokenizer(ws, folder):
+    export = ws.copy_of(ws.export, folder, "hf")
+    flip_byte(os.path.join(export, "tokenizer.json"))
+    return Run(tool("generate", "--load", export, "--prompt", "hello", "--max-new-tokens", "4"), folder)
+
+
+@case("verify_checkpoint --all: flipped bytes in two files")
+def _verify_all(ws, folder):
+    save = ws.copy_checkpoint(folder)
+    for name in ("rng_state_rank0.pt", "ds_config.json"):
+        flip_byte(glob.glob(os.path.join(save, "global_step2", name))[0])
+    return Run(tool("verify_checkpoint", save, "--all"), folder)
+
+
+# ----------------------------------------------------------------------------------------------
 # Running and printing
 
 
@@ -374,7 +563,8 @@ def leftover_files(folder: str, before: set[str]) -> str:
     """The files the run added to its folder (and any it removed: a tool must never delete what it did not write)."""
     after = files_under(folder)
     found, removed = sorted(after - before), sorted(before - after)
-    text = "none" if not found else f"{len(found)} file(s): " + ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    text = "none" if not found else \
+        f"{len(found)} file(s): " + ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
     return text + (f"; REMOVED {len(removed)} input file(s): {removed[0]}, ..." if removed else "")
 
 

@@ -12,7 +12,7 @@ import torch
 from helpers import load_tool, train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.config import LimeConfig
-from megatron_lime.conversion.checkpoints import write_consolidated
+from megatron_lime.checkpoint import write_consolidated
 from megatron_lime.conversion.generation import DecodingSettings, TokenStreamer, load_generator
 from megatron_lime.model import LimeModel
 

@@ -298,7 +298,7 @@ def test_each_tokenizer_kind_from_raw_text_to_a_hugging_face_folder(kind, tmp_pa
         import torch
 
         from megatron_lime import LimeConfig, LimeModel
-        from megatron_lime.conversion.checkpoints import write_consolidated
+        from megatron_lime.checkpoint import write_consolidated
 
         config = LimeConfig.from_name("lime-tiny")
         torch.manual_seed(0)

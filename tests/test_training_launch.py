@@ -285,7 +285,7 @@ def tiny_sft_data(tiny_data, tmp_path_factory):
 def test_sft_script_finetunes_from_consolidated_weights(runs, tiny_data, tiny_sft_data, tmp_path):
     from megatron_lime.config import LimeConfig
     from megatron_lime.model import LimeModel
-    from megatron_lime.checkpoint import save_consolidated
+    from megatron_lime.checkpoint import write_consolidated as save_consolidated
 
     pretrained_meta = json.load(open(os.path.join(runs["full_dir"], "global_step20", "lime_config.json")))
     model = LimeModel(LimeConfig.from_dict(pretrained_meta["model"]))

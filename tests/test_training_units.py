@@ -9,7 +9,9 @@ import torch
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeModel
-from megatron_lime.checkpoint import CheckpointError, load_consolidated, resolve_load, save_consolidated
+from megatron_lime.checkpoint import CheckpointError, resolve_load
+from megatron_lime.checkpoint import read_consolidated as load_consolidated
+from megatron_lime.checkpoint import write_consolidated as save_consolidated
 from megatron_lime.training.config import TrainingConfig, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler
 from megatron_lime.training.metrics import StepMetrics, peak_tflops_for

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_lime.conversion.checkpoints import load_lime_weights
+from megatron_lime.checkpoint import load_model
 from megatron_lime.conversion.hf_export import DTYPES, check_output_folder, export_to_hf, import_from_hf
 
 
@@ -64,12 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - start:.1f} s); train with --load {output} --finetune")
             return 0
         logging.info("reading %s", args.load)
-        weights = load_lime_weights(args.load, tag=args.tag)
+        weights = load_model(args.load, tag=args.tag, tokenizer=args.tokenizer)
         logging.info("read %s", weights.source)
-        tokenizer = args.tokenizer or weights.metadata.get("tokenizer")
-        if not tokenizer:
-            raise ValueError(f"{args.load}: lime_config.json records no tokenizer; pass --tokenizer")
-        export_to_hf(weights, tokenizer, output, dtype=args.dtype)
+        export_to_hf(weights, output, dtype=args.dtype)
     except (OSError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

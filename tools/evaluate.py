@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Tokenizer directory (default: the one the checkpoint records, or the export's own).")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="Comma-separated lm-eval tasks or groups (default: %(default)s, zero-shot).")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="Few-shot examples (default: each task's own, 0 for the default set).")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="Few-shot examples (default: each task's own, 0 for the default set).")
     parser.add_argument("--limit", type=float, default=None,
                         help="At most this many samples per task (a fraction < 1 takes that share).")
     parser.add_argument("--batch-size", type=int, default=8, help="Requests per forward pass.")

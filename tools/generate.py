@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prompt.add_argument("--raw", action="store_true", help="No template: continue the text as is (base models).")
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--strategy", default="greedy", choices=STRATEGIES,
-                          help="greedy and sample stream; beam and card (the model card's beam search) print at the end.")
+                          help="greedy and sample stream; beam and card (the model card's beam search) print at "
+                               "the end.")
     decoding.add_argument("--max-new-tokens", type=int, default=128)
     decoding.add_argument("--min-new-tokens", type=int, default=0)
     decoding.add_argument("--num-beams", type=int, default=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from megatron_lime.conversion.checkpoints import LimeWeights
+from megatron_lime.checkpoint import LimeWeights
 
 # The model card's decoding: its usage snippet, the `card` strategy of tools/generate.py and
 # examples/card_generate.py all pass exactly these to generate(); the export's

@@ -1,14 +1,13 @@
 """Text generation from a LIME checkpoint or a Hugging Face export (tools/generate.py is the CLI).
 
-Both sources end up as the exported Hugging Face model class (modeling_lime.LimeForCausalLM), so
-generation uses transformers' `generate` exactly as users of the export do:
-
-  * an exported folder loads through AutoTokenizer / AutoModelForCausalLM (trust_remote_code=True);
-  * a DeepSpeed or consolidated checkpoint is converted in memory with the same weight map as the
-    export, and prompts are encoded with megatron_lime's tokenizer.
+Every layout loads through megatron_lime.checkpoint.load_model (verified, with the tokenizer the
+checkpoint records; an export carries its own) and is converted in memory, with the export's weight
+map, into the exported Hugging Face model class (modeling_lime.LimeForCausalLM), so generation uses
+transformers' `generate` exactly as users of the export do.
 
 Prompts follow the SFT template, `[<context>context]<user>question<assistant>` (no spaces around
-the tags), unless `raw=True` (base models: the text is continued as is).
+the tags; data/sft/template.encode_prompt builds them), unless `raw=True` (base models: the text is
+continued as is).
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ from typing import Any, Callable, Literal, TextIO
 
 import torch
 
+from megatron_lime.checkpoint import LoadedModel, detect_layout, load_model
 from megatron_lime.conversion.card import CARD_DECODING
-from megatron_lime.conversion.checkpoints import LimeWeights, detect_checkpoint_kind, load_lime_weights
 from megatron_lime.conversion.weight_map import HF_TIED_HEAD, lime_config_to_hf, lime_to_hf_state_dict
+from megatron_lime.data.sft.template import encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,14 @@ class Generator:
         return new_ids
 
 
-def hf_model_from_weights(weights: LimeWeights, pad_id: int, eos_id: int, dtype: torch.dtype,
+def hf_model_from_weights(loaded: LoadedModel, pad_id: int, eos_id: int, dtype: torch.dtype,
                           device: str | torch.device) -> Any:
-    """The exported model class holding `weights` (converted in memory with the export's weight map)."""
+    """The exported model class holding `loaded`'s weights (converted in memory with the export's weight map)."""
     from megatron_lime.conversion.hf_files.configuration_lime import LimeConfig as HFLimeConfig
     from megatron_lime.conversion.hf_files.modeling_lime import LimeForCausalLM
 
-    hf_config = HFLimeConfig(**lime_config_to_hf(weights.config), pad_token_id=pad_id, eos_token_id=eos_id)
-    hf_state = lime_to_hf_state_dict(weights.state_dict, weights.config.num_layers)
+    hf_config = HFLimeConfig(**lime_config_to_hf(loaded.config), pad_token_id=pad_id, eos_token_id=eos_id)
+    hf_state = lime_to_hf_state_dict(loaded.state_dict, loaded.config.num_layers)
     # Built on the meta device and filled by assignment: no time spent on a random initialisation.
     with torch.device("meta"):
         model = LimeForCausalLM(hf_config)
@@ -161,66 +161,22 @@ def load_generator(path: str | Path, tokenizer_path: str | None = None, tag: str
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Generator:
     """A Generator for an exported folder, a DeepSpeed save dir or a consolidated checkpoint."""
     path = Path(path)
-    if detect_checkpoint_kind(path) == "hf":
+    if detect_layout(path) == "hf":
         if tag is not None:
             raise ValueError(f"{path}: --tag applies to DeepSpeed checkpoints, this is a Hugging Face folder")
         if tokenizer_path is not None:
             logger.warning("%s carries its own tokenizer; ignoring --tokenizer %s", path, tokenizer_path)
-        return _load_hf_export(path, dtype, device)
-    weights = load_lime_weights(path, tag=tag)
-    tokenizer_path = tokenizer_path or weights.metadata.get("tokenizer")
-    if not tokenizer_path:
-        raise ValueError(f"{path}: lime_config.json records no tokenizer; pass --tokenizer")
-    from megatron_lime.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > weights.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids, more than the model's "
-                         f"{weights.config.vocab_size}: wrong tokenizer for this checkpoint")
-    # The chat tags as SFT added them (new ids) when the tokenizer lacks them and the model has the rows.
-    with_chat = tokenizer.with_chat_tokens()
-    tokenizer = with_chat if with_chat.vocab_size <= weights.config.vocab_size else tokenizer
+            tokenizer_path = None
+    loaded = load_model(path, tag=tag, tokenizer=tokenizer_path)
+    tokenizer = loaded.tokenizer
     special = {i for i in (tokenizer.pad_id, tokenizer.eos_id, tokenizer.user_id, tokenizer.assistant_id,
                            tokenizer.context_id, tokenizer.unk_id) if i is not None}
 
-    def encode_prompt(question: str, context: str | None, raw: bool) -> list[int]:
-        if raw:
-            return tokenizer.encode(question)
-        if tokenizer.user_id is None or tokenizer.assistant_id is None:
-            raise ValueError(f"tokenizer {tokenizer_path} has no <user>/<assistant> tokens; use raw prompts")
-        ids = []
-        if context is not None:
-            if tokenizer.context_id is None:
-                raise ValueError(f"tokenizer {tokenizer_path} has no <context> token")
-            ids += [tokenizer.context_id, *tokenizer.encode(context)]
-        return ids + [tokenizer.user_id, *tokenizer.encode(question), tokenizer.assistant_id]
+    def encode(question: str, context: str | None, raw: bool) -> list[int]:
+        return tokenizer.encode(question) if raw else encode_prompt(question, tokenizer, context)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode([i for i in ids if i not in special])
 
-    model = hf_model_from_weights(weights, tokenizer.pad_id, tokenizer.eos_id, dtype, device)
-    return Generator(model, encode_prompt, decode, tokenizer.pad_id, tokenizer.eos_id, weights.source)
-
-
-def _load_hf_export(path: Path, dtype: torch.dtype, device: str | torch.device) -> Generator:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # trust_remote_code for the tokenizer too: transformers 5.x reads config.json while loading a
-    # tokenizer, and a custom model_type would otherwise stop at an interactive prompt.
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=True)
-    model = model.to(device).eval()
-
-    def encode_prompt(question: str, context: str | None, raw: bool) -> list[int]:
-        if raw:
-            return tokenizer(question, add_special_tokens=False)["input_ids"]
-        messages = ([{"role": "system", "content": context}] if context is not None else []) + \
-            [{"role": "user", "content": question}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    return Generator(model, encode_prompt, decode, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                     f"Hugging Face folder {path}")
+    model = hf_model_from_weights(loaded, tokenizer.pad_id, tokenizer.eos_id, dtype, device)
+    return Generator(model, encode, decode, tokenizer.pad_id, tokenizer.eos_id, loaded.source)

@@ -5,11 +5,12 @@ The folder loads with no network through
     AutoTokenizer.from_pretrained(path)
     AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, trust_remote_code=True)
 
-and holds: config.json (model_type "lime", auto_map, tie_word_embeddings), configuration_lime.py
-and modeling_lime.py (standalone, copied from hf_files/), model.safetensors (the tied embedding
-stored once, names from weight_map.py), generation_config.json, the tokenizer files with the
+and holds: config.json (model_type "lime", auto_map, tie_word_embeddings), configuration_lime.py,
+modeling_lime.py and integrity_lime.py (standalone, copied from hf_files/), model.safetensors (the
+tied embedding stored once, names from weight_map.py), generation_config.json, the tokenizer files with the
 chat template, README.md (a model card filled from the run) and lime_run.json (the run's record,
-so `--from-hf` can give training its history back).
+so `--from-hf` can give training its history back, and the content hash of every other file, which
+modeling_lime.py checks in `from_pretrained` and megatron_lime's readers check before use).
 """
 
 from __future__ import annotations
@@ -20,19 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from megatron_lime.checkpoint import (CONSOLIDATED_WEIGHTS, EXPORT_RUN_FILE, HF_CONFIG, LIME_CONFIG, LimeWeights,
+                                      LoadedModel, integrity, load_lime_weights, write_consolidated, write_safetensors)
 from megatron_lime.conversion.card import generation_defaults, render_model_card
-from megatron_lime.conversion.checkpoints import (
-    EXPORT_RUN_FILE, LIME_CONFIG_FILE, WEIGHTS_FILE, LimeWeights, read_hf_export, write_consolidated,
-)
 from megatron_lime.conversion.weight_map import lime_config_to_hf, lime_to_hf_state_dict
-from megatron_lime.files import atomic_directory, follow_umask, read_json, write_json, write_text
+from megatron_lime.files import atomic_directory, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
 HF_FILES_DIR = Path(__file__).parent / "hf_files"
-REMOTE_CODE_FILES = ("configuration_lime.py", "modeling_lime.py")
+REMOTE_CODE_FILES = ("configuration_lime.py", "modeling_lime.py", "integrity_lime.py")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The transformers versions modeling_lime.py is written for (see its docstring).
 SUPPORTED_TRANSFORMERS = ">=4.56, <=5.24"
@@ -57,7 +56,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}<assistant>{%- endif -%}"
 )
 
-def hf_config_dict(weights: LimeWeights, pad_id: int, eos_id: int, dtype: str) -> dict[str, Any]:
+
+def hf_config_dict(weights: LoadedModel, pad_id: int, eos_id: int, dtype: str) -> dict[str, Any]:
     import transformers
 
     return {
@@ -81,30 +81,12 @@ def hf_config_dict(weights: LimeWeights, pad_id: int, eos_id: int, dtype: str) -
     }
 
 
-def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_length: int) -> "Any":
-    """Tokenizer files + chat template + pad/eos; returns the LimeTokenizer.
+def _write_tokenizer(tokenizer: Any, out: Path, max_length: int) -> None:
+    """Tokenizer files + chat template (when the tokenizer has the chat tags) + pad/eos.
 
-    The chat tags are added as new ids when the tokenizer lacks them, exactly as SFT preprocessing
-    and training added them (LimeTokenizer.with_chat_tokens), when the model has rows for them.
+    `tokenizer` is load_model's: the chat tags are already there when SFT added them and the model
+    has rows for them (checkpoint.loading.checkpoint_tokenizer).
     """
-    from megatron_lime.tokenizer import describe_added_chat_tokens, load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > model_vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model only "
-                         f"{model_vocab_size} embedding rows: wrong tokenizer for this checkpoint")
-    with_chat = tokenizer.with_chat_tokens()
-    chat = with_chat.vocab_size <= model_vocab_size
-    if chat:
-        tokenizer = with_chat
-        if describe_added_chat_tokens(tokenizer):
-            logger.info("%s", describe_added_chat_tokens(tokenizer))
-    else:
-        logger.warning("tokenizer %s lacks %s and the model has no rows for them: exported without a chat template",
-                       tokenizer_path, ", ".join(with_chat.added_chat_tokens))
-    if tokenizer.vocab_size < model_vocab_size:
-        logger.warning("tokenizer has %d ids, the model %d embedding rows (the extra rows are never produced "
-                       "by the tokenizer)", tokenizer.vocab_size, model_vocab_size)
     tokenizer.save_hf(str(out))
     config_path = out / "tokenizer_config.json"
     config = read_json(config_path) if config_path.is_file() else {}
@@ -117,10 +99,9 @@ def _write_tokenizer(tokenizer_path: str, out: Path, model_vocab_size: int, max_
         # generate() rejects for a model that has none.
         "model_input_names": ["input_ids", "attention_mask"],
     })
-    if chat:
+    if None not in (tokenizer.user_id, tokenizer.assistant_id, tokenizer.context_id):
         config["chat_template"] = CHAT_TEMPLATE
     write_json(config_path, config, sort_keys=False)
-    return tokenizer
 
 
 # What --overwrite may replace: a folder this tool wrote. A Hugging Face export or a consolidated
@@ -150,33 +131,35 @@ def check_output_folder(output: str | Path, source: str | Path, overwrite: bool)
     unexpected = [p.name + ("/" if p.is_dir() else "") for p in entries
                   if p.is_dir() or not p.name.endswith(EXPORT_SUFFIXES)]
     names = {p.name for p in entries}
-    if unexpected or WEIGHTS_FILE not in names or not names & {"config.json", LIME_CONFIG_FILE}:
-        found = ", ".join(unexpected[:5]) if unexpected else f"no {WEIGHTS_FILE} with config.json or {LIME_CONFIG_FILE}"
+    if unexpected or CONSOLIDATED_WEIGHTS not in names or not names & {HF_CONFIG, LIME_CONFIG}:
+        found = ", ".join(unexpected[:5]) if unexpected else \
+            f"no {CONSOLIDATED_WEIGHTS} with {HF_CONFIG} or {LIME_CONFIG}"
         raise ValueError(f"--overwrite: {output} does not look like an export made by this tool ({found}); "
                          f"not deleting it: remove it yourself or choose another --output")
 
 
-def export_to_hf(weights: LimeWeights, tokenizer_path: str, output_dir: str | Path, dtype: str = "bf16") -> Path:
-    """Write the Hugging Face folder for `weights` (see the module docstring); returns its path.
+def export_to_hf(loaded: LoadedModel, output_dir: str | Path, dtype: str = "bf16") -> Path:
+    """Write the Hugging Face folder for a model from checkpoint.load_model (see the module docstring).
 
-    The folder is built in a temporary sibling directory and renamed into place when complete.
+    The folder is built in a temporary sibling directory and renamed into place when complete; every
+    file is hashed right after it is written, and the hashes go into lime_run.json, written last.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     output_dir = Path(output_dir)
-    config = weights.config
+    config, tokenizer = loaded.config, loaded.tokenizer
     with atomic_directory(output_dir) as tmp:
-        logger.info("writing tokenizer files from %s", tokenizer_path)
-        tokenizer = _write_tokenizer(tokenizer_path, tmp, config.vocab_size, config.max_position_embeddings)
+        logger.info("writing tokenizer files from %s", tokenizer.path)
+        _write_tokenizer(tokenizer, tmp, config.max_position_embeddings)
 
-        hf_state = lime_to_hf_state_dict(weights.state_dict, config.num_layers)
+        hf_state = lime_to_hf_state_dict(loaded.state_dict, config.num_layers)
         hf_state = {name: t.detach().to("cpu", DTYPES[dtype]).contiguous() for name, t in hf_state.items()}
-        logger.info("writing %s: %d tensors, %.1fM parameters, %s", WEIGHTS_FILE, len(hf_state),
+        logger.info("writing %s: %d tensors, %.1fM parameters, %s", CONSOLIDATED_WEIGHTS, len(hf_state),
                     sum(t.numel() for t in hf_state.values()) / 1e6, dtype)
-        save_file(hf_state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        follow_umask(tmp / WEIGHTS_FILE)
+        record = {CONSOLIDATED_WEIGHTS: write_safetensors(tmp / CONSOLIDATED_WEIGHTS, hf_state,
+                                                           integrity.EXPORT_HASH_ALGORITHM)}
 
-        write_json(tmp / "config.json", hf_config_dict(weights, tokenizer.pad_id, tokenizer.eos_id, dtype),
+        write_json(tmp / HF_CONFIG, hf_config_dict(loaded, tokenizer.pad_id, tokenizer.eos_id, dtype),
                    sort_keys=False)
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(HF_FILES_DIR / name, tmp / name)
@@ -188,10 +171,13 @@ def export_to_hf(weights: LimeWeights, tokenizer_path: str, output_dir: str | Pa
         generation.validate()
         generation.save_pretrained(str(tmp))
 
-        write_json(tmp / EXPORT_RUN_FILE, {**weights.metadata, "model": config.to_dict()}, sort_keys=False)
         write_text(tmp / "README.md",
-                   render_model_card(weights, tokenizer, dtype=dtype, supported_transformers=SUPPORTED_TRANSFORMERS))
-    logger.info("exported %s to %s", weights.source, output_dir)
+                   render_model_card(loaded, tokenizer, dtype=dtype, supported_transformers=SUPPORTED_TRANSFORMERS))
+        others = sorted(p for p in tmp.iterdir() if p.is_file() and p.name not in record)
+        record.update(integrity.hash_files(tmp, others, integrity.EXPORT_HASH_ALGORITHM))
+        write_json(tmp / EXPORT_RUN_FILE, {**loaded.metadata, "model": config.to_dict(), integrity.RECORD_KEY: record},
+                   sort_keys=False)
+    logger.info("exported %s to %s", loaded.source, output_dir)
     return output_dir
 
 
@@ -203,7 +189,9 @@ def import_from_hf(hf_dir: str | Path, output_dir: str | Path) -> LimeWeights:
     (whose tokenizer.json megatron_lime.tokenizer.load_tokenizer reads).
     """
     hf_dir = Path(hf_dir)
-    weights = read_hf_export(hf_dir)
+    if not (hf_dir / HF_CONFIG).is_file():
+        raise ValueError(f"{hf_dir}: not a Hugging Face folder (no {HF_CONFIG})")
+    weights = load_lime_weights(hf_dir)
     state_dict = {name: t.to(torch.float32) for name, t in weights.state_dict.items()}
     metadata = dict(weights.metadata)
     original_tokenizer = metadata.get("tokenizer")

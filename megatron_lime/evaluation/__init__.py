@@ -12,7 +12,7 @@ never needs lm-eval installed.
 from importlib import import_module
 
 _EXPORTS = {
-    "LimeLM": "megatron_lime.evaluation.lm", "load_checkpoint_model": "megatron_lime.evaluation.lm",
+    "LimeLM": "megatron_lime.evaluation.lm",
     "DEFAULT_TASKS": "megatron_lime.evaluation.tasks", "MissingDatasetError": "megatron_lime.evaluation.tasks",
     "evaluate_tasks": "megatron_lime.evaluation.tasks", "local_datasets": "megatron_lime.evaluation.tasks",
 }

@@ -4,27 +4,38 @@ Every data-parallel rank runs lm-eval's evaluator on the live model: lm-eval giv
 world_size-th document and gathers the per-sample results on rank 0, which logs the scores (log
 line, TensorBoard/W&B, metrics.jsonl). Training is left exactly as it was: the model goes back to
 train mode, and every random generator (python, numpy, torch, CUDA), which lm-eval reseeds, is
-restored, so the training losses are the same with and without it (tests/test_evaluation.py).
+restored with the snapshot a checkpoint saves (training/checkpointing.rng_state), so the training
+losses are the same with and without it (tests/test_evaluation.py).
+
+TaskEvaluator takes what it needs as arguments; task_evaluator(args, ...) reads them from the typed
+training arguments (training/config.py's TrainArgs).
 """
 
 from __future__ import annotations
 
-import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    from megatron_lime.training.config import TrainArgs
 
 
+@dataclass(kw_only=True)
 class TaskEvaluator:
-    def __init__(self, args, env, tokenizer, metrics):
-        self.tasks = list(args.logging.eval_tasks or [])
-        self.interval = args.logging.eval_tasks_interval
-        self.limit = args.logging.eval_tasks_limit
-        self.data_dir = args.logging.eval_tasks_data_dir
-        self.batch_size = args.training.micro_batch_size
-        self.env = env
-        self.tokenizer = tokenizer
-        self.metrics = metrics
+    """Runs `tasks` every `interval` steps on the live model, with every rank taking a share."""
+
+    tasks: list[str]  # lm-eval task or group names; empty: never runs
+    interval: int  # steps between runs
+    limit: float | None  # at most this many documents per task (a fraction < 1 takes that share)
+    data_dir: str | None  # offline task data: DIR/<hub dataset id>/
+    batch_size: int  # requests per forward pass
+    tokenizer: Any  # the run's megatron_lime tokenizer
+    metrics: Any  # training/metrics.py's logger: task_scores(report, iteration, tokens)
+    device: str
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
         if self.tasks:  # fail at start-up, not after hours of training, when lm-eval is missing
             try:
                 import lm_eval  # noqa: F401
@@ -39,23 +50,27 @@ class TaskEvaluator:
     def run(self, engine, state) -> dict | None:
         from megatron_lime.evaluation.lm import LimeLM
         from megatron_lime.evaluation.tasks import evaluate_tasks
+        from megatron_lime.training.checkpointing import rng_state, set_rng_state
 
         model = engine.module if hasattr(engine, "module") else engine
-        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        rng = rng_state()
         was_training = model.training
         model.eval()
         try:
-            lm = LimeLM(model=model, tokenizer=self.tokenizer, batch_size=self.batch_size, device=str(self.env.device),
-                        rank=self.env.rank, world_size=self.env.world_size)
+            lm = LimeLM(model=model, tokenizer=self.tokenizer, batch_size=self.batch_size, device=self.device,
+                        rank=self.rank, world_size=self.world_size)
             report = evaluate_tasks(lm, self.tasks, limit=self.limit, data_dir=self.data_dir)
         finally:
             model.train(was_training)
-            random.setstate(rng[0])
-            np.random.set_state(rng[1])
-            torch.set_rng_state(rng[2])
-            if rng[3] is not None:
-                torch.cuda.set_rng_state_all(rng[3])
+            set_rng_state(rng)
         if report is not None:
             self.metrics.task_scores(report, state.iteration, state.consumed_tokens)
         return report
+
+
+def task_evaluator(args: TrainArgs, env: Any, tokenizer: Any, metrics: Any) -> TaskEvaluator:
+    """The TaskEvaluator of a training run: --eval-tasks* flags, the micro-batch size, this rank's device."""
+    return TaskEvaluator(tasks=list(args.logging.eval_tasks or []), interval=args.logging.eval_tasks_interval,
+                         limit=args.logging.eval_tasks_limit, data_dir=args.logging.eval_tasks_data_dir,
+                         batch_size=args.training.micro_batch_size, tokenizer=tokenizer, metrics=metrics,
+                         device=str(env.device), rank=env.rank, world_size=env.world_size)

@@ -1,8 +1,10 @@
-"""LIME as an lm-evaluation-harness model: `simple_evaluate(model="lime", model_args="load=PATH")` after importing this module.
+"""LIME as an lm-evaluation-harness model: `simple_evaluate(model="lime", model_args="load=PATH")` after importing
+this module.
 
-LimeLM scores with our own LimeModel forward, in process, from any checkpoint layout the
-conversion reader knows (a DeepSpeed save dir of any data-parallel size, a consolidated
-directory, an exported Hugging Face folder), or from a live model handed over by the trainer.
+LimeLM scores with our own LimeModel forward, in process, from any checkpoint layout
+megatron_lime.checkpoint.load_model reads (a DeepSpeed save dir of any data-parallel size, a
+consolidated directory, an exported Hugging Face folder; verified against their content hashes),
+or from a live model handed over by the trainer.
 
 Agreement with lm-eval's own `--model hf` on an export is by construction where it matters:
   * context/continuation split: TemplateLM.loglikelihood / _encode_pair, inherited unchanged
@@ -18,7 +20,6 @@ them, and only positions inside each request are read back, so padding never ent
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lm_eval.models  # noqa: F401  lm-eval fills its model registry only while empty: let it, before we add ours
@@ -28,8 +29,6 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
-
-from megatron_lime.model import LimeModel
 
 DEFAULT_MAX_GEN_TOKS = 256
 # Generation settings a task may give, and the values that still mean plain greedy decoding.
@@ -46,29 +45,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
-
-
-def load_checkpoint_model(path: str, device: torch.device, dtype: torch.dtype | None = None,
-                          tokenizer_path: str | None = None, tag: str | None = None):
-    """(LimeModel in eval mode, tokenizer, run metadata) from any checkpoint layout training or export leaves."""
-    from megatron_lime.conversion import load_lime_weights
-    from megatron_lime.tokenizer import load_tokenizer
-
-    weights = load_lime_weights(path, tag=tag)
-    tokenizer_path = tokenizer_path or (path if weights.kind == "hf" else weights.metadata.get("tokenizer"))
-    if not tokenizer_path:
-        raise ValueError(f"{path}: the checkpoint does not record its tokenizer; pass --tokenizer DIR")
-    if not os.path.exists(tokenizer_path):
-        raise FileNotFoundError(f"{path} names tokenizer {tokenizer_path}, which does not exist; pass --tokenizer DIR")
-    with torch.device("meta"):
-        model = LimeModel(weights.config)
-    model.load_state_dict(weights.state_dict, assign=True)
-    model.position_table = torch.empty(weights.config.max_position_embeddings, weights.config.hidden_size)
-    model.reset_position_table()  # not in checkpoints: computed from the config
-    model = model.to(device=device, dtype=dtype or default_dtype(device)).eval()
-    model.position_table = model.position_table.float()  # the table stays fp32, as in training
-    metadata = dict(weights.metadata, source=weights.source, kind=weights.kind)
-    return model, load_tokenizer(tokenizer_path), metadata
 
 
 @register_model("lime")
@@ -98,9 +74,12 @@ class LimeLM(TemplateLM):
         if model is None:
             if load is None:
                 raise ValueError("the lime model needs load=PATH (a checkpoint or an exported folder)")
-            model, loaded_tokenizer, self.metadata = load_checkpoint_model(
-                load, self._device, dtype, tokenizer if isinstance(tokenizer, str) else None, tag)
-            tokenizer = loaded_tokenizer
+            from megatron_lime.checkpoint import load_model
+
+            loaded = load_model(load, tag=tag, tokenizer=tokenizer if isinstance(tokenizer, str) else None,
+                                device=self._device, dtype=dtype or default_dtype(self._device))
+            model, tokenizer = loaded.model, loaded.tokenizer
+            self.metadata = dict(loaded.metadata, source=loaded.source, kind=loaded.kind)
         elif tokenizer is None or isinstance(tokenizer, str):
             from megatron_lime.tokenizer import load_tokenizer
 

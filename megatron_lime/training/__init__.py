@@ -4,7 +4,7 @@
     schedule.py       lr_at(step, ...): warmup then polynomial / cosine / constant
     wrap.py           activation checkpointing -> torch.compile -> deepspeed.initialize (one place)
     data.py           datasets and the sample order (data position = consumed samples)
-    checkpointing.py  what a save holds and when (Checkpointer); the format is megatron_lime/checkpoint.py
+    checkpointing.py  what a save holds and when (Checkpointer); the format is megatron_lime/checkpoint/
     metrics.py        log line, TensorBoard / W&B, MFU
     pretrain.py       main(argv): the loop
 """

@@ -1,8 +1,11 @@
 """The trainer's side of checkpoints: what a run saves, when, and how it resumes.
 
-The format (file names, `latest`, the completion marker, safe loading) is megatron_lime/checkpoint.py's;
-this module only decides what goes in: DeepSpeed's engine state, the RNG state of every rank
-(as tensors, so it loads with weights_only=True) and the run's lime_config.json. To resume at
+The format (file names, `latest`, the completion record, safe loading, content hashes) is the
+megatron_lime/checkpoint package's; this module decides what goes in: DeepSpeed's engine state, the RNG
+state of every rank (as tensors, so it loads with weights_only=True) and the run's lime_config.json with
+every file's content hash (each rank hashes what it wrote; rank 0 records them all). It also holds the
+resume policy: the files are verified before DeepSpeed reads them, and the model and the learning-rate
+schedule must match the run's (check_model_matches, check_schedule). To resume at
 another data-parallel size, convert first:
 
     python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state \
@@ -16,20 +19,21 @@ another data-parallel size, convert first:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import re
 import resource
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from megatron_lime.checkpoint import (DS_CONFIG, LIME_CONFIG, MODEL_STATES, CheckpointError, LoadSource,
-                                      deepspeed_loads_safely, mark_complete, numpy_array_safe_globals,
-                                      optimizer_shards, rng_file, tag_dirs, tag_name, torch_load, write_latest)
+from megatron_lime.checkpoint import (DS_CONFIG, LIME_CONFIG, MODEL_STATES, CheckpointError, LoadSource, integrity,
+                                      deepspeed_loads_safely, mark_complete, numpy_array_safe_globals, rank_files,
+                                      read_lime_config, rng_file, tag_dirs, tag_name, torch_load, write_latest)
 from megatron_lime.files import write_json
 
 
@@ -106,10 +110,7 @@ def write_failure(tag_dir: str, error: BaseException, rank: int) -> CheckpointEr
     else:
         return None
     if path is None:
-        mine = optimizer_shards(tag_dir, rank) + [rng_file(tag_dir, rank)]
-        if rank == 0:
-            mine += [os.path.join(tag_dir, MODEL_STATES), os.path.join(tag_dir, DS_CONFIG)]
-        written = [p for p in mine if os.path.isfile(p)]
+        written = [p for p in rank_files(tag_dir, rank) if os.path.isfile(p)]
         path = max(written, key=os.path.getmtime) if written else tag_dir
     if reason is None:
         size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
@@ -162,14 +163,19 @@ class Checkpointer:
             torch.save(rng_state(), rng_file(tag_dir, self.rank))
             if self.rank == 0:
                 write_json(os.path.join(tag_dir, DS_CONFIG), self.ds_config)
+            # Hashed by the rank that wrote them, right after writing (still in the page cache).
+            mine = integrity.hash_files(tag_dir, rank_files(tag_dir, self.rank))
         except (OSError, RuntimeError) as err:
             failure = write_failure(tag_dir, err, self.rank)
             if failure is None:  # not a write error (a peer's failure in a collective): reported as it is
                 raise
             raise failure from None
-        dist.barrier()  # every rank's shard and RNG state is on disk
-        if self.rank == 0:  # the marker, then latest: latest only ever names a complete tag
-            mark_complete(tag_dir, {**self.meta_base, **state.to_dict()})
+        # Every rank's shard and RNG state is on disk once its record arrives; rank 0 gets them all.
+        records = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(mine, records, dst=0)
+        if self.rank == 0:  # the record, then latest: latest only ever names a complete tag
+            files = {name: digest for record in records for name, digest in sorted(record.items())}
+            mark_complete(tag_dir, {**self.meta_base, **state.to_dict()}, files=files)
             write_latest(self.save_dir, tag)
             self._prune(keep=tag)
         dist.barrier()
@@ -194,6 +200,8 @@ class Checkpointer:
                 f"Convert it to a universal checkpoint and resume with --universal-checkpoint:\n"
                 f"  python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state "
                 f"--input_folder {tag_dir} --output_folder {tag_dir}_universal")
+        if not universal:
+            self.verify(source, [MODEL_STATES] if weights_only else None)
         with deepspeed_loads_safely():
             load_path, client_state = engine.load_checkpoint(
                 source.path, tag=source.tag, load_module_only=weights_only,
@@ -210,3 +218,89 @@ class Checkpointer:
             load_rng_state(rng_path)
         self.last_saved_iteration = state.iteration
         return state
+
+    def verify(self, source: LoadSource, names: list[str] | None) -> None:
+        """Check the tag's files (`names`, or all the record lists) against their hashes before DeepSpeed reads
+        them, shared out over the ranks (each checks every world_size-th file); every rank stops with the
+        same one-line CheckpointError, which names the newest earlier checkpoint that verifies."""
+        import torch.distributed as dist
+
+        record = integrity.record_of(source.meta)
+        if record is None:
+            if self.rank == 0:
+                integrity.warn_unverified(source.tag_dir)
+            return
+        names = sorted(record) if names is None else names
+        problem = None
+        try:
+            integrity.verify(source.tag_dir, source.meta, names[self.rank::self.world_size])
+        except CheckpointError as err:
+            problem = str(err)
+        found = [None] * self.world_size
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p), None)
+        if problem is None:
+            return
+        advice = [newest_verified_before(source.path, source.tag) if self.rank == 0 else None]
+        dist.broadcast_object_list(advice, src=0)
+        raise CheckpointError(f"{problem}; resume stopped: {advice[0]}")
+
+
+def newest_verified_before(save_dir: str, tag: str) -> str:
+    """Where to resume from when `tag` fails verification: the newest earlier complete tag whose files all
+    match their recorded hashes (checked here, in full), as advice for the one-line error."""
+    complete, _ = tag_dirs(save_dir)
+    earlier = complete[:complete.index(tag)] if tag in complete else complete
+    for name in reversed(earlier):
+        tag_dir = os.path.join(save_dir, name)
+        try:
+            meta = read_lime_config(os.path.join(tag_dir, LIME_CONFIG))
+        except CheckpointError:
+            continue
+        if integrity.record_of(meta) is not None and not integrity.problems(tag_dir, meta, first_only=True):
+            return (f"the newest earlier checkpoint that verifies is {tag_dir}: resume from it with "
+                    f"--load {tag_dir} (or write {name} into {os.path.join(save_dir, 'latest')})")
+    return f"no earlier checkpoint in {save_dir} verifies (restore the files, or start again without --load)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume policy: what may differ between the checkpoint and this run
+
+
+def check_model_matches(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Architecture fields must agree (name, attention backend and loss chunk size may differ)."""
+    ignore = {"name", "attention_backend", "loss_chunk_size"}
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs run {current.get(k)!r}"
+             for k in current if k not in ignore and k in saved and saved[k] != current[k]]
+    if diffs:
+        raise CheckpointError(f"{where}: the checkpoint's model differs from this run's: " + "; ".join(diffs))
+
+
+def check_schedule(source: LoadSource | None, current: dict[str, Any], override: bool, finetune: bool,
+                   log: Callable[[str], None]) -> None:
+    """A full resume must continue the schedule it was saved with (as Megatron-LM insists).
+
+    `current` is the run's lime_config "schedule" entry. Differences stop the run with every one
+    listed, unless `override` (--override-lr-scheduler): then the new schedule applies, and is logged.
+    Weights-only loads (--finetune, consolidated) start a fresh schedule and are not checked.
+    """
+    if source is None or source.kind != "deepspeed" or finetune:
+        return
+    saved = (source.meta or {}).get("schedule")
+    if saved is None:  # written before the schedule was recorded: nothing to compare against
+        return
+    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}" for key, value in current.items()
+             if key in saved and not _same(saved[key], value)]
+    if not diffs:
+        return
+    if not override:
+        raise CheckpointError(f"{source.tag_dir}: the learning-rate schedule differs from the checkpoint's: "
+                              + "; ".join(diffs) + ". Pass --override-lr-scheduler to continue with the new one")
+    log(f"> --override-lr-scheduler: the new learning-rate schedule applies from here ({'; '.join(diffs)})")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+

@@ -31,11 +31,10 @@ import torch.distributed as dist
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.data.builder import build_datasets
-from megatron_lime.evaluation.in_training import TaskEvaluator
+from megatron_lime.evaluation.in_training import task_evaluator
 from megatron_lime.model import LimeModel
-from megatron_lime.checkpoint import (LoadSource, check_model_matches, check_schedule, holds_checkpoint,
-                                      load_consolidated, resolve_load)
-from megatron_lime.training.checkpointing import Checkpointer, TrainState
+from megatron_lime.checkpoint import LoadSource, holds_checkpoint, read_consolidated, resolve_load
+from megatron_lime.training.checkpointing import Checkpointer, TrainState, check_model_matches, check_schedule
 from megatron_lime.training.config import TrainArgs, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler, build_loader, dataset_spec, to_device
 from megatron_lime.training.failures import TerminationRequest, inject_fault, run_guarded
@@ -299,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = schedule_record(args.optimizer, total_iters)
     check_schedule(source, schedule, args.checkpoint.override_lr_scheduler, args.checkpoint.finetune, metrics.print)
     if source is not None and source.kind == "consolidated":
-        state_dict, _ = load_consolidated(source.path)
+        state_dict, _ = read_consolidated(source.path)
         model.load_state_dict(state_dict)
         metrics.print(f"> loaded weights from consolidated checkpoint {source.path} (fresh optimizer, step 0)")
 
@@ -323,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluator = Evaluator(valid_set, args, env, metrics)
     metrics.start_at(state.iteration)  # metrics.jsonl: drop what a resumed run writes again
-    task_evaluator = TaskEvaluator(args, env, tokenizer, metrics)  # --eval-tasks (lm-eval)
+    evaluator = task_evaluator(args, env, tokenizer, metrics)  # --eval-tasks (lm-eval)
     if state.iteration == 0:  # the starting point (about ln(vocab) from scratch) that later validations are read against
         evaluator.maybe_run(engine, state)
     sampler = MicroBatchSampler(total_iters * global_batch, state.consumed_samples,
@@ -355,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics.log(window_metrics(window, state, total_iters, lr, tokens_per_step, env, flops_per_token, peak))
             window.reset()
         evaluator.maybe_run(engine, state)
-        task_evaluator.maybe_run(engine, state)
+        evaluator.maybe_run(engine, state)
 
         if consecutive_skips > args.training.max_skipped:
             path = checkpointer.save(engine, state)

@@ -16,6 +16,10 @@ Supported transformers versions: 4.56 to 5.24. Differences handled here:
     the output field that returns it is named accordingly;
   - `_tied_weights_keys` is a dict {tied: source} in 5.x and a list in 4.x.
 Only `Cache` objects are accepted (DynamicCache is created when none is given); legacy tuples are not.
+
+Integrity: `from_pretrained` on a local folder first checks every file of the export against the hash
+its record lists (integrity_lime.py), and stops with one line naming the file, the expected and the
+found hash.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_lime import LimeConfig
+from .integrity_lime import verify_local_export
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 # transformers 5.24 renamed the output field `past_key_values` to `cache`; generate reads whichever exists.
@@ -133,6 +138,12 @@ class LimePreTrainedModel(PreTrainedModel):
     _supports_static_cache = False
     _can_compile_fullgraph = False
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained, after the files of a local export folder are checked (integrity_lime.py)."""
+        verify_local_export(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
 
 def _positions_and_mask(
     attention_mask: torch.Tensor | None,
@@ -209,12 +220,14 @@ class LimeModel(LimePreTrainedModel):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """input_ids (b, q) or inputs_embeds (b, q, d) (unscaled, as from embed_tokens); attention_mask (b, past + q)."""
+        """input_ids (b, q) or inputs_embeds (b, q, d) (unscaled, as from embed_tokens); attention_mask
+        (b, past + q)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"the KV cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
+            raise TypeError(f"the KV cache must be a transformers Cache (e.g. DynamicCache), "
+                            f"got {type(cache).__name__}")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache()

@@ -105,6 +105,15 @@ class TemplateIds:
                    context_id=tokenizer.context_id)
 
 
+def encode_prompt(question: str, tokenizer: SFTTokenizer, context: str | None = None) -> list[int]:
+    """The inference prompt `[<context>context]<user>question<assistant>`: the template up to the first reply,
+    which the model was trained to continue (generation uses it; the export's chat template renders the same)."""
+    ids = TemplateIds.from_tokenizer(tokenizer)
+    pieces = tokenizer.encode_batch([question] if context is None else [context, question])
+    prefix = [ids.context_id, *pieces[0]] if context is not None else []
+    return prefix + [ids.user_id, *pieces[-1], ids.assistant_id]
+
+
 def encode_examples(examples: Sequence[SFTExample], tokenizer: SFTTokenizer) -> list[EncodedExample]:
     """Encode every text piece of every example with one `encode_batch` call."""
     texts: list[str] = []

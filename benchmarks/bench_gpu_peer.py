@@ -71,7 +71,7 @@ def build_peer(config: LimeConfig, seq: int, device: torch.device):
     gpt2 = GPT2Config(vocab_size=config.vocab_size, n_positions=seq, n_embd=config.hidden_size,
                       n_layer=config.num_layers, n_head=config.num_attention_heads, n_inner=config.ffn_hidden_size,
                       activation_function="silu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     return GPT2LMHeadModel._from_config(gpt2, attn_implementation="sdpa").to(device)
 

@@ -12,8 +12,9 @@
 #                                                    #   sizes; without a GPU on the CPU (the test suite runs this)
 #
 # Stages, each under `timeout` (its own limit, and never past the whole check's budget,
-# LIME_GPU_CHECK_BUDGET_S, 470 s by default); a stage that fails or times out is reported and the next one
-# still runs; the report is rewritten after every stage, so a check cut short keeps what it measured.
+# LIME_GPU_CHECK_BUDGET_S, 470 s by default; a dry run, on a CPU shared with others, gets 4x each limit and a
+# 1,800 s budget); a stage that fails or times out is reported and the next one still runs; the report is
+# rewritten after every stage, so a check cut short keeps what it measured.
 # Expected on an H200 (the first calls' figures where there are some): environment, install and gpu 20 s;
 # build 85-95 s; tests 50 s; train 100-150 s; peer 100-180 s (mostly torch.compile of the whole GPT-2); kernels 20 s.
 #   environment  python, torch, nvidia-smi, the wheelhouse
@@ -40,7 +41,7 @@ set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 PYTHON="${PYTHON:-python3}"
-BUDGET_S="${LIME_GPU_CHECK_BUDGET_S:-470}"
+BUDGET_S="${LIME_GPU_CHECK_BUDGET_S:-}"
 WHEELS="${LIME_GPU_WHEELS:-$REPO/gpu_wheels}"
 RESULTS="${OUT:-$REPO/gpu_check_out}"
 DRY_RUN="${LIME_GPU_CHECK_DRY_RUN:-0}"
@@ -57,6 +58,9 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+LIMIT_SCALE=1
+if [ "$DRY_RUN" = "1" ]; then LIMIT_SCALE=4; fi
+[ -z "$BUDGET_S" ] && BUDGET_S=$((DRY_RUN == 1 ? 1800 : 470))
 for stage in ${ONLY//,/ }; do
   case " $ALL_STAGES " in *" $stage "*) ;; *) echo "gpu_check: --only $stage: not a stage of: $ALL_STAGES" >&2; exit 2 ;; esac
 done
@@ -87,7 +91,7 @@ wanted() {  # environment, install, gpu and report always run; --only picks amon
 # run_stage NAME LIMIT_S COMMAND...: the command under timeout (LIMIT_S, cut to what is left of
 # the budget), its output appended to the log, one status line, the log's tail when it failed.
 run_stage() {
-  local name="$1" limit="$2"
+  local name="$1" limit=$(($2 * LIMIT_SCALE))
   shift 2
   if ! wanted "$name"; then
     printf '%s\tskipped\t0\tnot in --only\n' "$name" >> "$STATUS"

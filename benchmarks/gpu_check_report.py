@@ -65,11 +65,20 @@ def figure(row: dict[str, Any] | None) -> str:
     return f"{row['tokens_per_second']:,.0f} ({mfu}; {memory})"
 
 
+def row_order(name: str, row: dict[str, Any]) -> tuple:
+    """Eager before compile, pretraining before packed SFT, then by sequences per step and micro-batch size."""
+    if "micro_batch_size" not in row:  # an error line of a whole mode
+        return (name.split()[0] != "eager", 2, 0, 0, name)
+    return (row["mode"] != "eager", row["batch"] != "pretrain", row["micro_batch_size"] * row["accumulation"],
+            row["micro_batch_size"], name)
+
+
 def side_by_side(train: dict[str, Any] | None, peer: dict[str, Any] | None) -> list[str]:
     """One markdown row per configuration either benchmark ran: ours, the peer, ours / peer."""
     ours_runs = (train or {}).get("runs", {})
     peer_runs = (peer or {}).get("runs", {})
-    names = list(ours_runs) + [name for name in peer_runs if name not in ours_runs]
+    names = sorted(set(ours_runs) | set(peer_runs), key=lambda name: row_order(name, ours_runs.get(name)
+                                                                               or peer_runs.get(name)))
     lines = ["| row (kind mbMICROxSTEPS mode) | ours: tokens/s (MFU; peak memory) | peer | ours / peer |",
              "|---|---|---|---|"]
     for name in names:
@@ -104,12 +113,13 @@ def tables(results: dict[str, Any]) -> str:
     train, peer = results["train"], results["peer"]
     if train or peer:
         head = train or peer
-        out.append(f"\nlime-1b training, seq {head.get('seq_length')}, on {head.get('gpu')} (torch {head.get('torch')}"
-                   + (f", transformers {peer.get('transformers')}" if peer else "")
-                   + "): tokens/s over every position; "
-                   f"MFU of the datasheet's {head.get('datasheet_peak_tflops') or 'unknown'} TFLOP/s with LIME-1B's "
-                   "6N + 12 L d s for both" + (f"; bf16 matmul {train['matmul_tflops']:.0f} TFLOP/s"
-                                                  if train and train.get("matmul_tflops") else ""))
+        model = (train or {}).get("model", "lime")
+        peak = head.get("datasheet_peak_tflops") or "unknown"
+        versions = f"torch {head.get('torch')}" + (f", transformers {peer.get('transformers')}" if peer else "")
+        matmul = f"; bf16 matmul {train['matmul_tflops']:.0f} TFLOP/s" if train and train.get("matmul_tflops") else ""
+        out.append(f"\n{model} training, seq {head.get('seq_length')}, on {head.get('gpu')} ({versions}): tokens/s "
+                   f"over every position; MFU of the datasheet's {peak} TFLOP/s with {model}'s 6N + 12 L d s for both"
+                   + matmul)
         out += side_by_side(train, peer)
     for name, profile in ((train or {}).get("profiles") or {}).items():
         idle = profile.get("device_idle_share")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeBlock, LimeModel, chunked_language_model_loss, language_model_loss
-from megatron_lime.model.loss import _chunk_loss_and_logit_grad_in_place, chunk_loss_and_logit_grad
+from megatron_lime.model.loss import chunk_loss_and_logit_grad_in_place, chunk_loss_and_logit_grad
 
 
 def chunk_inputs(c=37, vocab=101, seed=0):
@@ -41,7 +41,7 @@ def test_the_fused_chunk_body_has_no_graph_break_and_compiles_to_the_reference()
     torch._dynamo.reset()
     compiled = torch.compile(chunk_loss_and_logit_grad, fullgraph=True, dynamic=False)
     want_total, want_grad = reference_chunk(logits, labels, weights)
-    for body in (chunk_loss_and_logit_grad, compiled, _chunk_loss_and_logit_grad_in_place):
+    for body in (chunk_loss_and_logit_grad, compiled, chunk_loss_and_logit_grad_in_place):
         total, grad = body(logits.clone(), labels, weights)
         assert grad.dtype == torch.float32
         torch.testing.assert_close(total.double(), want_total, rtol=1e-6, atol=0)

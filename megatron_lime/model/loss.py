@@ -87,7 +87,7 @@ def chunk_loss_and_logit_grad(logits: torch.Tensor, labels: torch.Tensor, token_
     return total, grad.to(logits.dtype)
 
 
-def _chunk_loss_and_logit_grad_in_place(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor
+def chunk_loss_and_logit_grad_in_place(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor
                                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """chunk_loss_and_logit_grad without a compiler: the softmax formed in place in one fp32 copy of the logits."""
     x = logits.float()  # (c, vocab); the logits themselves when they are fp32 (ours to overwrite)
@@ -111,7 +111,7 @@ def _chunk_body(device: torch.device):
     if body is None:
         wanted = device.type == "cuda" and os.environ.get("LIME_LOSS_COMPILE", "1") != "0"
         body = (torch.compile(chunk_loss_and_logit_grad, fullgraph=True, dynamic=False) if wanted
-                else _chunk_loss_and_logit_grad_in_place)
+                else chunk_loss_and_logit_grad_in_place)
         _BODIES[device.type] = body
     return body
 

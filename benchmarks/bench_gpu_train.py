@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="eager and/or compile")
     parser.add_argument("--batch-kinds", nargs="+", choices=BATCH_KINDS, default=list(BATCH_KINDS),
                         help="random pretraining tokens and/or packed SFT rows")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed steps per row (compilation included)")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compilation included)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--profile-shape", default="32x2",
                         help="the pretraining row profiled in each mode ('none' for no profile)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler")

@@ -18,8 +18,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = LimeConfig.from_name(options.model)
     tokens = options.micro_batch_size * options.seq_length
-    mib = lambda n: f"{n / 2**20:8.0f} MiB"
+
+    def mib(n: float) -> str:
+        return f"{n / 2**20:8.0f} MiB"
+
     print(f"{options.model}, micro batch {options.micro_batch_size}, seq {options.seq_length} ({tokens} tokens), fp32, "
           f"{options.device}; all logits in fp32 would be {mib(4 * tokens * config.vocab_size).strip()}")
     print(f"  {'variant':<14} {'chunk':>6} {'peak RSS':>12} {'step growth':>12} {'step s':>7}  loss")

@@ -14,25 +14,23 @@ MFU uses the peak of the GPU from training.metrics (or --peak-tflops).
 
 --compare-compile also builds a second engine with --torch-compile (the blocks compiled, same weights
 and batch), times its compilation separately (the warm-up steps), and reports the compiled/eager step
-time ratio from the same alternating rounds. --packed-documents N splits every row into N documents
-(document_ids and restarting position_ids, as the SFT packer makes): the document-masked attention path.
+time ratio from the same alternating rounds. --packed-documents N packs every row with documents of seq / N
+tokens (document_ids and restarting position_ids, every token trained): the document-masked attention path.
+Batches and the step timer are bench_common's, shared with bench_gpu_train.py and bench_gpu_peer.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_lime.config import PRESETS, LimeConfig  # noqa: E402
+from bench_common import packed_batch, pretraining_batch, seconds_per_step
+from megatron_lime.config import PRESETS, LimeConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compare-compile", action="store_true",
                         help="time an eager and a --torch-compile engine in the same run and report the ratio")
     parser.add_argument("--packed-documents", type=int, default=0,
-                        help="split each row into this many documents (packed batch with document_ids)")
+                        help="pack each row with documents of seq / N tokens (document_ids, position_ids)")
     parser.add_argument("--attention-backend", default=None, choices=["auto", "flash", "flex", "sdpa"])
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--skip-plain", action="store_true", help="only time our stack")
@@ -58,38 +56,6 @@ def parse_args() -> argparse.Namespace:
                         help="cpu: this process's CPU time (CPU device only; with OMP_NUM_THREADS=1 it is robust "
                              "to other processes loading a shared machine)")
     return parser.parse_args()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def timed(step, steps: int, device: torch.device, clock: str = "wall") -> float:
-    """Seconds per step over `steps` calls of step(), by the wall clock or by this process's CPU time."""
-    now = CLOCKS[clock]
-    synchronize(device)
-    start = now()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (now() - start) / steps
-
-
-def packed_layout(batch_size: int, seq: int, documents: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """document_ids and position_ids (batch_size, seq) for rows of `documents` documents of random lengths."""
-    document_ids = torch.empty(batch_size, seq, dtype=torch.long)
-    position_ids = torch.empty(batch_size, seq, dtype=torch.long)
-    for row in range(batch_size):
-        cuts = torch.randperm(seq - 1, generator=generator)[:documents - 1].add(1).sort().values.tolist()
-        bounds = [0, *cuts, seq]
-        for document, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            document_ids[row, start:end] = document
-            position_ids[row, start:end] = torch.arange(end - start)
-    return {"document_ids": document_ids, "position_ids": position_ids}
 
 
 def main() -> int:
@@ -121,12 +87,12 @@ def main() -> int:
     config: LimeConfig = args.model
 
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, config.vocab_size, (batch_size, seq + 1), generator=generator)
-    batch = {"input_ids": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
-             "loss_mask": torch.ones(batch_size, seq, device=device)}
     if options.packed_documents > 1:
-        batch.update({k: v.to(device) for k, v in packed_layout(batch_size, seq, options.packed_documents,
-                                                                generator).items()})
+        length = seq // options.packed_documents
+        batch = packed_batch(config.vocab_size, batch_size, seq, device, generator, shortest=length, longest=length,
+                             prompt_fraction=0.0)
+    else:
+        batch = pretraining_batch(config.vocab_size, batch_size, seq, device, generator)
 
     def engine_step(compile_blocks: bool) -> Callable[[], None]:
         run_args = copy.deepcopy(args)
@@ -139,7 +105,8 @@ def main() -> int:
     # With --compare-compile the first engine is the eager one, whatever --torch-compile says.
     compile_ours = args.training.torch_compile and not options.compare_compile
     our_step = engine_step(compile_ours)
-    methods: dict[str, Callable[[], None]] = {f"megatron-lime (DeepSpeed){' compiled' if compile_ours else ''}": our_step}
+    ours_name = f"megatron-lime (DeepSpeed){' compiled' if compile_ours else ''}"
+    methods: dict[str, Callable[[], None]] = {ours_name: our_step}
     if options.compare_compile:
         methods["megatron-lime, torch.compile"] = engine_step(True)
 
@@ -162,7 +129,7 @@ def main() -> int:
         methods["plain PyTorch loop"] = plain_step
 
     # Warm-up (compilation included: it happens in the first steps) is timed apart from the rounds.
-    warmup_seconds = {name: timed(step, options.warmup, device, options.clock) * options.warmup
+    warmup_seconds = {name: seconds_per_step(step, options.warmup, device, options.clock) * options.warmup
                       for name, step in methods.items()}
     # Rounds rotate the methods' order, so a burst of load from other processes hits all alike;
     # comparisons are medians of the per-round ratios.
@@ -171,15 +138,17 @@ def main() -> int:
     for round_index in range(options.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds[name].append(timed(methods[name], options.steps, device, options.clock))
+            seconds[name].append(seconds_per_step(methods[name], options.steps, device, options.clock))
     ours = seconds[names[0]]
     plain = seconds.get("plain PyTorch loop", [])
 
     flops_per_token = config.flops_per_token(seq)
     peak = peak_tflops_for(device, options.peak_tflops)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({torch.get_num_threads()} threads)")
     print(f"{config.name}: {config.num_parameters() / 1e6:.1f}M parameters, seq {seq}, micro batch {batch_size}, "
-          f"{'bf16' if bf16 else 'fp32'}, {device_name}; {options.rounds} rounds x {options.steps} steps per method, median, {options.clock} clock")
+          f"{'bf16' if bf16 else 'fp32'}, {device_name}; {options.rounds} rounds x {options.steps} steps per method, "
+          f"median, {options.clock} clock")
 
     def report(name: str, seconds: list[float]) -> float:
         per_step = statistics.median(seconds)
@@ -199,7 +168,8 @@ def main() -> int:
         ratios = [a / b for a, b in zip(compiled, eager)]
         print(f"  compiled / eager step time: {statistics.median(ratios):.3f} median of per-round ratios "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f}); warm-up of {options.warmup} steps incl. compilation: "
-              f"{warmup_seconds['megatron-lime, torch.compile']:.1f} s compiled, {warmup_seconds[names[0]]:.1f} s eager")
+              f"{warmup_seconds['megatron-lime, torch.compile']:.1f} s compiled, "
+              f"{warmup_seconds[names[0]]:.1f} s eager")
     if plain:
         report("plain PyTorch loop", plain)
         ratios = [a / b for a, b in zip(ours, plain)]

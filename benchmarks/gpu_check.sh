@@ -1,43 +1,54 @@
 #!/usr/bin/env bash
-# The GPU check: on one H100/H200 without network, in under 8 minutes, install what the machine
-# lacks, build the CUDA kernels for its GPU, run the GPU tests and measure kernels and lime-1b
-# training; one JSON and one table at the end.
+# The GPU check: on one H100/H200 without network, in under 8 minutes, install what the machine lacks,
+# build the CUDA kernels for its GPU, run the GPU tests, time lime-1b training through our real DeepSpeed
+# step and the peer (a plain PyTorch loop over transformers' GPT-2 with LIME's dims) on the same rows,
+# profile one configuration per mode, and measure the kernels; one JSON and one table at the end.
 #
-#   bash benchmarks/gpu_wheels.sh              # here, with network, once: the wheelhouse gpu_wheels/
-#   bash benchmarks/gpu_check.sh               # on the GPU machine (carry gpu_wheels/ along)
-#   bash benchmarks/gpu_check.sh --dry-run     # (or LIME_GPU_CHECK_DRY_RUN=1) stop after the GPU check:
-#                                              #   on a CPU machine it fails there (exit 3, "no CUDA GPU")
-#   bash benchmarks/gpu_check.sh --only train  # a second call: only these stages (install, and build
-#                                              #   when the extension is missing, still run)
+#   bash benchmarks/gpu_wheels.sh                    # here, with network, once: the wheelhouse gpu_wheels/
+#   bash benchmarks/gpu_check.sh                     # on the GPU machine (carry gpu_wheels/ along)
+#   bash benchmarks/gpu_check.sh --only train,peer   # a second call on a warm machine: only these stages
+#                                                    #   (install, and build when the extension is missing, still run)
+#   bash benchmarks/gpu_check.sh --dry-run           # (or LIME_GPU_CHECK_DRY_RUN=1) every stage's code at tiny
+#                                                    #   sizes; without a GPU on the CPU (the test suite runs this)
 #
 # Stages, each under `timeout` (its own limit, and never past the whole check's budget,
-# LIME_GPU_CHECK_BUDGET_S, 470 s by default); a stage that fails or times out is reported and the
-# next one still runs:
+# LIME_GPU_CHECK_BUDGET_S, 470 s by default; a dry run, on a CPU shared with others, gets 4x each limit and a
+# 1,800 s budget); a stage that fails or times out is reported and the next one still runs; the report is
+# rewritten after every stage, so a check cut short keeps what it measured.
+# Expected on an H200 (the first calls' figures where there are some, else estimates): environment, install and
+# gpu 20 s; build 85-95 s; train 150-200 s; peer 100-150 s (mostly torch.compile of the whole GPT-2); tests 50 s;
+# kernels 20 s. The measurements come before the tests: a budget cut short loses the tests, which a follow-up
+# `--only tests,kernels` on the warm machine runs in about 90 s.
 #   environment  python, torch, nvidia-smi, the wheelhouse
-#   install      gpu_wheels/*.whl into a private folder (pip --no-index --no-deps), on PYTHONPATH;
-#                with --dry-run only pip's --dry-run for CPython 3.12 (proves the wheelhouse installs)
-#   gpu          a CUDA GPU is visible: its name and compute capability. Without one the check stops
-#                here (exit 3): every later stage needs it
+#   install      gpu_wheels/*.whl into a private folder (pip --no-index --no-deps); its import check and every
+#                later stage see that folder on PYTHONPATH; --dry-run: pip's --dry-run for CPython 3.12 only
+#   gpu          a CUDA GPU is visible: its name and compute capability. Without one the check stops here
+#                (exit 3), but with --dry-run, which goes on on the CPU
 #   build        setup.py build_ext --inplace, the CUDA extension for this GPU's architecture only
-#   tests        tests/test_gpu.py and the CUDA tests of tests/test_kernels.py
-#   kernels      benchmarks/bench_kernels.py --device cuda (RMSNorm and SiLU in bf16)
-#   train        benchmarks/bench_gpu_train.py (lime-1b, DeepSpeed ZeRO-1 bf16, eager and compile)
-#   report       benchmarks/gpu_check_report.py: $OUT/gpu_check.json and the table
+#                (on a CPU dry run: the command is printed and the built CPU extension checked)
+#   train        benchmarks/bench_gpu_train.py: ours, DeepSpeed ZeRO-1 bf16, eager and compile; one micro-batch
+#                per step (16x1, 32x1) and 64 sequences per step (16x4, 32x2, 64x1); packed SFT rows; a
+#                torch.profiler pass of 32x2 per mode -> train.json, profile_ours.md
+#   peer         benchmarks/bench_gpu_peer.py: the plain GPT-2 loop on the same rows -> peer.json
+#   tests        tests/test_gpu.py and the CUDA tests of tests/test_kernels.py (on a CPU dry run: test_gpu.py's
+#                CPU tests but the DeepSpeed subprocess one, which the normal suite runs)
+#   kernels      benchmarks/bench_kernels.py --device cuda (RMSNorm and SiLU in bf16) -> kernels.json
+#   report       benchmarks/gpu_check_report.py: gpu_check.json and the tables, ours / peer per row
 #
-# Output: $OUT (the device tool's return folder) when set, else gpu_check_out/ (git-ignored):
-# gpu_check.json and gpu_check.log (every stage's full output). Exit: 0 all stages passed,
-# 1 some failed, 3 no GPU, 2 bad arguments.
+# Output: $OUT (the device tool's return folder) when set, else gpu_check_out/ (git-ignored): gpu_check.json,
+# gpu_check.txt (the tables), gpu_check.log (every stage's full output), train.json, peer.json, kernels.json,
+# profile_ours.md. Exit: 0 all stages passed, 1 some failed, 3 no GPU (without --dry-run), 2 bad arguments.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 PYTHON="${PYTHON:-python3}"
-BUDGET_S="${LIME_GPU_CHECK_BUDGET_S:-470}"
+BUDGET_S="${LIME_GPU_CHECK_BUDGET_S:-}"
 WHEELS="${LIME_GPU_WHEELS:-$REPO/gpu_wheels}"
 RESULTS="${OUT:-$REPO/gpu_check_out}"
 DRY_RUN="${LIME_GPU_CHECK_DRY_RUN:-0}"
 ONLY=""
-ALL_STAGES="environment install gpu build tests kernels train report"
+ALL_STAGES="environment install gpu build train peer tests kernels report"
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,13 +60,17 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+LIMIT_SCALE=1
+if [ "$DRY_RUN" = "1" ]; then LIMIT_SCALE=4; fi
+[ -z "$BUDGET_S" ] && BUDGET_S=$((DRY_RUN == 1 ? 1800 : 470))
 for stage in ${ONLY//,/ }; do
   case " $ALL_STAGES " in *" $stage "*) ;; *) echo "gpu_check: --only $stage: not a stage of: $ALL_STAGES" >&2; exit 2 ;; esac
 done
 
 mkdir -p "$RESULTS"
-WORK="$(mktemp -d /tmp/lime-gpu-check.XXXXXX)"  # stage logs, the benchmarks' JSON, the installed wheels
+WORK="$(mktemp -d /tmp/lime-gpu-check.XXXXXX)"  # stage logs, the installed wheels
 trap 'rm -rf "$WORK"' EXIT
+SITE="$WORK/site"
 LOG="$RESULTS/gpu_check.log"
 STATUS="$WORK/stages.tsv"
 : > "$LOG"
@@ -78,7 +93,7 @@ wanted() {  # environment, install, gpu and report always run; --only picks amon
 # run_stage NAME LIMIT_S COMMAND...: the command under timeout (LIMIT_S, cut to what is left of
 # the budget), its output appended to the log, one status line, the log's tail when it failed.
 run_stage() {
-  local name="$1" limit="$2"
+  local name="$1" limit=$(($2 * LIMIT_SCALE))
   shift 2
   if ! wanted "$name"; then
     printf '%s\tskipped\t0\tnot in --only\n' "$name" >> "$STATUS"
@@ -111,9 +126,10 @@ run_stage() {
   [ "$status" = "ok" ]
 }
 
+# After every stage: gpu_check.json and gpu_check.txt from what the stages left so far.
 report() {
   timeout --kill-after=5 60 "$PYTHON" benchmarks/gpu_check_report.py --stages "$STATUS" --work "$WORK" \
-    --json "$RESULTS/gpu_check.json" --dry-run "$DRY_RUN"
+    --results "$RESULTS" --dry-run "$DRY_RUN" > "$WORK/report.txt" 2>&1 || cat "$WORK/report.txt"
 }
 
 environment() {
@@ -131,20 +147,28 @@ install() {
   fi
   if [ "$DRY_RUN" = "1" ]; then  # this machine's Python may not be the GPU machine's 3.12
     "$PYTHON" -m pip install --dry-run --no-index --no-deps --ignore-installed --only-binary=:all: \
-      --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 --target "$WORK/site" \
+      --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 --target "$SITE" \
       "$WHEELS"/*.whl
     return
   fi
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-    "$WHEELS"/*.whl && "$PYTHON" -c "import deepspeed, datasets; print('deepspeed', deepspeed.__version__, 'datasets', datasets.__version__)"
+  # The import check sees the folder as every later stage does, on PYTHONPATH (the first GPU call checked
+  # without it, failed, and left the later stages without deepspeed).
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl && PYTHONPATH="$PYTHONPATH:$SITE" "$PYTHON" -c "
+import deepspeed, datasets
+print('deepspeed', deepspeed.__version__, 'from', deepspeed.__file__)
+print('datasets', datasets.__version__, 'from', datasets.__file__)"
 }
 
 gpu() {
-  "$PYTHON" - "$WORK/arch" <<'EOF'
+  "$PYTHON" - "$WORK/arch" "$DRY_RUN" <<'EOF'
 import sys
 import torch
 
 if not torch.cuda.is_available():
+    if sys.argv[2] == "1":
+        print(f"no CUDA GPU visible (torch {torch.__version__}): the dry run goes on on the CPU")
+        sys.exit(0)
     sys.exit(f"gpu_check: no CUDA GPU visible (torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
              f"torch.cuda.is_available() is False): stopping before the first GPU stage")
 major, minor = torch.cuda.get_device_capability()
@@ -154,6 +178,11 @@ EOF
 }
 
 build() {
+  if [ ! -f "$WORK/arch" ]; then  # a dry run on a CPU: what would run, and the extension that is there
+    echo "would run: LIME_BUILD_CUDA=1 LIME_CUDA_ARCHS=<arch> $PYTHON setup.py build_ext --inplace"
+    "$PYTHON" -c "from megatron_lime import kernels; print('CPU kernels backend:', kernels.backend('cpu'))"
+    return
+  fi
   local arch
   arch="$(cat "$WORK/arch")"
   echo "building the extensions in place, CUDA for compute capability $arch only"
@@ -163,37 +192,51 @@ build() {
 }
 
 tests() {
+  if [ ! -f "$WORK/arch" ]; then
+    "$PYTHON" -m pytest -q -p no:cacheprovider --timeout 150 -rfEs tests/test_gpu.py -k "not deepspeed"
+    return
+  fi
   "$PYTHON" -m pytest -q -p no:cacheprovider --timeout 150 -rfEs tests/test_gpu.py tests/test_kernels.py -k "cuda"
 }
 
-kernels() {
-  "$PYTHON" benchmarks/bench_kernels.py --device cuda --ops rms_norm silu --dtypes bf16 --json "$WORK/kernels.json"
-}
+dry_run_flag() { [ "$DRY_RUN" = "1" ] && echo "--dry-run"; }
 
 train() {
-  "$PYTHON" benchmarks/bench_gpu_train.py --json "$WORK/train.json"
+  "$PYTHON" benchmarks/bench_gpu_train.py --json "$RESULTS/train.json" --profile-md "$RESULTS/profile_ours.md" \
+    $(dry_run_flag)
+}
+
+peer() {
+  "$PYTHON" benchmarks/bench_gpu_peer.py --json "$RESULTS/peer.json" $(dry_run_flag)
+}
+
+kernels() {
+  if [ ! -f "$WORK/arch" ]; then
+    "$PYTHON" benchmarks/bench_kernels.py --device cpu --ops rms_norm silu --dtypes fp32 --rows 64 --hidden 64 \
+      --iterations 2 --warmup 1 --json "$RESULTS/kernels.json"
+    return
+  fi
+  "$PYTHON" benchmarks/bench_kernels.py --device cuda --ops rms_norm silu --dtypes bf16 --json "$RESULTS/kernels.json"
 }
 
 # The stages run as `timeout ... bash -c FUNCTION`: they see these functions and variables.
-export -f environment install gpu build tests kernels train
-export PYTHON WORK WHEELS DRY_RUN
-say "results in $RESULTS; budget ${BUDGET_S}s$([ "$DRY_RUN" = "1" ] && echo '; dry run: stops after the GPU check')"
+export -f environment install gpu build tests dry_run_flag train peer kernels
+export PYTHON WORK WHEELS DRY_RUN RESULTS SITE
+say "results in $RESULTS; budget ${BUDGET_S}s$([ "$DRY_RUN" = "1" ] && echo '; dry run: every stage at tiny sizes')"
 run_stage environment 60 environment
-run_stage install 90 install && export PYTHONPATH="$PYTHONPATH:$WORK/site"
+if run_stage install 90 install && [ "$DRY_RUN" != "1" ]; then export PYTHONPATH="$PYTHONPATH:$SITE"; fi
 if ! run_stage gpu 60 gpu; then
   report
+  cat "$WORK/report.txt"
   say "no usable CUDA GPU: stopped before the first GPU stage (exit 3); details in $LOG"
   exit 3
 fi
-if [ "$DRY_RUN" = "1" ]; then
-  report
-  say "dry run: a GPU is present; the GPU stages (build, tests, kernels, train) would run now"
-  exit 0
-fi
-run_stage build 240 build
-run_stage tests 180 tests
-run_stage kernels 150 kernels
-run_stage train 400 train
 report
+run_stage build 240 build; report
+run_stage train 240 train; report
+run_stage peer 200 peer; report
+run_stage tests 150 tests; report
+run_stage kernels 90 kernels; report
+cat "$WORK/report.txt"
 if awk -F'\t' '$2 == "failed" || $2 == "timeout" {bad = 1} END {exit !bad}' "$STATUS"; then exit 1; fi
 exit 0

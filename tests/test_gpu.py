@@ -1,7 +1,8 @@
-"""GPU tests (skipped without CUDA; benchmarks/gpu_check.sh runs them on a GPU machine): every
-attention backend against an fp32 reference and each other, a packed batch against its documents
-run alone, and bf16 DeepSpeed ZeRO-1 steps of lime-tiny through the training loop's own step on
-pretraining and packed SFT batches. The layout of the benchmark's packed SFT batch is checked on CPU."""
+"""The GPU tests, each also run on the CPU (so the code they hold to the GPU cannot rot unseen between GPU
+sessions; benchmarks/gpu_check.sh runs the CUDA ones on a GPU machine): every attention backend that trains on
+the device against an fp32 reference and each other, a packed batch against its documents run alone, and
+DeepSpeed ZeRO-1 steps of lime-tiny (bf16 on a GPU, fp32 on the CPU) through the training loop's own step on
+pretraining and packed SFT batches. The layout of the benchmarks' packed SFT batch is checked too."""
 
 from __future__ import annotations
 
@@ -15,19 +16,31 @@ import typing
 import pytest
 import torch
 
+from megatron_lime.config import LimeConfig
+from megatron_lime.model import LimeModel
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # benchmarks/ (whose packed SFT batch these tests use) is not a package
-
-from benchmarks.bench_gpu_train import packed_sft_batch  # noqa: E402
-from megatron_lime.config import LimeConfig  # noqa: E402
-from megatron_lime.model import LimeModel  # noqa: E402
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+BENCHMARKS = os.path.join(REPO, "benchmarks")  # bench_common.py: the benchmarks' batches (a module, not a package)
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
-def attention_backends() -> list[str]:
-    """Every attention_backend LimeConfig accepts, but "auto" (which picks one of them)."""
+@pytest.fixture
+def bench_common(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import bench_common
+
+    return bench_common
+
+
+def attention_backends(device: str) -> list[str]:
+    """Every attention_backend LimeConfig accepts but "auto" (which picks one of them) that trains on `device`
+    (FlexAttention has no CPU backward; flash needs flash_attn and a GPU)."""
     choices = typing.get_args(typing.get_type_hints(LimeConfig)["attention_backend"])
-    return [choice for choice in choices if choice != "auto"]
+    backends = [choice for choice in choices if choice != "auto"]
+    if device == "cpu":
+        return [backend for backend in backends if backend == "sdpa"]
+    return [backend for backend in backends if backend != "flash" or importlib.util.find_spec("flash_attn")]
 
 
 def small_config(**overrides) -> LimeConfig:
@@ -55,21 +68,27 @@ def packed_inputs(config: LimeConfig, device: str, lengths=(40, 70, 18), seq: in
 
 
 def loss_and_grads(model: LimeModel, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """[logits, loss, every gradient] in fp32. With labels the model computes the loss in chunks and returns no
+    logits: they come from a forward without labels."""
+    with torch.no_grad():
+        logits = model(**{name: tensor for name, tensor in batch.items() if name != "labels"}).logits
     model.zero_grad(set_to_none=True)
     output = model(**batch)
+    assert output.logits is None and model.config.loss_chunk_size  # the chunked loss, as training runs it
     output.loss.backward()
     gradients = torch.cat([parameter.grad.float().flatten() for parameter in model.parameters()])
-    return [output.logits.detach().float(), output.loss.detach().float(), gradients]
+    return [logits.detach().float(), output.loss.detach().float(), gradients]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-30)).item()
 
 
-def test_packed_sft_batch_has_the_sft_dataset_layout():
-    """The benchmark's packed batch: positions restart per document, the prompts carry no loss."""
+def test_packed_sft_batch_has_the_sft_dataset_layout(bench_common):
+    """The benchmarks' packed batch: positions restart per document, the prompts carry no loss."""
     config = LimeConfig.from_name("lime-tiny")
-    batch = packed_sft_batch(config, 3, 128, torch.device("cpu"), torch.Generator().manual_seed(0), longest=48)
+    batch = bench_common.packed_batch(config.vocab_size, 3, 128, torch.device("cpu"), torch.Generator().manual_seed(0),
+                                      longest=48)
     for row in range(3):
         documents = batch["document_ids"][row]
         starts = torch.cat((torch.tensor([True]), documents[1:] != documents[:-1]))
@@ -81,38 +100,36 @@ def test_packed_sft_batch_has_the_sft_dataset_layout():
     assert torch.isfinite(output.loss) and output.num_loss_tokens == batch["loss_mask"].sum()
 
 
-@cuda_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
-def test_attention_backends_agree_cuda(packed):
+def test_attention_backends_agree(packed, device):
     """Each backend in bf16 is as close to an fp32 SDPA reference as SDPA in bf16 is (2x, plus 1e-3)."""
     torch.manual_seed(0)
-    reference = LimeModel(small_config(attention_backend="sdpa")).cuda()
-    batch = packed_inputs(reference.config, "cuda")
+    reference = LimeModel(small_config(attention_backend="sdpa")).to(device)
+    batch = packed_inputs(reference.config, device)
     if not packed:
         batch = {name: batch[name] for name in ("input_ids", "labels")}
     want = loss_and_grads(reference, batch)
     errors: dict[str, list[float]] = {}
-    for backend in attention_backends():
-        if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
-            continue  # not installed: the other backends are still compared
-        model = LimeModel(small_config(attention_backend=backend)).cuda()
+    for backend in attention_backends(device):
+        model = LimeModel(small_config(attention_backend=backend)).to(device)
         model.load_state_dict(reference.state_dict())
         got = loss_and_grads(model.to(torch.bfloat16), batch)
         errors[backend] = [relative_error(g, w) for g, w in zip(got, want)]
-    assert "sdpa" in errors, attention_backends()
+    assert "sdpa" in errors, attention_backends(device)
     for backend, backend_errors in errors.items():
         for index, (error, sdpa_error) in enumerate(zip(backend_errors, errors["sdpa"])):
             assert error <= 2 * sdpa_error + 1e-3, (backend, index, error, sdpa_error, errors)
         assert max(backend_errors) < 5e-2, (backend, backend_errors)  # bf16, not garbage
 
 
-@cuda_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_packed_documents_equal_the_documents_alone_cuda(dtype):
+def test_packed_documents_equal_the_documents_alone(dtype, device):
     """With document ids and restarting positions, a packed document's logits are those it has alone."""
     torch.manual_seed(0)
-    model = LimeModel(small_config()).cuda().to(dtype)
-    batch = packed_inputs(model.config, "cuda")
+    model = LimeModel(small_config()).to(device).to(dtype)
+    batch = packed_inputs(model.config, device)
     with torch.no_grad():
         packed = model(batch["input_ids"][:1], position_ids=batch["position_ids"][:1],
                        document_ids=batch["document_ids"][:1]).logits[0].float()
@@ -127,21 +144,22 @@ def test_packed_documents_equal_the_documents_alone_cuda(dtype):
 ZERO1_STEPS = r'''
 import json, math, sys
 import torch
-from benchmarks.bench_gpu_train import packed_sft_batch, pretraining_batch
+from bench_common import packed_batch, pretraining_batch
 from megatron_lime import kernels
 from megatron_lime.training.config import parse_training_args
 from megatron_lime.training.pretrain import build_model, init_distributed, train_step
 from megatron_lime.training.wrap import wrap_model
 
+bf16 = torch.cuda.is_available()
 args = parse_training_args(["--model", "lime-tiny", "--seq-length", "128", "--train-iters", "100",
-                            "--micro-batch-size", "4", "--global-batch-size", "8", "--bf16", "--lr", "3e-3",
-                            "--lr-warmup-iters", "0", "--zero-stage", "1"])
+                            "--micro-batch-size", "4", "--global-batch-size", "8", "--bf16" if bf16 else "--no-bf16",
+                            "--lr", "3e-3", "--lr-warmup-iters", "0", "--zero-stage", "1"])
 env = init_distributed()
 engine, ds_config = wrap_model(build_model(args.model, 1234, env.device), args, env.device, env.world_size)
 engine.train()
 generator = torch.Generator().manual_seed(0)
-pretrain = [pretraining_batch(args.model, 4, 128, env.device, generator) for _ in range(2)]
-packed = [packed_sft_batch(args.model, 4, 128, env.device, generator, longest=48) for _ in range(2)]
+pretrain = [pretraining_batch(args.model.vocab_size, 4, 128, env.device, generator) for _ in range(2)]
+packed = [packed_batch(args.model.vocab_size, 4, 128, env.device, generator, longest=48) for _ in range(2)]
 results = {"pretrain": [], "packed": [], "packed_tokens": int(sum(b["loss_mask"].sum() for b in packed))}
 for name, batches, steps in (("pretrain", pretrain, 20), ("packed", packed, 20)):
     for _ in range(steps):
@@ -150,25 +168,33 @@ for name, batches, steps in (("pretrain", pretrain, 20), ("packed", packed, 20))
 results["param_dtypes"] = sorted({str(p.dtype) for p in engine.module.parameters()})
 results["zero_stage"] = ds_config["zero_optimization"]["stage"]
 results["bf16"] = ds_config["bf16"]["enabled"]
-results["kernels"] = kernels.backend("cuda")
+results["kernels"] = kernels.backend(env.device.type)
+results["optimizer"] = type(engine.optimizer).__name__
 print("RESULTS " + json.dumps(results))
 '''
 
 
-@cuda_only
-def test_deepspeed_zero1_bf16_steps_on_pretraining_and_packed_sft_batches_cuda(tmp_path):
-    """lime-tiny, bf16 ZeRO-1 on one GPU through training.pretrain.train_step (two micro-batches a step)."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_deepspeed_zero1_steps_on_pretraining_and_packed_sft_batches(tmp_path, device):
+    """lime-tiny, ZeRO-1 through training.pretrain.train_step (two micro-batches a step): bf16 on one GPU, fp32 on
+    the CPU."""
     script = tmp_path / "zero1_steps.py"
     script.write_text(ZERO1_STEPS)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join([REPO, BENCHMARKS] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                              if p])
+    if device == "cpu":
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     result = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     line = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")][-1]
     results = json.loads(line.removeprefix("RESULTS "))
-    assert results["param_dtypes"] == ["torch.bfloat16"] and results["bf16"] and results["zero_stage"] == 1
-    assert results["kernels"] == "fused-cuda"
+    bf16 = device == "cuda"
+    assert results["param_dtypes"] == (["torch.bfloat16"] if bf16 else ["torch.float32"])
+    assert results["bf16"] is bf16 and results["zero_stage"] == 1
+    if bf16:
+        assert results["kernels"] == "fused-cuda"
     for name in ("pretrain", "packed"):
         losses = [loss for loss, _, skipped in results[name]]
         assert not any(skipped for _, _, skipped in results[name]), results[name]

@@ -38,7 +38,8 @@ from megatron_lime.training.checkpointing import Checkpointer, TrainState, check
 from megatron_lime.training.config import TrainArgs, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler, build_loader, dataset_spec, to_device
 from megatron_lime.training.failures import TerminationRequest, inject_fault, run_guarded
-from megatron_lime.training.metrics import MetricsLogger, StepMetrics, cpu_peak_rss_gib, peak_memory_gib, peak_tflops_for
+from megatron_lime.training.metrics import (MetricsLogger, StepMetrics, cpu_peak_rss_gib, peak_memory_gib,
+                                            peak_tflops_for)
 from megatron_lime.training.schedule import lr_for_config, schedule_record
 from megatron_lime.training.wrap import wrap_model
 
@@ -118,10 +119,30 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 @dataclass
 class StepResult:
-    loss: float  # mean over the global batch's trained tokens (nan/inf when the step was skipped for it)
-    trained_tokens: int  # tokens that carried a target, over all ranks
-    grad_norm: float | None
-    skipped: bool
+    """One optimizer step. The loss, the token count and the gradient norm stay on the device until read: the loop
+    reads them at log intervals only, so a step never waits for the GPU on our account."""
+
+    loss_sum: torch.Tensor  # () fp64: summed token losses of the global batch, all ranks
+    tokens: torch.Tensor  # () fp64: tokens that carried a target, all ranks
+    grad_norm_value: torch.Tensor | float | None  # DeepSpeed's global gradient norm (a tensor or a float)
+    skipped: bool  # DeepSpeed did not apply the step: its overflow check found a NaN/inf gradient (a host flag)
+
+    @property
+    def mean_loss(self) -> torch.Tensor:
+        """() fp64 on the device: the mean over the global batch's trained tokens (nan/inf if the step was skipped)."""
+        return self.loss_sum / self.tokens.clamp(min=1.0)
+
+    @property
+    def loss(self) -> float:
+        return self.mean_loss.item()
+
+    @property
+    def trained_tokens(self) -> int:
+        return int(self.tokens.item())
+
+    @property
+    def grad_norm(self) -> float | None:
+        return None if self.grad_norm_value is None else float(self.grad_norm_value)
 
 
 def count_trained_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,11 +153,13 @@ def count_trained_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train_step(engine, micro_batches: list[dict[str, torch.Tensor]], lr: float, device: torch.device) -> StepResult:
-    """Forward and backward every micro-batch of this rank, then one optimizer step (DeepSpeed may skip it)."""
+    """Forward and backward every micro-batch of this rank, then one optimizer step (DeepSpeed may skip it).
+
+    No host sync of ours: the token count, the loss and the gradient norm stay on the device (StepResult).
+    """
     inject_fault("step")
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    # Kept on the device: no host sync until the loss is read back at the end of the step.
     global_tokens = torch.stack([count_trained_tokens(b) for b in micro_batches]).sum().double()
     dist.all_reduce(global_tokens)
     scale = (engine.dp_world_size / global_tokens.clamp(min=1.0)).float()
@@ -147,12 +170,8 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]], lr: float, 
         engine.step()  # DeepSpeed steps the optimizer only after the last micro-batch
         loss_sum += output.loss.detach().double()
     dist.all_reduce(loss_sum)
-    loss_sum, global_tokens = loss_sum.item(), global_tokens.item()
-    loss = loss_sum / max(global_tokens, 1.0)
-    grad_norm = engine.get_global_grad_norm()
-    grad_norm = float(grad_norm) if grad_norm is not None else None
-    skipped = not engine.was_step_applied() or not math.isfinite(loss)
-    return StepResult(loss=loss, trained_tokens=int(global_tokens), grad_norm=grad_norm, skipped=skipped)
+    return StepResult(loss_sum=loss_sum, tokens=global_tokens, grad_norm_value=engine.get_global_grad_norm(),
+                      skipped=not engine.was_step_applied())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +227,7 @@ class Evaluator:
 
 
 class Window:
-    """Sums over the steps since the last log line."""
+    """Sums over the steps since the last log line; the losses are summed on the device and read once, at the log."""
 
     def __init__(self):
         self.reset()
@@ -216,9 +235,9 @@ class Window:
     def reset(self) -> None:
         self.steps = 0
         self.seconds = 0.0
-        self.loss_sum = 0.0
+        self.loss_sum: torch.Tensor | float = 0.0
         self.loss_steps = 0
-        self.grad_norm: float | None = None
+        self.grad_norm_value: torch.Tensor | float | None = None
         self.skipped = 0
 
     def add(self, result: StepResult, seconds: float) -> None:
@@ -227,9 +246,17 @@ class Window:
         if result.skipped:
             self.skipped += 1
         else:
-            self.loss_sum += result.loss
+            self.loss_sum = self.loss_sum + result.mean_loss
             self.loss_steps += 1
-            self.grad_norm = result.grad_norm
+            self.grad_norm_value = result.grad_norm_value
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_sum) / self.loss_steps if self.loss_steps else float("nan")
+
+    @property
+    def grad_norm(self) -> float | None:
+        return None if self.grad_norm_value is None else float(self.grad_norm_value)
 
 
 def build_model(config: LimeConfig, seed: int, device: torch.device) -> LimeModel:
@@ -322,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluator = Evaluator(valid_set, args, env, metrics)
     metrics.start_at(state.iteration)  # metrics.jsonl: drop what a resumed run writes again
-    evaluator = task_evaluator(args, env, tokenizer, metrics)  # --eval-tasks (lm-eval)
-    if state.iteration == 0:  # the starting point (about ln(vocab) from scratch) that later validations are read against
+    task_runs = task_evaluator(args, env, tokenizer, metrics)  # --eval-tasks (lm-eval)
+    if state.iteration == 0:  # the starting point (about ln(vocab) from scratch) later validations are read against
         evaluator.maybe_run(engine, state)
     sampler = MicroBatchSampler(total_iters * global_batch, state.consumed_samples,
                                 args.training.micro_batch_size, env.rank, env.world_size)
@@ -354,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics.log(window_metrics(window, state, total_iters, lr, tokens_per_step, env, flops_per_token, peak))
             window.reset()
         evaluator.maybe_run(engine, state)
-        evaluator.maybe_run(engine, state)
+        task_runs.maybe_run(engine, state)
 
         if consecutive_skips > args.training.max_skipped:
             path = checkpointer.save(engine, state)
@@ -389,7 +416,7 @@ def window_metrics(window: Window, state: TrainState, total_iters: int, lr: floa
     return StepMetrics(
         iteration=state.iteration, train_iters=total_iters, consumed_samples=state.consumed_samples,
         consumed_tokens=state.consumed_tokens,
-        loss=window.loss_sum / window.loss_steps if window.loss_steps else float("nan"),
+        loss=window.loss,
         lr=lr, grad_norm=window.grad_norm, ms_per_step=1000.0 * seconds_per_step,
         tokens_per_second=tokens_per_step / seconds_per_step, world_size=env.world_size,
         flops_per_token=flops_per_token, peak_tflops=peak,

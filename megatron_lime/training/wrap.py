@@ -6,6 +6,14 @@
     3. DeepSpeed                  (ZeRO stage 1: fp32 master weights and AdamW state sharded
                                    over data-parallel ranks; bf16 weights when bf16 is on)
 
+With bf16, DeepSpeed (0.19) picks its ZeRO-1 optimizer (DeepSpeedZeroOptimizer): gradients accumulate in the
+bf16 .grad of each weight over a step's micro-batches and are flattened into one fp32 partition per parameter
+group at the step, where clipping and the fused AdamW run on flat tensors; no per-parameter hook runs in the
+backward (stage 1 without overlap_comm). Setting data_types.grad_accum_dtype to fp32 would pick BF16_Optimizer
+instead: an fp32 add per parameter per micro-batch and per-parameter norm and clip kernels. The synchronisations
+left in a step are DeepSpeed's own NaN/inf check (it must read the result to skip a step); its throughput timer
+is switched off here, and train_step adds none (it reads nothing back).
+
 The model never knows it is wrapped. The optimizer is a torch AdamW handed to
 deepspeed.initialize: `fused=True` on CUDA (one kernel per parameter group, no JIT build),
 the plain implementation on CPU. Naming an optimizer in the DeepSpeed config instead would
@@ -84,6 +92,9 @@ def build_deepspeed_config(args: TrainArgs, data_parallel_size: int, bf16: bool,
     config.setdefault("zero_allow_untested_optimizer", True)  # a torch AdamW is what we pass
     config.setdefault("steps_per_print", 2**31 - 1)  # the loop logs; keep DeepSpeed quiet
     config.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer is on by default and synchronises the device at every forward and every step
+    # (its "synchronized" default): off, so nothing waits for the GPU on its account; the loop times its windows.
+    config.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
     return config
 
 
@@ -107,8 +118,8 @@ def wrap_model(model: LimeModel, args: TrainArgs, device: torch.device, data_par
         for block in model.layers:
             block.compile()  # in place: parameter names (and checkpoints) stay as they were
     bf16 = use_bf16(args, device)
-    ds_config = build_deepspeed_config(args, data_parallel_size, bf16,
-                                       read_json(args.training.deepspeed_config) if args.training.deepspeed_config else None)
+    base = read_json(args.training.deepspeed_config) if args.training.deepspeed_config else None
+    ds_config = build_deepspeed_config(args, data_parallel_size, bf16, base)
     optimizer = build_optimizer(model, args, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_config

@@ -1,0 +1,340 @@
+"""What the training benchmarks share: their batches, their step timer, their rows, the GPU's rates and a profile.
+
+    from bench_common import pretraining_batch, packed_batch, seconds_per_step, Row, profile_steps
+
+Imported by bench_train.py, bench_gpu_train.py and bench_gpu_peer.py as a module beside them (a script's own
+folder is on Python's path); tests load it the same way (pytest's monkeypatch.syspath_prepend).
+
+Batches are random tokens on the whole sequence ("pretrain") or packed SFT rows as megatron_lime.data.sft packs
+them ("sft-packed": documents of 16 to 256 tokens, the last one cut to fit, positions restarting per document,
+document ids, the prompt third of each document out of the loss, a tail shorter than the shortest document padded
+as one more document that carries no loss).
+
+A row of a throughput table is one batch kind, one micro-batch size, one number of micro-batches per optimizer
+step (gradient accumulation) and one mode (eager or torch.compile): "pretrain mb16x4 compile" is 64 sequences per
+optimizer step in 4 micro-batches of 16, the recipe's per-GPU batch on 8 GPUs (global batch 512).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+BATCH_KINDS = ("pretrain", "sft-packed")
+MODES = ("eager", "compile")
+# What gpu_check.sh measures: one micro-batch per step, then 64 sequences per step (the recipe's global batch of
+# 512 over 8 GPUs) as 4 x 16, 2 x 32 and 1 x 64.
+DEFAULT_SHAPES = ("16x1", "32x1", "16x4", "32x2", "64x1")
+# Host-device synchronisations, as the CUDA runtime API calls the profiler records (a DtoH copy to pageable
+# memory blocks the host too; it is counted from the GPU-side copies, "Memcpy DtoH").
+HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One configuration of a throughput table."""
+
+    kind: str  # "pretrain" or "sft-packed"
+    micro_batch: int  # sequences per micro-batch
+    accumulation: int  # micro-batches per optimizer step
+    mode: str  # "eager" or "compile"
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} mb{self.micro_batch}x{self.accumulation} {self.mode}"
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.micro_batch * self.accumulation
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """"32x2" -> (32, 2): micro-batch size x micro-batches per optimizer step; "32" alone is "32x1"."""
+    micro, _, accumulation = text.partition("x")
+    try:
+        shape = int(micro), int(accumulation or 1)
+    except ValueError:
+        raise ValueError(f"a shape is MICROxSTEPS, e.g. 16x4 (16 sequences, 4 micro-batches per step), got {text!r}")
+    if min(shape) <= 0:
+        raise ValueError(f"both numbers of a shape must be positive, got {text!r}")
+    return shape
+
+
+def rows_for(kinds, shapes, modes, sft_shapes=None) -> list[Row]:
+    """Every kind x shape x mode, modes outermost (one model per mode); sft_shapes limits the packed SFT rows."""
+    rows = []
+    for mode in modes:
+        for kind in kinds:
+            for shape in (shapes if kind == "pretrain" or sft_shapes is None else sft_shapes):
+                rows.append(Row(kind, *parse_shape(shape), mode))
+    return rows
+
+
+def pretraining_batch(vocab_size: int, micro_batch: int, seq: int, device: torch.device,
+                      generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random tokens over the whole sequence: input_ids, labels (the next tokens), loss_mask; each (b, s)."""
+    tokens = torch.randint(0, vocab_size, (micro_batch, seq + 1), generator=generator)
+    return {"input_ids": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
+            "loss_mask": torch.ones(micro_batch, seq, device=device)}
+
+
+def packed_batch(vocab_size: int, micro_batch: int, seq: int, device: torch.device, generator: torch.Generator,
+                 shortest: int = 16, longest: int = 256, prompt_fraction: float = 1 / 3) -> dict[str, torch.Tensor]:
+    """Rows of documents of `shortest` to `longest` tokens (the last cut to fit), as the SFT dataset packs them.
+
+    The first `prompt_fraction` of each document carries no loss (labels -100, loss_mask 0); a tail shorter than
+    `shortest` is padding: one more document without loss. Returns input_ids, labels, loss_mask, position_ids
+    (restarting at each document) and document_ids, each (b, s).
+    """
+    if not 0 < shortest <= longest:
+        raise ValueError(f"need 0 < shortest ({shortest}) <= longest ({longest})")
+    input_ids = torch.zeros(micro_batch, seq, dtype=torch.long)
+    labels = torch.full((micro_batch, seq), -100, dtype=torch.long)
+    loss_mask = torch.zeros(micro_batch, seq)
+    position_ids = torch.zeros(micro_batch, seq, dtype=torch.long)
+    document_ids = torch.zeros(micro_batch, seq, dtype=torch.long)
+    for row in range(micro_batch):
+        cursor, document = 0, 0
+        while seq - cursor >= shortest:  # best-fit packing leaves less than the shortest document
+            n = min(int(torch.randint(shortest, longest + 1, (1,), generator=generator)), seq - cursor)
+            tokens = torch.randint(0, vocab_size, (n + 1,), generator=generator)
+            span = slice(cursor, cursor + n)
+            prompt = int(n * prompt_fraction)  # targets inside the prompt are not trained
+            input_ids[row, span] = tokens[:-1]
+            labels[row, cursor + prompt:cursor + n] = tokens[1 + prompt:]
+            loss_mask[row, cursor + prompt:cursor + n] = 1.0
+            position_ids[row, span] = torch.arange(n)
+            document_ids[row, span] = document
+            cursor, document = cursor + n, document + 1
+        position_ids[row, cursor:] = torch.arange(seq - cursor)  # the padding: one more document
+        document_ids[row, cursor:] = document
+    batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
+             "document_ids": document_ids}
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def make_batch(kind: str, vocab_size: int, micro_batch: int, seq: int, device: torch.device,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A batch of `kind` ("pretrain" or "sft-packed"); packed documents are at most half the sequence long."""
+    if kind == "pretrain":
+        return pretraining_batch(vocab_size, micro_batch, seq, device, generator)
+    if kind == "sft-packed":
+        return packed_batch(vocab_size, micro_batch, seq, device, generator, shortest=min(16, seq // 4),
+                            longest=min(256, seq // 2))
+    raise ValueError(f"batch kind must be one of {BATCH_KINDS}, got {kind!r}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def seconds_per_step(step: Callable[[], object], steps: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per call of step() over `steps` back-to-back calls, the device drained before and after.
+
+    clock "wall" is the wall clock; "cpu" this process's CPU time (a CPU device only: robust to other processes
+    loading a shared machine).
+    """
+    if clock == "cpu" and device.type != "cpu":
+        raise ValueError("the cpu clock measures this process's CPU time: only for the CPU device")
+    now = CLOCKS[clock]
+    synchronize(device)
+    start = now()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (now() - start) / steps
+
+
+def matmul_tflops(size: int, device: torch.device, repeats: int = 20) -> float:
+    """bf16 size^3 matmul rate on random data on a GPU (median of `repeats`, CUDA events)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The high-water mark of allocated GPU memory since the last reset (None on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def throughput(row: Row, seq: int, seconds: float, flops_per_token: float, peak_tflops: float | None,
+               device: torch.device) -> dict:
+    """The figures of one timed row: tokens/s over every position, TFLOP/s, MFU of the datasheet peak, memory."""
+    tokens_per_second = row.sequences_per_step * seq / seconds
+    tflops = tokens_per_second * flops_per_token / 1e12
+    return {"batch": row.kind, "micro_batch_size": row.micro_batch, "accumulation": row.accumulation,
+            "mode": row.mode, "seq_length": seq, "ms_per_step": 1e3 * seconds,
+            "tokens_per_second": tokens_per_second, "tflops": tflops,
+            "mfu_datasheet": tflops / peak_tflops if peak_tflops else None,
+            "peak_memory_gib": peak_memory_gib(device)}
+
+
+def format_row(name: str, figures: dict) -> str:
+    """One line of a throughput table."""
+    if "error" in figures:
+        return f"  {name:<28} {figures['error']}"
+    mfu = f"{100 * figures['mfu_datasheet']:5.1f}%" if figures.get("mfu_datasheet") else "  n/a"
+    memory = f"{figures['peak_memory_gib']:5.1f} GiB" if figures.get("peak_memory_gib") is not None else "  n/a"
+    losses = (f"  loss {figures['first_loss']:.2f} -> {figures['last_loss']:.2f}"
+              if figures.get("first_loss") is not None else "")
+    return (f"  {name:<28} {figures['ms_per_step']:8.1f} ms/step {figures['tokens_per_second']:9.0f} tokens/s "
+            f"{figures['tflops']:7.1f} TFLOP/s  MFU {mfu}  peak mem {memory}{losses}")
+
+
+# ----------------------------------------------------------------------------------------------
+# One profiled configuration
+
+
+def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        busy += end - max(start, reach)
+        reach = end
+    return busy
+
+
+def profile_steps(step: Callable[[], object], steps: int, device: torch.device, top: int = 20) -> dict:
+    """torch.profiler over `steps` calls of step(): the top kernels by device time, the device's idle share, host syncs.
+
+    On a GPU the kernels are CUDA kernels (and copies), idle is 1 - (union of kernel intervals) / (wall time of the
+    steps), and host syncs count cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize calls and
+    device-to-host copies. On a CPU (the dry run) the same table lists CPU operators by self time; idle and syncs
+    have no meaning there and are None.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        wall = time.perf_counter() - started
+    events = prof.events()
+    device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    totals: dict[str, list[float]] = {}
+    intervals = []
+    for event in events:
+        if event.device_type != device_type:
+            continue
+        seconds = (event.time_range.elapsed_us() if cuda else event.self_cpu_time_total) / 1e6
+        if cuda:
+            intervals.append((event.time_range.start / 1e6, event.time_range.end / 1e6))
+        entry = totals.setdefault(event.name, [0.0, 0])
+        entry[0] += seconds
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:top]
+    accounted = sum(seconds for seconds, _ in totals.values())
+    kernels = [{"name": name, "seconds_per_step": seconds / steps, "calls_per_step": calls / steps,
+                "share": seconds / accounted if accounted else 0.0} for name, (seconds, calls) in ranked]
+    result = {"steps": steps, "wall_seconds_per_step": wall / steps, "device": "cuda" if cuda else "cpu",
+              "kernels": kernels, "device_idle_share": None, "host_syncs_per_step": None}
+    if cuda:
+        result["device_idle_share"] = max(0.0, 1.0 - _busy_seconds(intervals) / wall)
+        syncs = {name: 0 for name in HOST_SYNC_CALLS}
+        syncs["Memcpy DtoH"] = 0
+        for event in events:
+            if event.name in HOST_SYNC_CALLS:
+                syncs[event.name] += 1
+            elif event.name.startswith("Memcpy DtoH") and event.device_type == device_type:
+                syncs["Memcpy DtoH"] += 1
+        result["host_syncs_per_step"] = {name: count / steps for name, count in syncs.items()}
+    return result
+
+
+def profile_table(title: str, profile: dict) -> str:
+    """The profile as markdown: a summary line, then the top kernels."""
+    lines = [f"### {title}", ""]
+    summary = f"{profile['steps']} profiled steps, {1e3 * profile['wall_seconds_per_step']:.1f} ms per step (wall)"
+    if profile["device_idle_share"] is not None:
+        summary += f"; GPU idle {100 * profile['device_idle_share']:.1f}% of the step"
+    if profile["host_syncs_per_step"] is not None:
+        summary += "; host syncs per step: " + ", ".join(
+            f"{name} {count:g}" for name, count in profile["host_syncs_per_step"].items())
+    lines += [summary, "", f"| {'kernel' if profile['device'] == 'cuda' else 'operator (CPU, self time)'} "
+              "| ms per step | calls per step | share |", "|---|---|---|---|"]
+    for kernel in profile["kernels"]:
+        name = kernel["name"].replace("|", "/")
+        name = name if len(name) <= 110 else name[:107] + "..."
+        lines.append(f"| `{name}` | {1e3 * kernel['seconds_per_step']:.3f} | {kernel['calls_per_step']:g} | "
+                     f"{100 * kernel['share']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# One process per mode
+
+
+def run_modes_apart(script: str, argv: list[str], modes: list[str], json_path: str | None,
+                    markdown_path: str | None = None) -> int:
+    """Run `script argv --modes MODE` in a fresh process per mode and merge what they wrote.
+
+    Why: a model, its optimizer state and DeepSpeed's engine are not all freed when the first mode ends (the first
+    GPU call's compile rows carried 12.8 GiB of the eager engine's weights and AdamW state), so each mode's peak
+    memory is measured in a process of its own. The children write JSON (and markdown) beside `json_path`
+    (`markdown_path`); this merges their "runs" and "profiles" into `json_path` after each child, so a check cut
+    short keeps the first mode's rows. Returns 1 if any child failed.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from megatron_lime.files import write_json, write_text
+
+    merged: dict = {}
+    texts: list[str] = []
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="lime-bench-") as folder:
+        for mode in modes:
+            child_json = os.path.join(folder, f"{mode}.json")
+            child_md = os.path.join(folder, f"{mode}.md")
+            command = [sys.executable, script, *argv, "--modes", mode, "--json", child_json]
+            if markdown_path:
+                command += ["--profile-md", child_md]
+            failed |= subprocess.run(command).returncode != 0
+            if os.path.exists(child_json):
+                with open(child_json, encoding="utf-8") as handle:
+                    child = json.load(handle)
+                for key, value in child.items():
+                    if isinstance(value, dict) and key in ("runs", "profiles"):
+                        merged.setdefault(key, {}).update(value)
+                    else:
+                        merged.setdefault(key, value)
+            if json_path and merged:
+                write_json(json_path, merged)
+            if markdown_path and os.path.exists(child_md):
+                texts.append(open(child_md, encoding="utf-8").read())
+                write_text(markdown_path, "\n".join(texts))
+    return 1 if failed else 0

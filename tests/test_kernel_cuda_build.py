@@ -5,7 +5,7 @@ as 128-bit global loads and stores (LDG.E.128 / STG.E.128 in cuobjdump -sass).
 One compile (csrc/kernels/check_cuda_compile.sh, the flags setup.py uses) serves every test here;
 skipped where nvcc or cuobjdump (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm) is missing.
 
-    python tests/test_kernel_cuda_build.py     # prints the register / spill table of the README
+    python -m pytest -s tests/test_kernel_cuda_build.py   # also prints the README's register / spill table
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -70,8 +69,11 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def short_name(demangled: str) -> str:
-    """'void lime::cuda::(anonymous namespace)::silu_fwd_kernel<c10::BFloat16, 8>(...)' -> 'silu_fwd_kernel<bf16, 8>'."""
-    name = re.sub(r"^void |\(.*$", "", demangled).split("::")[-1]
+    """'void lime::cuda::(anonymous namespace)::silu_fwd_kernel<c10::BFloat16, 8>(...)' -> 'silu_fwd_kernel<bf16, 8>'
+    (the namespaces dropped before the template arguments only: those contain 'c10::' too)."""
+    signature = re.sub(r"^void ", "", demangled.replace("(anonymous namespace)", "anonymous"))
+    function, _, arguments = re.sub(r"\(.*$", "", signature).partition("<")
+    name = function.split("::")[-1] + ("<" + arguments if arguments else "")
     for long, short in (("c10::BFloat16", "bf16"), ("c10::Half", "fp16"), ("float", "fp32"), ("double", "fp64")):
         name = name.replace(long, short)
     return name
@@ -113,6 +115,7 @@ def test_every_kernel_compiles_for_both_architectures_without_spills(cuda_build)
     assert kernels, "ptxas -v reported no kernels"
     for arch in ARCHS:
         assert {r.mangled for r in cuda_build.reports if r.arch == arch} == kernels, f"kernels missing for {arch}"
+    print("\n" + register_table(cuda_build.reports))  # the README's table (pytest -s shows it)
     names = demangle(sorted(kernels))
     spilling = [f"{r.arch} {short_name(names[r.mangled])}: {r.spill_stores} B stores, {r.spill_loads} B loads"
                 for r in cuda_build.reports if r.spill_stores or r.spill_loads]
@@ -154,11 +157,3 @@ def register_table(reports: list[KernelReport]) -> str:
             cells += [str(r.registers), str(r.spill_stores + r.spill_loads)] if r else ["-", "-"]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    env = {**os.environ, "LIME_PTXAS_VERBOSE": "1", "LIME_CUDA_ARCHS": "8.0;9.0"}
-    done = subprocess.run(["bash", os.path.join(REPO, "csrc", "kernels", "check_cuda_compile.sh")], env=env,
-                          capture_output=True, text=True)
-    print(register_table(parse_ptxas(done.stdout + done.stderr)))
-    sys.exit(done.returncode)

@@ -70,8 +70,9 @@ __host__ __device__ __forceinline__ int64_t shared_row_length(int64_t n) {
 }
 
 template <typename T, typename W, typename A, int PACK>
-__global__ void __launch_bounds__(kWarpSize * kRowsPerBlock) rms_norm_fwd_generic_kernel(const T* __restrict__ x, const W* __restrict__ w, T* __restrict__ y,
-                                    A* __restrict__ rstd, int64_t rows, int64_t n, A eps) {
+__global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
+rms_norm_fwd_generic_kernel(const T* __restrict__ x, const W* __restrict__ w, T* __restrict__ y,
+                            A* __restrict__ rstd, int64_t rows, int64_t n, A eps) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (row >= rows) return;
   const int lane = threadIdx.x;
@@ -106,9 +107,10 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock) rms_norm_fwd_generi
 // partial[blockIdx.x, :] (blockDim.y warps per block; dynamic shared memory of
 // blockDim.y * shared_row_length<PACK>(n) values of A).
 template <typename T, typename W, typename A, int PACK, bool WEIGHT_GRAD>
-__global__ void __launch_bounds__(kWarpSize * kMaxBwdWarps) rms_norm_bwd_generic_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w,
-                                    const A* __restrict__ rstd, T* __restrict__ dx, A* __restrict__ partial,
-                                    int64_t rows, int64_t n) {
+__global__ void __launch_bounds__(kWarpSize * kMaxBwdWarps)
+rms_norm_bwd_generic_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w,
+                            const A* __restrict__ rstd, T* __restrict__ dx, A* __restrict__ partial,
+                            int64_t rows, int64_t n) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   A* const shared = reinterpret_cast<A*>(shared_bytes);
   const int lane = threadIdx.x;
@@ -172,9 +174,10 @@ __global__ void __launch_bounds__(kWarpSize * kMaxBwdWarps) rms_norm_bwd_generic
 // columns, kGradRows) sums rows [chunk * rows_per_chunk, ...) of dy * x * rstd for its 32
 // columns: warps read 32 consecutive columns (coalesced).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kWarpSize * kGradRows) rms_norm_dw_partial_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                           const A* __restrict__ rstd, A* __restrict__ partial, int64_t rows,
-                                           int64_t n, int64_t rows_per_chunk) {
+__global__ void __launch_bounds__(kWarpSize * kGradRows)
+rms_norm_dw_partial_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                           const A* __restrict__ rstd, A* __restrict__ partial, int64_t rows,
+                           int64_t n, int64_t rows_per_chunk) {
   __shared__ A sums[kGradRows][kWarpSize + 1];  // +1: no bank conflicts on the column-wise read
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
@@ -199,8 +202,9 @@ __global__ void __launch_bounds__(kWarpSize * kGradRows) rms_norm_dw_partial_ker
 // thread sums every kFinalRows-th partial row of its column in fp64, the block adds the
 // kFinalRows sums (fixed order), and one thread per column casts and writes.
 template <typename A, typename D>
-__global__ void __launch_bounds__(kWarpSize * kFinalRows) rms_norm_dw_final_kernel(const A* __restrict__ partial, D* __restrict__ dw, int64_t chunks,
-                                         int64_t n) {
+__global__ void __launch_bounds__(kWarpSize * kFinalRows)
+rms_norm_dw_final_kernel(const A* __restrict__ partial, D* __restrict__ dw, int64_t chunks,
+                         int64_t n) {
   __shared__ double sums[kFinalRows][kWarpSize + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
   double total = 0;
@@ -268,22 +272,25 @@ rms_norm_fwd_fast_kernel(const T* __restrict__ x, const T* __restrict__ delta, c
                          float eps) {
   using L = FastLayout<T, N>;
   constexpr int P = L::PACK;
+  constexpr int STRIDE = L::THREADS * P;  // elements between one thread's consecutive packs
   const int lane = threadIdx.x % L::THREADS;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * L::FWD_ROWS + threadIdx.x / L::THREADS;
   const bool valid = row < rows;
-  const int64_t base = (valid ? row : rows - 1) * N + lane * P;
+  const int64_t first = (valid ? row : rows - 1) * N + lane * P;  // this thread's first element in memory
   Pack<T, P> v[L::PACKS];
 #pragma unroll
-  for (int i = 0; i < L::PACKS; ++i) v[i] = load_pack<T, P>(x + base + i * L::THREADS * P);
+  for (int i = 0; i < L::PACKS; ++i) v[i] = load_pack<T, P>(x + first + i * STRIDE);
   if (delta != nullptr) {
     Pack<T, P> d[L::PACKS];
 #pragma unroll
-    for (int i = 0; i < L::PACKS; ++i) d[i] = load_pack<T, P>(delta + base + i * L::THREADS * P);
+    for (int i = 0; i < L::PACKS; ++i) d[i] = load_pack<T, P>(delta + first + i * STRIDE);
 #pragma unroll
     for (int i = 0; i < L::PACKS; ++i) {
 #pragma unroll
-      for (int k = 0; k < P; ++k) v[i].v[k] = static_cast<T>(static_cast<float>(v[i].v[k]) + static_cast<float>(d[i].v[k]));
-      if (valid) store_pack<T, P>(sum + base + i * L::THREADS * P, v[i]);
+      for (int k = 0; k < P; ++k) {
+        v[i].v[k] = static_cast<T>(static_cast<float>(v[i].v[k]) + static_cast<float>(d[i].v[k]));
+      }
+      if (valid) store_pack<T, P>(sum + first + i * STRIDE, v[i]);
     }
   }
   float sum_sq = 0.0f;
@@ -301,14 +308,13 @@ rms_norm_fwd_fast_kernel(const T* __restrict__ x, const T* __restrict__ delta, c
   if (lane == 0) rstd[row] = r;
 #pragma unroll
   for (int i = 0; i < L::PACKS; ++i) {
-    const int64_t col = lane * P + i * L::THREADS * P;
-    const Pack<W, P> wp = load_pack<W, P>(w + col);
+    const Pack<W, P> wp = load_pack<W, P>(w + lane * P + i * STRIDE);  // the weight: a row, cached in L1
     Pack<T, P> out;
 #pragma unroll
     for (int k = 0; k < P; ++k) {
       out.v[k] = static_cast<T>(static_cast<float>(v[i].v[k]) * r * static_cast<float>(wp.v[k]));
     }
-    store_pack<T, P>(y + base - lane * P + col, out);
+    store_pack<T, P>(y + first + i * STRIDE, out);
   }
 }
 
@@ -323,6 +329,7 @@ rms_norm_bwd_fast_kernel(const T* __restrict__ dy, const T* __restrict__ x, cons
                          float* __restrict__ partial, int64_t rows) {
   using L = FastLayout<T, N>;
   constexpr int P = L::PACK;
+  constexpr int STRIDE = L::THREADS * P;
   const int lane = threadIdx.x % L::THREADS;
   const int group = threadIdx.x / L::THREADS;
   float dw[L::PACKS][P];
@@ -335,18 +342,18 @@ rms_norm_bwd_fast_kernel(const T* __restrict__ dy, const T* __restrict__ x, cons
        first += static_cast<int64_t>(gridDim.x) * L::BWD_ROWS) {
     const int64_t row = first + group;
     const bool valid = row < rows;
-    const int64_t base = (valid ? row : rows - 1) * N + lane * P;
+    const int64_t first_element = (valid ? row : rows - 1) * N + lane * P;
     Pack<T, P> dyp[L::PACKS], xp[L::PACKS];
 #pragma unroll
     for (int i = 0; i < L::PACKS; ++i) {
-      dyp[i] = load_pack<T, P>(dy + base + i * L::THREADS * P);
-      xp[i] = load_pack<T, P>(x + base + i * L::THREADS * P);
+      dyp[i] = load_pack<T, P>(dy + first_element + i * STRIDE);
+      xp[i] = load_pack<T, P>(x + first_element + i * STRIDE);
     }
     const float r = rstd[valid ? row : rows - 1];
     float dot = 0.0f;  // sum(w * dy * xh) over the row
 #pragma unroll
     for (int i = 0; i < L::PACKS; ++i) {
-      const Pack<W, P> wp = load_pack<W, P>(w + lane * P + i * L::THREADS * P);
+      const Pack<W, P> wp = load_pack<W, P>(w + lane * P + i * STRIDE);
 #pragma unroll
       for (int k = 0; k < P; ++k) {
         dot = fmaf(static_cast<float>(wp.v[k]) * static_cast<float>(dyp[i].v[k]), static_cast<float>(xp[i].v[k]) * r,
@@ -359,11 +366,11 @@ rms_norm_bwd_fast_kernel(const T* __restrict__ dy, const T* __restrict__ x, cons
     Pack<T, P> gp[L::PACKS];
     if (residual_grad != nullptr) {
 #pragma unroll
-      for (int i = 0; i < L::PACKS; ++i) gp[i] = load_pack<T, P>(residual_grad + base + i * L::THREADS * P);
+      for (int i = 0; i < L::PACKS; ++i) gp[i] = load_pack<T, P>(residual_grad + first_element + i * STRIDE);
     }
 #pragma unroll
     for (int i = 0; i < L::PACKS; ++i) {
-      const Pack<W, P> wp = load_pack<W, P>(w + lane * P + i * L::THREADS * P);
+      const Pack<W, P> wp = load_pack<W, P>(w + lane * P + i * STRIDE);
       Pack<T, P> out;
 #pragma unroll
       for (int k = 0; k < P; ++k) {
@@ -374,7 +381,7 @@ rms_norm_bwd_fast_kernel(const T* __restrict__ dy, const T* __restrict__ x, cons
         out.v[k] = static_cast<T>(g);
         dw[i][k] = fmaf(dyv, xh, dw[i][k]);
       }
-      store_pack<T, P>(dx + base + i * L::THREADS * P, out);
+      store_pack<T, P>(dx + first_element + i * STRIDE, out);
     }
   }
   if (partial == nullptr) return;  // uniform over the grid: no thread waits at the barrier alone
@@ -382,7 +389,7 @@ rms_norm_bwd_fast_kernel(const T* __restrict__ dy, const T* __restrict__ x, cons
 #pragma unroll
   for (int i = 0; i < L::PACKS; ++i) {
 #pragma unroll
-    for (int k = 0; k < P; ++k) block_sums[group][lane * P + i * L::THREADS * P + k] = dw[i][k];
+    for (int k = 0; k < P; ++k) block_sums[group][lane * P + i * STRIDE + k] = dw[i][k];
   }
   __syncthreads();
   for (int col = threadIdx.x; col < N; col += L::BWD_THREADS) {

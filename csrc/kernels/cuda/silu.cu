@@ -110,7 +110,9 @@ __global__ void __launch_bounds__(kThreads) silu_bwd_kernel(const T* __restrict_
 }
 
 // One block per kItemsPerBlock items: no grid-stride loop, so every thread's loads are issued at once.
-unsigned grid_for(int64_t items) { return static_cast<unsigned>(std::max<int64_t>(1, ceil_div(items, kItemsPerBlock))); }
+unsigned grid_for(int64_t items) {
+  return static_cast<unsigned>(std::max<int64_t>(1, ceil_div(items, kItemsPerBlock)));
+}
 
 }  // namespace
 

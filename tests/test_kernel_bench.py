@@ -47,8 +47,10 @@ def test_the_gpu_checks_command_line_parses(tmp_path):
     import torch  # noqa: PLC0415 - only to know which outcome to expect
 
     small = ["--rows", "512", "--iterations", "3", "--rounds", "1", "--no-compile"] if torch.cuda.is_available() else []
-    done = subprocess.run([sys.executable, BENCH, "--device", "cuda", "--ops", "rms_norm", "silu", "--dtypes", "bf16",
-                           "--json", str(tmp_path / "kernels.json"), *small], cwd=REPO, capture_output=True, text=True, timeout=300)
+    gpu_check_flags = ["--device", "cuda", "--ops", "rms_norm", "silu", "--dtypes", "bf16",
+                       "--json", str(tmp_path / "kernels.json")]
+    done = subprocess.run([sys.executable, BENCH, *gpu_check_flags, *small], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     if torch.cuda.is_available():
         assert done.returncode == 0, done.stderr[-3000:]
     else:

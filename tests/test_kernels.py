@@ -444,7 +444,10 @@ def test_cuda_extension_is_chosen_and_cpu_tensors_stay_on_cpu_kernels():
 # On CUDA also: lime-1b's rows; rows as wide as the widest the fused weight gradient keeps in
 # shared memory (3072 bf16: 4 warps per block) and wider (4096 fp32: the separate pass); more
 # rows than the backward grid has warps (each warp then sums several rows).
-CUDA_RMS_NORM_SHAPES = RMS_NORM_SHAPES + [(8192, 1536), (33, 3072), (64, 4096), (20000, 64)]
+# The fast kernels' widths (64, 128, 768, 1536 and 2048, whose backward is the generic one), with row
+# counts that leave a partial last block and, for the backward, more rows than its grid has groups.
+CUDA_RMS_NORM_SHAPES = RMS_NORM_SHAPES + [(8192, 1536), (33, 3072), (64, 4096), (20000, 64), (1001, 128),
+                                          (333, 768), (257, 2048), (3, 1536)]
 
 
 @cuda_only
@@ -452,6 +455,34 @@ CUDA_RMS_NORM_SHAPES = RMS_NORM_SHAPES + [(8192, 1536), (33, 3072), (64, 4096), 
 @pytest.mark.parametrize("shape", CUDA_RMS_NORM_SHAPES, ids=str)
 def test_rms_norm_matches_reference_cuda(shape, dtype):
     check_rms_norm(shape, dtype, "cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", CUDA_RMS_NORM_SHAPES, ids=str)
+def test_add_rms_norm_matches_reference_cuda(shape, dtype):
+    check_add_rms_norm(shape, dtype, "cuda")
+
+
+@cuda_only
+def test_add_rms_norm_bf16_with_fp32_weight_cuda():
+    check_add_rms_norm((8192, 1536), torch.bfloat16, "cuda", weight_dtype=torch.float32)
+
+
+@cuda_only
+def test_shape_choice_measures_on_cuda(monkeypatch, caplog):
+    """The real timer (CUDA events): one measurement per new shape, a logged line, a result that is the op's."""
+    choices = _backend.ShapeChoices(mode="measure", candidates=_backend.CHOICES.candidates)
+    monkeypatch.setattr(_backend, "CHOICES", choices)
+    x, weight, _ = make_rms_inputs((8192, 1536), torch.bfloat16, "cuda")
+    with caplog.at_level("INFO", logger="megatron_lime.kernels"):
+        y = kernels.rms_norm(x, weight, EPS)
+        kernels.rms_norm(x, weight, EPS)
+        a = kernels.silu(x)
+    assert set(choices.choices.values()) <= {"ours", "torch"} and len(choices.choices) == 2
+    assert len([r for r in caplog.records if "forward+backward" in r.getMessage()]) == 2
+    torch.testing.assert_close(y, kernels.rms_norm_ref(x, weight, EPS), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(a, kernels.silu_ref(x), rtol=2e-2, atol=2e-2)
 
 
 @cuda_only

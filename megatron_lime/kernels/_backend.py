@@ -168,8 +168,8 @@ def select(mode: str | None = None) -> Selection:
             f"LIME_KERNELS=fused asks for the fused CUDA kernels, but megatron_lime._kernels_cuda is not usable "
             f"({cuda_ext.describe()}); build with LIME_BUILD_CUDA=1 against a CUDA build of torch") from cuda_ext.error
     if mode == "apex" and cuda_present and apex.module is None:
-        raise KernelsUnavailableError(
-            f"LIME_KERNELS=apex asks for apex's FusedRMSNorm, but it did not import ({apex.describe()})") from apex.error
+        raise KernelsUnavailableError(f"LIME_KERNELS=apex asks for apex's FusedRMSNorm, but it did not import "
+                                      f"({apex.describe()})") from apex.error
 
     cpu = FUSED_CPU if cpu_ext.module is not None else REFERENCE
     if not cuda_present:

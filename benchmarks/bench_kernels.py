@@ -66,6 +66,20 @@ def load_apex():
     return fused_layer_norm
 
 
+def compiled(fn: Callable[..., object]) -> Callable[..., object]:
+    """torch.compile with dynamic shapes: one compilation serves every row count (the GPU check's
+    kernels stage has 150 s; a compilation per shape would take most of it)."""
+    return torch.compile(fn, dynamic=True)
+
+
+# One compiled reference per op, kept across shapes and dtypes (compiled on first use).
+COMPILED = {
+    "rms_norm": compiled(lambda x, w: kernels.rms_norm_ref(x, w, EPS)),
+    "add_rms_norm": compiled(lambda r, d, w: kernels.add_rms_norm_ref(r, d, w, EPS)),
+    "silu": compiled(kernels.silu_ref),
+}
+
+
 def implementations(op: str, device: torch.device, with_compile: bool) -> dict[str, Callable[..., object]]:
     """Name -> function of the op's inputs: (x, weight), (residual, delta, weight) or (x,)."""
     ours = f"ours ({kernels.backend(device)})"
@@ -75,7 +89,7 @@ def implementations(op: str, device: torch.device, with_compile: bool) -> dict[s
                  "F.rms_norm": lambda x, w: F.rms_norm(x, (x.shape[-1],), w, EPS),
                  "eager reference": lambda x, w: kernels.rms_norm_ref(x, w, EPS)}
         if with_compile:
-            found["torch.compile(reference)"] = torch.compile(lambda x, w: kernels.rms_norm_ref(x, w, EPS))
+            found["torch.compile(reference)"] = COMPILED["rms_norm"]
         apex = load_apex() if device.type == "cuda" else None
         if apex is not None:
             found["apex FusedRMSNorm"] = lambda x, w: apex.fused_rms_norm_affine(x, w, w.shape, EPS)
@@ -84,11 +98,11 @@ def implementations(op: str, device: torch.device, with_compile: bool) -> dict[s
                  "add + F.rms_norm": lambda r, d, w: (r + d, F.rms_norm(r + d, (r.shape[-1],), w, EPS)),
                  "eager reference": lambda r, d, w: kernels.add_rms_norm_ref(r, d, w, EPS)}
         if with_compile:
-            found["torch.compile(reference)"] = torch.compile(lambda r, d, w: kernels.add_rms_norm_ref(r, d, w, EPS))
+            found["torch.compile(reference)"] = COMPILED["add_rms_norm"]
     else:
         found = {ours: kernels.silu, "F.silu": F.silu, "eager reference": kernels.silu_ref}
         if with_compile:
-            found["torch.compile(reference)"] = torch.compile(kernels.silu_ref)
+            found["torch.compile(reference)"] = COMPILED["silu"]
     return found
 
 
@@ -321,7 +335,6 @@ def main(argv: list[str] | None = None) -> int:
                                     "copy_timing": copy.method, "implementations": rows_out}
         if args.json:
             write_json(args.json, results)
-        torch._dynamo.reset()
     results["overhead_us"] = overhead_table(device, args.overhead_calls)
     print("\nper-call host overhead at [4, 64] fp32 (us per call, the best of 5 samples):")
     for key, us in results["overhead_us"].items():

@@ -113,9 +113,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Gradients flow to x ((..., n), x's dtype) and weight ((n,), weight's dtype).
     On CUDA, PyTorch's F.rms_norm is used instead at a shape where it measured faster (_backend.CHOICES).
     """
-    backend = _backend.SELECTION.by_device_type.get(x.device.type, _backend.REFERENCE)
+    device_type = x.device.type
+    backend = _backend.SELECTION.by_device_type.get(device_type, _backend.REFERENCE)
     if backend is _backend.FUSED:
-        if (_backend.CHOICES.measures(x.device.type) and x.dtype == weight.dtype
+        if (_backend.CHOICES.measures(device_type) and x.dtype == weight.dtype
                 and _backend.CHOICES.use_torch("rms_norm", x, weight, eps)):
             return _torch_rms_norm(x, weight, eps)
         return _backend.RMS_NORM_FWD(x.contiguous(), weight, eps)[0]
@@ -137,9 +138,10 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     in h's dtype. Gradients flow to residual, delta (both the gradient reaching h plus the norm's)
     and weight.
     """
-    backend = _backend.SELECTION.by_device_type.get(residual.device.type, _backend.REFERENCE)
+    device_type = residual.device.type
+    backend = _backend.SELECTION.by_device_type.get(device_type, _backend.REFERENCE)
     if backend is _backend.FUSED and residual.dtype == delta.dtype and residual.shape == delta.shape:
-        if (_backend.CHOICES.measures(residual.device.type) and residual.dtype == weight.dtype
+        if (_backend.CHOICES.measures(device_type) and residual.dtype == weight.dtype
                 and _backend.CHOICES.use_torch("add_rms_norm", residual, weight, eps, delta)):
             return _torch_add_rms_norm(residual, delta, weight, eps)
         h, y, _ = _backend.ADD_RMS_NORM_FWD(residual.contiguous(), delta.contiguous(), weight, eps)

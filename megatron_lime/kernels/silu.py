@@ -48,8 +48,9 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     On CUDA, F.silu (the same maths) is used instead at a shape where it measured faster
     (_backend.CHOICES); with the apex backend (apex has no SiLU) and the reference, silu_ref.
     """
-    if _backend.SELECTION.by_device_type.get(x.device.type, _backend.REFERENCE) is _backend.FUSED:
-        if _backend.CHOICES.measures(x.device.type) and _backend.CHOICES.use_torch("silu", x):
+    device_type = x.device.type
+    if _backend.SELECTION.by_device_type.get(device_type, _backend.REFERENCE) is _backend.FUSED:
+        if _backend.CHOICES.measures(device_type) and _backend.CHOICES.use_torch("silu", x):
             return F.silu(x)
         return _backend.SILU_FWD(x.contiguous())
     return silu_ref(x)

@@ -1,8 +1,8 @@
 // megatron_lime._kernels_cpu: defines the lime:: operators (schemas) and registers the CPU
 // kernels as their CPU implementations; _kernels_cuda registers the CUDA ones. torch.ops.lime.*
 // then reaches a kernel through the dispatcher with no Python in between; megatron_lime/kernels/
-// adds the fake (meta) implementations and autograd in Python. The pybind11 functions are the
-// same kernels by name, plus the *_out forms the benchmark uses to separate allocation.
+// adds the fake (meta) implementations in Python; autograd.cpp the autograd. The pybind11 functions
+// are the same kernels by name.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -35,8 +35,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("vectorized") = pybind11::bool_(LIME_HAVE_AVX2);
   m.def("rms_norm_fwd", &lime::cpu::rms_norm_fwd, "x (..., n), weight (n,), eps -> (y (..., n), rstd (...))",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"));
-  m.def("rms_norm_fwd_out", &lime::cpu::rms_norm_fwd_out, "rms_norm_fwd into preallocated y and rstd",
-        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"), pybind11::arg("y"), pybind11::arg("rstd"));
   m.def("add_rms_norm_fwd", &lime::cpu::add_rms_norm_fwd,
         "residual, delta (..., n), weight (n,), eps -> (residual + delta, rms_norm(residual + delta), rstd)",
         pybind11::arg("residual"), pybind11::arg("delta"), pybind11::arg("weight"), pybind11::arg("eps"));
@@ -45,14 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "weight_grad; dx includes residual_grad when given",
         pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("rstd"),
         pybind11::arg("weight_grad") = true, pybind11::arg("residual_grad") = pybind11::none());
-  m.def("rms_norm_bwd_out", &lime::cpu::rms_norm_bwd_out, "rms_norm_bwd into preallocated dx and dw",
-        pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("rstd"), pybind11::arg("dx"),
-        pybind11::arg("dw"));
   m.def("silu_fwd", &lime::cpu::silu_fwd, "x -> x * sigmoid(x)", pybind11::arg("x"));
-  m.def("silu_fwd_out", &lime::cpu::silu_fwd_out, "silu_fwd into preallocated y", pybind11::arg("x"),
-        pybind11::arg("y"));
   m.def("silu_bwd", &lime::cpu::silu_bwd, "dy, x -> dy * s * (1 + x * (1 - s)), s = sigmoid(x)",
         pybind11::arg("dy"), pybind11::arg("x"));
-  m.def("silu_bwd_out", &lime::cpu::silu_bwd_out, "silu_bwd into preallocated dx", pybind11::arg("dy"),
-        pybind11::arg("x"), pybind11::arg("dx"));
 }

@@ -195,11 +195,6 @@ torch::Tensor empty_rstd(const torch::Tensor& x) {
 
 }  // namespace
 
-void rms_norm_fwd_out(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& y,
-                      torch::Tensor& rstd) {
-  rms_norm_fwd_impl(x, nullptr, weight, eps, y, nullptr, rstd, kFwd);
-}
-
 std::tuple<torch::Tensor, torch::Tensor> rms_norm_fwd(const torch::Tensor& x, const torch::Tensor& weight,
                                                       double eps) {
   check_fwd_inputs(x, weight, kFwd);
@@ -295,11 +290,6 @@ const torch::Tensor* defined_or_null(const std::optional<torch::Tensor>& t) {
 }
 
 }  // namespace
-
-void rms_norm_bwd_out(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight,
-                      const torch::Tensor& rstd, torch::Tensor& dx, torch::Tensor& dw) {
-  rms_norm_bwd_impl(dy, x, weight, rstd, nullptr, dx, &dw);
-}
 
 std::tuple<torch::Tensor, torch::Tensor> rms_norm_bwd(const torch::Tensor& dy, const torch::Tensor& x,
                                                       const torch::Tensor& weight, const torch::Tensor& rstd,

@@ -107,7 +107,7 @@ rms_norm_fwd_generic_kernel(const T* __restrict__ x, const W* __restrict__ w, T*
 // partial[blockIdx.x, :] (blockDim.y warps per block; dynamic shared memory of
 // blockDim.y * shared_row_length<PACK>(n) values of A).
 template <typename T, typename W, typename A, int PACK, bool WEIGHT_GRAD>
-__global__ void __launch_bounds__(kWarpSize * kMaxBwdWarps)
+__global__ void __launch_bounds__(kWarpSize * kMaxBwdWarps, 1)
 rms_norm_bwd_generic_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w,
                             const A* __restrict__ rstd, T* __restrict__ dx, A* __restrict__ partial,
                             int64_t rows, int64_t n) {
@@ -130,7 +130,7 @@ rms_norm_bwd_generic_kernel(const T* __restrict__ dy, const T* __restrict__ x, c
     T* dxr = dx + row * n;
     const A r = rstd[row];
     A dot = 0;  // sum(dy * w * x)
-#pragma unroll 4
+#pragma unroll 2  // with the weight-gradient rows, 4 packs in flight spilled (ptxas -v)
     for (int64_t j = static_cast<int64_t>(lane) * PACK; j < n; j += kWarpSize * PACK) {
       const Pack<T, PACK> dyp = *reinterpret_cast<const Pack<T, PACK>*>(dyr + j);
       const Pack<T, PACK> xp = *reinterpret_cast<const Pack<T, PACK>*>(xr + j);
@@ -142,7 +142,7 @@ rms_norm_bwd_generic_kernel(const T* __restrict__ dy, const T* __restrict__ x, c
     }
     dot = warp_sum(dot);
     const A c = dot * r * r * r / static_cast<A>(n);
-#pragma unroll 4
+#pragma unroll 2
     for (int64_t j = static_cast<int64_t>(lane) * PACK; j < n; j += kWarpSize * PACK) {
       const Pack<T, PACK> dyp = *reinterpret_cast<const Pack<T, PACK>*>(dyr + j);
       const Pack<T, PACK> xp = *reinterpret_cast<const Pack<T, PACK>*>(xr + j);
@@ -457,6 +457,16 @@ bool with_fast_width(int64_t n, std::integer_sequence<int, WIDTHS...>, const Bod
   return ((n == WIDTHS ? (body(std::integral_constant<int, WIDTHS>{}), true) : false) || ...);
 }
 
+// A width with a fast kernel that still took the generic path: a tensor was not 16-byte aligned
+// (a view at an odd offset, a weight inside a flat buffer). Correct, but several times slower: say so once.
+template <int... WIDTHS>
+void warn_if_width_is_fast(int64_t n, std::integer_sequence<int, WIDTHS...>, const char* op) {
+  if (((n == WIDTHS) || ...)) {
+    TORCH_WARN_ONCE(op, ": rows of ", n, " have a fast kernel, but a tensor (or the weight) is not 16-byte aligned ",
+                    "(32-byte for an fp32 weight with bf16 rows), so the slower generic kernel runs");
+  }
+}
+
 // Blocks of the fast backward that fit on the GPU at once (its grid-stride loop needs no more),
 // asked of the driver once per kernel and device.
 template <typename T, typename W, int N>
@@ -519,6 +529,7 @@ void forward(const at::Tensor& x, const at::Tensor* delta, const at::Tensor& wei
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           return;
         }
+        warn_if_width_is_fast(n, FastFwdWidths{}, kFwd);
       }
       // Generic: the add is its own pass (ATen's, rounding as the fast path does), then the norm of the sum.
       const T* source = xp;
@@ -632,6 +643,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
               if (weight_grad) final_weight_gradient(partial, dw, stream);
             });
         if (fast) return;
+        warn_if_width_is_fast(n, FastBwdWidths{}, kBwd);
       }
       const bool packs = can_use_packs<T>(n, {dyp, xp, dxp}, wp);
       const int64_t row_length = packs ? shared_row_length<P>(n) : shared_row_length<1>(n);

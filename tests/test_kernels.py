@@ -1,6 +1,7 @@
-"""Fused RMSNorm and SiLU kernels against their references: outputs, every gradient, dtypes,
-odd shapes, gradcheck, input checks, torch.compile without graph breaks, backend selection,
-and a lime-tiny model trained 20 steps with the fused kernels and with the references."""
+"""Fused RMSNorm, residual add + RMSNorm and SiLU kernels against their references: outputs, every
+gradient, dtypes, odd shapes, gradcheck, input checks, torch.compile without graph breaks, backend
+selection (per device, and per shape against PyTorch's own ops with a fake timer), and a lime-tiny
+model trained 20 steps with the fused kernels and with the references."""
 
 import os
 import subprocess
@@ -8,12 +9,11 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lime import kernels
 from megatron_lime.config import LimeConfig
 from megatron_lime.kernels import _backend
-from megatron_lime.kernels.rms_norm import RMSNormFunction
-from megatron_lime.kernels.silu import SiLUFunction
 from megatron_lime.model import LimeModel
 from megatron_lime.model.lime import LimeBlock
 
@@ -27,6 +27,27 @@ RMS_NORM_SHAPES = [(5, 123, 123), (64, 1536), (4096, 40), (7, 64), (3, 5, 17), (
 SILU_SHAPES = [(5, 123, 123), (8, 1536), (3, 7), (1,), (2, 3, 4, 5)]
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Our operator itself (with its registered autograd), whatever the per-shape choice would pick."""
+    return torch.ops.lime.rms_norm_fwd(x.contiguous(), weight, eps)[0]
+
+
+def fused_add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                       eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    h, y, _ = torch.ops.lime.add_rms_norm_fwd(residual.contiguous(), delta.contiguous(), weight, eps)
+    return h, y
+
+
+def fused_silu(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.lime.silu_fwd(x.contiguous())
+
+
+@pytest.fixture(autouse=True)
+def our_kernels_at_every_shape(monkeypatch):
+    """The per-shape choice (CUDA only) forced to our kernels: these tests are about them."""
+    monkeypatch.setattr(_backend.CHOICES, "mode", "ours")
 
 
 def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,7 +93,7 @@ def make_rms_inputs(shape, dtype, device="cpu", weight_dtype=None):
 
 def check_rms_norm(shape, dtype, device, weight_dtype=None):
     x, weight, grad_out = make_rms_inputs(shape, dtype, device, weight_dtype)
-    ours = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+    ours = outputs_and_grads(lambda a, w: fused_rms_norm(a, w), [x, weight], grad_out)
     plain = outputs_and_grads(lambda a, w: plain_rms_norm(a, w, EPS).to(dtype), [x, weight], grad_out)
     high = truth_dtype(dtype)
     truth = outputs_and_grads(lambda a, w: plain_rms_norm(a, w, EPS), [x.to(high), weight.to(high)],
@@ -91,7 +112,7 @@ def check_silu(shape, dtype, device):
     g = torch.Generator().manual_seed(len(shape))
     x = (torch.randn(shape, generator=g) * 4).to(device=device, dtype=dtype)
     grad_out = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
-    ours = outputs_and_grads(SiLUFunction.apply, [x], grad_out)
+    ours = outputs_and_grads(fused_silu, [x], grad_out)
     plain = outputs_and_grads(plain_silu, [x], grad_out)
     high = truth_dtype(dtype)
     truth = outputs_and_grads(plain_silu, [x.to(high)], grad_out.to(high))
@@ -119,6 +140,52 @@ def test_rms_norm_matches_reference_cpu(shape, dtype):
 @pytest.mark.parametrize("shape", SILU_SHAPES, ids=str)
 def test_silu_matches_reference_cpu(shape, dtype):
     check_silu(shape, dtype, "cpu")
+
+
+def check_add_rms_norm(shape, dtype, device, weight_dtype=None):
+    """add_rms_norm's two outputs (h, y) and its three gradients against plain PyTorch's error."""
+    residual, weight, grad_y = make_rms_inputs(shape, dtype, device, weight_dtype)
+    g = torch.Generator().manual_seed(7)
+    delta = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    grad_h = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+    def run(fn, inputs):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        h, y = fn(*leaves)
+        torch.autograd.backward([h, y], [grad_h.to(h.dtype), grad_y.to(y.dtype)])
+        return [h.detach(), y.detach()] + [leaf.grad.detach() for leaf in leaves]
+
+    ours = run(fused_add_rms_norm, [residual, delta, weight])
+    plain = run(lambda r, d, w: (r + d, plain_rms_norm(r + d, w, EPS).to(dtype)), [residual, delta, weight])
+    high = truth_dtype(dtype)
+    truth = run(lambda r, d, w: (r + d, plain_rms_norm(r + d, w, EPS)),
+                [residual.to(high), delta.to(high), weight.to(high)])
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_within_twice_plain_error(ours, plain, truth, atol, f"add_rms_norm {shape} {dtype} on {device}")
+    # h is the sum rounded once to the storage dtype, as an unfused add stores it: bit for bit.
+    assert torch.equal(ours[0], residual + delta)
+    torch.testing.assert_close(ours[2], ours[3], rtol=0, atol=0)  # residual and delta: the same gradient
+    if dtype == torch.float32:
+        reference = run(lambda r, d, w: kernels.add_rms_norm_ref(r, d, w, EPS), [residual, delta, weight])
+        for o, r, atol in zip(ours, reference, (0, 1e-5, 1e-5, 1e-5, 1e-4)):
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", RMS_NORM_SHAPES, ids=str)
+def test_add_rms_norm_matches_reference_cpu(shape, dtype):
+    check_add_rms_norm(shape, dtype, "cpu")
+
+
+def test_add_rms_norm_public_function_falls_back_for_mixed_dtypes():
+    """A bf16 branch output added to an fp32 residual (autocast's case): PyTorch's promotion, unfused."""
+    residual, weight, _ = make_rms_inputs((6, 40), torch.float32, "cpu")
+    delta = torch.randn(6, 40).to(torch.bfloat16)
+    h, y = kernels.add_rms_norm(residual, delta, weight, EPS)
+    expected_h, expected_y = kernels.add_rms_norm_ref(residual, delta, weight, EPS)
+    assert h.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(h, expected_h, rtol=0, atol=0)
+    torch.testing.assert_close(y, expected_y)
 
 
 def test_rms_norm_bf16_activations_with_fp32_weight():
@@ -150,8 +217,8 @@ def test_empty_inputs():
 def test_gradcheck_float64_cpu_kernels():
     x = torch.randn(3, 5, 13, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(13, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, w: RMSNormFunction.apply(a, w, EPS), (x, weight))
-    assert torch.autograd.gradcheck(SiLUFunction.apply, (torch.randn(4, 11, dtype=torch.float64, requires_grad=True),))
+    assert torch.autograd.gradcheck(lambda a, w: fused_rms_norm(a, w), (x, weight))
+    assert torch.autograd.gradcheck(fused_silu, (torch.randn(4, 11, dtype=torch.float64, requires_grad=True),))
 
 
 def check_custom_ops_pass_opcheck(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -160,6 +227,9 @@ def check_custom_ops_pass_opcheck(x: torch.Tensor, weight: torch.Tensor) -> None
     y, rstd = torch.ops.lime.rms_norm_fwd(x, weight, EPS)
     for weight_grad in (True, False):
         torch.library.opcheck(torch.ops.lime.rms_norm_bwd.default, (torch.randn_like(x), x, weight, rstd, weight_grad))
+    torch.library.opcheck(torch.ops.lime.add_rms_norm_fwd.default, (x, torch.randn_like(x), weight, EPS))
+    torch.library.opcheck(torch.ops.lime.rms_norm_bwd.default,
+                          (torch.randn_like(x), x, weight, rstd, True, torch.randn_like(x)))
     torch.library.opcheck(torch.ops.lime.silu_fwd.default, (x,))
     torch.library.opcheck(torch.ops.lime.silu_bwd.default, (torch.randn_like(x), x))
     assert rstd.shape == x.shape[:-1] and rstd.dtype == torch.float32
@@ -169,29 +239,29 @@ def test_custom_ops_pass_opcheck():
     check_custom_ops_pass_opcheck(torch.randn(4, 3, 20), torch.randn(20))
 
 
-def check_frozen_weight_skips_weight_gradient(device: str, monkeypatch) -> None:
+class RecordingMode(TorchDispatchMode):
+    """Records the lime:: operators dispatched (below autograd: what the C++ autograd calls too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "lime":
+            self.calls.append((func.__name__, args))
+        return func(*args, **(kwargs or {}))
+
+
+def check_frozen_weight_skips_weight_gradient(device: str) -> None:
     """A weight that needs no gradient: the backward asks the kernel for dx only, and dx is unchanged."""
     x, weight, grad_out = make_rms_inputs((37, 96), torch.float32, device)
-    asked = []
-    extension_for = _backend.extension_for
-
-    class Recording:
-        def __init__(self, module):
-            self.module = module
-
-        def rms_norm_bwd(self, dy, x, weight, rstd, weight_grad):
-            asked.append(weight_grad)
-            return self.module.rms_norm_bwd(dy, x, weight, rstd, weight_grad)
-
-        def __getattr__(self, name):
-            return getattr(self.module, name)
-
-    monkeypatch.setattr(_backend, "extension_for", lambda device: Recording(extension_for(device)))
-    trained = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+    trained = outputs_and_grads(lambda a, w: fused_rms_norm(a, w), [x, weight], grad_out)
     x_leaf = x.detach().clone().requires_grad_(True)
     frozen = weight.detach().clone()  # requires_grad False
-    RMSNormFunction.apply(x_leaf, frozen, EPS).backward(grad_out)
-    assert asked == [True, False]
+    y = fused_rms_norm(x_leaf, frozen)
+    with RecordingMode() as recording:
+        y.backward(grad_out)
+    assert [(name, args[4]) for name, args in recording.calls] == [("rms_norm_bwd.default", False)]
     assert frozen.grad is None
     torch.testing.assert_close(x_leaf.grad, trained[1], rtol=0, atol=0)
     _, rstd = torch.ops.lime.rms_norm_fwd(x, weight, EPS)
@@ -200,8 +270,8 @@ def check_frozen_weight_skips_weight_gradient(device: str, monkeypatch) -> None:
     torch.testing.assert_close(dx, trained[1], rtol=0, atol=0)
 
 
-def test_frozen_weight_skips_the_weight_gradient_cpu(monkeypatch):
-    check_frozen_weight_skips_weight_gradient("cpu", monkeypatch)
+def test_frozen_weight_skips_the_weight_gradient_cpu():
+    check_frozen_weight_skips_weight_gradient("cpu")
 
 
 def test_cuda_extension_that_cannot_launch_falls_back(monkeypatch, caplog):
@@ -235,13 +305,26 @@ def test_cuda_extension_that_cannot_launch_falls_back(monkeypatch, caplog):
     assert _backend.select("auto").cuda == "fused-cuda"
 
 
+def saved_for_backward(fn) -> list[torch.Tensor]:
+    """The tensors autograd keeps for the backward of fn() (saved_tensors_hooks sees C++ autograd too)."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
 def test_rms_norm_saves_only_rstd_besides_inputs():
     x = torch.randn(6, 32, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.ones(32, dtype=torch.bfloat16, requires_grad=True)
-    y = kernels.rms_norm(x, weight, EPS)
-    saved = y.grad_fn.saved_tensors
+    saved = saved_for_backward(lambda: kernels.rms_norm(x, weight, EPS))
     assert [tuple(t.shape) for t in saved] == [(6, 32), (32,), (6,)]
     assert saved[2].dtype == torch.float32
+    # add_rms_norm keeps h (the new residual, alive anyway as the next block's input), not its two inputs.
+    delta = torch.randn(6, 32, dtype=torch.bfloat16, requires_grad=True)
+    saved = saved_for_backward(lambda: kernels.add_rms_norm(x, delta, weight, EPS))
+    assert [tuple(t.shape) for t in saved] == [(6, 32), (32,), (6,)]
+    saved = saved_for_backward(lambda: kernels.silu(x))
+    assert len(saved) == 1 and saved[0] is x
 
 
 @pytest.mark.parametrize("call, message", [
@@ -299,27 +382,21 @@ def train_lime_tiny(steps: int) -> list[float]:
 
 
 def test_lime_tiny_trains_the_same_with_fused_and_reference_kernels(monkeypatch):
-    calls = {"rms_norm": 0, "silu": 0}
-    fused_rms_norm, fused_silu = kernels.rms_norm, kernels.silu
-
-    def counting_rms_norm(x, weight, eps):
-        calls["rms_norm"] += 1
-        y = fused_rms_norm(x, weight, eps)
-        assert type(y.grad_fn).__name__.startswith("RMSNormFunction"), "the model did not take the fused path"
-        return y
-
-    def counting_silu(x):
-        calls["silu"] += 1
-        y = fused_silu(x)
-        assert type(y.grad_fn).__name__.startswith("SiLUFunction"), "the model did not take the fused path"
-        return y
-
-    monkeypatch.setattr(kernels, "rms_norm", counting_rms_norm)
-    monkeypatch.setattr(kernels, "silu", counting_silu)
+    """The model's blocks call the fused ops (the operators run: counted), and 20 training steps give
+    the losses of the references (the unfused add, rms_norm_ref, silu_ref) within rounding."""
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "silu": 0}
+    operator_names = {"rms_norm": "RMS_NORM_FWD", "add_rms_norm": "ADD_RMS_NORM_FWD", "silu": "SILU_FWD"}
+    for op, name in operator_names.items():
+        def counting(*args, _op=op, _operator=getattr(_backend, name)):
+            calls[_op] += 1
+            return _operator(*args)
+        monkeypatch.setattr(_backend, name, counting)
     fused = train_lime_tiny(20)
-    assert calls == {"rms_norm": 20 * 5, "silu": 20 * 2}  # 2 layers x 2 norms + the final norm; 2 MLPs
+    # Per step: 2 layers x (attention norm + fused add and MLP norm + SiLU), and the final norm.
+    assert calls == {"rms_norm": 20 * 3, "add_rms_norm": 20 * 2, "silu": 20 * 2}
 
     monkeypatch.setattr(kernels, "rms_norm", kernels.rms_norm_ref)
+    monkeypatch.setattr(kernels, "add_rms_norm", kernels.add_rms_norm_ref)
     monkeypatch.setattr(kernels, "silu", kernels.silu_ref)
     reference = train_lime_tiny(20)
     assert fused[-1] < fused[0] - 0.5, f"the model did not learn: {fused}"
@@ -353,7 +430,7 @@ def test_lime_kernels_environment_variable_forces_the_reference():
                             env={**os.environ, "LIME_KERNELS": "reference"})
     assert result.returncode == 0, result.stderr
     backend, grad_fn = result.stdout.split()
-    assert backend == "reference" and not grad_fn.startswith("RMSNormFunction")
+    assert backend == "reference" and grad_fn == "MulBackward0"  # rms_norm_ref's last op, not our operator
 
 
 # ---- CUDA: the same checks on the GPU kernels, when a GPU is present ----
@@ -367,7 +444,10 @@ def test_cuda_extension_is_chosen_and_cpu_tensors_stay_on_cpu_kernels():
 # On CUDA also: lime-1b's rows; rows as wide as the widest the fused weight gradient keeps in
 # shared memory (3072 bf16: 4 warps per block) and wider (4096 fp32: the separate pass); more
 # rows than the backward grid has warps (each warp then sums several rows).
-CUDA_RMS_NORM_SHAPES = RMS_NORM_SHAPES + [(8192, 1536), (33, 3072), (64, 4096), (20000, 64)]
+# The fast kernels' widths (64, 128, 768, 1536 and 2048, whose backward is the generic one), with row
+# counts that leave a partial last block and, for the backward, more rows than its grid has groups.
+CUDA_RMS_NORM_SHAPES = RMS_NORM_SHAPES + [(8192, 1536), (33, 3072), (64, 4096), (20000, 64), (1001, 128),
+                                          (333, 768), (257, 2048), (3, 1536)]
 
 
 @cuda_only
@@ -375,6 +455,34 @@ CUDA_RMS_NORM_SHAPES = RMS_NORM_SHAPES + [(8192, 1536), (33, 3072), (64, 4096), 
 @pytest.mark.parametrize("shape", CUDA_RMS_NORM_SHAPES, ids=str)
 def test_rms_norm_matches_reference_cuda(shape, dtype):
     check_rms_norm(shape, dtype, "cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", CUDA_RMS_NORM_SHAPES, ids=str)
+def test_add_rms_norm_matches_reference_cuda(shape, dtype):
+    check_add_rms_norm(shape, dtype, "cuda")
+
+
+@cuda_only
+def test_add_rms_norm_bf16_with_fp32_weight_cuda():
+    check_add_rms_norm((8192, 1536), torch.bfloat16, "cuda", weight_dtype=torch.float32)
+
+
+@cuda_only
+def test_shape_choice_measures_on_cuda(monkeypatch, caplog):
+    """The real timer (CUDA events): one measurement per new shape, a logged line, a result that is the op's."""
+    choices = _backend.ShapeChoices(mode="measure", candidates=_backend.CHOICES.candidates)
+    monkeypatch.setattr(_backend, "CHOICES", choices)
+    x, weight, _ = make_rms_inputs((8192, 1536), torch.bfloat16, "cuda")
+    with caplog.at_level("INFO", logger="megatron_lime.kernels"):
+        y = kernels.rms_norm(x, weight, EPS)
+        kernels.rms_norm(x, weight, EPS)
+        a = kernels.silu(x)
+    assert set(choices.choices.values()) <= {"ours", "torch"} and len(choices.choices) == 2
+    assert len([r for r in caplog.records if "forward+backward" in r.getMessage()]) == 2
+    torch.testing.assert_close(y, kernels.rms_norm_ref(x, weight, EPS), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(a, kernels.silu_ref(x), rtol=2e-2, atol=2e-2)
 
 
 @cuda_only
@@ -396,7 +504,7 @@ def check_mixed_weight_dtypes(device: str, x_dtype: torch.dtype, weight_dtype: t
     weight read as the wrong type would be off by far more than a rounding step)."""
     for shape in ((65, 1536) if device == "cuda" else (33, 256), (5, 123)):  # packs, then the scalar path
         x, weight, grad_out = make_rms_inputs(shape, x_dtype, device, weight_dtype)
-        ours = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+        ours = outputs_and_grads(lambda a, w: fused_rms_norm(a, w), [x, weight], grad_out)
         reference = outputs_and_grads(lambda a, w: kernels.rms_norm_ref(a, w, EPS), [x, weight], grad_out)
         assert [t.dtype for t in ours] == [x_dtype, x_dtype, weight_dtype]
         for o, r in zip(ours, reference):
@@ -415,8 +523,8 @@ def test_rms_norm_mixed_weight_dtypes_cuda(x_dtype, weight_dtype):
 
 
 @cuda_only
-def test_frozen_weight_skips_the_weight_gradient_cuda(monkeypatch):
-    check_frozen_weight_skips_weight_gradient("cuda", monkeypatch)
+def test_frozen_weight_skips_the_weight_gradient_cuda():
+    check_frozen_weight_skips_weight_gradient("cuda")
 
 
 @cuda_only
@@ -453,32 +561,32 @@ def test_tensors_with_a_storage_offset_cuda(offset):
         weight_storage = torch.randn(n + offset, device="cuda")
         weight = weight_storage[offset:]
         grad_out = torch.randn(rows, n, device="cuda").to(dtype)
-        ours = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+        ours = outputs_and_grads(lambda a, w: fused_rms_norm(a, w), [x, weight], grad_out)
         reference = outputs_and_grads(lambda a, w: kernels.rms_norm_ref(a, w, EPS), [x, weight], grad_out)
         tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
         for o, r in zip(ours, reference):
             torch.testing.assert_close(o, r, **tolerance)
-        torch.testing.assert_close(SiLUFunction.apply(x), kernels.silu_ref(x))
+        torch.testing.assert_close(fused_silu(x), kernels.silu_ref(x))
 
 
 @cuda_only
 def test_kernels_run_on_a_side_stream_and_a_second_device_cuda():
     """The kernels launch on the current stream (not the default one) and on the tensor's own GPU."""
     x, weight, grad_out = make_rms_inputs((256, 1536), torch.bfloat16, "cuda", torch.float32)
-    expected = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
+    expected = outputs_and_grads(lambda a, w: fused_rms_norm(a, w), [x, weight], grad_out)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        got = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x, weight], grad_out)
-        silu_side = SiLUFunction.apply(x)
+        got = outputs_and_grads(lambda a, w: fused_rms_norm(a, w), [x, weight], grad_out)
+        silu_side = fused_silu(x)
     torch.cuda.current_stream().wait_stream(side)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
-    torch.testing.assert_close(silu_side, SiLUFunction.apply(x), rtol=0, atol=0)
+    torch.testing.assert_close(silu_side, fused_silu(x), rtol=0, atol=0)
     if torch.cuda.device_count() < 2:
         return  # one GPU: the second-device half needs two
     other = torch.device("cuda", 1)
-    got = outputs_and_grads(lambda a, w: RMSNormFunction.apply(a, w, EPS), [x.to(other), weight.to(other)],
+    got = outputs_and_grads(lambda a, w: fused_rms_norm(a, w), [x.to(other), weight.to(other)],
                             grad_out.to(other))
     assert all(t.device == other for t in got)
     for g, e in zip(got, expected):
@@ -490,6 +598,102 @@ def test_cuda_bf16_activations_with_fp32_weight_and_gradcheck():
     check_rms_norm((33, 1536), torch.bfloat16, "cuda", weight_dtype=torch.float32)
     x = torch.randn(3, 5, 13, dtype=torch.float64, device="cuda", requires_grad=True)
     weight = torch.randn(13, dtype=torch.float64, device="cuda", requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, w: RMSNormFunction.apply(a, w, EPS), (x, weight))
-    assert torch.autograd.gradcheck(SiLUFunction.apply, (torch.randn(4, 11, dtype=torch.float64, device="cuda",
+    assert torch.autograd.gradcheck(lambda a, w: fused_rms_norm(a, w), (x, weight))
+    assert torch.autograd.gradcheck(fused_silu, (torch.randn(4, 11, dtype=torch.float64, device="cuda",
                                                                      requires_grad=True),))
+
+
+# ---- the per-shape choice between ours and PyTorch's op (CUDA in use; tested on CPU with a fake timer) ----
+
+def lime_operators_called(fn) -> list[str]:
+    with RecordingMode() as recording:
+        fn()
+    return [name for name, _ in recording.calls]
+
+
+def fake_timer(milliseconds: list[float], timed: list[str]):
+    """A timer that runs each candidate once for real (so the candidates must work) and returns the
+    next of the given times: per new shape, ours is timed first, then PyTorch's."""
+    times = iter(milliseconds)
+
+    def timer(fn) -> float:
+        fn()
+        timed.append("call")
+        return next(times)
+
+    return timer
+
+
+@pytest.fixture
+def measured_choices(monkeypatch):
+    """CHOICES measuring on CPU (as it does on CUDA), with a fake timer the test sets."""
+    def install(milliseconds: list[float], mode: str = "measure") -> tuple[_backend.ShapeChoices, list[str]]:
+        timed: list[str] = []
+        choices = _backend.ShapeChoices(mode=mode, timer=fake_timer(milliseconds, timed), devices=("cpu",),
+                                        candidates=_backend.CHOICES.candidates)
+        monkeypatch.setattr(_backend, "CHOICES", choices)
+        return choices, timed
+    return install
+
+
+def test_shape_choice_measures_each_new_shape_once_and_logs_it(measured_choices, caplog):
+    # Shape (8, 64): ours 2.0 ms, PyTorch's 1.0 -> PyTorch's. Shape (16, 64): ours 1.0, PyTorch's 3.0 -> ours.
+    choices, timed = measured_choices([2.0, 1.0, 1.0, 3.0])
+    weight = torch.randn(64, requires_grad=True)
+    small, large = torch.randn(8, 64, requires_grad=True), torch.randn(16, 64, requires_grad=True)
+    with caplog.at_level("INFO", logger="megatron_lime.kernels"):
+        kernels.rms_norm(small, weight, EPS)  # the first call at a shape measures (running both candidates)
+        assert len(timed) == 2
+        assert lime_operators_called(lambda: kernels.rms_norm(small, weight, EPS)) == []  # PyTorch's, cached
+        kernels.rms_norm(large, weight, EPS)
+        assert lime_operators_called(lambda: kernels.rms_norm(large, weight, EPS)) == ["rms_norm_fwd.default"]
+        assert lime_operators_called(lambda: kernels.rms_norm(small, weight, EPS)) == []
+    assert len(timed) == 4  # each shape timed once
+    assert choices.choices == {("rms_norm", torch.Size([8, 64]), torch.float32): "torch",
+                               ("rms_norm", torch.Size([16, 64]), torch.float32): "ours"}
+    lines = [r.getMessage() for r in caplog.records if r.name == "megatron_lime.kernels"]
+    assert len(lines) == 2, lines
+    assert "rms_norm (8, 64) float32" in lines[0] and "using PyTorch's" in lines[0]
+    assert "rms_norm (16, 64) float32" in lines[1] and "using ours" in lines[1]
+    # Whichever is chosen, the result is the op's (the same maths, rounding apart), with gradients.
+    for x in (small, large):
+        torch.testing.assert_close(kernels.rms_norm(x, weight, EPS), kernels.rms_norm_ref(x, weight, EPS))
+    y = kernels.rms_norm(small, weight, EPS)
+    y.sum().backward()
+    assert small.grad is not None and weight.grad is not None
+
+
+def test_shape_choice_covers_add_rms_norm_and_silu(measured_choices):
+    _, timed = measured_choices([1.0, 2.0, 2.0, 1.0])  # add_rms_norm: ours; silu: PyTorch's
+    residual, delta, weight = torch.randn(4, 32), torch.randn(4, 32), torch.randn(32)
+    kernels.add_rms_norm(residual, delta, weight, EPS)
+    kernels.silu(residual)
+    assert lime_operators_called(lambda: kernels.add_rms_norm(residual, delta, weight, EPS)) == [
+        "add_rms_norm_fwd.default"]
+    assert lime_operators_called(lambda: kernels.silu(residual)) == []
+    assert len(timed) == 4
+    h, _ = kernels.add_rms_norm(residual, delta, weight, EPS)
+    torch.testing.assert_close(h, residual + delta, rtol=0, atol=0)
+    torch.testing.assert_close(kernels.silu(residual), kernels.silu_ref(residual))
+
+
+def test_shape_choice_can_be_forced_and_is_not_measured_while_compiling(measured_choices):
+    x, weight = torch.randn(8, 64), torch.randn(64)
+    _, timed = measured_choices([], mode="torch")
+    assert lime_operators_called(lambda: kernels.rms_norm(x, weight, EPS)) == []
+    _, timed = measured_choices([], mode="ours")
+    assert lime_operators_called(lambda: kernels.rms_norm(x, weight, EPS)) == ["rms_norm_fwd.default"]
+    # Mixed dtypes (bf16 activations, fp32 weight) are never handed to F.rms_norm (it would promote).
+    _, timed = measured_choices([], mode="torch")
+    assert lime_operators_called(lambda: kernels.rms_norm(x.bfloat16(), weight, EPS)) == ["rms_norm_fwd.default"]
+    # Tracing: ours, untimed (an empty fake timer would raise StopIteration if called), no graph break.
+    choices, timed = measured_choices([])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, w: kernels.silu(kernels.rms_norm(a, w, EPS)), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, weight), kernels.silu_ref(kernels.rms_norm_ref(x, weight, EPS)))
+    torch._dynamo.reset()
+    assert timed == [] and choices.choices == {}
+    with pytest.raises(ValueError, match="LIME_KERNEL_CHOICE"):
+        _backend.ShapeChoices(mode="fastest")
+    with pytest.raises(ValueError, match="kernel choice"):
+        kernels.set_kernel_choice("fastest")

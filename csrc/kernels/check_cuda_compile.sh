@@ -7,12 +7,19 @@
 # CI without a GPU still proves the kernels compile. Exits non-zero on the first failure.
 #
 #   csrc/kernels/check_cuda_compile.sh            # uses nvcc from PATH (or $NVCC)
+#   LIME_PTXAS_VERBOSE=1 LIME_CUDA_OBJ_DIR=DIR csrc/kernels/check_cuda_compile.sh
+#       # + ptxas's report, and keeps the objects in DIR (for cuobjdump -sass: tests/test_kernel_cuda_build.py)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 NVCC="${NVCC:-nvcc}"
-OUT_DIR="$(mktemp -d /tmp/lime-cuda-check.XXXXXX)"
-trap 'rm -rf "$OUT_DIR"' EXIT
+if [ -n "${LIME_CUDA_OBJ_DIR:-}" ]; then
+  OUT_DIR="$LIME_CUDA_OBJ_DIR"
+  mkdir -p "$OUT_DIR"
+else
+  OUT_DIR="$(mktemp -d /tmp/lime-cuda-check.XXXXXX)"
+  trap 'rm -rf "$OUT_DIR"' EXIT
+fi
 
 command -v "$NVCC" >/dev/null || { echo "check_cuda_compile: nvcc not found (set NVCC or add it to PATH)" >&2; exit 2; }
 mapfile -t INCLUDES < <(python -c "from torch.utils.cpp_extension import include_paths; print('\n'.join(include_paths()))")

@@ -1,22 +1,49 @@
-"""Fused RMSNorm and SiLU kernels (C++ for CPU, CUDA for GPU), with pure-PyTorch references.
+"""Fused RMSNorm, residual add + RMSNorm and SiLU kernels (C++ for CPU, CUDA for GPU), with pure-PyTorch
+references.
 
     from megatron_lime import kernels
-    y = kernels.rms_norm(x, weight, eps)   # x (..., n), weight (n,) -> (..., n)
-    h = kernels.silu(x)                    # any shape -> same shape
-    kernels.backend()                      # e.g. "fused-cpu": what the default device uses
+    y = kernels.rms_norm(x, weight, eps)              # x (..., n), weight (n,) -> (..., n)
+    h, y = kernels.add_rms_norm(x, delta, weight, eps)  # h = x + delta, y = rms_norm(h): one read of x
+    a = kernels.silu(x)                               # any shape -> same shape
+    kernels.backend()                                 # e.g. "fused-cpu": what the default device uses
 
 The backend is chosen once at import (see _backend.py: LIME_KERNELS=auto|reference|fused|apex)
-and dispatched per tensor device, so CPU tensors take the CPU kernels even on a GPU machine.
+and dispatched per tensor device, so CPU tensors take the CPU kernels even on a GPU machine; on
+CUDA, per shape, PyTorch's own op where it measured faster (LIME_KERNEL_CHOICE=measure|ours|torch).
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_lime.kernels import _backend
+from megatron_lime.kernels import _backend, rms_norm as _rms_norm_module, silu as _silu_module
 from megatron_lime.kernels._backend import KernelsUnavailableError
-from megatron_lime.kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_ref
-from megatron_lime.kernels.silu import SiLUFunction, silu, silu_ref
+from megatron_lime.kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+from megatron_lime.kernels.silu import silu, silu_ref
+
+if _backend.SELECTION.cpu_extension is not None:  # it defines the lime:: operators
+    _rms_norm_module.register_operators()
+    _silu_module.register_operators()
+
+# What the per-shape choice on CUDA times against each other: our operators and PyTorch's ops.
+_backend.CHOICES.candidates.update({
+    "rms_norm": (lambda x, w, eps: _backend.RMS_NORM_FWD(x.contiguous(), w, eps)[0],
+                 _rms_norm_module._torch_rms_norm),
+    "add_rms_norm": (lambda r, w, eps, d: _backend.ADD_RMS_NORM_FWD(r.contiguous(), d.contiguous(), w, eps)[:2],
+                     lambda r, w, eps, d: _rms_norm_module._torch_add_rms_norm(r, d, w, eps)),
+    "silu": (lambda x: _backend.SILU_FWD(x.contiguous()), torch.nn.functional.silu),
+})
+
+
+def set_kernel_choice(mode: str) -> str:
+    """Force (or restore) the per-shape choice on CUDA: "measure", "ours" or "torch" (as LIME_KERNEL_CHOICE).
+
+    Returns the previous mode. Benchmarks set "ours" so that their row for our kernels measures ours.
+    """
+    if mode not in _backend.CHOICE_MODES:
+        raise ValueError(f"kernel choice {mode!r} is not one of {', '.join(_backend.CHOICE_MODES)}")
+    previous, _backend.CHOICES.mode = _backend.CHOICES.mode, mode
+    return previous
 
 
 def backend(device: torch.device | str | None = None) -> str:
@@ -30,6 +57,6 @@ def backend(device: torch.device | str | None = None) -> str:
 
 
 __all__ = [
-    "KernelsUnavailableError", "RMSNormFunction", "SiLUFunction", "backend",
-    "rms_norm", "rms_norm_ref", "silu", "silu_ref",
+    "KernelsUnavailableError", "add_rms_norm", "add_rms_norm_ref", "backend", "rms_norm", "rms_norm_ref",
+    "set_kernel_choice", "silu", "silu_ref",
 ]

@@ -1,16 +1,20 @@
 """SiLU (swish): y = x * sigmoid(x), the activation of LIME's MLP (which has no bias).
 
 Layers, from the metal up:
-    csrc/kernels/{cpu,cuda}     the kernels (pybind11 modules _kernels_cpu, _kernels_cuda)
-    lime::silu_fwd / _bwd       torch custom ops with fake implementations (torch.compile traces them)
-    SiLUFunction                autograd.Function: saves x; backward is one fused pass
-    silu                        the public function: picks fused / reference per device (the model's MLP calls it)
+    csrc/kernels/{cpu,cuda}     the kernels, registered in C++ as the operators lime::silu_fwd and
+                                lime::silu_bwd, with their autograd in C++ (csrc/kernels/cpu/autograd.cpp:
+                                saves x; the backward is one fused pass): no Python between the
+                                dispatcher and the kernels
+    register_operators()        their fake implementations (torch.compile traces them)
+    silu                        the public function: fused, PyTorch's own F.silu (where it measured
+                                faster at a shape on CUDA) or the reference, per device
     silu_ref                    the pure-PyTorch reference the kernels are tested against
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from megatron_lime.kernels import _backend
 
@@ -21,39 +25,19 @@ def silu_ref(x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.sigmoid(xf)).to(x.dtype)
 
 
-@torch.library.custom_op("lime::silu_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def silu_fwd(x: torch.Tensor) -> torch.Tensor:
-    """x contiguous, any shape -> x * sigmoid(x), same shape and dtype."""
-    return _backend.extension_for(x.device).silu_fwd(x)
-
-
-@silu_fwd.register_fake
 def _silu_fwd_fake(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("lime::silu_bwd", mutates_args=(), device_types=("cpu", "cuda"))
-def silu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dy, x (same shape) -> dy * s * (1 + x * (1 - s)), s = sigmoid(x)."""
-    return _backend.extension_for(x.device).silu_bwd(dy, x)
-
-
-@silu_bwd.register_fake
 def _silu_bwd_fake(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    torch._check(dy.shape == x.shape, lambda: "dy and x must have the same shape")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-class SiLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        ctx.save_for_backward(x)
-        return torch.ops.lime.silu_fwd(x)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return torch.ops.lime.silu_bwd(dy.contiguous(), x)
+def register_operators() -> None:
+    """Fake implementations of lime::silu_fwd / lime::silu_bwd (defined, with autograd, by _kernels_cpu)."""
+    torch.library.register_fake("lime::silu_fwd", _silu_fwd_fake)
+    torch.library.register_fake("lime::silu_bwd", _silu_bwd_fake)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -61,10 +45,12 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
     x: any shape, e.g. (b, s, ffn_hidden_size); fp32, bf16, fp16 (fp64 on CPU); any strides.
     Returns the same shape and dtype; arithmetic in fp32. The gradient has x's shape and dtype.
-    With the apex backend on CUDA (apex has no SiLU) and with the reference, torch's own silu
-    maths is used.
+    On CUDA, F.silu (the same maths) is used instead at a shape where it measured faster
+    (_backend.CHOICES); with the apex backend (apex has no SiLU) and the reference, silu_ref.
     """
-    if _backend.SELECTION.for_device(x.device) in (_backend.FUSED_CPU, _backend.FUSED_CUDA):
-        return SiLUFunction.apply(x)
+    device_type = x.device.type
+    if _backend.SELECTION.by_device_type.get(device_type, _backend.REFERENCE) is _backend.FUSED:
+        if _backend.CHOICES.measures(device_type) and _backend.CHOICES.use_torch("silu", x):
+            return F.silu(x)
+        return _backend.SILU_FWD(x.contiguous())
     return silu_ref(x)
-

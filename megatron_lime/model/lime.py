@@ -5,6 +5,9 @@ and an output head tied to the token embedding. Plain PyTorch: nothing distribut
     for each block:  x = x + attn(rms_norm(x));  x = x + fc_out(silu(fc_in(rms_norm(x))))
     logits = rms_norm(x) @ embed.weight^T
 
+Inside a block, the attention's residual add and the MLP's norm are one fused op
+(kernels.add_rms_norm): it reads the residual stream once and returns the new residual and its norm.
+
 No linear layer has a bias (as in PaLM and LLaMA: biases add nothing measurable at this
 scale and complicate the fused kernels and the conversion).
 """
@@ -35,6 +38,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + delta, self(residual + delta)) in one pass over the residual stream."""
+        return kernels.add_rms_norm(residual, delta, self.weight, self.eps)
+
 
 class MLP(nn.Module):
     def __init__(self, config: LimeConfig):
@@ -56,8 +63,8 @@ class LimeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
         """x: (b, s, d); mask: the batch's document mask from attention.document_mask (None: causal)."""
-        x = x + self.attention(self.attn_norm(x), mask)
-        return x + self.mlp(self.mlp_norm(x))
+        x, normed = self.mlp_norm.add_and_norm(x, self.attention(self.attn_norm(x), mask))  # (b, s, d) each
+        return x + self.mlp(normed)
 
 
 @dataclass

@@ -43,6 +43,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <unordered_set>
 #include <vector>
 
@@ -286,10 +287,11 @@ class WordRouter {
   // without being encoded (tokenizer/agreement.py), and only the others are handed back.
   WordRouter(const std::vector<uint32_t>& unsafe, const std::vector<uint32_t>& spaces, size_t limit, bool prove,
              const std::vector<std::string>& multi_split)
-      : kind_(0x110000, 0), limit_(limit), prove_(prove), multi_split_(multi_split.begin(), multi_split.end()) {
+      : kind_(0x110000, 0), limit_(limit), prove_(prove) {
     for (uint32_t c : spaces) set_kind(c, kSpace);
     for (uint32_t c : unsafe) set_kind(c, kUnsafe);
     for (const std::string& piece : multi_split) {
+      multi_split_.insert(std::hash<std::string_view>()(piece));
       size_t chars = 0;
       for (unsigned char byte : piece) chars += (byte & 0xC0) != 0x80;
       max_chars_ = std::max(max_chars_, chars);
@@ -342,11 +344,16 @@ class WordRouter {
     }
     starts.push_back(w.size());
     const size_t n = starts.size() - 1;
-    std::unordered_set<std::string> seen;
+    if (n < 4) return false;  // two places of a piece of 3+ characters need 4+
+    // By hash: a collision can only make a word doubtful (checked by encoding), never the other way.
+    std::vector<size_t> seen;
+    const std::string_view view(w);
     for (size_t i = 0; i < n; ++i) {
       for (size_t j = i + 3; j <= std::min(n, i + max_chars_); ++j) {  // a piece with two splits has 3+ chars
-        std::string piece = w.substr(starts[i], starts[j] - starts[i]);
-        if (multi_split_.count(piece) && !seen.insert(std::move(piece)).second) return true;
+        const size_t h = std::hash<std::string_view>()(view.substr(starts[i], starts[j] - starts[i]));
+        if (!multi_split_.count(h)) continue;
+        if (std::find(seen.begin(), seen.end(), h) != seen.end()) return true;
+        seen.push_back(h);
       }
     }
     return false;
@@ -390,7 +397,7 @@ class WordRouter {
   std::unordered_set<std::string> agree_, differ_;
   size_t limit_;
   bool prove_;
-  std::unordered_set<std::string> multi_split_;
+  std::unordered_set<size_t> multi_split_;  // hashes of the pieces with two or more splits
   size_t max_chars_ = 0;
 };
 

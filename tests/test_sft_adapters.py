@@ -51,7 +51,8 @@ EXPECTED: dict[str, list[SFTExample | None]] = {
     "yahma/alpaca-cleaned": [
         one_turn("Give three tips for staying healthy.",
                  "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep seven to nine hours a night."),
-        one_turn("Translate the sentence into French.\n\nThe cat is sleeping on the sofa.", "Le chat dort sur le canapé."),
+        one_turn("Translate the sentence into French.\n\nThe cat is sleeping on the sofa.",
+                 "Le chat dort sur le canapé."),
     ],
     "teknium/GPT4-LLM-Cleaned": [
         one_turn("Summarise the water cycle in one sentence.",
@@ -195,7 +196,8 @@ def test_readers_json_layouts(tmp_path):
 def test_readers_parquet_glob_directory_and_split(tmp_path):
     sample_rows.write_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00002.parquet"), ROWS[:2])
     sample_rows.write_parquet(str(tmp_path / "hub" / "data" / "train-00001-of-00002.parquet"), ROWS[2:])
-    sample_rows.write_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"), [{"instruction": "t", "n": 9}])
+    sample_rows.write_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"),
+                              [{"instruction": "t", "n": 9}])
     (tmp_path / "hub" / "README.md").write_text("# card")
     (tmp_path / "hub" / "dataset_infos.json").write_text("{}")
     os.makedirs(tmp_path / "hub" / ".cache" / "huggingface")
@@ -332,9 +334,11 @@ datasets:
 
     cases = {
         "unknown key\\(s\\) wieght": "datasets:\n  - {name: yahma/alpaca-cleaned, path: a, wieght: 2}\n",
-        "datasets\\[0\\].*no SFT adapter for dataset 'nobody/nothing'": "datasets:\n  - {name: nobody/nothing, path: a}\n",
+        "datasets\\[0\\].*no SFT adapter for dataset 'nobody/nothing'":
+            "datasets:\n  - {name: nobody/nothing, path: a}\n",
         "'path' is required": "datasets:\n  - {name: yahma/alpaca-cleaned}\n",
-        "max_examples must be a positive integer": "datasets:\n  - {name: yahma/alpaca-cleaned, path: a, max_examples: 0}\n",
+        "max_examples must be a positive integer":
+            "datasets:\n  - {name: yahma/alpaca-cleaned, path: a, max_examples: 0}\n",
         "weight must be positive": "datasets:\n  - {name: yahma/alpaca-cleaned, path: a, weight: -1}\n",
         "over_length must be one of": "over_length: wrap\ndatasets:\n  - {name: yahma/alpaca-cleaned, path: a}\n",
         "'datasets' must be a non-empty list": "seed: 1\n",

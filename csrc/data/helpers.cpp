@@ -26,8 +26,9 @@
 //   normaliser; and: which texts a standard sentencepiece model may
 //   encode itself instead of its Hugging Face conversion. A text qualifies when it holds none of the
 //   "unsafe" code points and each of its words (runs between "space" code points) is known to be
-//   encoded alike by both; words not seen before are handed back to be checked once (learn). One
-//   pass over each text's UTF-8; SentencePieceAgreement.covers / .words is the Python reference.
+//   encoded alike by both; a new word is known to agree when no piece with two splits occurs twice in
+//   it (see agreement.py), else handed back to be checked once (learn). One pass over each text's
+//   UTF-8; SentencePieceAgreement.covers / .words / .doubtful are the Python reference.
 //
 // Plain C++ and pybind11 (no libtorch): preprocessing imports this without importing torch.
 
@@ -35,12 +36,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <unordered_set>
 #include <vector>
 
@@ -279,10 +282,20 @@ class WordRouter {
  public:
   static constexpr int kSentencePiece = 0, kConversion = 1, kUnknownWords = 2;
 
-  WordRouter(const std::vector<uint32_t>& unsafe, const std::vector<uint32_t>& spaces, size_t limit)
-      : kind_(0x110000, 0), limit_(limit) {
+  // multi_split: the pieces with two or more splits into pieces (UTF-8, U+2581 as in the model), when the
+  // model allows the shortcut (prove); then a new word in which none of them occurs twice is known to agree
+  // without being encoded (tokenizer/agreement.py), and only the others are handed back.
+  WordRouter(const std::vector<uint32_t>& unsafe, const std::vector<uint32_t>& spaces, size_t limit, bool prove,
+             const std::vector<std::string>& multi_split)
+      : kind_(0x110000, 0), limit_(limit), prove_(prove) {
     for (uint32_t c : spaces) set_kind(c, kSpace);
     for (uint32_t c : unsafe) set_kind(c, kUnsafe);
+    for (const std::string& piece : multi_split) {
+      multi_split_.insert(std::hash<std::string_view>()(piece));
+      size_t chars = 0;
+      for (unsigned char byte : piece) chars += (byte & 0xC0) != 0x80;
+      max_chars_ = std::max(max_chars_, chars);
+    }
   }
 
   // (status per text, words met for the first time): status 0 = every word agrees, 1 = an unsafe
@@ -321,7 +334,32 @@ class WordRouter {
     kind_[c] = kind;
   }
 
-  int route_one(const unsigned char* p, Py_ssize_t size, std::unordered_set<std::string>& unknown) const {
+  // True when some multi-split piece occurs at two places in U+2581 + word: only then can the encoders'
+  // different tie orders meet (two pending merges forming the same piece with different splits).
+  bool doubtful(const std::string& word) const {
+    const std::string w = "\xE2\x96\x81" + word;
+    std::vector<size_t> starts;
+    for (size_t k = 0; k < w.size(); ++k) {
+      if ((static_cast<unsigned char>(w[k]) & 0xC0) != 0x80) starts.push_back(k);
+    }
+    starts.push_back(w.size());
+    const size_t n = starts.size() - 1;
+    if (n < 4) return false;  // two places of a piece of 3+ characters need 4+
+    // By hash: a collision can only make a word doubtful (checked by encoding), never the other way.
+    std::vector<size_t> seen;
+    const std::string_view view(w);
+    for (size_t i = 0; i < n; ++i) {
+      for (size_t j = i + 3; j <= std::min(n, i + max_chars_); ++j) {  // a piece with two splits has 3+ chars
+        const size_t h = std::hash<std::string_view>()(view.substr(starts[i], starts[j] - starts[i]));
+        if (!multi_split_.count(h)) continue;
+        if (std::find(seen.begin(), seen.end(), h) != seen.end()) return true;
+        seen.push_back(h);
+      }
+    }
+    return false;
+  }
+
+  int route_one(const unsigned char* p, Py_ssize_t size, std::unordered_set<std::string>& unknown) {
     const unsigned char* end = p + size;
     const unsigned char* word = nullptr;  // start of the current word
     std::vector<std::string> unchecked;   // handed back only if the text can still go to sentencepiece
@@ -331,6 +369,11 @@ class WordRouter {
       word = nullptr;
       if (agree_.count(key)) return true;
       if (differ_.count(key)) return false;
+      if (prove_ && !doubtful(key)) {
+        if (agree_.size() >= limit_) agree_.clear();
+        agree_.insert(key);
+        return true;
+      }
       unchecked.push_back(key);
       return true;
     };
@@ -353,6 +396,9 @@ class WordRouter {
   std::vector<uint8_t> kind_;  // per code point: 0 word character, kSpace, kUnsafe
   std::unordered_set<std::string> agree_, differ_;
   size_t limit_;
+  bool prove_;
+  std::unordered_set<size_t> multi_split_;  // hashes of the pieces with two or more splits
+  size_t max_chars_ = 0;
 };
 
 }  // namespace
@@ -375,8 +421,9 @@ PYBIND11_MODULE(_data_helpers, m) {
         "{key: value} of a sentencepiece precompiled charsmap (its normalisation rules).");
   py::class_<WordRouter>(m, "WordRouter",
                          "Which texts sentencepiece may encode in place of the conversion (tokenizer/agreement.py).")
-      .def(py::init<const std::vector<uint32_t>&, const std::vector<uint32_t>&, size_t>(), py::arg("unsafe"),
-           py::arg("spaces"), py::arg("limit"))
+      .def(py::init<const std::vector<uint32_t>&, const std::vector<uint32_t>&, size_t, bool,
+                    const std::vector<std::string>&>(),
+           py::arg("unsafe"), py::arg("spaces"), py::arg("limit"), py::arg("prove"), py::arg("multi_split"))
       .def("route", &WordRouter::route, py::arg("texts"),
            "(status per text: 0 sentencepiece, 1 conversion, 2 unchecked words; the unchecked words).")
       .def("learn", &WordRouter::learn, py::arg("words"), py::arg("agree"))

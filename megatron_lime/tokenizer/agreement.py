@@ -4,7 +4,8 @@ A sentencepiece model that is not ours (a standard BPE model: nmt_nfkc normalisa
 whitespace escaping and collapsing, byte fallback) is exported in the form transformers' converter
 gives it (huggingface.converted_sentencepiece_backend), and the data must hold exactly that form's
 ids. Sentencepiece encodes about twice as fast (benchmarks/bench_preprocess.py), so preprocessing uses
-it for every text where the two provably agree, and the conversion for the rest. `sentencepiece_agreement(proto)` works out, once
+it for every text where the two provably agree, and the conversion for the rest.
+`sentencepiece_agreement(proto)` works out, once
 when the model is loaded, whether and for which texts that holds:
 
 Both encoders run three stages; each must agree.
@@ -41,9 +42,11 @@ Both encoders run three stages; each must agree.
    models trained with split_by_whitespace, sentencepiece's default; checked), no merge can join
    two words (a word: U+2581 and the characters up to the next U+2581), so each encoder's result
    for a text is its results for the text's words put together, each word encoded on its own.
-   Every new word is encoded with both encoders once and the verdict kept (`router()`: C++,
-   megatron_lime._data_helpers.WordRouter, bounded memory); a text goes to sentencepiece only
-   when every one of its words is known to agree. A model whose normal pieces hold U+2581 after
+   A new word is known to agree without encoding when no piece with two or more splits occurs
+   twice in it (`bpe_shortcut` says why); any other new word is encoded with both encoders once.
+   The verdicts are kept (`router()`: C++, megatron_lime._data_helpers.WordRouter, bounded
+   memory); a text goes to sentencepiece only when every one of its words is known to agree.
+   A model whose normal pieces hold U+2581 after
    the start, or with user-defined pieces (the converter then splits them off and skips merges),
    or a unigram model (not BPE: left to the conversion, as its ties are broken differently), is
    encoded by the conversion throughout. Unknown characters (byte fallback or <unk>) are part of
@@ -72,20 +75,24 @@ class SentencePieceAgreement:
     reason: str | None  # why sentencepiece is never used for this model; None when it is, for covered texts
     unsafe: frozenset[str] = frozenset()  # a text holding any of these characters goes to the conversion
     spaces: str = " "  # the characters the normaliser turns into a space: they separate words
+    prove: bool = False  # a word without a repeated multi-split piece agrees without being encoded (BPE, 3.)
+    multi_split: frozenset[str] = frozenset()  # normal pieces with two or more splits into normal pieces
     _ascii_unsafe: tuple[str, ...] = field(default=(), repr=False)
     _unsafe_pattern: Any = field(default=None, repr=False)
     _word_pattern: Any = field(default=None, repr=False)
     _ascii_split: bool = field(default=False, repr=False)
 
     @classmethod
-    def usable_for(cls, rules: dict[str, str]) -> "SentencePieceAgreement":
+    def usable_for(cls, rules: dict[str, str], prove: bool = False,
+                   multi_split: frozenset[str] = frozenset()) -> "SentencePieceAgreement":
         unsafe = unsafe_characters(rules)
         spaces = " " + "".join(sorted(k for k, v in rules.items() if len(k) == 1 and v == " " and k not in unsafe))
         ranges = _char_class(sorted(unsafe))
         # str.split() cuts at ASCII whitespace: exact for covered ASCII text when each of those is a space here
         # or never in a covered text.
         ascii_split = all(c in spaces or c in unsafe for c in " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")
-        return cls(None, frozenset(unsafe), spaces, tuple(sorted(c for c in unsafe if c.isascii())),
+        return cls(None, frozenset(unsafe), spaces, prove, multi_split,
+                   tuple(sorted(c for c in unsafe if c.isascii())),
                    re.compile(f"[{ranges}]") if ranges else None,
                    re.compile(f"[^{_char_class(sorted(spaces))}]+"), ascii_split)
 
@@ -107,12 +114,27 @@ class SentencePieceAgreement:
             return set(text.split())
         return set(self._word_pattern.findall(text))
 
+    def doubtful(self, word: str) -> bool:
+        """True when a word must be encoded by both to know they agree: some piece with two or more splits
+        occurs at two places in U+2581 + word (always True without the shortcut)."""
+        if not self.prove:
+            return True
+        w, longest, seen = META + word, max(map(len, self.multi_split), default=0), set()
+        for i in range(len(w)):
+            for j in range(i + 3, min(len(w), i + longest) + 1):
+                if w[i:j] in self.multi_split:
+                    if w[i:j] in seen:
+                        return True
+                    seen.add(w[i:j])
+        return False
+
     def router(self, limit: int = 1_000_000) -> Any:
         """The compiled form of covers() and words(), with the verdicts of checked words (at most `limit`
         agreeing words are kept; past that they are forgotten and checked again when met)."""
         from megatron_lime.data.helpers import data_helpers
 
-        return data_helpers().WordRouter(sorted(map(ord, self.unsafe)), sorted(map(ord, self.spaces)), limit)
+        return data_helpers().WordRouter(sorted(map(ord, self.unsafe)), sorted(map(ord, self.spaces)), limit,
+                                         self.prove, sorted(self.multi_split))
 
 
 def _char_class(chars: list[str]) -> str:
@@ -159,6 +181,27 @@ def bpe_obstacle(proto: Any) -> str | None:
     return None
 
 
+def bpe_shortcut(proto: Any) -> tuple[bool, frozenset[str]]:
+    """(whether a word's agreement follows from its pieces, the normal pieces with two or more splits).
+
+    With pairwise different normal scores, one-character pieces all normal, and every character of a
+    piece a piece itself, the two encoders consider the same pairs and rank different pieces alike,
+    so they can only part where two pending merges form the same piece P with different splits (the
+    converter ranks P's splits by their strings, sentencepiece takes the leftmost): P then occurs at
+    two places in the word. A word in which no multi-split piece occurs twice needs no encoding."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    kind = sp_pb2.ModelProto.SentencePiece
+    normal = {p.piece: p.score for p in proto.pieces if p.type == kind.NORMAL}
+    single = all(p.type == kind.NORMAL for p in proto.pieces if len(p.piece) == 1)
+    closed = all(c in normal for piece in normal for c in piece)
+    if not (single and closed and len(set(normal.values())) == len(normal)):
+        return False, frozenset()
+    multi = frozenset(piece for piece in normal if len(piece) > 2 and sum(
+        piece[:k] in normal and piece[k:] in normal for k in range(1, len(piece))) > 1)
+    return True, multi
+
+
 def sentencepiece_agreement(proto: Any) -> SentencePieceAgreement:
     """For which texts a sentencepiece model's own encoder gives the ids of its tokenizers-library conversion."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
@@ -174,4 +217,4 @@ def sentencepiece_agreement(proto: Any) -> SentencePieceAgreement:
     obstacle = bpe_obstacle(proto)
     if obstacle is not None:
         return SentencePieceAgreement(obstacle)
-    return SentencePieceAgreement.usable_for(charsmap_rules(spec.precompiled_charsmap))
+    return SentencePieceAgreement.usable_for(charsmap_rules(spec.precompiled_charsmap), *bpe_shortcut(proto))

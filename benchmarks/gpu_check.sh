@@ -16,9 +16,9 @@
 # 1,800 s budget); a stage that fails or times out is reported and the next one still runs; the report is
 # rewritten after every stage, so a check cut short keeps what it measured.
 # Expected on an H200 (the first calls' figures where there are some, else estimates): environment, install and
-# gpu 20 s; build 85-95 s; train 150-200 s; peer 100-150 s (mostly torch.compile of the whole GPT-2); tests 50 s;
-# kernels 20 s. The measurements come before the tests: a budget cut short loses the tests, which a follow-up
-# `--only tests,kernels` on the warm machine runs in about 90 s.
+# gpu 20 s; build 85-95 s; train 150-200 s; peer 100-150 s (mostly torch.compile of the whole GPT-2); kernels
+# 20-60 s (three ops at three shapes); tests 50 s. The measurements come before the tests: a budget cut short
+# loses the tests, which a follow-up `--only tests` on the warm machine runs in about 60 s.
 #   environment  python, torch, nvidia-smi, the wheelhouse
 #   install      gpu_wheels/*.whl into a private folder (pip --no-index --no-deps); its import check and every
 #                later stage see that folder on PYTHONPATH; --dry-run: pip's --dry-run for CPython 3.12 only
@@ -30,9 +30,9 @@
 #                per step (16x1, 32x1) and 64 sequences per step (16x4, 32x2, 64x1); packed SFT rows; a
 #                torch.profiler pass of 32x2 per mode -> train.json, profile_ours.md
 #   peer         benchmarks/bench_gpu_peer.py: the plain GPT-2 loop on the same rows -> peer.json
+#   kernels      benchmarks/bench_kernels.py --device cuda (RMSNorm, add + RMSNorm, SiLU in bf16) -> kernels.json
 #   tests        tests/test_gpu.py and the CUDA tests of tests/test_kernels.py (on a CPU dry run: test_gpu.py's
 #                CPU tests but the DeepSpeed subprocess one, which the normal suite runs)
-#   kernels      benchmarks/bench_kernels.py --device cuda (RMSNorm and SiLU in bf16) -> kernels.json
 #   report       benchmarks/gpu_check_report.py: gpu_check.json and the tables, ours / peer per row
 #
 # Output: $OUT (the device tool's return folder) when set, else gpu_check_out/ (git-ignored): gpu_check.json,
@@ -48,7 +48,7 @@ WHEELS="${LIME_GPU_WHEELS:-$REPO/gpu_wheels}"
 RESULTS="${OUT:-$REPO/gpu_check_out}"
 DRY_RUN="${LIME_GPU_CHECK_DRY_RUN:-0}"
 ONLY=""
-ALL_STAGES="environment install gpu build train peer tests kernels report"
+ALL_STAGES="environment install gpu build train peer kernels tests report"
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -212,11 +212,12 @@ peer() {
 
 kernels() {
   if [ ! -f "$WORK/arch" ]; then
-    "$PYTHON" benchmarks/bench_kernels.py --device cpu --ops rms_norm silu --dtypes fp32 --rows 64 --hidden 64 \
+    "$PYTHON" benchmarks/bench_kernels.py --device cpu --ops rms_norm add_rms_norm silu --dtypes fp32 --rows 64 --hidden 64 \
       --iterations 2 --warmup 1 --json "$RESULTS/kernels.json"
     return
   fi
-  "$PYTHON" benchmarks/bench_kernels.py --device cuda --ops rms_norm silu --dtypes bf16 --json "$RESULTS/kernels.json"
+  "$PYTHON" benchmarks/bench_kernels.py --device cuda --ops rms_norm add_rms_norm silu --dtypes bf16 \
+    --json "$RESULTS/kernels.json"
 }
 
 # The stages run as `timeout ... bash -c FUNCTION`: they see these functions and variables.
@@ -235,8 +236,8 @@ report
 run_stage build 240 build; report
 run_stage train 240 train; report
 run_stage peer 200 peer; report
+run_stage kernels 150 kernels; report
 run_stage tests 150 tests; report
-run_stage kernels 90 kernels; report
 cat "$WORK/report.txt"
 if awk -F'\t' '$2 == "failed" || $2 == "timeout" {bad = 1} END {exit !bad}' "$STATUS"; then exit 1; fi
 exit 0

@@ -70,7 +70,7 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "out"
     assert result.returncode == 0, result.stdout[-6000:] + (out / "gpu_check.log").read_text()[-6000:]
     assert stages(tmp_path) == [(name, "ok") for name in
-                                ("environment", "install", "gpu", "build", "train", "peer", "tests", "kernels")]
+                                ("environment", "install", "gpu", "build", "train", "peer", "kernels", "tests")]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["dry_run"] is True and " passed" in report["tests"]
     rows = ["pretrain mb2x1 eager", "pretrain mb2x2 eager", "pretrain mb2x1 compile", "pretrain mb2x2 compile"]

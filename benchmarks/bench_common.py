@@ -153,6 +153,22 @@ def seconds_per_step(step: Callable[[], object], steps: int, device: torch.devic
     return (now() - start) / steps
 
 
+def timed_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> dict:
+    """`warmup` calls of step(), then `steps` timed ones, peak memory counted from the first:
+    {"seconds": per timed step, "wall_seconds_with_warmup": ...}, or {"error": "out of memory: ..."} when the row
+    did not fit on the GPU (returned, not raised, so the error's frames no longer hold the row's tensors when
+    the caller frees them and goes on to the next row)."""
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    try:
+        for _ in range(warmup):
+            step()
+        seconds = seconds_per_step(step, steps, device)
+    except torch.cuda.OutOfMemoryError as error:
+        return {"error": f"out of memory: {str(error).splitlines()[0]}"}
+    return {"seconds": seconds, "wall_seconds_with_warmup": time.perf_counter() - started}
+
+
 def matmul_tflops(size: int, device: torch.device, repeats: int = 20) -> float:
     """bf16 size^3 matmul rate on random data on a GPU (median of `repeats`, CUDA events)."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 from typing import Any
 
 import torch
 
-from bench_common import (DEFAULT_SHAPES, MODES, Row, format_row, parse_shape, pretraining_batch, reset_peak_memory,
-                          rows_for, run_modes_apart, seconds_per_step, throughput)
+from bench_common import (DEFAULT_SHAPES, MODES, Row, format_row, parse_shape, pretraining_batch, rows_for,
+                          run_modes_apart, throughput, timed_steps)
 from megatron_lime.config import PRESETS, LimeConfig
 from megatron_lime.files import write_json
 
@@ -107,23 +106,18 @@ def run_mode(mode: str, rows: list[Row], options: argparse.Namespace, device: to
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach() * len(inputs))
 
-        reset_peak_memory(device)
-        started = time.perf_counter()
-        try:
-            for _ in range(options.warmup):
-                step()
-            seconds = seconds_per_step(step, options.steps, device)
-        except torch.cuda.OutOfMemoryError as error:
-            report(row.name, {"error": f"out of memory: {str(error).splitlines()[0]}"})
+        timing = timed_steps(step, options.warmup, options.steps, device)
+        if "error" in timing:
+            report(row.name, timing)
             del inputs, losses
             optimizer.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
             continue
         peak = results["datasheet_peak_tflops"]
-        figures = throughput(row, options.seq_length, seconds, flops_per_token, peak, device)
+        figures = throughput(row, options.seq_length, timing["seconds"], flops_per_token, peak, device)
         figures.update(first_loss=losses[0].item(), last_loss=losses[-1].item(),
-                       wall_seconds_with_warmup=time.perf_counter() - started)
+                       wall_seconds_with_warmup=timing["wall_seconds_with_warmup"])
         report(row.name, figures)
 
 

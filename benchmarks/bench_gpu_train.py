@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 from typing import Any
 
 import torch
 
 from bench_common import (BATCH_KINDS, DEFAULT_SHAPES, MODES, Row, format_row, make_batch, matmul_tflops,
-                          parse_shape, profile_steps, profile_table, reset_peak_memory, rows_for, run_modes_apart,
-                          seconds_per_step, throughput)
+                          parse_shape, profile_steps, profile_table, rows_for, run_modes_apart, throughput,
+                          timed_steps)
 from megatron_lime.config import PRESETS, LimeConfig
 from megatron_lime.files import write_json, write_text
 
@@ -129,27 +128,22 @@ def run_mode(mode: str, rows: list[Row], options: argparse.Namespace, device: to
         def step() -> None:
             results_of_steps.append(train_step(engine, batches, args.optimizer.lr, device))
 
-        reset_peak_memory(device)
-        started = time.perf_counter()
-        try:
-            for _ in range(options.warmup):
-                step()
-            seconds = seconds_per_step(step, options.steps, device)
-        except torch.cuda.OutOfMemoryError as error:
-            report(row.name, {"error": f"out of memory: {str(error).splitlines()[0]}"})
+        timing = timed_steps(step, options.warmup, options.steps, device)
+        if "error" in timing:
+            report(row.name, timing)
             del batches, results_of_steps
             gc.collect()
             torch.cuda.empty_cache()
             engine.optimizer.zero_grad()
             continue
         peak = results["datasheet_peak_tflops"]
-        figures = throughput(row, options.seq_length, seconds, flops_per_token, peak, device)
+        figures = throughput(row, options.seq_length, timing["seconds"], flops_per_token, peak, device)
         figures["mfu_measured_matmul"] = (figures["tflops"] / results["matmul_tflops"]
                                           if results.get("matmul_tflops") else None)
         figures.update(first_loss=results_of_steps[0].loss, last_loss=results_of_steps[-1].loss,
                        skipped_steps=sum(result.skipped for result in results_of_steps),
                        trained_tokens_per_step=results_of_steps[-1].trained_tokens,
-                       wall_seconds_with_warmup=time.perf_counter() - started)
+                       wall_seconds_with_warmup=timing["wall_seconds_with_warmup"])
         report(row.name, figures)
         if row.kind == "pretrain" and (row.micro_batch, row.accumulation) == profile_shape:
             profile = profile_steps(step, options.profile_steps, device)

@@ -65,7 +65,8 @@ def main() -> int:
                     evict(prefix + ".bin", prefix + ".idx")
                 best = min(best, timed(lambda: check(ds)))
             results[(name, state)] = best
-            print(f"{name:20s} {state}: {best:.3f} s for {args.tokens:,} tokens ({size_gb / best:.1f} GB/s of .bin size)")
+            print(f"{name:20s} {state}: {best:.3f} s for {args.tokens:,} tokens "
+                  f"({size_gb / best:.1f} GB/s of .bin size)")
     return 0
 
 

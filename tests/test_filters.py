@@ -104,7 +104,8 @@ def test_record_errors(expression, record, message):
 
 def test_counts_per_filter():
     filters = RecordFilters(["int_score >= 3", "language == 'en'"])
-    records = [{"int_score": s, "language": lang} for s, lang in [(2, "en"), (3, "en"), (4, "de"), (5, "en"), (1, "fr")]]
+    records = [{"int_score": s, "language": lang}
+               for s, lang in [(2, "en"), (3, "en"), (4, "de"), (5, "en"), (1, "fr")]]
     kept = [r for r in records if filters.keep(r)]
     assert kept == [records[1], records[3]]
     # The second filter only sees what the first kept.

@@ -19,8 +19,8 @@ FROZEN_FLAGS = sorted([
     "--lr", "--min-lr", "--lr-warmup-iters", "--lr-warmup-fraction", "--lr-decay-style", "--lr-decay-power",
     "--lr-decay-iters", "--weight-decay", "--adam-beta1", "--adam-beta2", "--adam-eps",
     # data
-    "--data-path", "--split", "--data-cache-path", "--tokenizer-model", "--tokenizer-type", "--vocab-file", "--merge-file", "--dataset-type", "--sft-packing",
-    "--no-sft-packing", "--num-workers",
+    "--data-path", "--split", "--data-cache-path", "--tokenizer-model", "--tokenizer-type", "--vocab-file",
+    "--merge-file", "--dataset-type", "--sft-packing", "--no-sft-packing", "--num-workers",
     # checkpoints
     "--save", "--load", "--save-interval", "--finetune", "--no-finetune", "--keep-last",
     "--universal-checkpoint", "--no-universal-checkpoint", "--override-lr-scheduler", "--no-override-lr-scheduler",
@@ -40,8 +40,10 @@ def test_flag_set_is_frozen():
 def test_recipe_then_user_flags_win():
     base = ["--model", "lime-tiny", "--train-iters", "10"]
     pretrain = parse_training_args(base)
-    assert (pretrain.optimizer.lr, pretrain.optimizer.min_lr, pretrain.optimizer.lr_warmup_fraction) == (5e-4, 5e-6, 0.05)
-    assert (pretrain.optimizer.adam_beta1, pretrain.optimizer.adam_beta2, pretrain.optimizer.adam_eps) == (0.9, 0.95, 1e-8)
+    assert ((pretrain.optimizer.lr, pretrain.optimizer.min_lr, pretrain.optimizer.lr_warmup_fraction)
+            == (5e-4, 5e-6, 0.05))
+    assert ((pretrain.optimizer.adam_beta1, pretrain.optimizer.adam_beta2, pretrain.optimizer.adam_eps)
+            == (0.9, 0.95, 1e-8))
     assert pretrain.optimizer.weight_decay == 0.1 and pretrain.training.clip_grad == 1.0
     sft = parse_training_args(base + ["--recipe", "sft"])
     assert (sft.optimizer.lr, sft.optimizer.min_lr, sft.optimizer.lr_warmup_fraction) == (8e-5, 1e-5, 0.10)
@@ -64,7 +66,8 @@ def test_of_two_ways_to_say_one_thing_the_last_wins():
 
 
 def test_seq_length_sets_positions_and_model_flags_apply():
-    args = parse_training_args(["--model", "lime-tiny", "--train-iters", "1", "--seq-length", "64", "--num-layers", "3"])
+    args = parse_training_args(["--model", "lime-tiny", "--train-iters", "1", "--seq-length", "64",
+                                "--num-layers", "3"])
     assert args.seq_length == 64 and args.model.max_position_embeddings == 64 and args.model.num_layers == 3
     args = parse_training_args(["--model", "lime-1b", "--train-tokens", "20000000000"])
     assert args.seq_length == 512 and args.model.hidden_size == 1536

@@ -1,4 +1,5 @@
-"""Megatron-LM's .bin/.idx format: our writer and reader against an independent one written from the format description."""
+"""Megatron-LM's .bin/.idx format: our writer and reader against an independent one written from the format
+description."""
 
 import os
 import struct
@@ -57,7 +58,8 @@ def random_documents(n: int, high: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(0, high, size=int(rng.integers(0, 300))).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("vocab_size, dtype, code", [(50_000, np.uint16, 8), (65_500, np.int32, 4), (128_256, np.int32, 4)])
+@pytest.mark.parametrize("vocab_size, dtype, code",
+                         [(50_000, np.uint16, 8), (65_500, np.int32, 4), (128_256, np.int32, 4)])
 def test_writer_is_byte_identical_to_reference(tmp_path, vocab_size, dtype, code):
     assert best_dtype(vocab_size) is dtype
     docs = random_documents(57, vocab_size)

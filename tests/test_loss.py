@@ -53,9 +53,9 @@ def test_chunked_loss_and_gradients_equal_the_materialised_ones(reduction, chunk
 
 def test_incoming_gradient_scales_the_stored_ones_and_no_grad_skips_them():
     hidden, weight, labels, loss_mask = inputs()
-    got = loss_and_grads(lambda h, w: (lambda l, c: (3.5 * l, c))(
+    got = loss_and_grads(lambda h, w: (lambda loss, c: (3.5 * loss, c))(
         *chunked_language_model_loss(h, w, labels, loss_mask, "sum", 8)), hidden, weight)
-    expected = loss_and_grads(lambda h, w: (lambda l, c: (3.5 * l, c))(
+    expected = loss_and_grads(lambda h, w: (lambda loss, c: (3.5 * loss, c))(
         *language_model_loss(F.linear(h, w), labels, loss_mask, "sum")), hidden, weight)
     for g, e in zip(got, expected):
         assert_same(g, e)

@@ -105,7 +105,8 @@ def test_loss_mask_and_ignore_index(tiny):
     mask[:, 5:] = 1
     labels[0, 9] = -100
     out = tiny(ids, labels=labels, loss_mask=mask)
-    per_token = F.cross_entropy(tiny(ids).logits.flatten(0, 1), labels.flatten().clamp(min=0), reduction="none").view(2, 10)
+    per_token = F.cross_entropy(tiny(ids).logits.flatten(0, 1), labels.flatten().clamp(min=0),
+                                reduction="none").view(2, 10)
     keep = mask.bool() & (labels != -100)
     torch.testing.assert_close(out.loss, per_token[keep].mean())
     assert out.num_loss_tokens.item() == keep.sum().item()

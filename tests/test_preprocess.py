@@ -1,4 +1,5 @@
-"""Pretraining preprocessing (megatron_lime.data.preprocess, tools/preprocess_data.py): every input kind, ids equal the tokenizer's, bad input handling."""
+"""Pretraining preprocessing (megatron_lime.data.preprocess, tools/preprocess_data.py): every input kind, ids
+equal the tokenizer's, bad input handling."""
 
 import gzip
 import json
@@ -90,7 +91,8 @@ def test_saved_datasets_dataset(data, tmp_path):
     datasets.Dataset.from_list(records[:30]).save_to_disk(path)
     assert preprocess("--input", path, "--output-prefix", str(tmp_path / "ds"), "--tokenizer-model", tokenizer_dir,
                       "--append-eod", "--tokenizer-type", "SentencePieceTokenizer") == 0
-    assert read_all(str(tmp_path / "ds_text_document")) == expected_ids(tokenizer_dir, [r["text"] for r in records[:30]])
+    assert (read_all(str(tmp_path / "ds_text_document"))
+            == expected_ids(tokenizer_dir, [r["text"] for r in records[:30]]))
 
 
 def test_hugging_face_tokenizer_directory(data, tmp_path):
@@ -106,7 +108,8 @@ def test_empty_documents_skipped_and_counted(data, tmp_path, capsys):
     _, tokenizer_dir, _ = data
     path = tmp_path / "with_empty.jsonl"
     path.write_text('{"text": "one"}\n{"text": ""}\n\n{"text": "two"}\n')
-    assert preprocess("--input", str(path), "--output-prefix", str(tmp_path / "e"), "--tokenizer-model", tokenizer_dir) == 0
+    assert preprocess("--input", str(path), "--output-prefix", str(tmp_path / "e"),
+                      "--tokenizer-model", tokenizer_dir) == 0
     assert len(read_all(str(tmp_path / "e_text_document"))) == 2
     assert "1 empty documents skipped" in capsys.readouterr().out
 
@@ -120,7 +123,8 @@ BAD_LINES = [
 ]
 
 
-@pytest.mark.parametrize("content, message", BAD_LINES + [(b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: invalid UTF-8")])
+@pytest.mark.parametrize("content, message",
+                         BAD_LINES + [(b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: invalid UTF-8")])
 def test_bad_jsonl_fails_cleanly(data, tmp_path, capsys, content, message):
     _, tokenizer_dir, _ = data
     path = tmp_path / "bad.jsonl"
@@ -139,7 +143,8 @@ def test_bad_jsonl_fails_cleanly(data, tmp_path, capsys, content, message):
 def test_skip_bad_records(data, tmp_path, capsys):
     _, tokenizer_dir, _ = data
     path = tmp_path / "mixed.jsonl"
-    lines = [b'{"text": "good one"}', b'{"text": "bro', b'{"other": 1}', b'{"text": 3}', b'{"text": "\xff"}', b'{"text": "good two"}']
+    lines = [b'{"text": "good one"}', b'{"text": "bro', b'{"other": 1}', b'{"text": 3}', b'{"text": "\xff"}',
+             b'{"text": "good two"}']
     path.write_bytes(b"\n".join(lines) + b"\n")
     assert preprocess("--input", str(path), "--output-prefix", str(tmp_path / "s"), "--tokenizer-model", tokenizer_dir,
                       "--skip-bad-records") == 0
@@ -159,7 +164,8 @@ def test_unreadable_parquet(data, tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(records[:10]), shards / "a.parquet")
     (shards / "b.parquet").write_bytes(b"PAR1 this is not parquet")
     out = tmp_path / "out"
-    assert preprocess("--input", str(shards), "--output-prefix", str(out / "p"), "--tokenizer-model", tokenizer_dir) == 1
+    assert preprocess("--input", str(shards), "--output-prefix", str(out / "p"),
+                      "--tokenizer-model", tokenizer_dir) == 1
     assert f"{shards / 'b.parquet'}: file: unreadable parquet file" in capsys.readouterr().err
     assert not out.exists() or outputs_in(out) == []
     # Skipping: the good file's documents are kept and the bad file counted.
@@ -201,17 +207,20 @@ def test_chunks_shrink_over_the_last_part_of_the_input_and_keep_every_line(data,
     sources = [preprocessing.InputSource(corpus, "jsonl"), preprocessing.InputSource(str(second), "jsonl")]
     chunks = list(preprocessing.iter_chunks(sources, ("text",), preprocessing.RecordFilters(()), False, workers=2))
     sizes = [end - start for start, end in (c.jsonl_range for c in chunks)]
-    assert b"".join(preprocessing.read_jsonl_range(c.path, *c.jsonl_range) for c in chunks) == open(corpus, "rb").read() * 2
+    assert (b"".join(preprocessing.read_jsonl_range(c.path, *c.jsonl_range) for c in chunks)
+            == open(corpus, "rb").read() * 2)
     assert min(sizes[:5]) > 25 << 10 and sum(sizes[-5:]) / 5 < 8 << 10  # full-size at first, small at the very end
     text = open(corpus, "rb").read()
     assert all(c.first_record == 1 + text.count(b"\n", 0, c.jsonl_range[0]) for c in chunks)  # error messages' lines
     # Same output as with the default chunking.
     assert preprocess("--input", f"{corpus},{second}", "--output-prefix", str(tmp_path / "small"), "--tokenizer-model",
                       tokenizer_dir, "--append-eod", "--workers", "2") == 0
-    assert read_all(str(tmp_path / "small_text_document")) == expected_ids(tokenizer_dir, [r["text"] for r in records]) * 2
+    assert (read_all(str(tmp_path / "small_text_document"))
+            == expected_ids(tokenizer_dir, [r["text"] for r in records]) * 2)
 
 
-def test_a_tokenizer_failing_the_export_check_writes_nothing_though_workers_started(data, tmp_path, monkeypatch, capsys):
+def test_a_tokenizer_failing_the_export_check_writes_nothing_though_workers_started(data, tmp_path, monkeypatch,
+                                                                                    capsys):
     # The check runs once the workers have their first chunks; its failure must still leave no output.
     from megatron_lime.tokenizer import LimeTokenizer
 

@@ -124,8 +124,8 @@ def test_missing_filter_column(data, tmp_path, capsys):
     pq.write_table(pa.table({"text": ["a"], "score": [3.5]}), tmp_path / "noscore.parquet")
     assert preprocess("--input", str(tmp_path / "noscore.parquet"), "--output-prefix", str(tmp_path / "p"),
                       "--tokenizer-model", tokenizer_dir, "--filter", "int_score >= 3") == 1
-    assert (f"{tmp_path / 'noscore.parquet'}: file: --filter 'int_score >= 3': no column 'int_score' (columns: text, score)"
-            in capsys.readouterr().err)
+    assert (f"{tmp_path / 'noscore.parquet'}: file: --filter 'int_score >= 3': no column 'int_score' "
+            "(columns: text, score)" in capsys.readouterr().err)
 
 
 def test_type_mismatch_names_the_record(data, tmp_path, capsys):
@@ -155,7 +155,8 @@ def test_shards_merge_byte_identical_to_one_run(data, tmp_path, capsys):
     assert preprocess(*common, "--output-prefix", str(tmp_path / "single")) == 0
     shard_dir = tmp_path / "shards"
     for index in range(3):
-        assert preprocess(*common, "--output-prefix", str(shard_dir / "fw"), "--num-shards", "3", "--shard-index", str(index)) == 0
+        assert preprocess(*common, "--output-prefix", str(shard_dir / "fw"), "--num-shards", "3",
+                          "--shard-index", str(index)) == 0
     out = capsys.readouterr().out
     assert "shard 1 of 3:" in out
     names = sorted(os.listdir(shard_dir))
@@ -207,10 +208,12 @@ def test_sbatch_array_tasks_then_merge(data, tmp_path):
     for k in range(3):
         pq.write_table(pa.Table.from_pylist(records[k * 40:(k + 1) * 40]), raw / f"{k:03d}_00000.parquet")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "REPO": repo, "INPUT": str(raw / "*.parquet"), "TOKENIZER_MODEL": tokenizer_dir, "NUM_SHARDS": "2",
-           "SHARD_DIR": str(tmp_path / "shards"), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    env = {**os.environ, "REPO": repo, "INPUT": str(raw / "*.parquet"), "TOKENIZER_MODEL": tokenizer_dir,
+           "NUM_SHARDS": "2", "SHARD_DIR": str(tmp_path / "shards"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     for index in range(2):
-        subprocess.run(["bash", os.path.join(repo, "examples/slurm/preprocess_fineweb_edu.sbatch"), "--workers", "1", "--quiet"],
+        subprocess.run(["bash", os.path.join(repo, "examples/slurm/preprocess_fineweb_edu.sbatch"),
+                        "--workers", "1", "--quiet"],
                        env={**env, "SLURM_ARRAY_TASK_ID": str(index)}, cwd=tmp_path, check=True, capture_output=True)
     assert merge.main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "merged")]) == 0
     kept = [r["text"] for r in records if r["language"] == "en" and r["int_score"] >= 3]

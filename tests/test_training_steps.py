@@ -45,7 +45,8 @@ def run(tmp_path, good_forwards: int, *args: str) -> subprocess.CompletedProcess
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, str(runner), str(good_forwards), *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)  # a hang guard: bf16 on a loaded CPU is slow
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=900)  # a hang guard: bf16 on a loaded CPU is slow
 
 
 def module_weights(tag_dir) -> dict[str, torch.Tensor]:
@@ -76,7 +77,8 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_the_last_good_state(tmp_p
     assert poisoned.returncode == 1, poisoned.stdout[-4000:]
     output = poisoned.stdout
     assert "skipped 1 (total 1)" in output and "skipped 1 (total 3)" in output
-    assert "ERROR: 3 consecutive steps had a NaN/inf loss or gradient (--max-skipped 2); stopping at iteration 8" in output
+    assert ("ERROR: 3 consecutive steps had a NaN/inf loss or gradient (--max-skipped 2); stopping at iteration 8"
+            in output)
     assert open(os.path.join(poisoned_dir, "latest")).read().strip() == "global_step8"
     meta = json.load(open(os.path.join(poisoned_dir, "global_step8", "lime_config.json")))
     assert meta["skipped_steps"] == 3 and meta["consumed_samples"] == 32

@@ -25,17 +25,21 @@ from megatron_lime.tokenizer import load_tokenizer, train_tokenizer
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="Files, directories or globs of JSONL/JSONL.gz/parquet/txt.")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="Files, directories or globs of JSONL/JSONL.gz/parquet/txt.")
     parser.add_argument("--json-key", default="text", help="Field (JSONL) or column (parquet) holding the text.")
     parser.add_argument("--output-dir", required=True, help="Directory to write the tokenizer files into.")
     parser.add_argument("--vocab-size", type=int, default=50_000, help="Total vocabulary size (the card's is 50,000).")
     parser.add_argument("--num-documents", type=int, default=200_000, help="Stop after this many sampled documents.")
-    parser.add_argument("--max-bytes", type=int, default=2_000_000_000, help="Stop after this many sampled UTF-8 bytes.")
+    parser.add_argument("--max-bytes", type=int, default=2_000_000_000,
+                        help="Stop after this many sampled UTF-8 bytes.")
     parser.add_argument("--sample-fraction", type=float, default=1.0, help="Keep each document with this probability.")
     parser.add_argument("--seed", type=int, default=1234, help="Seed of the document sampling.")
-    parser.add_argument("--max-document-chars", type=int, default=100_000, help="Longer documents are cut to this many characters.")
+    parser.add_argument("--max-document-chars", type=int, default=100_000,
+                        help="Longer documents are cut to this many characters.")
     parser.add_argument("--num-threads", type=int, default=1, help="sentencepiece trainer threads.")
-    parser.add_argument("--verbose", action="store_true", help="Show sentencepiece's training log (progress of long runs).")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Show sentencepiece's training log (progress of long runs).")
     args = parser.parse_args(argv)
     if not 0.0 < args.sample_fraction <= 1.0:
         parser.error(f"--sample-fraction must be in (0, 1], got {args.sample_fraction}")

@@ -26,7 +26,8 @@ def requested_archs(environ: dict[str, str] | None = None) -> list[str]:
     for arch in archs:
         major, _, minor = arch.partition(".")
         if not (major.isdigit() and minor[:1].isdigit()):
-            raise ValueError(f"LIME_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST: {arch!r} is not an architecture like 9.0 or 9.0a")
+            raise ValueError(f"LIME_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST: {arch!r} is not an architecture "
+                             "like 9.0 or 9.0a")
     return archs
 
 

@@ -39,10 +39,11 @@ _SYMBOLS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: "
 # What a refused node is called in the error message.
 _REFUSED = {ast.Call: "function calls are", ast.Attribute: "attribute access is", ast.Subscript: "subscripts are",
             ast.BinOp: "arithmetic is", ast.Lambda: "lambdas are", ast.IfExp: "conditional expressions are",
-            ast.NamedExpr: "assignments are", ast.Dict: "dicts are", ast.Set: "sets are", ast.JoinedStr: "f-strings are",
-            ast.ListComp: "comprehensions are", ast.GeneratorExp: "comprehensions are", ast.SetComp: "comprehensions are",
-            ast.DictComp: "comprehensions are", ast.Starred: "starred expressions are", ast.Await: "await is",
-            ast.Yield: "yield is", ast.YieldFrom: "yield is"}
+            ast.NamedExpr: "assignments are", ast.Dict: "dicts are", ast.Set: "sets are",
+            ast.JoinedStr: "f-strings are", ast.ListComp: "comprehensions are", ast.GeneratorExp: "comprehensions are",
+            ast.SetComp: "comprehensions are", ast.DictComp: "comprehensions are",
+            ast.Starred: "starred expressions are", ast.Await: "await is", ast.Yield: "yield is",
+            ast.YieldFrom: "yield is"}
 
 Evaluator = Callable[[Mapping[str, Any]], Any]
 
@@ -88,7 +89,8 @@ def parse_filter(expression: str) -> RecordFilter:
 def _refuse(node: ast.AST, expression: str, what: str) -> FilterSyntaxError:
     # ast columns are 0-based and count the stripped text; report 1-based columns of what the user wrote.
     lead = len(expression) - len(expression.lstrip())
-    return FilterSyntaxError(f"--filter {expression!r}: column {node.col_offset + lead + 1}: {what} (allowed: {ALLOWED})")
+    return FilterSyntaxError(f"--filter {expression!r}: column {node.col_offset + lead + 1}: {what} "
+                             f"(allowed: {ALLOWED})")
 
 
 def _compile(node: ast.AST, expression: str, columns: list[str]) -> Evaluator:
@@ -112,7 +114,8 @@ def _compile(node: ast.AST, expression: str, columns: list[str]) -> Evaluator:
             try:
                 return record[name]
             except KeyError:
-                raise FilterValueError(f"no column {name!r} in this record (columns: {', '.join(list(record)[:12])})") from None
+                raise FilterValueError(f"no column {name!r} in this record "
+                                       f"(columns: {', '.join(list(record)[:12])})") from None
         return column
     if _is_literal(node):
         value = _literal(node)
@@ -133,11 +136,13 @@ def _compile_compare(node: ast.Compare, expression: str, columns: list[str]) -> 
             raise _refuse(node, expression, f"the operator {type(op).__name__!r} is not allowed")
         if isinstance(op, (ast.In, ast.NotIn)):
             if not isinstance(right, (ast.List, ast.Tuple)):
-                raise _refuse(right, expression, f"'{_SYMBOLS[type(op)]}' needs a list literal, e.g. language in ['en', 'de']")
+                raise _refuse(right, expression,
+                              f"'{_SYMBOLS[type(op)]}' needs a list literal, e.g. language in ['en', 'de']")
             options = []
             for item in right.elts:
                 if not _is_literal(item):
-                    raise _refuse(item, expression, "a list after 'in' may hold only string/number/True/False/None literals")
+                    raise _refuse(item, expression,
+                                  "a list after 'in' may hold only string/number/True/False/None literals")
                 options.append(_literal(item))
             frozen = tuple(options)
             steps.append((_SYMBOLS[type(op)], _COMPARE[type(op)], lambda record, frozen=frozen: frozen))
@@ -199,7 +204,8 @@ def _literal(node: ast.AST) -> Any:
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, str) or len(value) < 40 else f"str {value[:37]!r}..."
+    return (f"{type(value).__name__} {value!r}" if not isinstance(value, str) or len(value) < 40
+            else f"str {value[:37]!r}...")
 
 
 class RecordFilters:

@@ -209,7 +209,8 @@ class IndexedDatasetWriter:
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.finalize()
         else:
@@ -292,7 +293,8 @@ class IndexedDataset:
         if len(header) < HEADER_SIZE:
             raise IndexedDatasetError(f"{path}: truncated index: {size} bytes, the header alone is {HEADER_SIZE}")
         if header[:9] != INDEX_MAGIC:
-            raise IndexedDatasetError(f"{path}: not a Megatron indexed dataset index (magic {header[:9]!r}, expected {INDEX_MAGIC!r})")
+            raise IndexedDatasetError(f"{path}: not a Megatron indexed dataset index "
+                                      f"(magic {header[:9]!r}, expected {INDEX_MAGIC!r})")
         (version,) = struct.unpack("<Q", header[9:17])
         if version != INDEX_VERSION:
             raise IndexedDatasetError(f"{path}: index version {version}, only version {INDEX_VERSION} exists")
@@ -328,12 +330,14 @@ class IndexedDataset:
             expected_pointers = np.zeros(self.sequence_count, dtype=np.int64)
             np.cumsum(self.sequence_lengths[:-1].astype(np.int64) * itemsize, out=expected_pointers[1:])
             if not np.array_equal(expected_pointers, self.sequence_pointers):
-                raise IndexedDatasetError(f"{self.idx_path}: sequence pointers do not follow the lengths; corrupt index")
+                raise IndexedDatasetError(f"{self.idx_path}: sequence pointers do not follow the lengths; "
+                                          "corrupt index")
         bin_size = os.path.getsize(self.bin_path)
         if bin_size != self.num_tokens * itemsize:
             raise IndexedDatasetError(
                 f"{self.bin_path}: {bin_size} bytes, but {self.idx_path} describes {self.num_tokens} tokens of "
-                f"{np.dtype(self.dtype)} ({self.num_tokens * itemsize} bytes): truncated, or the pair does not belong together"
+                f"{np.dtype(self.dtype)} ({self.num_tokens * itemsize} bytes): truncated, or the pair does not "
+                "belong together"
             )
 
     def check_vocab_size(self, vocab_size: int) -> None:
@@ -376,14 +380,16 @@ class IndexedDataset:
         return int(self._bin.max()) if self.num_tokens else -1
 
     def token_range(self) -> tuple[int, int]:
-        """(smallest, largest) token id; vectorised passes over the memory map (the smallest is free for unsigned dtypes)."""
+        """(smallest, largest) token id; vectorised passes over the memory map (the smallest is free for
+        unsigned dtypes)."""
         if not self.num_tokens:
             return 0, -1
         smallest = int(self._bin.min()) if np.issubdtype(self.dtype, np.signedinteger) else 0
         return smallest, self.max_token_id()
 
     def check_token_ids(self, vocab_size: int) -> None:
-        """Raise IndexedDatasetError naming the file and the first offending document if an id is outside [0, vocab_size)."""
+        """Raise IndexedDatasetError naming the file and the first offending document if an id is outside
+        [0, vocab_size)."""
         smallest, largest = self.token_range()
         if smallest >= 0 and largest < vocab_size:
             return

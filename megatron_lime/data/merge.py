@@ -1,7 +1,8 @@
 """Merge indexed datasets (.bin/.idx pairs) into one, in the order given (tools/merge_datasets.py is the command line).
 
     python tools/merge_datasets.py --input data/shards --output-prefix data/fineweb_edu_text_document
-    python tools/merge_datasets.py --input data/a_text_document data/b_text_document --output-prefix data/ab_text_document
+    python tools/merge_datasets.py --input data/a_text_document data/b_text_document \
+--output-prefix data/ab_text_document
 
 --input takes prefixes, or directories whose *.idx pairs are merged in sorted name order
 (Megatron-LM's tools/merge_datasets.py takes one directory). All inputs must share a token
@@ -15,7 +16,8 @@ import os
 import sys
 import time
 
-from megatron_lime.data.indexed_dataset import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, strip_extension
+from megatron_lime.data.indexed_dataset import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter,
+                                                strip_extension)
 
 
 def input_prefixes(inputs: list[str]) -> list[str]:
@@ -44,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         datasets = [IndexedDataset(p) for p in prefixes]  # validates every pair before writing anything
         dtypes = {d.dtype for d in datasets}
         if len(dtypes) > 1:
-            raise ValueError("inputs have different token dtypes: " + ", ".join(f"{d.prefix}: {d.dtype.__name__}" for d in datasets))
+            raise ValueError("inputs have different token dtypes: "
+                             + ", ".join(f"{d.prefix}: {d.dtype.__name__}" for d in datasets))
         with IndexedDatasetWriter(args.output_prefix, datasets[0].dtype) as writer:
             for prefix in prefixes:
                 writer.add_index(prefix)
-    except (IndexedDatasetError, FileNotFoundError, ValueError, OSError) as e:  # OSError: DatasetWriteError names the output
+    except (IndexedDatasetError, FileNotFoundError, ValueError,
+            OSError) as e:  # OSError: DatasetWriteError names the output
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"merged {len(prefixes)} datasets: {writer.num_documents:,} documents, {writer.num_tokens:,} tokens "

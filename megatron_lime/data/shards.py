@@ -52,7 +52,8 @@ def shard_bounds(sizes: Sequence[int], num_shards: int) -> list[int]:
 def shard_inputs(items: Sequence[T], num_shards: int, shard_index: int, sizes: Sequence[int] | None = None) -> list[T]:
     """Shard `shard_index` of `num_shards` of `items` (InputSource objects or paths), in their order."""
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index must be in 0..{num_shards - 1} for --num-shards {num_shards}, got {shard_index}")
+        raise ValueError(f"--shard-index must be in 0..{num_shards - 1} for --num-shards {num_shards}, "
+                         f"got {shard_index}")
     if sizes is None:
         sizes = [input_size(getattr(item, "path", item)) for item in items]  # type: ignore[arg-type]
     bounds = shard_bounds(sizes, num_shards)

@@ -180,7 +180,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.unbind(2)  # 3 x (b, s, h, hd)
         if mask.cu_seqlens is None:
             return flash_attn_func(q, k, v, causal=True)  # (b, s, h, hd)
-        flat = lambda t: t.reshape(b * s, self.num_heads, self.head_dim)  # (b*s, h, hd)
+
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b * s, self.num_heads, self.head_dim)  # (b*s, h, hd)
+
         out = flash_attn_varlen_func(flat(q), flat(k), flat(v), mask.cu_seqlens, mask.cu_seqlens,
                                      mask.max_seqlen, mask.max_seqlen, causal=True)  # (b*s, h, hd)
         return out.view(b, s, self.num_heads, self.head_dim)  # (b, s, h, hd)

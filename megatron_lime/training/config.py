@@ -27,18 +27,23 @@ class TrainingConfig:
     """Batch sizes, length of the run, precision and wrapping."""
 
     micro_batch_size: int = param(4, "Samples per device per forward/backward pass.")
-    global_batch_size: int = param(512, "Samples per optimizer step over all devices (micro x accumulation x data-parallel).")
+    global_batch_size: int = param(
+        512, "Samples per optimizer step over all devices (micro x accumulation x data-parallel).")
     seq_length: int | None = param(None, "Tokens per sample (default: the model's max_position_embeddings).")
     train_iters: int | None = param(None, "Optimizer steps in the run (give this or --train-tokens).")
     train_tokens: int | None = param(None, "Tokens in the run; steps = ceil(tokens / (global batch x seq length)).")
     seed: int = param(1234, "Seed of the weight initialisation and of every random generator.")
     clip_grad: float = param(1.0, "Clip the global gradient norm to this (0 disables).")
-    bf16: bool | None = param(None, "bf16 weights with fp32 master copies (default: on for GPUs that support it, off on CPU).")
+    bf16: bool | None = param(
+        None, "bf16 weights with fp32 master copies (default: on for GPUs that support it, off on CPU).")
     zero_stage: int = param(1, "DeepSpeed ZeRO stage (1 shards the optimizer state over data-parallel ranks).")
-    deepspeed_config: str | None = param(None, "A DeepSpeed JSON whose sections are kept; batch sizes, clipping and precision come from these flags.")
+    deepspeed_config: str | None = param(
+        None, "A DeepSpeed JSON whose sections are kept; batch sizes, clipping and precision come from these "
+        "flags.")
     recompute_activations: bool = param(False, "Activation checkpointing: recompute each block in the backward pass.")
     torch_compile: bool = param(False, "Compile the model with torch.compile before DeepSpeed wraps it.")
-    max_skipped: int = param(10, "Stop (with a checkpoint) after more than this many consecutive steps with a NaN/inf loss.")
+    max_skipped: int = param(
+        10, "Stop (with a checkpoint) after more than this many consecutive steps with a NaN/inf loss.")
     exit_interval: int | None = param(None, "Save and exit when the iteration is a multiple of this.")
 
     def __post_init__(self) -> None:
@@ -51,7 +56,8 @@ class TrainingConfig:
         if self.train_iters is not None and self.train_tokens is not None:
             raise ValueError("give --train-iters or --train-tokens, not both")
         if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"--zero-stage must be 0, 1 or 2 (this stack keeps whole weights per rank), got {self.zero_stage}")
+            raise ValueError(f"--zero-stage must be 0, 1 or 2 (this stack keeps whole weights per rank), "
+                             f"got {self.zero_stage}")
         if self.clip_grad < 0 or self.max_skipped < 0:
             raise ValueError("--clip-grad and --max-skipped must be non-negative")
 
@@ -77,7 +83,8 @@ class OptimizerConfig:
         "polynomial", "Shape of the decay after warmup (polynomial with power 1 is linear).")
     lr_decay_power: float = param(1.0, "Power of the polynomial decay.")
     lr_decay_iters: int | None = param(None, "Steps over which the LR decays (default: the whole run).")
-    weight_decay: float = param(0.1, "AdamW decoupled weight decay on weight matrices and the embedding (never on norms or biases).")
+    weight_decay: float = param(
+        0.1, "AdamW decoupled weight decay on weight matrices and the embedding (never on norms or biases).")
     adam_beta1: float = param(0.9, "AdamW beta1.")
     adam_beta2: float = param(0.95, "AdamW beta2.")
     adam_eps: float = param(1e-8, "AdamW epsilon.")
@@ -118,8 +125,11 @@ class CheckpointConfig:
     save_interval: int | None = param(None, "Save every this many steps (and always at the end and on SIGTERM/SIGINT).")
     finetune: bool = param(False, "With --load: weights only (fresh optimizer, step 0, no samples consumed).")
     keep_last: int | None = param(None, "Keep only the newest N checkpoints in --save.")
-    universal_checkpoint: bool = param(False, "Load a universal checkpoint (made by ds_to_universal) to change the data-parallel size.")
-    override_lr_scheduler: bool = param(False, "On resume, use this command line's LR schedule even if it differs from the checkpoint's (otherwise the run stops and lists the differences).")
+    universal_checkpoint: bool = param(
+        False, "Load a universal checkpoint (made by ds_to_universal) to change the data-parallel size.")
+    override_lr_scheduler: bool = param(
+        False, "On resume, use this command line's LR schedule even if it differs from the checkpoint's "
+        "(otherwise the run stops and lists the differences).")
 
 
 @dataclass(kw_only=True)
@@ -132,11 +142,14 @@ class LoggingConfig:
     tensorboard_dir: str | None = param(None, "Write TensorBoard scalars here.")
     wandb_project: str | None = param(None, "Also log to this Weights & Biases project (needs wandb installed).")
     wandb_exp_name: str | None = param(None, "W&B run name.")
-    peak_tflops: float | None = param(None, "Peak dense bf16 TFLOP/s of one device for MFU (default: from the GPU's name).")
-    eval_tasks: list[str] | None = param(None, "lm-eval tasks to score during training (needs the eval extra), e.g. arc_easy piqa.")
+    peak_tflops: float | None = param(
+        None, "Peak dense bf16 TFLOP/s of one device for MFU (default: from the GPU's name).")
+    eval_tasks: list[str] | None = param(
+        None, "lm-eval tasks to score during training (needs the eval extra), e.g. arc_easy piqa.")
     eval_tasks_interval: int | None = param(None, "Score --eval-tasks every this many steps.")
     eval_tasks_limit: int | None = param(None, "At most this many samples per task in each in-training evaluation.")
-    eval_tasks_data_dir: str | None = param(None, "Offline task data for --eval-tasks: DIR/<hub dataset id>/ (as tools/evaluate.py --data-dir).")
+    eval_tasks_data_dir: str | None = param(
+        None, "Offline task data for --eval-tasks: DIR/<hub dataset id>/ (as tools/evaluate.py --data-dir).")
 
     def __post_init__(self) -> None:
         if self.eval_tasks and not self.eval_tasks_interval:

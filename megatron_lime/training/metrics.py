@@ -251,7 +251,8 @@ class MetricsLogger:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is skipped, any other bad line is an error."""
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is skipped, any other bad line
+    is an error."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     records = []

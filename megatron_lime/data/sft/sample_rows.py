@@ -54,7 +54,8 @@ NO_ROBOTS_TRAIN_ROWS: list[dict[str, Any]] = [
     {"prompt": "Write a haiku about autumn leaves.", "prompt_id": "a1" * 32,
      "messages": [{"role": "system", "content": "You are a poet who writes only haiku."},
                   {"role": "user", "content": "Write a haiku about autumn leaves."},
-                  {"role": "assistant", "content": "Red leaves drift and fall\nwhispering to the cold ground\nsummer says goodbye"}],
+                  {"role": "assistant", "content": "Red leaves drift and fall\nwhispering to the cold ground\n"
+                                                   "summer says goodbye"}],
      "category": "Generation"},
     {"prompt": "What is the capital of Peru?", "prompt_id": "b2" * 32,
      "messages": [{"role": "system", "content": "You are Quinn, a cheerful travel bot."},

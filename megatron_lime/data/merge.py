@@ -1,8 +1,8 @@
 """Merge indexed datasets (.bin/.idx pairs) into one, in the order given (tools/merge_datasets.py is the command line).
 
     python tools/merge_datasets.py --input data/shards --output-prefix data/fineweb_edu_text_document
-    python tools/merge_datasets.py --input data/a_text_document data/b_text_document \
---output-prefix data/ab_text_document
+    python tools/merge_datasets.py --input data/a_text_document data/b_text_document \\
+        --output-prefix data/ab_text_document
 
 --input takes prefixes, or directories whose *.idx pairs are merged in sorted name order
 (Megatron-LM's tools/merge_datasets.py takes one directory). All inputs must share a token

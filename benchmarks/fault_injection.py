@@ -207,7 +207,10 @@ def train(ws: Workspace, folder: str, processes: int, *extra: str, data_path: st
 
 
 def training_env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    # DeepSpeed's CPU comm op is JIT-built into TORCH_EXTENSIONS_DIR; one per environment, so that runs from
+    # other virtualenvs on the machine (whose build lines differ) do not rebuild it under a case's timer.
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions}
 
 
 def tool(name: str, *args: str) -> list[str]:

@@ -17,8 +17,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_lime.data.indexed_dataset import IndexedDataset, write_index  # noqa: E402
+from megatron_lime.data.indexed_dataset import IndexedDataset, write_index
 
 
 def evict(*paths: str) -> None:

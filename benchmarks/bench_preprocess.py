@@ -144,9 +144,7 @@ def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> di
     memory = json.loads(proc.stderr.strip().splitlines()[-1])
     if memory["rc"] != 0:
         raise RuntimeError(f"preprocess_data.py exited {memory['rc']}:\n{proc.stdout}\n{proc.stderr}")
-    sys.path.insert(0, REPO)
     from megatron_lime.data.indexed_dataset import IndexedDataset
-
     from megatron_lime.data.shards import input_size
 
     ds = IndexedDataset(prefix + "_text_document")
@@ -433,7 +431,6 @@ def main() -> int:
     args = parser.parse_args()
     args.standard_sentencepiece = args.standard_sentencepiece or args.only_standard
     os.makedirs(args.workdir, exist_ok=True)
-    sys.path.insert(0, REPO)
 
     results: dict = {"machine": f"{os.cpu_count()} CPUs", "python": sys.version.split()[0]}
     paragraphs = stdlib_docstrings()

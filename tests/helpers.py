@@ -107,7 +107,7 @@ def load_tool(name: str) -> ModuleType:
 
 def train_tiny_tokenizer(out_dir: str, corpus: str, vocab_size: int = 512) -> str:
     """Train our tokenizer on `corpus` with tools/train_tokenizer.py (about a second); returns out_dir."""
-    if os.path.isfile(os.path.join(out_dir, "tokenizer.model")) and os.path.isfile(os.path.join(out_dir, "tokenizer_info.json")):
+    if all(os.path.isfile(os.path.join(out_dir, name)) for name in ("tokenizer.model", "tokenizer_info.json")):
         return out_dir
     rc = load_tool("train_tokenizer").main(
         ["--input", corpus, "--output-dir", out_dir, "--vocab-size", str(vocab_size)]

@@ -108,7 +108,8 @@ def records(run_dir) -> list[dict]:
 
 
 def test_in_training_evaluation_leaves_the_losses_unchanged(setup):
-    plain = [(r["iteration"], r["loss"], r.get("grad_norm")) for r in records(setup["root"] / "plain") if r["kind"] != "tasks"]
+    plain = [(r["iteration"], r["loss"], r.get("grad_norm")) for r in records(setup["root"] / "plain")
+             if r["kind"] != "tasks"]
     with_tasks = records(setup["root"] / "with_tasks")
     assert [(r["iteration"], r["loss"], r.get("grad_norm")) for r in with_tasks if r["kind"] != "tasks"] == plain
     assert len(plain) == 6 + 3  # a train line per step, validations at 0, 3 and 6
@@ -144,7 +145,8 @@ def test_evaluate_runs_on_every_task_from_a_deepspeed_checkpoint(setup, tmp_path
 
 
 def lm_eval_hf(setup, tasks: list[str], limit: int) -> dict:
-    """lm-eval's own Hugging Face model (what `--model hf --model_args pretrained=DIR,trust_remote_code=True` builds)."""
+    """lm-eval's own Hugging Face model (what `--model hf --model_args pretrained=DIR,trust_remote_code=True`
+    builds)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -190,7 +192,8 @@ def test_same_scores_and_loglikelihoods_as_lm_eval_hf_model(setup, tmp_path):
         their_metrics = {k.split(",")[0]: v for k, v in theirs["results"][task].items() if "," in k}
         for metric, value in ours["tasks"][task]["metrics"].items():
             if value is not None and "stderr" not in metric:
-                # relative: a perplexity of 2e7 from the same log-likelihoods summed in another order differs by ~1e-7 of itself
+                # relative: a perplexity of 2e7 from the same log-likelihoods summed in another order differs by
+                # ~1e-7 of itself
                 assert value == pytest.approx(their_metrics[metric], rel=1e-6, abs=1e-6), (task, metric)
 
 
@@ -201,7 +204,8 @@ def test_batching_and_padding_do_not_change_scores(setup, tmp_path):
     lm5 = LimeLM(load=str(setup["hf"]), batch_size=5, model=None)
     texts = ["The river", "A small round cloud over", "Paper", "Glass and metal and bread in the market", "North"]
     requests = [((t, " stone"), lm1.tok_encode(t), lm1.tok_encode(" stone window")) for t in texts]
-    one, five = lm1._loglikelihood_tokens(requests, disable_tqdm=True), lm5._loglikelihood_tokens(requests, disable_tqdm=True)
+    one = lm1._loglikelihood_tokens(requests, disable_tqdm=True)
+    five = lm5._loglikelihood_tokens(requests, disable_tqdm=True)
     for (a, greedy_a), (b, greedy_b) in zip(one, five):
         assert abs(a - b) < 1e-5 and greedy_a == greedy_b
     # A request scored alone equals the same request in a batch padded to a longer one.
@@ -223,10 +227,12 @@ def test_missing_data_and_unknown_tasks_are_one_line_errors(setup, tmp_path, cap
     assert evaluate("--load", str(setup["hf"]), "--tasks", "arc_easy", "--data-dir", str(empty),
                     "--output", str(tmp_path / "r.json")) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{empty}/allenai/ai2_arc: missing" in err and "huggingface-cli download" in err
-    assert evaluate("--load", str(setup["hf"]), "--tasks", "no_such_task", "--output", str(tmp_path / "r.json")) == 1
+    assert len(err.splitlines()) == 1
+    assert f"{empty}/allenai/ai2_arc: missing" in err and "huggingface-cli download" in err
+    output = str(tmp_path / "r.json")
+    assert evaluate("--load", str(setup["hf"]), "--tasks", "no_such_task", "--output", output) == 1
     assert "unknown lm-eval task(s): no_such_task" in capsys.readouterr().err
-    assert evaluate("--load", str(tmp_path / "nowhere"), "--tasks", "arc_easy", "--output", str(tmp_path / "r.json")) == 1
+    assert evaluate("--load", str(tmp_path / "nowhere"), "--tasks", "arc_easy", "--output", output) == 1
     assert "no such checkpoint directory" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 

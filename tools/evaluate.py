@@ -19,10 +19,6 @@ import os
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_lime.evaluation.tasks import DEFAULT_TASKS

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from megatron_lime.training.launch import free_port, live_processes_in_group
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 180
 ERROR_LINE = re.compile(r"^(\[rank \d+\] )?([\w.]*(Error|Exception|Fault|Interrupt|Exit)\b.*|(error|ERROR)\b.*)$")
@@ -159,30 +161,6 @@ def make_tiny_data(folder: str) -> tuple[str, str]:
             subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            timeout=TIMEOUT_S)
     return prefix, tokenizer
-
-
-def free_port() -> int:
-    """A free TCP port for a rendezvous: several runs on one machine must not share the default 29500."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def live_processes_in_group(group: int) -> list[int]:
-    """Processes (zombies aside) still in process group `group`: what a run left behind."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-            if int(fields[2]) == group and fields[0] != "Z":
-                alive.append(int(entry))
-    return alive
 
 
 def build_deepspeed_cpu_op() -> None:

@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import os
 import random
+import subprocess
 import sys
 import warnings
 from types import ModuleType
@@ -136,30 +137,6 @@ def make_tiny_pretraining_data(tmp_dir: str, num_docs: int = 200, vocab_size: in
     return prefix, tokenizer_dir
 
 
-def live_processes_in_group(group: int) -> list[int]:
-    """Processes (zombies aside) still in process group `group`: what a run left behind."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-            if int(fields[2]) == group and fields[0] != "Z":
-                alive.append(int(entry))
-    return alive
-
-
-def free_port() -> int:
-    """A free TCP port for a rendezvous: several runs on one machine must not share the default 29500."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def build_deepspeed_cpu_op() -> None:
     """Build (about 2 minutes, once per machine) or load (1 s) DeepSpeed's CPU shared-memory all-reduce op.
 
@@ -172,3 +149,17 @@ def build_deepspeed_cpu_op() -> None:
     subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; "
                     "ShareMemCommBuilder().load()"], env=env, check=True, timeout=600,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def train_tiny(data: tuple[str, str], save, *extra: str) -> subprocess.CompletedProcess:
+    """pretrain_lime.py in this process's environment, one rank on the CPU: lime-tiny with one layer, 4 steps,
+    a save every 2 into `save` (also --load, so a second call resumes), on `data` = (prefix, tokenizer) as
+    make_tiny_pretraining_data returns them; `extra` flags win."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
+    flags = ["--model", "lime-tiny", "--seq-length", "32", "--num-layers", "1", "--data-path", data[0],
+             "--tokenizer-model", data[1], "--save", str(save), "--load", str(save), "--train-iters", "4",
+             "--micro-batch-size", "2", "--global-batch-size", "2", "--log-interval", "1", "--eval-interval", "0",
+             "--num-workers", "0", "--split", "100,0,0", "--save-interval", "2", *extra]
+    return subprocess.run([sys.executable, "pretrain_lime.py", *flags], cwd=REPO_ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)

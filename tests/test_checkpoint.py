@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from helpers import train_tiny
 from megatron_lime import checkpoint
 from megatron_lime.checkpoint import CheckpointError, resolve_load, torch_load
 
@@ -221,30 +222,19 @@ def tiny_data(tmp_path_factory):
     return make_tiny_pretraining_data(str(tmp_path_factory.mktemp("data")), num_docs=60)
 
 
-def train(tiny_data, save, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
-    flags = ["--model", "lime-tiny", "--seq-length", "32", "--num-layers", "1", "--data-path", tiny_data[0],
-             "--tokenizer-model", tiny_data[1], "--save", str(save), "--load", str(save), "--train-iters", "4",
-             "--micro-batch-size", "2", "--global-batch-size", "2", "--log-interval", "1", "--eval-interval", "0",
-             "--num-workers", "0", "--split", "100,0,0", "--save-interval", "2", *extra]
-    return subprocess.run([sys.executable, "pretrain_lime.py", *flags], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
-
-
 def test_trainer_resume_safety(tiny_data, tmp_path):
     save = tmp_path / "save"
     # An interrupted very first save (kill -9 leaves global_step2/ without its marker) does not block the start.
     (save / "global_step2").mkdir(parents=True)
     (save / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"half")
-    first = train(tiny_data, save, "--exit-interval", "2")
+    first = train_tiny(tiny_data, save, "--exit-interval", "2")
     assert first.returncode == 0, first.stdout[-4000:]
     assert "global_step2: ignored: an interrupted save" in first.stdout
     assert (save / "latest").read_text() == "global_step2" and checkpoint.is_complete(str(save / "global_step2"))
     assert json.loads((save / "global_step2" / "lime_config.json").read_text())["schedule"]["train_iters"] == 4
 
     # A changed schedule stops the resume, listing every difference; --override-lr-scheduler continues.
-    changed = train(tiny_data, save, "--exit-interval", "3", "--train-iters", "6", "--lr", "1e-3")
+    changed = train_tiny(tiny_data, save, "--exit-interval", "3", "--train-iters", "6", "--lr", "1e-3")
     assert changed.returncode != 0
     assert "the learning-rate schedule differs from the checkpoint's: train_iters: checkpoint 4, now 6" \
         in changed.stdout and "lr: checkpoint 0.0005, now 0.001" in changed.stdout
@@ -252,7 +242,7 @@ def test_trainer_resume_safety(tiny_data, tmp_path):
     assert (save / "latest").read_text() == "global_step2"
     backup = tmp_path / "backup"
     shutil.copytree(save, backup)
-    overridden = train(tiny_data, save, "--exit-interval", "3", "--train-iters", "6", "--lr", "1e-3",
+    overridden = train_tiny(tiny_data, save, "--exit-interval", "3", "--train-iters", "6", "--lr", "1e-3",
                        "--override-lr-scheduler")
     assert overridden.returncode == 0, overridden.stdout[-4000:]
     assert "--override-lr-scheduler: the new learning-rate schedule applies" in overridden.stdout
@@ -264,7 +254,7 @@ def test_trainer_resume_safety(tiny_data, tmp_path):
         shutil.rmtree(save)
         shutil.copytree(backup, save)
         torch.save({"torch": torch.ones(1), "x": RunsCode(str(marker))}, save / "global_step2" / name)
-        refused = train(tiny_data, save)
+        refused = train_tiny(tiny_data, save)
         assert refused.returncode != 0
         assert f"{save / 'global_step2' / name}: refused to load: it holds" in refused.stdout, refused.stdout[-3000:]
         assert not marker.exists()
@@ -273,7 +263,7 @@ def test_trainer_resume_safety(tiny_data, tmp_path):
     shutil.rmtree(save)
     shutil.copytree(backup, save)
     (save / "latest").write_text("")
-    bad_latest = train(tiny_data, save)
+    bad_latest = train_tiny(tiny_data, save)
     assert bad_latest.returncode != 0 and f"{save / 'latest'}: empty" in bad_latest.stdout
     assert sorted(p.name for p in save.glob("global_step*")) == ["global_step2"]
 

@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import free_port, load_tool, train_tiny_tokenizer, write_tiny_corpus
+from helpers import load_tool, train_tiny_tokenizer, write_tiny_corpus
+from megatron_lime.training.launch import free_port
 
 from megatron_lime.checkpoint import CheckpointError, torch_load
 from megatron_lime.config import LimeConfig

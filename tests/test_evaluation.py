@@ -23,7 +23,8 @@ pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
 from megatron_lime.evaluation.sample_tasks import TASK_DATASETS, write_hub_dataset, write_synthetic_tasks  # noqa: E402
-from helpers import free_port, load_tool  # noqa: E402
+from helpers import load_tool  # noqa: E402
+from megatron_lime.training.launch import free_port  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = list(TASK_DATASETS)  # hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa

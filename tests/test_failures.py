@@ -22,7 +22,7 @@ import threading
 import time
 
 import pytest
-from helpers import free_port, live_processes_in_group
+from megatron_lime.training.launch import free_port, live_processes_in_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = [sys.executable, "-m", "megatron_lime.training.launch"]

@@ -6,18 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from helpers import free_port, load_tool, make_tiny_pretraining_data
+from helpers import load_tool, make_tiny_pretraining_data, train_tiny
+from megatron_lime.training.launch import free_port
 from megatron_lime import checkpoint
 from megatron_lime.checkpoint import CheckpointError, integrity
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISMATCH = "content hash mismatch: expected "
 
 
@@ -42,23 +39,12 @@ def sha256(path) -> str:  # exports always use SHA-256 (their own loading code h
     return digest(path, "sha256")
 
 
-def train(data, save, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
-    flags = ["--model", "lime-tiny", "--seq-length", "32", "--num-layers", "1", "--data-path", data[0],
-             "--tokenizer-model", data[1], "--save", str(save), "--load", str(save), "--train-iters", "4",
-             "--micro-batch-size", "2", "--global-batch-size", "2", "--log-interval", "1", "--eval-interval", "0",
-             "--num-workers", "0", "--split", "100,0,0", "--save-interval", "2", *extra]
-    return subprocess.run([sys.executable, "pretrain_lime.py", *flags], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A 1-rank DeepSpeed save dir with global_step2 and global_step4 (latest), and the tiny data."""
     root = tmp_path_factory.mktemp("integrity")
     data = make_tiny_pretraining_data(str(root / "data"), num_docs=60)
-    result = train(data, root / "save")
+    result = train_tiny(data, root / "save")
     assert result.returncode == 0, result.stdout[-4000:]
     return dict(root=root, data=data, save=root / "save")
 
@@ -135,7 +121,7 @@ def test_resume_stops_on_a_file_from_another_checkpoint_and_changes_nothing(save
     shard = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # (the RNG files of the two tags are identical here)
     shutil.copy(save / "global_step2" / shard, save / "global_step4" / shard)
     before = {p: p.stat().st_mtime_ns for p in save.rglob("*")}
-    result = train(saved["data"], save)
+    result = train_tiny(saved["data"], save)
     assert result.returncode != 0
     lines = [line for line in result.stdout.splitlines() if MISMATCH in line]
     assert len(lines) == 1, result.stdout[-3000:]
@@ -145,7 +131,7 @@ def test_resume_stops_on_a_file_from_another_checkpoint_and_changes_nothing(save
     assert all(p.exists() and p.stat().st_mtime_ns == t for p, t in before.items())  # nothing changed
     assert sorted(p.name for p in save.glob("global_step*")) == ["global_step2", "global_step4"]
     # The advice works: resuming from the tag it names trains on.
-    resumed = train(saved["data"], save / "global_step2", "--save", str(tmp_path / "new"), "--exit-interval", "3")
+    resumed = train_tiny(saved["data"], save / "global_step2", "--save", str(tmp_path / "new"), "--exit-interval", "3")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "iteration 2" in resumed.stdout
 

@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from helpers import free_port
+from megatron_lime.training.launch import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["data", "tokenizer", "preprocess", "pretrain", "sft-data", "sft", "convert", "evaluate", "report"]

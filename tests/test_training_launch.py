@@ -25,7 +25,7 @@ import time
 
 import pytest
 import torch
-from helpers import free_port
+from megatron_lime.training.launch import free_port
 
 from megatron_lime.checkpoint import torch_load
 

@@ -31,6 +31,7 @@ import argparse
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,6 +128,28 @@ def supervise(ranks: list[subprocess.Popen], first_rank: int = 0) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return supervise(start_ranks(args), first_rank=args.node_rank * args.nproc_per_node)
+
+
+def free_port() -> int:
+    """A free TCP port for a rendezvous: several runs on one machine must not share the default 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    """Processes (zombies aside) still in process group `group`: what a run left behind."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == group and fields[0] != "Z":
+                alive.append(int(entry))
+    return alive
 
 
 def train_with_script_flags(script: str, argv: list[str]) -> int:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -70,6 +71,11 @@ def compiled(fn: Callable[..., object]) -> Callable[..., object]:
     """torch.compile with dynamic shapes: one compilation serves every row count (the GPU check's
     kernels stage has 150 s; a compilation per shape would take most of it)."""
     return torch.compile(fn, dynamic=True)
+
+
+# "backward" below replays the backward of one retained graph (retain_graph=True); a compiled backward
+# that was given its saved buffers to reuse (donated) refuses that, as it did for add + RMSNorm.
+functorch_config.donated_buffer = False
 
 
 # One compiled reference per op, kept across shapes and dtypes (compiled on first use).

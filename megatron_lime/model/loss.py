@@ -139,7 +139,8 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
     """grad_weight (vocab, d) fp32 += grad_logits^T (vocab, c) @ hidden (c, d), with one pass over grad_weight."""
     if grad_logits.dtype == grad_weight.dtype:
         grad_weight.addmm_(grad_logits.t(), hidden)
-    elif _fp32_out_addmm_works(grad_weight.device):  # the GEMM's epilogue adds into the fp32 buffer
+    elif grad_logits.dtype == hidden.dtype and _fp32_out_addmm_works(grad_weight.device):
+        # the GEMM's epilogue adds into the fp32 buffer
         torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=torch.float32, out=grad_weight)
     else:  # a (vocab, d) product in the model's dtype, added into the fp32 buffer (promoted by add_)
         grad_weight.add_(grad_logits.t() @ hidden)
@@ -171,7 +172,11 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             total += chunk_total
             del logits
             if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk_size])  # (c, d)
+                rows = grad_hidden[start:start + chunk_size]  # (c, d)
+                if grad_logits.dtype == rows.dtype:
+                    torch.mm(grad_logits, weight, out=rows)
+                else:  # under autocast the logits and their gradient are in its dtype, the model's tensors not
+                    rows.copy_(grad_logits @ weight)
             if grad_weight is not None:
                 _accumulate_weight_grad(grad_weight, grad_logits, h)  # (vocab, d), accumulated in fp32
             del grad_logits

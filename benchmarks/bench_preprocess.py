@@ -27,9 +27,11 @@
 6. Start-up: the same command on a one-document input.
 7. --standard-sentencepiece: a standard 32k sentencepiece BPE model (sentencepiece's defaults: nmt_nfkc,
    dummy prefix, whitespace escaping and collapsing; plus byte fallback) trained on the same corpus.
-   Per round, alternated: sentencepiece alone (the ceiling), the tool's encoder (sentencepiece where
-   it provably agrees with the Hugging Face conversion, the conversion elsewhere: tokenizer/agreement.py),
-   the conversion alone, the tool end to end, and with --megatron-lm DIR Megatron-LM's
+   First the start-up on a one-document input, with the model's converted form computed (an empty
+   tokenizer cache) and read from the cache (tokenizer/conversion_cache.py; the benchmark keeps its
+   cache in --workdir). Per round, alternated: sentencepiece alone (the ceiling), the tool's encoder
+   (sentencepiece where it provably agrees with the Hugging Face conversion, the conversion elsewhere:
+   tokenizer/agreement.py), the conversion alone, the tool end to end, and with --megatron-lm DIR Megatron-LM's
    tools/preprocess_data.py (GPTSentencePieceTokenizer, --append-eod, same workers), whose .bin/.idx
    must be byte-identical to ours.
 8. Sample index for a simulated 20B-token corpus: 20M documents with log-normal lengths
@@ -122,8 +124,8 @@ def write_corpus(path: str, target_bytes: int, paragraphs: list[str], seed: int 
     return {"path": path, "bytes": written}
 
 
-def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> dict:
-    """Wall time and peak memory of one preprocess_data.py process tree."""
+def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int, env: dict | None = None) -> dict:
+    """Wall time and peak memory of one preprocess_data.py process tree (env: variables to set for it)."""
     for ext in (".bin", ".idx"):
         if os.path.exists(prefix + "_text_document" + ext):
             os.remove(prefix + "_text_document" + ext)
@@ -137,7 +139,8 @@ def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int) -> di
                "print(json.dumps({'rc': p.returncode, 'maxrss_kb': u.ru_maxrss, "
                "'cpu_s': u.ru_utime + u.ru_stime}), file=sys.stderr)")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"preprocess_data.py failed:\n{proc.stdout}\n{proc.stderr}")
@@ -282,16 +285,29 @@ def same_bytes(a: str, b: str) -> bool:
 
 
 def bench_standard_sentencepiece(corpus: str, model_file: str, workdir: str, workers: int, rounds: int,
-                                 megatron_lm: str | None) -> dict:
-    """A standard sentencepiece model: which texts sentencepiece encodes, the encoders alone, end to end against
-    workers x sentencepiece alone, and (with Megatron-LM) Megatron-LM's tool side by side, runs alternated."""
+                                 megatron_lm: str | None, tiny_corpus: str) -> dict:
+    """A standard sentencepiece model: the start-up with the converted form computed (cold cache) and read from
+    the cache, which texts sentencepiece encodes, the encoders alone, end to end against workers x sentencepiece
+    alone, and (with Megatron-LM) Megatron-LM's tool side by side, runs alternated."""
+    import shutil
+    import tempfile
+
     from megatron_lime.tokenizer import load_tokenizer
+
+    startup: dict = {"cold": [], "warm": []}
+    for _ in range(3):
+        with tempfile.TemporaryDirectory(dir=workdir) as cold_cache:
+            startup["cold"].append(run_preprocess(tiny_corpus, model_file, os.path.join(workdir, "std_tiny"), workers,
+                                                  env={"MEGATRON_LIME_CACHE": cold_cache})["wall_s"])
+            startup["warm"].append(run_preprocess(tiny_corpus, model_file, os.path.join(workdir, "std_tiny"), workers,
+                                                  env={"MEGATRON_LIME_CACHE": cold_cache})["wall_s"])
+            shutil.rmtree(cold_cache, ignore_errors=True)
 
     tok = load_tokenizer(model_file)
     texts = read_texts(corpus, 20_000_000)
     covered = sum(map(tok.agreement.covers, texts))
     result: dict = {"agreement": tok.describe_encoder(), "documents_sampled": len(texts),
-                    "documents_by_sentencepiece": covered, "rounds": []}
+                    "documents_by_sentencepiece": covered, "startup_one_document_s": startup, "rounds": []}
     ours_prefix, megatron_prefix = os.path.join(workdir, "std_ours"), os.path.join(workdir, "std_megatron")
     for _ in range(rounds):
         row = {encoder: bench_sentencepiece_alone(corpus, model_file, encoder=encoder)["tokens_per_s"]
@@ -317,6 +333,9 @@ def print_standard(result: dict, workers: int) -> None:
         return f"{format(values[len(values) // 2], fmt)} (median; {format(values[0], fmt)}-{format(values[-1], fmt)})"
 
     print(result["agreement"])
+    startup = result["startup_one_document_s"]
+    print(f"  start-up (one document, end to end): {min(startup['cold']):.2f} s computing the converted form "
+          f"(cold cache), {min(startup['warm']):.2f} s reading it from the cache (best of {len(startup['cold'])})")
     print(f"  documents sentencepiece encodes: {result['documents_by_sentencepiece']:,} of "
           f"{result['documents_sampled']:,} ({result['documents_by_sentencepiece'] / result['documents_sampled']:.1%})")
     for encoder, label in (("sentencepiece", "sentencepiece alone (the ceiling)"),
@@ -431,6 +450,8 @@ def main() -> int:
     args = parser.parse_args()
     args.standard_sentencepiece = args.standard_sentencepiece or args.only_standard
     os.makedirs(args.workdir, exist_ok=True)
+    # The tokenizer cache (tokenizer/conversion_cache.py) of this benchmark's own, not the user's.
+    os.environ["MEGATRON_LIME_CACHE"] = os.path.join(args.workdir, "tokenizer-cache")
 
     results: dict = {"machine": f"{os.cpu_count()} CPUs", "python": sys.version.split()[0]}
     paragraphs = stdlib_docstrings()
@@ -455,7 +476,7 @@ def main() -> int:
         train_standard_sentencepiece(corpus["path"], model_file, args.vocab_size)
         workers = max(args.workers)
         standard = bench_standard_sentencepiece(corpus["path"], model_file, args.workdir, workers, args.rounds,
-                                                args.megatron_lm)
+                                                args.megatron_lm, tiny["path"])
         results["standard_sentencepiece"] = standard
         print(f"standard sentencepiece BPE ({args.vocab_size:,} pieces, byte fallback, nmt_nfkc), "
               f"{corpus['bytes'] / 1e6:.1f} MB JSONL:", flush=True)

@@ -31,3 +31,18 @@ def remove_deepspeed_shared_memory():
                 os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tokenizer_cache(tmp_path_factory):
+    """Converted sentencepiece forms (tokenizer/conversion_cache.py) go to this session's own folder, inherited by
+    the tools the tests run, never to the user's ~/.cache: each run starts cold and leaves nothing behind."""
+    import os
+
+    previous = os.environ.get("MEGATRON_LIME_CACHE")
+    os.environ["MEGATRON_LIME_CACHE"] = str(tmp_path_factory.mktemp("tokenizer-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MEGATRON_LIME_CACHE", None)
+    else:
+        os.environ["MEGATRON_LIME_CACHE"] = previous

@@ -468,6 +468,77 @@ def test_standard_bpe_model_is_encoded_by_sentencepiece_where_it_provably_agrees
     assert clone.router is not None and clone.encode_batch(everything) == _conversion_ids(tok, everything)
 
 
+def test_converted_form_is_cached_and_a_damaged_entry_is_computed_again(standard_bpe, texts, tmp_path, monkeypatch,
+                                                                         capsys):
+    from megatron_lime.tokenizer import conversion_cache
+
+    monkeypatch.setenv("MEGATRON_LIME_CACHE", str(tmp_path / "cache"))
+    fresh = load_tokenizer(standard_bpe)
+    (entry,) = (tmp_path / "cache" / "sentencepiece").iterdir()
+    written = entry.read_bytes()
+    # From the cache: nothing is converted or derived again, and the tokenizer is the same.
+    originals = conversion_cache.converted_sentencepiece_backend, conversion_cache.sentencepiece_agreement
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the converted form was computed again")
+
+    monkeypatch.setattr(conversion_cache, "converted_sentencepiece_backend", not_again)
+    monkeypatch.setattr(conversion_cache, "sentencepiece_agreement", not_again)
+    cached = load_tokenizer(standard_bpe)
+    assert cached.agreement.to_json() == fresh.agreement.to_json() and cached.agreement.usable
+    assert cached.backend.to_str() == fresh.backend.to_str()
+    everything = ADVERSARIAL_TEXTS + texts
+    assert cached.encode_batch(everything) == fresh.encode_batch(everything) == _conversion_ids(fresh, everything)
+    # A damaged entry is never used: one warning, computed again and rewritten.
+    damaged = bytearray(written)
+    damaged[len(damaged) // 2] ^= 0x01
+    entry.write_bytes(bytes(damaged))
+    with pytest.raises(AssertionError, match="computed again"):
+        load_tokenizer(standard_bpe)
+    assert "damaged tokenizer cache entry" in capsys.readouterr().err
+    monkeypatch.setattr(conversion_cache, "converted_sentencepiece_backend", originals[0])
+    monkeypatch.setattr(conversion_cache, "sentencepiece_agreement", originals[1])
+    assert load_tokenizer(standard_bpe).encode_batch(everything) == fresh.encode_batch(everything)
+    assert entry.read_bytes() == written
+    # Another model (here: other whitespace settings) is another entry.
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(open(standard_bpe, "rb").read())
+    proto.normalizer_spec.add_dummy_prefix = False
+    other = tmp_path / "other.model"
+    other.write_bytes(proto.SerializeToString())
+    assert "whitespace settings" in load_tokenizer(str(other)).agreement.reason
+    assert len(list((tmp_path / "cache" / "sentencepiece").iterdir())) == 2
+    # Off: nothing written. A folder that cannot be made: one warning, and the tokenizer still loads.
+    monkeypatch.setenv("MEGATRON_LIME_CACHE", "off")
+    assert conversion_cache.cache_folder() is None
+    assert load_tokenizer(standard_bpe).encode_batch(everything) == fresh.encode_batch(everything)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MEGATRON_LIME_CACHE", str(blocker / "cache"))
+    assert load_tokenizer(standard_bpe).encode_batch(everything) == fresh.encode_batch(everything)
+    assert "tokenizer cache not written" in capsys.readouterr().err
+
+
+def test_word_router_keeps_at_most_its_limit_of_agreeing_words_and_every_differing_one(standard_bpe, texts):
+    tok = load_tokenizer(standard_bpe)
+    words = sorted(set().union(*(tok.agreement.words(t) for t in texts if tok.agreement.covers(t))))
+    doubtful = [w for w in words if tok.agreement.doubtful(w)]
+    plain = [w for w in words if not tok.agreement.doubtful(w)]
+    assert doubtful and len(plain) > 200
+    router = tok.agreement.router(limit=100)
+    router.learn(doubtful[:1], [False])
+    status, handed = router.route([" ".join(plain)] + [f"{w} x" for w in plain])
+    assert status == [0] * (len(plain) + 1) and handed == []  # every plain word known to agree from its pieces
+    assert 0 < router.agreeing <= 100 and router.differing == 1  # forgotten past the limit, the differing one kept
+    assert router.route([f"a {doubtful[0]}", doubtful[0]])[0] == [1, 1]
+    # Forgotten words are simply checked again: the same verdicts.
+    assert router.route(plain)[0] == [0] * len(plain)
+    status, handed = router.route(doubtful[1:] + doubtful[1:])
+    assert status == [2] * (2 * len(doubtful) - 2) and handed == doubtful[1:]  # each new word handed back once
+
+
 def test_agreement_is_refused_where_it_cannot_be_shown(standard_bpe, texts, tmp_path):
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2

@@ -278,6 +278,147 @@ inline uint32_t next_code_point(const unsigned char*& p) {
   return ((c & 0x07) << 18) | (c1 << 12) | (c2 << 6) | (*p++ & 0x3F);
 }
 
+// Words (UTF-8 bytes) -> verdict, by open addressing over one byte arena: one probe and one memcmp per
+// lookup (std::unordered_set<std::string> chased a node and hashed the word with a slower hash).
+class WordVerdicts {
+ public:
+  static constexpr int kUnknown = -1, kDiffers = 0, kAgrees = 1;
+
+  static uint64_t hash(const unsigned char* p, size_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xC2B2AE3D27D4EB4Full);
+    for (; n >= 8; p += 8, n -= 8) {
+      uint64_t chunk;
+      std::memcpy(&chunk, p, 8);
+      h = (h ^ chunk) * 0xFF51AFD7ED558CCDull;
+      h ^= h >> 32;
+    }
+    uint64_t tail = 0;
+    std::memcpy(&tail, p, n);
+    h = (h ^ tail) * 0xC4CEB9FE1A85EC53ull;
+    h ^= h >> 29;
+    return h | 1;  // 0 marks an empty slot
+  }
+
+  int find(uint64_t h, const unsigned char* p, size_t n) const {
+    if (slots_.empty()) return kUnknown;
+    for (size_t i = h & mask_;; i = (i + 1) & mask_) {
+      const Slot& s = slots_[i];
+      if (s.hash == 0) return kUnknown;
+      if (s.hash == h && s.length == n && std::memcmp(arena_.data() + s.offset, p, n) == 0) return s.verdict;
+    }
+  }
+
+  void insert(uint64_t h, const unsigned char* p, size_t n, bool agrees) {
+    if (2 * (size_ + 1) > slots_.size()) grow();
+    size_t i = h & mask_;
+    while (slots_[i].hash != 0) i = (i + 1) & mask_;
+    slots_[i] = Slot{h, arena_.size(), static_cast<uint32_t>(n), agrees ? kAgrees : kDiffers};
+    arena_.append(reinterpret_cast<const char*>(p), n);
+    ++size_;
+    agreeing_ += agrees;
+  }
+
+  // Bounded memory: drops the agreeing words (checked again when met), keeps the differing ones.
+  void forget_agreeing() {
+    std::vector<Slot> old;
+    old.swap(slots_);
+    const std::string arena = std::move(arena_);
+    arena_.clear();
+    mask_ = size_ = agreeing_ = 0;
+    for (const Slot& s : old) {
+      if (s.hash != 0 && s.verdict == kDiffers) {
+        insert(s.hash, reinterpret_cast<const unsigned char*>(arena.data()) + s.offset, s.length, false);
+      }
+    }
+  }
+
+  size_t agreeing() const { return agreeing_; }
+  size_t differing() const { return size_ - agreeing_; }
+
+ private:
+  struct Slot {
+    uint64_t hash;
+    size_t offset;  // into arena_
+    uint32_t length;
+    int32_t verdict;
+  };
+
+  void grow() {
+    std::vector<Slot> old;
+    old.swap(slots_);
+    slots_.assign(std::max<size_t>(1024, 2 * old.size()), Slot{0, 0, 0, 0});
+    mask_ = slots_.size() - 1;
+    for (const Slot& s : old) {
+      if (s.hash == 0) continue;
+      size_t i = s.hash & mask_;
+      while (slots_[i].hash != 0) i = (i + 1) & mask_;
+      slots_[i] = s;
+    }
+  }
+
+  std::vector<Slot> slots_;  // at most half full
+  size_t mask_ = 0, size_ = 0, agreeing_ = 0;
+  std::string arena_;
+};
+
+// The pieces with two or more splits as a byte trie: doubtful() walks it from each character of a word, a
+// few steps each, where hashing every substring up to the longest piece cost a hash per (start, end).
+class PieceTrie {
+ public:
+  explicit PieceTrie(const std::vector<std::string>& pieces) {
+    size_t bytes = 1;
+    for (const std::string& piece : pieces) bytes += piece.size();
+    size_t slots = 1024;
+    while (slots < 2 * bytes) slots *= 2;
+    edges_.assign(slots, Edge{0, 0});
+    mask_ = slots - 1;
+    piece_of_.push_back(-1);  // node 0: the root
+    for (size_t k = 0; k < pieces.size(); ++k) {
+      uint32_t node = 0;
+      for (unsigned char byte : pieces[k]) {
+        uint32_t next = child(node, byte);
+        if (next == 0) {
+          next = static_cast<uint32_t>(piece_of_.size());
+          piece_of_.push_back(-1);
+          add_edge(node, byte, next);
+        }
+        node = next;
+      }
+      piece_of_[node] = static_cast<int32_t>(k);
+    }
+  }
+
+  // The child of node by byte; 0 when there is none (the root is nobody's child).
+  uint32_t child(uint32_t node, unsigned char byte) const {
+    const uint64_t key = key_of(node, byte);
+    for (size_t i = slot_of(key);; i = (i + 1) & mask_) {
+      if (edges_[i].key == key) return edges_[i].child;
+      if (edges_[i].key == 0) return 0;
+    }
+  }
+
+  int32_t piece_at(uint32_t node) const { return piece_of_[node]; }  // the piece ending at node, or -1
+
+ private:
+  struct Edge {
+    uint64_t key;  // (node << 8 | byte) + 1; 0 marks an empty slot
+    uint32_t child;
+  };
+  static uint64_t key_of(uint32_t node, unsigned char byte) { return ((uint64_t{node} << 8) | byte) + 1; }
+  size_t slot_of(uint64_t key) const { return ((key * 0x9E3779B97F4A7C15ull) >> 20) & mask_; }
+
+  void add_edge(uint32_t node, unsigned char byte, uint32_t next) {
+    const uint64_t key = key_of(node, byte);
+    size_t i = slot_of(key);
+    while (edges_[i].key != 0) i = (i + 1) & mask_;
+    edges_[i] = Edge{key, next};
+  }
+
+  std::vector<Edge> edges_;  // open addressing, at most half full
+  size_t mask_ = 0;
+  std::vector<int32_t> piece_of_;
+};
+
 class WordRouter {
  public:
   static constexpr int kSentencePiece = 0, kConversion = 1, kUnknownWords = 2;
@@ -287,44 +428,44 @@ class WordRouter {
   // without being encoded (tokenizer/agreement.py), and only the others are handed back.
   WordRouter(const std::vector<uint32_t>& unsafe, const std::vector<uint32_t>& spaces, size_t limit, bool prove,
              const std::vector<std::string>& multi_split)
-      : kind_(0x110000, 0), limit_(limit), prove_(prove) {
+      : kind_(0x110000, 0), limit_(limit), prove_(prove), multi_split_(multi_split) {
     for (uint32_t c : spaces) set_kind(c, kSpace);
     for (uint32_t c : unsafe) set_kind(c, kUnsafe);
-    for (const std::string& piece : multi_split) {
-      multi_split_.insert(std::hash<std::string_view>()(piece));
-      size_t chars = 0;
-      for (unsigned char byte : piece) chars += (byte & 0xC0) != 0x80;
-      max_chars_ = std::max(max_chars_, chars);
-    }
   }
 
-  // (status per text, words met for the first time): status 0 = every word agrees, 1 = an unsafe
-  // character or a word that differs, 2 = some word not checked yet (and none known to differ).
+  // (status per text, words met for the first time, in order of appearance): status 0 = every word agrees,
+  // 1 = an unsafe character or a word that differs, 2 = some word not checked yet (and none known to differ).
   py::tuple route(const py::list& texts) {
     std::vector<int> status(texts.size(), kSentencePiece);
-    std::unordered_set<std::string> unknown;
+    std::unordered_set<std::string> handed;
+    py::list words;
     for (size_t i = 0; i < texts.size(); ++i) {
       PyObject* text = texts[i].ptr();
       if (!PyUnicode_Check(text)) throw std::invalid_argument("WordRouter.route: texts must be str");
       Py_ssize_t size = 0;
       const char* data = PyUnicode_AsUTF8AndSize(text, &size);
       if (data == nullptr) throw py::error_already_set();
-      status[i] = route_one(reinterpret_cast<const unsigned char*>(data), size, unknown);
+      status[i] = route_one(reinterpret_cast<const unsigned char*>(data), size);
+      if (status[i] != kUnknownWords) continue;
+      for (std::string_view w : unchecked_) {
+        if (handed.emplace(w).second) words.append(py::str(w.data(), w.size()));
+      }
     }
-    py::list words;
-    for (const std::string& w : unknown) words.append(py::str(w));
     return py::make_tuple(status, words);
   }
 
   // Remember the verdicts of words route() handed back (agree[k]: both encoders gave the same ids).
   void learn(const std::vector<std::string>& words, const std::vector<bool>& agree) {
     if (words.size() != agree.size()) throw std::invalid_argument("WordRouter.learn: one verdict per word");
-    if (agree_.size() + words.size() > limit_) agree_.clear();  // bounded memory: forget, check again when met
-    for (size_t k = 0; k < words.size(); ++k) (agree[k] ? agree_ : differ_).insert(words[k]);
+    for (size_t k = 0; k < words.size(); ++k) {
+      const auto* p = reinterpret_cast<const unsigned char*>(words[k].data());
+      const uint64_t h = WordVerdicts::hash(p, words[k].size());
+      if (verdicts_.find(h, p, words[k].size()) == WordVerdicts::kUnknown) remember(h, p, words[k].size(), agree[k]);
+    }
   }
 
-  size_t agreeing() const { return agree_.size(); }
-  size_t differing() const { return differ_.size(); }
+  size_t agreeing() const { return verdicts_.agreeing(); }
+  size_t differing() const { return verdicts_.differing(); }
 
  private:
   static constexpr uint8_t kSpace = 1, kUnsafe = 2;
@@ -334,71 +475,73 @@ class WordRouter {
     kind_[c] = kind;
   }
 
+  void remember(uint64_t h, const unsigned char* word, size_t n, bool agrees) {
+    if (agrees && verdicts_.agreeing() >= limit_) verdicts_.forget_agreeing();  // at most limit_ agreeing words
+    verdicts_.insert(h, word, n, agrees);
+  }
+
   // True when some multi-split piece occurs at two places in U+2581 + word: only then can the encoders'
   // different tie orders meet (two pending merges forming the same piece with different splits).
-  bool doubtful(const std::string& word) const {
-    const std::string w = "\xE2\x96\x81" + word;
-    std::vector<size_t> starts;
-    for (size_t k = 0; k < w.size(); ++k) {
-      if ((static_cast<unsigned char>(w[k]) & 0xC0) != 0x80) starts.push_back(k);
-    }
-    starts.push_back(w.size());
-    const size_t n = starts.size() - 1;
-    if (n < 4) return false;  // two places of a piece of 3+ characters need 4+
-    // By hash: a collision can only make a word doubtful (checked by encoding), never the other way.
-    std::vector<size_t> seen;
-    const std::string_view view(w);
+  bool doubtful(const unsigned char* word, size_t size) {
+    static constexpr unsigned char kMeta[3] = {0xE2, 0x96, 0x81};
+    const size_t n = size + 3;
+    auto byte_at = [&](size_t k) { return k < 3 ? kMeta[k] : word[k - 3]; };
+    seen_.clear();
     for (size_t i = 0; i < n; ++i) {
-      for (size_t j = i + 3; j <= std::min(n, i + max_chars_); ++j) {  // a piece with two splits has 3+ chars
-        const size_t h = std::hash<std::string_view>()(view.substr(starts[i], starts[j] - starts[i]));
-        if (!multi_split_.count(h)) continue;
-        if (std::find(seen.begin(), seen.end(), h) != seen.end()) return true;
-        seen.push_back(h);
+      if ((byte_at(i) & 0xC0) == 0x80) continue;  // a piece starts at a character
+      uint32_t node = 0;
+      for (size_t k = i; k < n && (node = multi_split_.child(node, byte_at(k))) != 0; ++k) {
+        const int32_t piece = multi_split_.piece_at(node);
+        if (piece < 0) continue;
+        if (std::find(seen_.begin(), seen_.end(), piece) != seen_.end()) return true;
+        seen_.push_back(piece);
       }
     }
     return false;
   }
 
-  int route_one(const unsigned char* p, Py_ssize_t size, std::unordered_set<std::string>& unknown) {
+  // One text's status; its words not yet checked (views into the text) are left in unchecked_.
+  int route_one(const unsigned char* p, Py_ssize_t size) {
     const unsigned char* end = p + size;
     const unsigned char* word = nullptr;  // start of the current word
-    std::vector<std::string> unchecked;   // handed back only if the text can still go to sentencepiece
-    std::string key;
-    auto finish_word = [&](const unsigned char* stop) {
-      key.assign(reinterpret_cast<const char*>(word), stop - word);
+    unchecked_.clear();
+    auto agrees_or_unknown = [&](const unsigned char* stop) {  // false: the word is known to differ
+      const size_t n = stop - word;
+      const unsigned char* start = word;
       word = nullptr;
-      if (agree_.count(key)) return true;
-      if (differ_.count(key)) return false;
-      if (prove_ && !doubtful(key)) {
-        if (agree_.size() >= limit_) agree_.clear();
-        agree_.insert(key);
-        return true;
+      // U+2581 + at most two characters holds a piece of 3+ characters at most once: never doubtful, no lookup.
+      if (prove_ && n <= 2) return true;
+      const uint64_t h = WordVerdicts::hash(start, n);
+      const int verdict = verdicts_.find(h, start, n);
+      if (verdict != WordVerdicts::kUnknown) return verdict == WordVerdicts::kAgrees;
+      if (prove_ && !doubtful(start, n)) {
+        remember(h, start, n, true);
+      } else {
+        unchecked_.emplace_back(reinterpret_cast<const char*>(start), n);
       }
-      unchecked.push_back(key);
       return true;
     };
     while (p < end) {
       const unsigned char* here = p;
-      const uint8_t kind = kind_[next_code_point(p)];
+      const uint8_t kind = *p < 0x80 ? kind_[*p++] : kind_[next_code_point(p)];
       if (kind == kUnsafe) return kConversion;
       if (kind == kSpace) {
-        if (word != nullptr && !finish_word(here)) return kConversion;
+        if (word != nullptr && !agrees_or_unknown(here)) return kConversion;
       } else if (word == nullptr) {
         word = here;
       }
     }
-    if (word != nullptr && !finish_word(end)) return kConversion;
-    if (unchecked.empty()) return kSentencePiece;
-    unknown.insert(unchecked.begin(), unchecked.end());
-    return kUnknownWords;
+    if (word != nullptr && !agrees_or_unknown(end)) return kConversion;
+    return unchecked_.empty() ? kSentencePiece : kUnknownWords;
   }
 
   std::vector<uint8_t> kind_;  // per code point: 0 word character, kSpace, kUnsafe
-  std::unordered_set<std::string> agree_, differ_;
+  WordVerdicts verdicts_;
   size_t limit_;
   bool prove_;
-  std::unordered_set<size_t> multi_split_;  // hashes of the pieces with two or more splits
-  size_t max_chars_ = 0;
+  PieceTrie multi_split_;
+  std::vector<std::string_view> unchecked_;
+  std::vector<int32_t> seen_;
 };
 
 }  // namespace

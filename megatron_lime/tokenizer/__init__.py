@@ -5,6 +5,8 @@ One module per job (every name below is also importable from `megatron_lime.toke
   core.py         LimeTokenizer and its kinds, load_tokenizer, build_tokenizer (what tools call)
   huggingface.py  the `tokenizers` form of sentencepiece models, the export files (save_hf)
   agreement.py    when sentencepiece itself gives the ids of a model's `tokenizers` form (the fast path)
+  conversion_cache.py  a standard sentencepiece model's `tokenizers` form and agreement, computed once and kept
+                  on disk ($MEGATRON_LIME_CACHE, else ~/.cache/megatron-lime; `off` to compute every time)
   training.py     train_tokenizer (tools/train_tokenizer.py); every file goes through megatron_lime/files.py
 
 Kinds, named by Megatron-LM's --tokenizer-type (flags: add_tokenizer_args / TokenizerSpec, the

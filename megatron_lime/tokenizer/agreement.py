@@ -61,7 +61,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 META = "\u2581"  # sentencepiece's whitespace symbol
 
@@ -87,11 +87,18 @@ class SentencePieceAgreement:
                    multi_split: frozenset[str] = frozenset()) -> "SentencePieceAgreement":
         unsafe = unsafe_characters(rules)
         spaces = " " + "".join(sorted(k for k, v in rules.items() if len(k) == 1 and v == " " and k not in unsafe))
+        return cls.of(unsafe, spaces, prove, multi_split)
+
+    @classmethod
+    def of(cls, unsafe: Iterable[str], spaces: str, prove: bool,
+           multi_split: Iterable[str]) -> "SentencePieceAgreement":
+        """A usable agreement from its sets (usable_for derives them from the charsmap's rules)."""
+        unsafe, multi_split = frozenset(unsafe), frozenset(multi_split)
         ranges = _char_class(sorted(unsafe))
         # str.split() cuts at ASCII whitespace: exact for covered ASCII text when each of those is a space here
         # or never in a covered text.
         ascii_split = all(c in spaces or c in unsafe for c in " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")
-        return cls(None, frozenset(unsafe), spaces, prove, multi_split,
+        return cls(None, unsafe, spaces, prove, multi_split,
                    tuple(sorted(c for c in unsafe if c.isascii())),
                    re.compile(f"[{ranges}]") if ranges else None,
                    re.compile(f"[^{_char_class(sorted(spaces))}]+"), ascii_split)
@@ -99,6 +106,19 @@ class SentencePieceAgreement:
     @property
     def usable(self) -> bool:
         return self.reason is None
+
+    def to_json(self) -> dict:
+        """What `from_json` rebuilds it from (tokenizer/conversion_cache.py keeps it)."""
+        if self.reason is not None:
+            return {"reason": self.reason}
+        return {"unsafe": "".join(sorted(self.unsafe)), "spaces": self.spaces, "prove": self.prove,
+                "multi_split": sorted(self.multi_split)}
+
+    @classmethod
+    def from_json(cls, payload: dict) -> "SentencePieceAgreement":
+        if "reason" in payload:
+            return cls(payload["reason"])
+        return cls.of(payload["unsafe"], payload["spaces"], payload["prove"], payload["multi_split"])
 
     def covers(self, text: str) -> bool:
         """True when both normalisers provably give the same string for `text` (see the module docstring)."""

@@ -9,9 +9,8 @@ import os
 from typing import Any, Iterable, Sequence
 
 from megatron_lime.files import read_json
-from megatron_lime.tokenizer.agreement import sentencepiece_agreement
-from megatron_lime.tokenizer.huggingface import converted_sentencepiece_backend, lossless_sentencepiece_backend, \
-    write_hf_tokenizer_files
+from megatron_lime.tokenizer.conversion_cache import converted_form
+from megatron_lime.tokenizer.huggingface import lossless_sentencepiece_backend, write_hf_tokenizer_files
 from megatron_lime.tokenizer.spec import CHAT_TOKENS, GPT2_FILES, SENTENCEPIECE_FILE, SENTENCEPIECE_TYPES, \
     SPECIAL_TOKENS, TOKENIZER_TYPES, TokenizerSpec
 
@@ -352,13 +351,12 @@ class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
 
     def __init__(self, source: SentencePieceTokenizer):
         processor = source.processor
-        proto = source.proto()
-        super().__init__(converted_sentencepiece_backend(proto, source.path), source.path,
+        backend, self.agreement = converted_form(source.proto(), source.model_proto, source.path)
+        super().__init__(backend, source.path,
                          source.id_to_piece(source.eos_id),
                          processor.id_to_piece(processor.pad_id()) if processor.pad_id() >= 0 else None,
                          processor.id_to_piece(processor.unk_id()) if processor.unk_id() >= 0 else None)
         self.processor = processor
-        self.agreement = sentencepiece_agreement(proto)
         self.router = self.agreement.router() if self.agreement.usable else None
 
     def __getstate__(self) -> dict:
@@ -392,7 +390,9 @@ class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
                                                self.encode_by_conversion(new_words))]
             self.router.learn(new_words, verdicts)
             pending = [i for i, s in enumerate(status) if s == 2]
-            for i, s in zip(pending, self.router.route([texts[i] for i in pending])[0]):
+            # A pending text's unknown words were all among new_words: when every one agrees, so does the text.
+            rerouted = [0] * len(pending) if all(verdicts) else self.router.route([texts[i] for i in pending])[0]
+            for i, s in zip(pending, rerouted):
                 status[i] = s
         return [s == 0 for s in status]
 

@@ -440,26 +440,35 @@ def test_standard_bpe_model_is_encoded_by_sentencepiece_where_it_provably_agrees
     everything = adversarial + texts
     assert tok.encode_batch(everything) == _conversion_ids(tok, everything)
     assert [tok.encode(t) for t in adversarial] == _conversion_ids(tok, adversarial)
-    # The compiled router against its Python reference: the same texts covered, the same words handed back.
+    # The compiled router against its Python reference: the same texts covered, the same words handed back and
+    # the same of them doubtful.
     router = tok.agreement.router()
-    status, new_words = router.route(adversarial)
+    ids, status, new_words, flags = router.encode(adversarial)
     assert [s != 1 for s in status] == [tok.agreement.covers(t) for t in adversarial]
+    # Nothing known yet: only texts without words (empty, whitespace) are encoded, to no ids.
+    assert ids == [[] if tok.agreement.covers(t) and not tok.agreement.words(t) else None for t in adversarial]
     words = set().union(*(tok.agreement.words(t) for t in covered + [t for t in texts if tok.agreement.covers(t)]))
+    assert set(new_words) == set().union(*(tok.agreement.words(t) for t in covered)) and len(set(new_words)) == \
+        len(new_words)
+    assert flags == [tok.agreement.doubtful(w) for w in new_words]
     doubtful = {w for w in words if tok.agreement.doubtful(w)}
     assert tok.agreement.prove and doubtful
-    assert set(new_words) == {w for w in set().union(*(tok.agreement.words(t) for t in covered)) if w in doubtful}
+    # Once learnt, a covered text's ids are its words' sentencepiece ids put together: sentencepiece's own.
+    router.learn(new_words, tok.encode_by_sentencepiece(new_words), [True] * len(new_words))
+    ids, status, again, _ = router.encode(covered)
+    assert status == [0] * len(covered) and again == [] and ids == tok.processor.encode(covered)
     # The shortcut: a word without a repeated multi-split piece is encoded alike (here checked, not assumed).
     plain_words = sorted(words - doubtful)
     assert len(plain_words) > 1000
     assert tok.encode_by_sentencepiece(plain_words) == tok.encode_by_conversion(plain_words)
-    # A word known to differ sends its texts to the conversion.
-    # A doubtful word is handed back; once known to differ, it sends its texts to the conversion.
+    # A doubtful word is handed back to be checked; once known to differ, it sends its texts to the conversion.
     differs = sorted(doubtful)[0]
     fresh = tok.agreement.router()
-    status, handed = fresh.route([differs, f"  {differs}  y ", "y z"])
-    assert status == [2, 2, 0] and handed == [differs]
-    fresh.learn(handed, [False])
-    assert fresh.route([differs, f"  {differs}  y ", "y z"])[0] == [1, 1, 0]
+    ids, status, handed, flags = fresh.encode([differs, f"  {differs}  y ", "y z"])
+    assert status == [2, 2, 2] and handed == [differs, "y", "z"] and flags == [True, False, False]
+    fresh.learn(handed, tok.encode_by_sentencepiece(handed), [False, True, True])
+    ids, status, handed, _ = fresh.encode([differs, f"  {differs}  y ", "y z"])
+    assert status == [1, 1, 0] and handed == [] and ids == [None, None, tok.processor.encode("y z")]
     # The SFT tags added as new ids keep the fast path (sentencepiece never produces them either).
     chat = tok.with_chat_tokens()
     assert isinstance(chat, ConvertedSentencePieceTokenizer) and chat.user_id == tok.vocab_size
@@ -528,15 +537,24 @@ def test_word_router_keeps_at_most_its_limit_of_agreeing_words_and_every_differi
     plain = [w for w in words if not tok.agreement.doubtful(w)]
     assert doubtful and len(plain) > 200
     router = tok.agreement.router(limit=100)
-    router.learn(doubtful[:1], [False])
-    status, handed = router.route([" ".join(plain)] + [f"{w} x" for w in plain])
-    assert status == [0] * (len(plain) + 1) and handed == []  # every plain word known to agree from its pieces
-    assert 0 < router.agreeing <= 100 and router.differing == 1  # forgotten past the limit, the differing one kept
-    assert router.route([f"a {doubtful[0]}", doubtful[0]])[0] == [1, 1]
-    # Forgotten words are simply checked again: the same verdicts.
-    assert router.route(plain)[0] == [0] * len(plain)
-    status, handed = router.route(doubtful[1:] + doubtful[1:])
-    assert status == [2] * (2 * len(doubtful) - 2) and handed == doubtful[1:]  # each new word handed back once
+    router.learn(doubtful[:1], tok.encode_by_sentencepiece(doubtful[:1]), [False])
+    text = " ".join(plain)
+    ids, status, handed, flags = router.encode([text])
+    assert status == [2] and handed == plain and not any(flags)
+    # Every word of one learn() is kept, even past the limit: the text is encoded right after.
+    router.learn(handed, tok.encode_by_sentencepiece(handed), [True] * len(handed))
+    assert router.agreeing == len(plain) > 100 and router.differing == 1
+    ids, status, _, _ = router.encode([text])
+    assert status == [0] and ids == [tok.processor.encode(text)]
+    # The next words go past the limit: the agreeing ones are forgotten first, the differing one is kept.
+    novel = "qqzzxv"
+    assert novel not in plain
+    router.learn([novel], tok.encode_by_sentencepiece([novel]), [True])
+    assert router.agreeing == 1 and router.differing == 1
+    assert router.encode([f"a {doubtful[0]}"])[1] == [1]
+    # Forgotten words are simply new again.
+    ids, status, handed, _ = router.encode([text, novel])
+    assert status == [2, 0] and handed == plain and ids[1] == tok.processor.encode(novel)
 
 
 def test_agreement_is_refused_where_it_cannot_be_shown(standard_bpe, texts, tmp_path):

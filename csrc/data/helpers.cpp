@@ -23,12 +23,14 @@
 //   reads Python objects, so it holds the GIL.
 //
 // charsmap_rules, WordRouter (megatron_lime/tokenizer/agreement.py): the rules of a sentencepiece
-//   normaliser; and: which texts a standard sentencepiece model may
-//   encode itself instead of its Hugging Face conversion. A text qualifies when it holds none of the
-//   "unsafe" code points and each of its words (runs between "space" code points) is known to be
-//   encoded alike by both; a new word is known to agree when no piece with two splits occurs twice in
-//   it (see agreement.py), else handed back to be checked once (learn). One pass over each text's
-//   UTF-8; SentencePieceAgreement.covers / .words / .doubtful are the Python reference.
+//   normaliser; and a standard sentencepiece model's encoder for the texts where sentencepiece provably gives
+//   the ids of its Hugging Face conversion. A text qualifies when it holds none of the "unsafe" code points
+//   and each of its words (runs between "space" code points) is known to be encoded alike by both; its ids are
+//   then sentencepiece's ids of its words put together (no merge crosses a word there), each word encoded once
+//   and kept (a bounded cache, as the tokenizers library keeps BPE words). A new word is known to agree when no
+//   piece with two splits occurs twice in it, else it is checked against the conversion once; new words are
+//   handed back to Python, which encodes them and calls learn(). One pass over each text's UTF-8;
+//   SentencePieceAgreement.covers / .words / .doubtful are the Python reference.
 //
 // Plain C++ and pybind11 (no libtorch): preprocessing imports this without importing torch.
 
@@ -278,11 +280,12 @@ inline uint32_t next_code_point(const unsigned char*& p) {
   return ((c & 0x07) << 18) | (c1 << 12) | (c2 << 6) | (*p++ & 0x3F);
 }
 
-// Words (UTF-8 bytes) -> verdict, by open addressing over one byte arena: one probe and one memcmp per
-// lookup (std::unordered_set<std::string> chased a node and hashed the word with a slower hash).
-class WordVerdicts {
+// Words (UTF-8 bytes) -> (verdict, sentencepiece's ids), by open addressing over one arena of 32-bit units; a
+// record is [word bytes, ids count | verdict bit, word bytes padded to units, ids], so one lookup touches a
+// slot and one record.
+class WordCache {
  public:
-  static constexpr int kUnknown = -1, kDiffers = 0, kAgrees = 1;
+  static constexpr size_t kMissing = ~size_t{0};
 
   static uint64_t hash(const unsigned char* p, size_t n) {
     uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xC2B2AE3D27D4EB4Full);
@@ -299,36 +302,47 @@ class WordVerdicts {
     return h | 1;  // 0 marks an empty slot
   }
 
-  int find(uint64_t h, const unsigned char* p, size_t n) const {
-    if (slots_.empty()) return kUnknown;
+  // The record of a word, or kMissing.
+  size_t find(uint64_t h, const unsigned char* p, size_t n) const {
+    if (slots_.empty()) return kMissing;
     for (size_t i = h & mask_;; i = (i + 1) & mask_) {
       const Slot& s = slots_[i];
-      if (s.hash == 0) return kUnknown;
-      if (s.hash == h && s.length == n && std::memcmp(arena_.data() + s.offset, p, n) == 0) return s.verdict;
+      if (s.hash == 0) return kMissing;
+      if (s.hash == h && arena_[s.record] == n && std::memcmp(&arena_[s.record + 2], p, n) == 0) return s.record;
     }
   }
 
-  void insert(uint64_t h, const unsigned char* p, size_t n, bool agrees) {
+  bool agrees(size_t record) const { return (arena_[record + 1] >> 31) != 0; }
+  const uint32_t* ids(size_t record, size_t* count) const {
+    *count = arena_[record + 1] & 0x7FFFFFFFu;
+    return &arena_[record + 2 + units(arena_[record])];
+  }
+
+  void insert(uint64_t h, const unsigned char* p, size_t n, bool agrees, const std::vector<uint32_t>& ids) {
     if (2 * (size_ + 1) > slots_.size()) grow();
     size_t i = h & mask_;
     while (slots_[i].hash != 0) i = (i + 1) & mask_;
-    slots_[i] = Slot{h, arena_.size(), static_cast<uint32_t>(n), agrees ? kAgrees : kDiffers};
-    arena_.append(reinterpret_cast<const char*>(p), n);
+    slots_[i] = Slot{h, arena_.size()};
+    const size_t count = agrees ? ids.size() : 0;  // a differing word's ids are never used
+    arena_.push_back(static_cast<uint32_t>(n));
+    arena_.push_back(static_cast<uint32_t>(count) | (agrees ? 0x80000000u : 0u));
+    arena_.resize(arena_.size() + units(n), 0);
+    std::memcpy(&arena_[arena_.size() - units(n)], p, n);
+    arena_.insert(arena_.end(), ids.begin(), ids.begin() + count);
     ++size_;
     agreeing_ += agrees;
   }
 
-  // Bounded memory: drops the agreeing words (checked again when met), keeps the differing ones.
+  // Bounded memory: drops the agreeing words (encoded again when met), keeps the differing ones.
   void forget_agreeing() {
     std::vector<Slot> old;
     old.swap(slots_);
-    const std::string arena = std::move(arena_);
-    arena_.clear();
+    std::vector<uint32_t> arena;
+    arena.swap(arena_);
     mask_ = size_ = agreeing_ = 0;
     for (const Slot& s : old) {
-      if (s.hash != 0 && s.verdict == kDiffers) {
-        insert(s.hash, reinterpret_cast<const unsigned char*>(arena.data()) + s.offset, s.length, false);
-      }
+      if (s.hash == 0 || (arena[s.record + 1] >> 31) != 0) continue;
+      insert(s.hash, reinterpret_cast<const unsigned char*>(&arena[s.record + 2]), arena[s.record], false, {});
     }
   }
 
@@ -338,15 +352,14 @@ class WordVerdicts {
  private:
   struct Slot {
     uint64_t hash;
-    size_t offset;  // into arena_
-    uint32_t length;
-    int32_t verdict;
+    size_t record;  // into arena_
   };
+  static size_t units(size_t bytes) { return (bytes + 3) / 4; }
 
   void grow() {
     std::vector<Slot> old;
     old.swap(slots_);
-    slots_.assign(std::max<size_t>(1024, 2 * old.size()), Slot{0, 0, 0, 0});
+    slots_.assign(std::max<size_t>(1024, 2 * old.size()), Slot{0, 0});
     mask_ = slots_.size() - 1;
     for (const Slot& s : old) {
       if (s.hash == 0) continue;
@@ -358,10 +371,10 @@ class WordVerdicts {
 
   std::vector<Slot> slots_;  // at most half full
   size_t mask_ = 0, size_ = 0, agreeing_ = 0;
-  std::string arena_;
+  std::vector<uint32_t> arena_;
 };
 
-// The pieces with two or more splits as a byte trie: doubtful() walks it from each character of a word, a
+// The pieces with two or more splits as a byte trie: is_doubtful() walks it from each character of a word, a
 // few steps each, where hashing every substring up to the longest piece cost a hash per (start, end).
 class PieceTrie {
  public:
@@ -425,7 +438,7 @@ class WordRouter {
 
   // multi_split: the pieces with two or more splits into pieces (UTF-8, U+2581 as in the model), when the
   // model allows the shortcut (prove); then a new word in which none of them occurs twice is known to agree
-  // without being encoded (tokenizer/agreement.py), and only the others are handed back.
+  // without being encoded by the conversion (tokenizer/agreement.py).
   WordRouter(const std::vector<uint32_t>& unsafe, const std::vector<uint32_t>& spaces, size_t limit, bool prove,
              const std::vector<std::string>& multi_split)
       : kind_(0x110000, 0), limit_(limit), prove_(prove), multi_split_(multi_split) {
@@ -433,39 +446,61 @@ class WordRouter {
     for (uint32_t c : unsafe) set_kind(c, kUnsafe);
   }
 
-  // (status per text, words met for the first time, in order of appearance): status 0 = every word agrees,
-  // 1 = an unsafe character or a word that differs, 2 = some word not checked yet (and none known to differ).
-  py::tuple route(const py::list& texts) {
+  // (ids per text or None, status per text, the words met for the first time in order of appearance, whether
+  // each must be checked against the conversion). Status 0: every word known to agree, and the ids are its
+  // words' ids put together; 1: an unsafe character or a word known to differ (encode it by the conversion);
+  // 2: some word not known yet and none known to differ (learn the new words, then encode it again).
+  py::tuple encode(const py::list& texts) {
+    py::list ids(texts.size());
     std::vector<int> status(texts.size(), kSentencePiece);
-    std::unordered_set<std::string> handed;
+    std::unordered_set<std::string_view> handed;
     py::list words;
+    std::vector<bool> doubtful;
     for (size_t i = 0; i < texts.size(); ++i) {
       PyObject* text = texts[i].ptr();
-      if (!PyUnicode_Check(text)) throw std::invalid_argument("WordRouter.route: texts must be str");
+      if (!PyUnicode_Check(text)) throw std::invalid_argument("WordRouter.encode: texts must be str");
       Py_ssize_t size = 0;
       const char* data = PyUnicode_AsUTF8AndSize(text, &size);
       if (data == nullptr) throw py::error_already_set();
-      status[i] = route_one(reinterpret_cast<const unsigned char*>(data), size);
-      if (status[i] != kUnknownWords) continue;
-      for (std::string_view w : unchecked_) {
-        if (handed.emplace(w).second) words.append(py::str(w.data(), w.size()));
+      status[i] = encode_one(reinterpret_cast<const unsigned char*>(data), size);
+      if (status[i] == kSentencePiece) {
+        PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids_.size()));
+        if (list == nullptr) throw py::error_already_set();
+        for (size_t k = 0; k < ids_.size(); ++k) PyList_SET_ITEM(list, k, PyLong_FromUnsignedLong(ids_[k]));
+        ids[i] = py::reinterpret_steal<py::object>(list);
+        continue;
+      }
+      ids[i] = py::none();
+      if (status[i] == kUnknownWords) {
+        for (std::string_view word : unknown_) {
+          if (!handed.insert(word).second) continue;  // views into texts, alive for this call
+          words.append(py::str(word.data(), word.size()));
+          doubtful.push_back(!prove_ || is_doubtful(reinterpret_cast<const unsigned char*>(word.data()), word.size()));
+        }
       }
     }
-    return py::make_tuple(status, words);
+    return py::make_tuple(ids, status, words, doubtful);
   }
 
-  // Remember the verdicts of words route() handed back (agree[k]: both encoders gave the same ids).
-  void learn(const std::vector<std::string>& words, const std::vector<bool>& agree) {
-    if (words.size() != agree.size()) throw std::invalid_argument("WordRouter.learn: one verdict per word");
+  // Remember words encode() handed back: sentencepiece's ids of each, and whether the conversion gives the same.
+  // Past the limit the agreeing words known so far are forgotten first, so all of these are known after it.
+  void learn(const std::vector<std::string>& words, const std::vector<std::vector<uint32_t>>& ids,
+             const std::vector<bool>& agree) {
+    if (words.size() != agree.size() || words.size() != ids.size()) {
+      throw std::invalid_argument("WordRouter.learn: one list of ids and one verdict per word");
+    }
+    if (cache_.agreeing() + words.size() > limit_) cache_.forget_agreeing();
     for (size_t k = 0; k < words.size(); ++k) {
       const auto* p = reinterpret_cast<const unsigned char*>(words[k].data());
-      const uint64_t h = WordVerdicts::hash(p, words[k].size());
-      if (verdicts_.find(h, p, words[k].size()) == WordVerdicts::kUnknown) remember(h, p, words[k].size(), agree[k]);
+      const uint64_t h = WordCache::hash(p, words[k].size());
+      if (cache_.find(h, p, words[k].size()) == WordCache::kMissing) {
+        cache_.insert(h, p, words[k].size(), agree[k], ids[k]);
+      }
     }
   }
 
-  size_t agreeing() const { return verdicts_.agreeing(); }
-  size_t differing() const { return verdicts_.differing(); }
+  size_t agreeing() const { return cache_.agreeing(); }
+  size_t differing() const { return cache_.differing(); }
 
  private:
   static constexpr uint8_t kSpace = 1, kUnsafe = 2;
@@ -475,15 +510,11 @@ class WordRouter {
     kind_[c] = kind;
   }
 
-  void remember(uint64_t h, const unsigned char* word, size_t n, bool agrees) {
-    if (agrees && verdicts_.agreeing() >= limit_) verdicts_.forget_agreeing();  // at most limit_ agreeing words
-    verdicts_.insert(h, word, n, agrees);
-  }
-
   // True when some multi-split piece occurs at two places in U+2581 + word: only then can the encoders'
   // different tie orders meet (two pending merges forming the same piece with different splits).
-  bool doubtful(const unsigned char* word, size_t size) {
+  bool is_doubtful(const unsigned char* word, size_t size) {
     static constexpr unsigned char kMeta[3] = {0xE2, 0x96, 0x81};
+    if (size <= 2) return false;  // U+2581 + at most two characters holds a piece of 3+ characters at most once
     const size_t n = size + 3;
     auto byte_at = [&](size_t k) { return k < 3 ? kMeta[k] : word[k - 3]; };
     seen_.clear();
@@ -500,24 +531,26 @@ class WordRouter {
     return false;
   }
 
-  // One text's status; its words not yet checked (views into the text) are left in unchecked_.
-  int route_one(const unsigned char* p, Py_ssize_t size) {
+  // One text: its status; for status 0 its ids in ids_, for status 2 its unknown words in unknown_.
+  int encode_one(const unsigned char* p, Py_ssize_t size) {
     const unsigned char* end = p + size;
     const unsigned char* word = nullptr;  // start of the current word
-    unchecked_.clear();
+    ids_.clear();
+    unknown_.clear();
     auto agrees_or_unknown = [&](const unsigned char* stop) {  // false: the word is known to differ
       const size_t n = stop - word;
       const unsigned char* start = word;
       word = nullptr;
-      // U+2581 + at most two characters holds a piece of 3+ characters at most once: never doubtful, no lookup.
-      if (prove_ && n <= 2) return true;
-      const uint64_t h = WordVerdicts::hash(start, n);
-      const int verdict = verdicts_.find(h, start, n);
-      if (verdict != WordVerdicts::kUnknown) return verdict == WordVerdicts::kAgrees;
-      if (prove_ && !doubtful(start, n)) {
-        remember(h, start, n, true);
-      } else {
-        unchecked_.emplace_back(reinterpret_cast<const char*>(start), n);
+      const size_t record = cache_.find(WordCache::hash(start, n), start, n);
+      if (record == WordCache::kMissing) {
+        unknown_.emplace_back(reinterpret_cast<const char*>(start), n);
+        return true;
+      }
+      if (!cache_.agrees(record)) return false;
+      if (unknown_.empty()) {
+        size_t count = 0;
+        const uint32_t* ids = cache_.ids(record, &count);
+        ids_.insert(ids_.end(), ids, ids + count);
       }
       return true;
     };
@@ -532,15 +565,16 @@ class WordRouter {
       }
     }
     if (word != nullptr && !agrees_or_unknown(end)) return kConversion;
-    return unchecked_.empty() ? kSentencePiece : kUnknownWords;
+    return unknown_.empty() ? kSentencePiece : kUnknownWords;
   }
 
   std::vector<uint8_t> kind_;  // per code point: 0 word character, kSpace, kUnsafe
-  WordVerdicts verdicts_;
+  WordCache cache_;
   size_t limit_;
   bool prove_;
   PieceTrie multi_split_;
-  std::vector<std::string_view> unchecked_;
+  std::vector<uint32_t> ids_;
+  std::vector<std::string_view> unknown_;
   std::vector<int32_t> seen_;
 };
 
@@ -563,13 +597,15 @@ PYBIND11_MODULE(_data_helpers, m) {
   m.def("charsmap_rules", &charsmap_rules, py::arg("charsmap"),
         "{key: value} of a sentencepiece precompiled charsmap (its normalisation rules).");
   py::class_<WordRouter>(m, "WordRouter",
-                         "Which texts sentencepiece may encode in place of the conversion (tokenizer/agreement.py).")
+                         "A standard sentencepiece model's encoder for the texts where sentencepiece provably gives the "
+                         "ids of the conversion, word by word (tokenizer/agreement.py).")
       .def(py::init<const std::vector<uint32_t>&, const std::vector<uint32_t>&, size_t, bool,
                     const std::vector<std::string>&>(),
            py::arg("unsafe"), py::arg("spaces"), py::arg("limit"), py::arg("prove"), py::arg("multi_split"))
-      .def("route", &WordRouter::route, py::arg("texts"),
-           "(status per text: 0 sentencepiece, 1 conversion, 2 unchecked words; the unchecked words).")
-      .def("learn", &WordRouter::learn, py::arg("words"), py::arg("agree"))
+      .def("encode", &WordRouter::encode, py::arg("texts"),
+           "(ids or None per text; status per text: 0 encoded, 1 conversion, 2 new words; the new words; whether "
+           "each must be checked against the conversion).")
+      .def("learn", &WordRouter::learn, py::arg("words"), py::arg("ids"), py::arg("agree"))
       .def_property_readonly("agreeing", &WordRouter::agreeing)
       .def_property_readonly("differing", &WordRouter::differing);
 }

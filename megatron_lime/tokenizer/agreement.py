@@ -44,8 +44,10 @@ Both encoders run three stages; each must agree.
    for a text is its results for the text's words put together, each word encoded on its own.
    A new word is known to agree without encoding when no piece with two or more splits occurs
    twice in it (`bpe_shortcut` says why); any other new word is encoded with both encoders once.
-   The verdicts are kept (`router()`: C++, megatron_lime._data_helpers.WordRouter, bounded
-   memory); a text goes to sentencepiece only when every one of its words is known to agree.
+   The words are kept with their verdicts and sentencepiece's ids (`router()`: C++,
+   megatron_lime._data_helpers.WordRouter, bounded memory); a text is encoded this way only when
+   every one of its words is known to agree, and its ids are then its words' ids put together (so
+   each distinct word is encoded once, not each text: faster than sentencepiece on whole texts).
    A model whose normal pieces hold U+2581 after
    the start, or with user-defined pieces (the converter then splits them off and skips merges),
    or a unigram model (not BPE: left to the conversion, as its ties are broken differently), is
@@ -149,8 +151,9 @@ class SentencePieceAgreement:
         return False
 
     def router(self, limit: int = 1_000_000) -> Any:
-        """The compiled form of covers() and words(), with the verdicts of checked words (at most `limit`
-        agreeing words are kept; past that they are forgotten and checked again when met)."""
+        """The compiled form of covers() and words(), keeping each word's verdict and sentencepiece's ids (at most
+        about `limit` agreeing words, some 60 bytes each; past that they are forgotten and encoded again when
+        met)."""
         from megatron_lime.data.helpers import data_helpers
 
         return data_helpers().WordRouter(sorted(map(ord, self.unsafe)), sorted(map(ord, self.spaces)), limit,

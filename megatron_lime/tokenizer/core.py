@@ -347,7 +347,8 @@ class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
     and what the data must hold), encoded by sentencepiece itself wherever the two provably give the same
     ids (agreement.py: the model decides once whether they can, each text's characters whether its
     normalisation agrees, and each of its words, checked once with both encoders, whether BPE agrees) and
-    by the conversion elsewhere. The conversion's ids for every text, at sentencepiece's speed on most."""
+    by the conversion elsewhere. The conversion's ids for every text; on most, faster than sentencepiece on the
+    whole text, since each distinct word is encoded once (encode_routed)."""
 
     def __init__(self, source: SentencePieceTokenizer):
         processor = source.processor
@@ -360,7 +361,7 @@ class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
         self.router = self.agreement.router() if self.agreement.usable else None
 
     def __getstate__(self) -> dict:
-        return {**vars(self), "router": None}  # the compiled router is rebuilt (its verdicts are a cache)
+        return {**vars(self), "router": None}  # the compiled router is rebuilt (its words are a cache)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -379,33 +380,45 @@ class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
     def encode_by_conversion(self, texts: Sequence[str]) -> list[list[int]]:
         return HuggingFaceTokenizer.encode_batch(self, texts)
 
-    def by_sentencepiece(self, texts: Sequence[str]) -> list[bool]:
-        """Which texts sentencepiece may encode: covered characters and every word verified (agreement.py)."""
-        if self.router is None:
-            return [False] * len(texts)
+    def encode_routed(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """(the ids of each text, whether sentencepiece gave them). Where sentencepiece provably agrees with the
+        conversion (covered characters, every word verified: agreement.py), the ids are sentencepiece's ids of
+        the text's words put together, each distinct word encoded once and kept (router()); the conversion
+        encodes the other texts."""
         texts = list(texts)
-        status, new_words = self.router.route(texts)
+        if self.router is None:
+            return self.encode_by_conversion(texts), [False] * len(texts)
+        ids, status, new_words, doubtful = self.router.encode(texts)
         if new_words:
-            verdicts = [a == b for a, b in zip(self.encode_by_sentencepiece(new_words),
-                                               self.encode_by_conversion(new_words))]
-            self.router.learn(new_words, verdicts)
+            self.learn_words(new_words, doubtful)
             pending = [i for i, s in enumerate(status) if s == 2]
-            # A pending text's unknown words were all among new_words: when every one agrees, so does the text.
-            rerouted = [0] * len(pending) if all(verdicts) else self.router.route([texts[i] for i in pending])[0]
-            for i, s in zip(pending, rerouted):
-                status[i] = s
-        return [s == 0 for s in status]
+            again, again_status, _, _ = self.router.encode([texts[i] for i in pending])
+            for i, text_ids, s in zip(pending, again, again_status):
+                ids[i], status[i] = text_ids, s  # learn() keeps every word it was given: 0 or 1 now
+        rest = [i for i, s in enumerate(status) if s != 0]
+        for i, text_ids in zip(rest, self.encode_by_conversion([texts[i] for i in rest])):
+            ids[i] = text_ids
+        return ids, [s == 0 for s in status]
+
+    def learn_words(self, words: list[str], doubtful: list[bool]) -> None:
+        """Encode new words with sentencepiece; a doubtful one (agreement.py) also with the conversion, and it
+        agrees only if both give the same ids."""
+        ids = self.encode_by_sentencepiece(words)
+        agree = [True] * len(words)
+        checked = [k for k, d in enumerate(doubtful) if d]
+        for k, converted in zip(checked, self.encode_by_conversion([words[k] for k in checked])):
+            agree[k] = ids[k] == converted
+        self.router.learn(words, ids, agree)
+
+    def by_sentencepiece(self, texts: Sequence[str]) -> list[bool]:
+        """Which texts sentencepiece encodes (covered characters and every word verified: agreement.py)."""
+        return self.encode_routed(texts)[1]
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        routed = self.by_sentencepiece(texts)
-        if all(routed):
-            return self.encode_by_sentencepiece(texts)
-        fast = iter(self.encode_by_sentencepiece([t for t, r in zip(texts, routed) if r]))
-        rest = iter(self.encode_by_conversion([t for t, r in zip(texts, routed) if not r]))
-        return [next(fast) if r else next(rest) for r in routed]
+        return self.encode_routed(texts)[0]
 
     def with_chat_tokens(self) -> "ConvertedSentencePieceTokenizer":
         extended = super().with_chat_tokens()

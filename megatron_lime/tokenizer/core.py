@@ -371,7 +371,7 @@ class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
         if self.agreement.usable:
             return (f"tokenizer {self.path}: sentencepiece encodes the texts on which it provably gives the ids "
                     f"of the Hugging Face conversion (none of {len(self.agreement.unsafe)} characters, every word "
-                    "checked), the conversion the others")
+                    "checked; word by word, each distinct word encoded once), the conversion the others")
         return f"tokenizer {self.path}: its Hugging Face conversion encodes every text ({self.agreement.reason})"
 
     def encode_by_sentencepiece(self, texts: Sequence[str]) -> list[list[int]]:

@@ -3,10 +3,11 @@
 A sentencepiece model that is not ours (a standard BPE model: nmt_nfkc normalisation, dummy prefix,
 whitespace escaping and collapsing, byte fallback) is exported in the form transformers' converter
 gives it (huggingface.converted_sentencepiece_backend), and the data must hold exactly that form's
-ids. Sentencepiece encodes about twice as fast (benchmarks/bench_preprocess.py), so preprocessing uses
-it for every text where the two provably agree, and the conversion for the rest.
-`sentencepiece_agreement(proto)` works out, once
-when the model is loaded, whether and for which texts that holds:
+ids. Where the two provably agree, a text's ids are sentencepiece's ids of its words put together, so
+preprocessing encodes those texts word by word, each distinct word once (several times sentencepiece's
+speed on whole texts: benchmarks/bench_preprocess.py), and the conversion encodes the rest.
+`sentencepiece_agreement(proto)` works out, once when the model is loaded, whether and for which texts
+that holds:
 
 Both encoders run three stages; each must agree.
 

@@ -236,12 +236,13 @@ def make_tokenizer(kind: str, corpus: str, texts: list[str], out: str) -> list[s
     """Train a tokenizer of `kind` in `out`; returns the tokenizer flags every tool takes for it."""
     if kind == "lime":  # ours: lossless, has the chat tags
         return ["--tokenizer-model", train_tiny_tokenizer(out, corpus, vocab_size=512)]
-    if kind == "sentencepiece":  # sentencepiece's defaults: unigram, nmt_nfkc, dummy prefix, </s>, no chat tags
-        import sentencepiece as spm
+    if kind.startswith("sentencepiece"):  # sentencepiece's defaults: unigram, nmt_nfkc, dummy prefix, </s>, no chat
+        import sentencepiece as spm  # tags; -bpe: a BPE model with byte fallback, as LLaMA's (the word-by-word path)
 
         os.makedirs(out)
+        bpe = {"model_type": "bpe", "byte_fallback": True} if kind == "sentencepiece-bpe" else {}
         spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=os.path.join(out, "sp"),
-                                       vocab_size=400, minloglevel=2, num_threads=1)
+                                       vocab_size=400, minloglevel=2, num_threads=1, **bpe)
         return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", os.path.join(out, "sp.model")]
     # A byte-level BPE tokenizer.json (GPT-2 style) with 600 ids: the chat tags make 603, more than
     # lime-tiny's 512 rows, so training grows the vocabulary.
@@ -261,7 +262,7 @@ def make_tokenizer(kind: str, corpus: str, texts: list[str], out: str) -> list[s
     return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", out]
 
 
-@pytest.mark.parametrize("kind", ["lime", "sentencepiece", "bytelevel-bpe"])
+@pytest.mark.parametrize("kind", ["lime", "sentencepiece", "sentencepiece-bpe", "bytelevel-bpe"])
 def test_each_tokenizer_kind_from_raw_text_to_a_hugging_face_folder(kind, tmp_path, capsys):
     import subprocess
     import sys
@@ -293,6 +294,8 @@ def test_each_tokenizer_kind_from_raw_text_to_a_hugging_face_folder(kind, tmp_pa
         "tokenizer_type": None, "tokenizer_model": None, "vocab_file": None, "merge_file": None,
         **{flag.lstrip("-").replace("-", "_"): value for flag, value in zip(flags[::2], flags[1::2])}})()),
         chat_tokens=True)
+    if kind == "sentencepiece-bpe":  # the data above was encoded word by word where sentencepiece agrees
+        assert tokenizer.agreement.usable and sum(tokenizer.by_sentencepiece(texts)) > len(texts) // 2
 
     if kind == "lime":  # the path every other training test takes: a checkpoint written here is enough
         import torch
@@ -332,7 +335,7 @@ def test_each_tokenizer_kind_from_raw_text_to_a_hugging_face_folder(kind, tmp_pa
         assert hf(text, add_special_tokens=False)["input_ids"] + [hf.eos_token_id] == written.tolist()
 
     # Chat: the template renders what SFT trained on, tags as single ids, replies ended by the tokenizer's own eos.
-    eos = {"lime": "<eos>", "sentencepiece": "</s>", "bytelevel-bpe": "<|endoftext|>"}[kind]
+    eos = {"lime": "<eos>", "bytelevel-bpe": "<|endoftext|>"}.get(kind, "</s>")
     assert hf.eos_token == eos and hf.eos_token_id == tokenizer.eos_id
     example = SFTExample(turns=(Turn("What does heapq do?", "It keeps a heap."), Turn("And bisect?", "Sorted lists.")))
     messages = [{"role": role, "content": content} for turn in example.turns

@@ -328,3 +328,17 @@ def test_tiny_sft_run_lowers_loss_on_trained_tokens(dolly_prefix):
     # Starting at ln(vocab) = 6.24 (uniform), 30 steps must take off at least a nat on unseen responses.
     assert after < before - 1.0, (before, after)
     assert np.mean(train_losses[-5:]) < np.mean(train_losses[:5]) - 1.0
+
+
+def test_both_preprocessing_tools_start_without_torch():
+    """Importing torch costs about a second per run (per shard of a job array): neither tool needs it."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for tool in ("preprocess_data", "preprocess_sft_data"):
+        code = (f"import runpy, sys; sys.argv = ['{tool}', '--help']\n"
+                f"try:\n    runpy.run_path('{repo}/tools/{tool}.py', run_name='__main__')\n"
+                "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "False", (tool, result.stderr)

@@ -74,6 +74,45 @@ def test_lossless_round_trip(tokenizer_dir, texts):
     assert len(tok.encode("the " * 50)) < 100
 
 
+def test_lossless_model_encodes_word_by_word_with_sentencepiece_own_ids(tokenizer_dir, texts):
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from megatron_lime.tokenizer.agreement import lossless_router, word_split_obstacle
+
+    tok = load_tokenizer(tokenizer_dir)
+    assert word_split_obstacle(tok.proto()) is None and tok.router is not None
+    rng = random.Random(5)
+    words = sorted({w for t in texts for w in t.split()})
+    glued = ["".join(rng.choice(words) + rng.choice(["", " ", "  ", "    ", "\n", "\t", "\n    ", " \n ", "\u2581 "])
+                     for _ in range(rng.randint(0, 30))) for _ in range(2000)]
+    batch = texts + random_unicode_strings(1000, seed=9) + glued + ["", " ", "   ", " a", "a ", "  a  b  ", "\u2581 x"]
+    assert tok.encode_batch(batch) == tok.processor.encode(batch)  # each new word learnt, then put together
+    assert tok.encode_batch(batch) == tok.processor.encode(batch)  # every word known
+    assert tok.encode_batch(["  a  bc d", "x  "]) == tok.processor.encode(["  a  bc d", "x  "])
+    ids, status, new_words, _ = tok.router.encode(["  a  bc d", "x  "])
+    assert status == [0, 0] and new_words == [] and ids == tok.processor.encode(["  a  bc d", "x  "])
+    fresh = lossless_router(tok.proto())
+    assert fresh.encode(["  a  bc d"])[2] == ["  a", "  bc", " d"]  # a word: spaces, then the rest up to a space
+    clone = pickle.loads(pickle.dumps(tok))  # the compiled cache is not pickled; it is rebuilt
+    assert clone.encode_batch(batch[:50]) == tok.processor.encode(batch[:50])
+
+    def obstacle(edit) -> str | None:
+        proto = sp_pb2.ModelProto()
+        proto.CopyFrom(tok.proto())
+        edit(proto)
+        return word_split_obstacle(proto)
+
+    def space_inside(proto):
+        piece = next(p for p in proto.pieces if p.type == sp_pb2.ModelProto.SentencePiece.NORMAL and len(p.piece) > 2
+                     and " " not in p.piece)
+        piece.piece = piece.piece[0] + " " + piece.piece[1:]
+
+    assert "a space after another character" in obstacle(space_inside)
+    assert "normalises" in obstacle(lambda p: setattr(p.normalizer_spec, "add_dummy_prefix", True))
+    assert "user-defined" in obstacle(lambda p: setattr(p.pieces[-1], "type",
+                                                         sp_pb2.ModelProto.SentencePiece.USER_DEFINED))
+
+
 def test_encode_never_produces_special_ids(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     special = {tok.pad_id, tok.eos_id, tok.user_id, tok.assistant_id, tok.context_id}

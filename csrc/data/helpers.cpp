@@ -439,9 +439,13 @@ class WordRouter {
   // multi_split: the pieces with two or more splits into pieces (UTF-8, U+2581 as in the model), when the
   // model allows the shortcut (prove); then a new word in which none of them occurs twice is known to agree
   // without being encoded by the conversion (tokenizer/agreement.py).
+  //
+  // leading_spaces: a word is a run of spaces and the run of other characters after it, spaces kept (our lossless
+  // models: no normaliser, and no piece holds a space after another character, so no merge crosses into a run
+  // of spaces); otherwise words are the runs between spaces, which the normaliser collapses (standard models).
   WordRouter(const std::vector<uint32_t>& unsafe, const std::vector<uint32_t>& spaces, size_t limit, bool prove,
-             const std::vector<std::string>& multi_split)
-      : kind_(0x110000, 0), limit_(limit), prove_(prove), multi_split_(multi_split) {
+             const std::vector<std::string>& multi_split, bool leading_spaces)
+      : kind_(0x110000, 0), limit_(limit), prove_(prove), leading_spaces_(leading_spaces), multi_split_(multi_split) {
     for (uint32_t c : spaces) set_kind(c, kSpace);
     for (uint32_t c : unsafe) set_kind(c, kUnsafe);
   }
@@ -554,14 +558,22 @@ class WordRouter {
       }
       return true;
     };
+    bool other = false;  // leading_spaces_: the current word has a character other than a space
     while (p < end) {
       const unsigned char* here = p;
       const uint8_t kind = *p < 0x80 ? kind_[*p++] : kind_[next_code_point(p)];
       if (kind == kUnsafe) return kConversion;
       if (kind == kSpace) {
-        if (word != nullptr && !agrees_or_unknown(here)) return kConversion;
-      } else if (word == nullptr) {
-        word = here;
+        if (leading_spaces_) {
+          if (other && !agrees_or_unknown(here)) return kConversion;
+          if (word == nullptr) word = here;
+          other = false;
+        } else if (word != nullptr && !agrees_or_unknown(here)) {
+          return kConversion;
+        }
+      } else {
+        if (word == nullptr) word = here;
+        other = true;
       }
     }
     if (word != nullptr && !agrees_or_unknown(end)) return kConversion;
@@ -572,6 +584,7 @@ class WordRouter {
   WordCache cache_;
   size_t limit_;
   bool prove_;
+  bool leading_spaces_;
   PieceTrie multi_split_;
   std::vector<uint32_t> ids_;
   std::vector<std::string_view> unknown_;
@@ -600,8 +613,9 @@ PYBIND11_MODULE(_data_helpers, m) {
                          "A standard sentencepiece model's encoder for the texts where sentencepiece provably gives the "
                          "ids of the conversion, word by word (tokenizer/agreement.py).")
       .def(py::init<const std::vector<uint32_t>&, const std::vector<uint32_t>&, size_t, bool,
-                    const std::vector<std::string>&>(),
-           py::arg("unsafe"), py::arg("spaces"), py::arg("limit"), py::arg("prove"), py::arg("multi_split"))
+                    const std::vector<std::string>&, bool>(),
+           py::arg("unsafe"), py::arg("spaces"), py::arg("limit"), py::arg("prove"), py::arg("multi_split"),
+           py::arg("leading_spaces") = false)
       .def("encode", &WordRouter::encode, py::arg("texts"),
            "(ids or None per text; status per text: 0 encoded, 1 conversion, 2 new words; the new words; whether "
            "each must be checked against the conversion).")

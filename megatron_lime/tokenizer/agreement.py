@@ -55,6 +55,13 @@ Both encoders run three stages; each must agree.
    encoded by the conversion throughout. Unknown characters (byte fallback or <unk>) are part of
    the words checked.
 
+Our own lossless models (tools/train_tokenizer.py: identity normalisation, no dummy prefix, spaces kept as
+they are) are encoded by sentencepiece itself, and need none of this; but the same way of encoding applies.
+No merge can put a space after another character when no piece holds one (true of models trained with
+split_by_whitespace; checked by `word_split_obstacle`), so a text's ids are the ids of its words put
+together, a word being here a run of spaces and the run of other characters after it, each encoded on its
+own. `lossless_router(proto)` keeps those words' ids (the same compiled WordRouter, leading_spaces=True).
+
 tests/test_tokenizer.py checks agreement on adversarial text (unicode, whitespace runs, byte
 fallback, digits, empty) and that a model breaking a condition is encoded by the conversion.
 """
@@ -224,6 +231,35 @@ def bpe_shortcut(proto: Any) -> tuple[bool, frozenset[str]]:
     multi = frozenset(piece for piece in normal if len(piece) > 2 and sum(
         piece[:k] in normal and piece[k:] in normal for k in range(1, len(piece))) > 1)
     return True, multi
+
+
+def word_split_obstacle(proto: Any) -> str | None:
+    """Why a lossless model's ids for a text are not its words' ids put together (a word: a run of spaces and the
+    run of other characters after it), or None when they are."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    spec, kind = proto.normalizer_spec, sp_pb2.ModelProto.SentencePiece
+    if proto.trainer_spec.model_type != sp_pb2.TrainerSpec.BPE:
+        return "not a BPE model"
+    if (spec.name != "identity" or spec.precompiled_charsmap or spec.add_dummy_prefix or spec.remove_extra_whitespaces
+            or spec.escape_whitespaces):
+        return "it normalises text (a charsmap, a dummy prefix, whitespace collapsing or escaping)"
+    for i, p in enumerate(proto.pieces):
+        if p.type in (kind.USER_DEFINED, kind.UNUSED):
+            return f"piece {i} {p.piece!r} is {kind.Type.Name(p.type).lower().replace('_', '-')}"
+        if p.type == kind.NORMAL and re.search("[^ ] ", p.piece):
+            return f"piece {i} {p.piece!r} holds a space after another character (merges across words)"
+    return None
+
+
+def lossless_router(proto: Any, limit: int = 1_000_000) -> Any:
+    """The compiled word cache of a lossless model (see the module docstring), or None when its words do not
+    decompose a text's encoding."""
+    if word_split_obstacle(proto) is not None:
+        return None
+    from megatron_lime.data.helpers import data_helpers
+
+    return data_helpers().WordRouter([], [ord(" ")], limit, True, [], leading_spaces=True)
 
 
 def sentencepiece_agreement(proto: Any) -> SentencePieceAgreement:

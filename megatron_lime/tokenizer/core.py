@@ -5,10 +5,12 @@ the flags, plus the check that the Hugging Face export gives the same ids). See 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from typing import Any, Iterable, Sequence
 
 from megatron_lime.files import read_json
+from megatron_lime.tokenizer.agreement import lossless_router
 from megatron_lime.tokenizer.conversion_cache import converted_form
 from megatron_lime.tokenizer.huggingface import lossless_sentencepiece_backend, write_hf_tokenizer_files
 from megatron_lime.tokenizer.spec import CHAT_TOKENS, GPT2_FILES, SENTENCEPIECE_FILE, SENTENCEPIECE_TYPES, \
@@ -196,9 +198,27 @@ class SentencePieceTokenizer(LimeTokenizer):
         return self.processor.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # One C++ call for the whole batch; threads stay at 1 because preprocessing
-        # already runs one worker process per core.
-        return self.processor.encode(list(texts), num_threads=1)
+        # Threads stay at 1 because preprocessing already runs one worker process per core.
+        texts = list(texts)
+        if self.router is None:
+            return self.processor.encode(texts, num_threads=1)
+        # Our lossless model: a text's ids are its words' ids put together (agreement.lossless_router), so each
+        # distinct word is encoded once by sentencepiece and kept.
+        ids, status, new_words, _ = self.router.encode(texts)
+        if new_words:
+            self.router.learn(new_words, self.processor.encode(new_words, num_threads=1), [True] * len(new_words))
+            pending = [i for i, s in enumerate(status) if s == 2]
+            for i, text_ids in zip(pending, self.router.encode([texts[i] for i in pending])[0]):
+                ids[i] = text_ids  # learn() keeps every word it was given
+        return ids
+
+    @functools.cached_property
+    def router(self) -> Any:
+        """The word cache of our lossless models (None for any other model): built when first encoding."""
+        return lossless_router(self.proto()) if self.lossless else None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "router"}  # compiled; rebuilt when first used
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.processor.decode([int(i) for i in ids])

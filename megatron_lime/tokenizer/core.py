@@ -133,7 +133,8 @@ class LimeTokenizer:
 
 
 class SentencePieceTokenizer(LimeTokenizer):
-    """Our lossless sentencepiece model (tokenizer.model in our directory), encoded by sentencepiece.
+    """Our lossless sentencepiece model (tokenizer.model in our directory), encoded by sentencepiece, word by word
+    in encode_batch (each distinct word once; the same ids: agreement.lossless_router).
 
     Any other sentencepiece model (a LLaMA-style one with whitespace escaping and a dummy prefix,
     a unigram model with NFKC normalisation, ...) is loaded as a HuggingFaceTokenizer converted

@@ -30,7 +30,8 @@
 //   and kept (a bounded cache, as the tokenizers library keeps BPE words). A new word is known to agree when no
 //   piece with two splits occurs twice in it, else it is checked against the conversion once; new words are
 //   handed back to Python, which encodes them and calls learn(). One pass over each text's UTF-8;
-//   SentencePieceAgreement.covers / .words / .doubtful are the Python reference.
+//   SentencePieceAgreement.covers / .words / .doubtful are the Python reference. Our lossless models use the
+//   same cache with words that keep their leading spaces (agreement.lossless_router).
 //
 // Plain C++ and pybind11 (no libtorch): preprocessing imports this without importing torch.
 
@@ -308,14 +309,16 @@ class WordCache {
     for (size_t i = h & mask_;; i = (i + 1) & mask_) {
       const Slot& s = slots_[i];
       if (s.hash == 0) return kMissing;
-      if (s.hash == h && arena_[s.record] == n && std::memcmp(&arena_[s.record + 2], p, n) == 0) return s.record;
+      if (s.hash == h && arena_[s.record] == n && std::memcmp(arena_.data() + s.record + 2, p, n) == 0) {
+        return s.record;
+      }
     }
   }
 
   bool agrees(size_t record) const { return (arena_[record + 1] >> 31) != 0; }
   const uint32_t* ids(size_t record, size_t* count) const {
     *count = arena_[record + 1] & 0x7FFFFFFFu;
-    return &arena_[record + 2 + units(arena_[record])];
+    return arena_.data() + record + 2 + units(arena_[record]);
   }
 
   void insert(uint64_t h, const unsigned char* p, size_t n, bool agrees, const std::vector<uint32_t>& ids) {
@@ -327,7 +330,7 @@ class WordCache {
     arena_.push_back(static_cast<uint32_t>(n));
     arena_.push_back(static_cast<uint32_t>(count) | (agrees ? 0x80000000u : 0u));
     arena_.resize(arena_.size() + units(n), 0);
-    std::memcpy(&arena_[arena_.size() - units(n)], p, n);
+    std::memcpy(arena_.data() + arena_.size() - units(n), p, n);
     arena_.insert(arena_.end(), ids.begin(), ids.begin() + count);
     ++size_;
     agreeing_ += agrees;
@@ -342,7 +345,7 @@ class WordCache {
     mask_ = size_ = agreeing_ = 0;
     for (const Slot& s : old) {
       if (s.hash == 0 || (arena[s.record + 1] >> 31) != 0) continue;
-      insert(s.hash, reinterpret_cast<const unsigned char*>(&arena[s.record + 2]), arena[s.record], false, {});
+      insert(s.hash, reinterpret_cast<const unsigned char*>(arena.data() + s.record + 2), arena[s.record], false, {});
     }
   }
 
@@ -610,8 +613,8 @@ PYBIND11_MODULE(_data_helpers, m) {
   m.def("charsmap_rules", &charsmap_rules, py::arg("charsmap"),
         "{key: value} of a sentencepiece precompiled charsmap (its normalisation rules).");
   py::class_<WordRouter>(m, "WordRouter",
-                         "A standard sentencepiece model's encoder for the texts where sentencepiece provably gives the "
-                         "ids of the conversion, word by word (tokenizer/agreement.py).")
+                         "Encodes texts word by word from a cache of sentencepiece's ids per word, where that "
+                         "provably gives the model's ids (tokenizer/agreement.py).")
       .def(py::init<const std::vector<uint32_t>&, const std::vector<uint32_t>&, size_t, bool,
                     const std::vector<std::string>&, bool>(),
            py::arg("unsafe"), py::arg("spaces"), py::arg("limit"), py::arg("prove"), py::arg("multi_split"),

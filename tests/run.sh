@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs what is missing (scripts/setup.sh), then the whole suite.
 #
-#   bash tests/run.sh                  # about 5 minutes on 2 cores once installed
+#   bash tests/run.sh                  # about 10 minutes on 2 cores once installed
 #   bash tests/run.sh -x -k tokenizer  # arguments go to pytest
 #   bash tests/run.sh tests/test_flags.py
 set -euo pipefail

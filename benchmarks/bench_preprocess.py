@@ -289,7 +289,6 @@ def bench_standard_sentencepiece(corpus: str, model_file: str, workdir: str, wor
     """A standard sentencepiece model: the start-up with the converted form computed (cold cache) and read from
     the cache, which texts sentencepiece encodes, the encoders alone, end to end against workers x sentencepiece
     alone, and (with Megatron-LM) Megatron-LM's tool side by side, runs alternated."""
-    import shutil
     import tempfile
 
     from megatron_lime.tokenizer import load_tokenizer
@@ -301,7 +300,6 @@ def bench_standard_sentencepiece(corpus: str, model_file: str, workdir: str, wor
                                                   env={"MEGATRON_LIME_CACHE": cold_cache})["wall_s"])
             startup["warm"].append(run_preprocess(tiny_corpus, model_file, os.path.join(workdir, "std_tiny"), workers,
                                                   env={"MEGATRON_LIME_CACHE": cold_cache})["wall_s"])
-            shutil.rmtree(cold_cache, ignore_errors=True)
 
     tok = load_tokenizer(model_file)
     texts = read_texts(corpus, 20_000_000)

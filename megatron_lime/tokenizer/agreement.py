@@ -71,7 +71,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 META = "\u2581"  # sentencepiece's whitespace symbol
 
@@ -231,6 +231,25 @@ def bpe_shortcut(proto: Any) -> tuple[bool, frozenset[str]]:
     multi = frozenset(piece for piece in normal if len(piece) > 2 and sum(
         piece[:k] in normal and piece[k:] in normal for k in range(1, len(piece))) > 1)
     return True, multi
+
+
+def encode_by_words(router: Any, texts: list[str], learn: Callable[[list[str], list[bool]], None],
+                    rest: Callable[[list[str]], list[list[int]]]) -> tuple[list[list[int]], list[int]]:
+    """Encode `texts` with a compiled WordRouter: (ids per text, the router's status per text, 0 where it gave them).
+
+    Its words met for the first time go to learn(words, doubtful), which must router.learn() every one of them;
+    the texts that held them are then encoded again. rest(texts) encodes what the router does not (status 1)."""
+    ids, status, new_words, doubtful = router.encode(texts)
+    if new_words:
+        learn(new_words, doubtful)
+        pending = [i for i, s in enumerate(status) if s == 2]
+        again, again_status, _, _ = router.encode([texts[i] for i in pending])
+        for i, text_ids, s in zip(pending, again, again_status):
+            ids[i], status[i] = text_ids, s  # learn() keeps every word it was given: 0 or 1 now
+    others = [i for i, s in enumerate(status) if s != 0]
+    for i, text_ids in zip(others, rest([texts[i] for i in others]) if others else []):
+        ids[i] = text_ids
+    return ids, status
 
 
 def word_split_obstacle(proto: Any) -> str | None:

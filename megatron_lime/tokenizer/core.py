@@ -10,7 +10,7 @@ import os
 from typing import Any, Iterable, Sequence
 
 from megatron_lime.files import read_json
-from megatron_lime.tokenizer.agreement import lossless_router
+from megatron_lime.tokenizer.agreement import encode_by_words, lossless_router
 from megatron_lime.tokenizer.conversion_cache import converted_form
 from megatron_lime.tokenizer.huggingface import lossless_sentencepiece_backend, write_hf_tokenizer_files
 from megatron_lime.tokenizer.spec import CHAT_TOKENS, GPT2_FILES, SENTENCEPIECE_FILE, SENTENCEPIECE_TYPES, \
@@ -205,13 +205,10 @@ class SentencePieceTokenizer(LimeTokenizer):
             return self.processor.encode(texts, num_threads=1)
         # Our lossless model: a text's ids are its words' ids put together (agreement.lossless_router), so each
         # distinct word is encoded once by sentencepiece and kept.
-        ids, status, new_words, _ = self.router.encode(texts)
-        if new_words:
-            self.router.learn(new_words, self.processor.encode(new_words, num_threads=1), [True] * len(new_words))
-            pending = [i for i, s in enumerate(status) if s == 2]
-            for i, text_ids in zip(pending, self.router.encode([texts[i] for i in pending])[0]):
-                ids[i] = text_ids  # learn() keeps every word it was given
-        return ids
+        def learn(words: list[str], doubtful: list[bool]) -> None:
+            self.router.learn(words, self.processor.encode(words, num_threads=1), [True] * len(words))
+
+        return encode_by_words(self.router, texts, learn, lambda rest: self.processor.encode(rest, num_threads=1))[0]
 
     @functools.cached_property
     def router(self) -> Any:
@@ -409,16 +406,7 @@ class ConvertedSentencePieceTokenizer(HuggingFaceTokenizer):
         texts = list(texts)
         if self.router is None:
             return self.encode_by_conversion(texts), [False] * len(texts)
-        ids, status, new_words, doubtful = self.router.encode(texts)
-        if new_words:
-            self.learn_words(new_words, doubtful)
-            pending = [i for i, s in enumerate(status) if s == 2]
-            again, again_status, _, _ = self.router.encode([texts[i] for i in pending])
-            for i, text_ids, s in zip(pending, again, again_status):
-                ids[i], status[i] = text_ids, s  # learn() keeps every word it was given: 0 or 1 now
-        rest = [i for i, s in enumerate(status) if s != 0]
-        for i, text_ids in zip(rest, self.encode_by_conversion([texts[i] for i in rest])):
-            ids[i] = text_ids
+        ids, status = encode_by_words(self.router, texts, self.learn_words, self.encode_by_conversion)
         return ids, [s == 0 for s in status]
 
     def learn_words(self, words: list[str], doubtful: list[bool]) -> None:

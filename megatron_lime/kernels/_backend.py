@@ -301,7 +301,8 @@ def _build_id(module: ModuleType | None) -> str:
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
     return f"{device.type} {platform.machine()} x{torch.get_num_threads()} threads"
 
 

@@ -46,6 +46,10 @@ def test_kernel_plan_runs_before_step_one_with_recompute_activations(tiny_data, 
 
 # ---- in this process: DeepSpeed engines on a process group of one (gloo), measured once for the tests below ----
 
+RECIPE_DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                                "ds_config_zero1_bf16.json")
+
+
 def engine_for(env, *flags: str):
     from megatron_lime.training.config import parse_training_args
     from megatron_lime.training.pretrain import build_model
@@ -174,12 +178,23 @@ def measured():
         engines.append(engine)
         results["autocast_weight_dtypes"] = {p.dtype for p in engine.module.parameters()}
         results["engine_bf16"] = engine_run(env, 3, "--precision", "bf16")[:2]
+        recipe, _ = engine_for(env, "--precision", "bf16", "--deepspeed-config", RECIPE_DS_CONFIG)
+        engines.append(recipe)
+        results["recipe_overlap_comm"] = recipe.optimizer.overlap_comm
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
     return results
+
+
+def test_the_recipe_deepspeed_config_adds_no_per_parameter_hooks(measured):
+    """The recipe's DeepSpeed JSON: overlap_comm off (on, ZeRO-1/2 hooks every parameter's gradient in every
+    micro-batch and synchronises the device in every step: nothing to overlap on one node's NVLink with gradient
+    accumulation, as wrap.py explains)."""
+    assert json.load(open(RECIPE_DS_CONFIG))["zero_optimization"]["overlap_comm"] is False
+    assert measured["recipe_overlap_comm"] is False
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -210,3 +225,45 @@ def test_autocast_precision_equals_a_plain_torch_autocast_loop(measured):
     # and it is not the bf16 mode (bf16 weights): that one's first loss differs by bf16's rounding of the weights
     bf16_losses, _ = measured["engine_bf16"]
     assert bf16_losses[0] != pytest.approx(plain_losses[0], rel=1e-6)
+
+
+# The real loop, with the step's host read (the termination poll, an all-reduce and .item()) made to take 0.25 s,
+# as waiting for a GPU's queued work does.
+SLOW_POLL_RUNNER = """
+import sys
+import time
+from megatron_lime.training import failures
+
+real = failures.TerminationRequest.requested
+
+def requested(self, device):
+    time.sleep(0.25)
+    return real(self, device)
+
+failures.TerminationRequest.requested = requested
+from megatron_lime.training.pretrain import main
+sys.exit(failures.run_guarded(main, sys.argv[1:]))
+"""
+
+
+def test_the_logged_step_time_includes_the_steps_host_read(tiny_data, tmp_path):
+    """ms_per_step (and so tokens/s and MFU) covers the termination poll's .item(), where the host waits for the
+    GPU to finish the step: stopping the clock before it made GPU runs read up to 7% fast."""
+    import subprocess
+    import sys
+
+    runner = tmp_path / "runner.py"
+    runner.write_text(SLOW_POLL_RUNNER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
+    save = tmp_path / "ckpt"
+    flags = ["--model", "lime-tiny", "--seq-length", "32", "--num-layers", "1", "--data-path", tiny_data[0],
+             "--tokenizer-model", tiny_data[1], "--save", str(save), "--train-iters", "3", "--micro-batch-size", "2",
+             "--global-batch-size", "2", "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0",
+             "--split", "100,0,0"]
+    run = subprocess.run([sys.executable, str(runner), *flags], cwd=os.path.dirname(os.path.dirname(__file__)),
+                         env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["ms_per_step"] for r in records if r.get("kind") == "train"]
+    assert len(steps) == 3 and min(steps) >= 250, steps

@@ -313,9 +313,10 @@ class ShapeChoices:
     `plan` runs one forward that records which (op, shape, dtype) the run calls (nothing is timed inside a
     forward, an activation checkpoint's recomputation or a graph capture), then times ours against PyTorch's
     op at each of them outside any forward, agrees the choice over all ranks, keeps it on disk per (device,
-    torch, kernel build, dtype, shape, and whether PyTorch's op was timed compiled) and logs it. A call at a shape the plan did not see (evaluation,
-    generation) takes the choice of the nearest planned shape (same op, width and dtype; rows compared on a
-    log scale) without timing, and ours when there is none; lookups never add entries.
+    torch, kernel build, dtype, shape, and whether PyTorch's op was timed compiled) and logs it. A call at a
+    shape the plan did not see (evaluation, generation) takes the choice of the nearest planned shape (same
+    op, width and dtype; rows compared on a log scale) without timing, and ours when there is none; lookups
+    never add entries.
 
     mode:       "measure", "ours" or "torch" (LIME_KERNEL_CHOICE).
     timer:      milliseconds per call of a no-argument function on a device (tests pass a fake).

@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     gas = args.training.gradient_accumulation_steps(env.world_size)
     metrics = MetricsLogger(env.rank, args.logging.tensorboard_dir, args.logging.wandb_project,
                             args.logging.wandb_exp_name, args.to_dict())
+    metrics.show_library_log("megatron_lime.kernels")  # the kernel plan that wrap_model makes
     tokenizer = load_tokenizer_for(args, metrics)
     tokens_per_step = args.training.global_batch_size * args.seq_length
     metrics.print(f"> {args.model.name}: {args.model.num_parameters() / 1e6:.1f}M parameters | "

@@ -393,8 +393,8 @@ def run_apart(script: str, argv: list[str], groups: list[tuple[str, list[str]]],
                     merged.setdefault(key, {}).update(value)
                 else:
                     merged.setdefault(key, value)
-            merged.setdefault("processes", {})[label] = {"exit": returncode,
-                                                        "wall_seconds": time.perf_counter() - started}
+            merged.setdefault("children", {})[label] = {"exit": returncode,
+                                                       "wall_seconds": time.perf_counter() - started}
             if json_path and merged:
                 write_json(json_path, merged)
             if markdown_path and os.path.exists(child_md):

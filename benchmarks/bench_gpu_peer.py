@@ -37,7 +37,7 @@ from bench_common import (DEFAULT_SHAPES, MODES, Row, format_row, parse_shape, p
 from megatron_lime.config import PRESETS, LimeConfig
 from megatron_lime.files import write_json
 
-DRY_RUN = {"model": "lime-tiny", "seq_length": 64, "shapes": ["2x1", "2x2"], "warmup": 1, "steps": 3}
+DRY_RUN = {"model": "lime-tiny", "seq_length": 64, "shapes": ["2x2"], "warmup": 1, "steps": 2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after each row's warm-up, wait while this file exists before timing (gpu_check.sh: "
                              "its build is running)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="tiny sizes (lime-tiny's dims, seq 64, shapes 2x1 2x2), on the CPU when there is no GPU")
+                        help="tiny sizes (lime-tiny's dims, seq 64, shape 2x2), on the CPU when there is no GPU")
     options = parser.parse_args(argv)
     if options.dry_run:
         for name, value in DRY_RUN.items():
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "seq_length": options.seq_length,
         "flops_per_token": LimeConfig.from_name(options.model).flops_per_token(options.seq_length),
         "datasheet_peak_tflops": peak_tflops_for(device, options.peak_tflops),
+        "precision": "fp32 weights + torch.autocast(bf16) around forward and loss",
         "warmup_steps": options.warmup, "timed_steps": options.steps, "dry_run": options.dry_run, "runs": {},
     }
     print(f"{results['gpu']}; torch {results['torch']}, transformers {results['transformers']}; peer: "

@@ -37,7 +37,7 @@
 #     total                     est. 4.0-5.5 min of script, 5-6.5 min with the machine's start
 #   call 2 (--only kernels,tests): build 85-95 s measured (a fresh machine), kernels est. 30-60 s (26 s measured
 #     for three ops at one shape; now three shapes), tests 41-47 s measured: est. 3-3.5 min, 4-5 min with the start
-#   profile (optional): est. 40 s (one process, bf16 compiled, 16x4, 2 profiled steps)
+#   profile (optional): est. 30-40 s (one process, the recipe's configuration: bf16, eager, 16x4; 2 profiled steps)
 #
 # Stages, each under `timeout` (its own limit, and never past the whole check's budget, LIME_GPU_CHECK_BUDGET_S,
 # 480 s by default: inside the device tool's 600 s per call; a dry run, on a CPU shared with others, gets 4x each
@@ -61,8 +61,8 @@
 #   kernels      benchmarks/bench_kernels.py --device cuda (RMSNorm, add + RMSNorm, SiLU in bf16) -> kernels.json
 #   tests        tests/test_gpu.py and the CUDA tests of tests/test_kernels.py (on a CPU dry run: test_gpu.py's
 #                CPU tests but the DeepSpeed subprocess one, which the normal suite runs)
-#   profile      bench_gpu_train.py's torch.profiler pass of one row (bf16, compiled): top kernels, GPU idle
-#                share, host syncs -> profile.json, profile_ours.md
+#   profile      bench_gpu_train.py's torch.profiler pass of one row as the recipe runs it (bf16, eager): top
+#                kernels, GPU idle share, host syncs -> profile.json, profile_ours.md
 #   report       benchmarks/gpu_check_report.py: gpu_check.json (ours / peer per row and precision as numbers,
 #                "ours_over_peer") and the tables
 #
@@ -120,6 +120,9 @@ BUILDING="$WORK/build.running"  # exists while the build runs: the peer times no
 : > "$STATUS"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# The kernel choice plan's cache (training.wrap.plan_kernels) lives with this check: the first of our processes
+# measures, the others read its choices.
+export MEGATRON_LIME_CACHE="$WORK/cache"
 START=$SECONDS
 
 say() { echo "[gpu_check $(printf '%3d' $((SECONDS - START)))s] $*"; }
@@ -271,6 +274,10 @@ tests() {
 
 dry_run_flag() { [ "$DRY_RUN" = "1" ] && echo "--dry-run"; }
 
+# A dry run makes our kernel choice plan on the CPU too (it is made for CUDA tensors only), so that path runs and
+# its lines print.
+plan_on_cpu_in_dry_run() { if [ "$DRY_RUN" = "1" ]; then export LIME_KERNEL_CHOICE_DEVICES=cpu; fi; }
+
 # The benchmarks take their sizes from here (a dry run swaps in tiny ones of its own).
 peer() {
   # shellcheck disable=SC2086
@@ -279,6 +286,7 @@ peer() {
 }
 
 train() {
+  plan_on_cpu_in_dry_run
   # shellcheck disable=SC2086
   "$PYTHON" benchmarks/bench_gpu_train.py --json "$RESULTS/train.json" --shapes $SHAPES --batch-kinds pretrain \
     --precisions bf16 autocast --modes eager compile --warmup 2 --steps 4 --profile-shape none \
@@ -286,9 +294,10 @@ train() {
 }
 
 profile() {
+  plan_on_cpu_in_dry_run
   local shape="${SHAPES%% *}"
   "$PYTHON" benchmarks/bench_gpu_train.py --json "$RESULTS/profile.json" --profile-md "$RESULTS/profile_ours.md" \
-    --shapes "$shape" --batch-kinds pretrain --precisions bf16 --modes compile --warmup 2 --steps 1 \
+    --shapes "$shape" --batch-kinds pretrain --precisions bf16 --modes eager --warmup 2 --steps 1 \
     --profile-shape "$shape" --profile-steps 2 --deepspeed-config examples/ds_config_zero1_bf16.json $(dry_run_flag)
 }
 
@@ -303,7 +312,7 @@ kernels() {
 }
 
 # The stages run as `timeout ... bash -c FUNCTION`: they see these functions and variables.
-export -f environment install gpu build tests dry_run_flag peer train profile kernels
+export -f environment install gpu build tests dry_run_flag plan_on_cpu_in_dry_run peer train profile kernels
 export PYTHON WORK WHEELS DRY_RUN RESULTS SITE SHAPES BUILDING IMPORT_CHECK
 say "results in $RESULTS; stages: $ONLY; budget ${BUDGET_S}s$([ "$DRY_RUN" = "1" ] && echo '; dry run: every stage at tiny sizes')"
 run_stage environment 60 environment

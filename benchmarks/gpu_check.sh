@@ -9,8 +9,8 @@
 #                                                        #   headline rows (stages peer and train)
 #   bash benchmarks/gpu_check.sh --only kernels,tests    # call 2: the kernels and the GPU tests (add ",profile"
 #                                                        #   for the torch.profiler pass of our step)
-#   bash benchmarks/gpu_check.sh --all                   # every stage in one call (about 9-10 minutes: over a
-#                                                        #   session's 6-minute plan; for a longer lease)
+#   bash benchmarks/gpu_check.sh --all                   # every stage in one call (est. 6.5-8 minutes of script:
+#                                                        #   for a lease longer than a session's 15 minutes)
 #   bash benchmarks/gpu_check.sh --dry-run               # (or LIME_GPU_CHECK_DRY_RUN=1) every stage's code at tiny
 #                                                        #   sizes; without a GPU on the CPU (the test suite runs this)
 #
@@ -36,13 +36,15 @@
 #                               choice plan) + 2 + 4 steps; the compiled ones about 20-30 s more for the blocks
 #     total                     est. 4.0-5.5 min of script, 5-6.5 min with the machine's start
 #   call 2 (--only kernels,tests): build 85-95 s measured (a fresh machine), kernels est. 30-60 s (26 s measured
-#     for three ops at one shape; now three shapes), tests 41-47 s measured: est. 3-3.5 min, 4-5 min with the start
+#     for three ops at one shape; now three shapes), tests 41-47 s measured (+ est. 20-40 s for test_attention.py's
+#     two compiled FlexAttention tests): est. 3-4 min, 4-5.5 min with the start
 #   profile (optional): est. 30-40 s (one process, the recipe's configuration: bf16, eager, 16x4; 2 profiled steps)
 #
-# Stages, each under `timeout` (its own limit, and never past the whole check's budget, LIME_GPU_CHECK_BUDGET_S,
-# 480 s by default: inside the device tool's 600 s per call; a dry run, on a CPU shared with others, gets 4x each
-# limit and a 1,800 s budget); a stage that fails or times out is reported and the next one still runs; the report
-# is rewritten after every stage, so a check cut short keeps what it measured.
+# Stages, each under `timeout` (its own limit, and never past the whole check's budget, LIME_GPU_CHECK_BUDGET_S:
+# 480 s by default, so a slow call 1 still leaves device time for call 2; 570 s with --all, inside the device
+# tool's 600 s per call; a dry run, on a CPU shared with others, gets 4x each limit and a 1,800 s budget); a stage
+# that fails or times out is reported and the next one still runs; the report is rewritten after every stage, so a
+# check cut short keeps what it measured.
 #   environment  python, torch, nvidia-smi, the wheelhouse
 #   install      gpu_wheels/*.whl into a private folder, each wheel on its own (pip --no-index --no-deps): one
 #                that fails leaves the others; the folder goes on PYTHONPATH for every later stage whenever
@@ -59,8 +61,8 @@
 #                examples/ds_config_zero1_bf16.json, --precisions bf16 autocast, eager and compile, one process
 #                per (precision, mode) -> train.json
 #   kernels      benchmarks/bench_kernels.py --device cuda (RMSNorm, add + RMSNorm, SiLU in bf16) -> kernels.json
-#   tests        tests/test_gpu.py and the CUDA tests of tests/test_kernels.py (on a CPU dry run: test_gpu.py's
-#                CPU tests but the DeepSpeed subprocess one, which the normal suite runs)
+#   tests        tests/test_gpu.py and the CUDA tests of tests/test_kernels.py and tests/test_attention.py (on a CPU
+#                dry run: test_gpu.py's CPU tests but the DeepSpeed subprocess one, which the normal suite runs)
 #   profile      bench_gpu_train.py's torch.profiler pass of one row as the recipe runs it (bf16, eager): top
 #                kernels, GPU idle share, host syncs -> profile.json, profile_ours.md
 #   report       benchmarks/gpu_check_report.py: gpu_check.json (ours / peer per row and precision as numbers,
@@ -107,7 +109,7 @@ if [ -z "$ONLY" ]; then
 fi
 LIMIT_SCALE=1
 if [ "$DRY_RUN" = "1" ]; then LIMIT_SCALE=4; fi
-[ -z "$BUDGET_S" ] && BUDGET_S=$((DRY_RUN == 1 ? 1800 : 480))
+[ -z "$BUDGET_S" ] && BUDGET_S=$((DRY_RUN == 1 ? 1800 : (ALL == 1 ? 570 : 480)))
 
 mkdir -p "$RESULTS"
 WORK="$(mktemp -d /tmp/lime-gpu-check.XXXXXX)"  # stage logs, the installed wheels
@@ -269,7 +271,8 @@ tests() {
     "$PYTHON" -m pytest -q -p no:cacheprovider --timeout 150 -rfEs tests/test_gpu.py -k "not deepspeed"
     return
   fi
-  "$PYTHON" -m pytest -q -p no:cacheprovider --timeout 150 -rfEs tests/test_gpu.py tests/test_kernels.py -k "cuda"
+  "$PYTHON" -m pytest -q -p no:cacheprovider --timeout 150 -rfEs tests/test_gpu.py tests/test_kernels.py \
+    tests/test_attention.py -k "cuda"
 }
 
 dry_run_flag() { [ "$DRY_RUN" = "1" ] && echo "--dry-run"; }

@@ -369,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         micro_batches = [to_device(next(batches), env.device) for _ in range(gas)]
         lr = lr_for_config(state.iteration, args.optimizer, total_iters)
         result = train_step(engine, micro_batches, lr, env.device)
+        stop = termination.requested(env.device)  # the step's host read: it waits for the GPU, so it is timed with it
         state.iteration += 1
         state.consumed_samples += global_batch
         state.consumed_tokens += tokens_per_step
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                           + (f", saved in {path}." if path else " (no --save given, nothing saved)."))
             exit_code = 1
             break
-        if termination.requested(env.device):
+        if stop:
             path = checkpointer.save(engine, state)
             metrics.print(f"> termination signal received: saved {path} at iteration {state.iteration}, exiting")
             break

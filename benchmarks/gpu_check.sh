@@ -31,10 +31,14 @@
 #     peer                      est. 90-130 s: one process, 15 s start, torch.compile of the whole GPT-2 at one
 #                               shape 60-90 s (overlapping the build), then waits for the build to end before
 #                               it times anything; 2 + 4 steps per row at about 0.55 s per step
-#     train                     est. 130-170 s: 4 processes (bf16 eager, bf16 compile, autocast eager, autocast
-#                               compile), each about 20 s start (imports, lime-1b on the GPU, DeepSpeed, the kernel
-#                               choice plan) + 2 + 4 steps; the compiled ones about 20-30 s more for the blocks
-#     total                     est. 4.0-5.5 min of script, 5-6.5 min with the machine's start
+#     train                     est. 130-180 s: 4 processes (bf16 eager, bf16 compile, autocast eager, autocast
+#                               compile), each about 12-20 s start (imports, lime-1b on the GPU, DeepSpeed, the
+#                               matmul rate) + the kernel choice plan (1-2 s eager; est. 10-20 s compiled, which
+#                               compiles PyTorch's ops to time them) + 2 + 4 steps of about 0.55 s; the compiled
+#                               ones about 15-30 s more for the blocks (one graph serves the 32 blocks)
+#     total                     est. 4.3-5.5 min of script; with the machine's start 5.3-7 min: at or a little
+#                               over the 6-minute aim. The first GPU call replaces these estimates with its
+#                               stage times (gpu_check.json's "stages", the children's "wall_seconds" in train.json)
 #   call 2 (--only kernels,tests): build 85-95 s measured (a fresh machine), kernels est. 30-60 s (26 s measured
 #     for three ops at one shape; now three shapes), tests 41-47 s measured (+ est. 20-40 s for test_attention.py's
 #     two compiled FlexAttention tests): est. 3-4 min, 4-5.5 min with the start

@@ -59,6 +59,7 @@ def test_without_a_gpu_the_check_stops_at_the_gpu_stage_after_a_real_install(tmp
     result = run_check(tmp_path, wheels=fake_wheelhouse(tmp_path / "wheels"))
     assert result.returncode == 3, result.stdout + result.stderr
     assert "no CUDA GPU visible" in result.stdout
+    assert "stages: peer,train;" in result.stdout  # the headline call: ours and the peer
     assert "stopped before the first GPU stage (exit 3)" in result.stdout
     assert stages(tmp_path) == [("environment", "ok"), ("install", "ok"), ("gpu", "failed")]
     log = (tmp_path / "out" / "gpu_check.log").read_text()
@@ -195,3 +196,5 @@ def test_bad_arguments_are_refused(tmp_path):
     result = run_check(tmp_path, "--only", "everything")
     assert result.returncode == 2 and "--only everything: not a stage" in result.stderr
     assert run_check(tmp_path, "--fast").returncode == 2
+    result = run_check(tmp_path, "--all", "--only", "tests")
+    assert result.returncode == 2 and "exclude each other" in result.stderr

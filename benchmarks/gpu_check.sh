@@ -9,19 +9,19 @@
 #                                                        #   headline rows (stages peer and train)
 #   bash benchmarks/gpu_check.sh --only kernels,tests    # call 2: the kernels and the GPU tests (add ",profile"
 #                                                        #   for the torch.profiler pass of our step)
-#   bash benchmarks/gpu_check.sh --all                   # every stage in one call (est. 6.5-8 minutes of script:
+#   bash benchmarks/gpu_check.sh --all                   # every stage in one call (est. 6.5-8.5 min of script:
 #                                                        #   for a lease longer than a session's 15 minutes)
 #   bash benchmarks/gpu_check.sh --dry-run               # (or LIME_GPU_CHECK_DRY_RUN=1) every stage's code at tiny
 #                                                        #   sizes; without a GPU on the CPU (the test suite runs this)
 #
 # The headline rows: ours and the peer at the recipe's batch, 64 sequences per GPU per step (global 512 on 8 GPUs)
 # as the recipe runs it, 4 micro-batches of 16 (LIME_GPU_CHECK_SHAPES, default "16x4"; "16x4 32x2" adds the
-# 2 x 32 rows, about +90 s); eager and torch.compile; ours in both precisions (bf16: DeepSpeed's bf16 mode, bf16
+# 2 x 32 rows, est. +90-150 s: a second compiled shape in each compiled process); eager and torch.compile; ours in both precisions (bf16: DeepSpeed's bf16 mode, bf16
 # weights + fp32 master; autocast: DeepSpeed's torch_autocast, fp32 weights + bf16 compute, the model card's
 # mixed fp32/bf16), the peer in its one mode (fp32 weights + torch.autocast bf16). One micro-batch per step rows
 # are optional (add "16x1 32x1" to LIME_GPU_CHECK_SHAPES); 64x1 is left out: the peer's 64-sequence micro-batch
-# does not fit on an 80 GB GPU (its 32-sequence one took 52.3 GiB on the H200). A row that does not fit in memory
-# is reported as OOM and the next one runs.
+# is expected not to fit on an 80 GB GPU (its 32-sequence one took 52.3 GiB on the H200; not yet tried). A row
+# that does not fit in memory is reported as OOM and the next one runs.
 #
 # Seconds per stage on an H100/H200 (measured: the H200 calls of 2026-12-04, ../shared/gpu/MEASURED.md; the
 # rest ESTIMATED, not yet run on a GPU):

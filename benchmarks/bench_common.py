@@ -33,7 +33,8 @@ MODES = ("eager", "compile")
 # compute: the model card's mixed fp32/bf16); fp32 for completeness (training.config's --precision).
 PRECISIONS = ("bf16", "autocast", "fp32")
 # 64 sequences per step (the recipe's global batch of 512 over 8 GPUs) as the recipe runs it, 4 x 16, and as 2 x 32.
-# 1 x 64 is left out: the peer's 64-sequence micro-batch does not fit on an 80 GB GPU.
+# 1 x 64 is left out: the peer's 64-sequence micro-batch is expected not to fit on an 80 GB GPU (its 32-sequence one
+# took 52.3 GiB on the H200).
 DEFAULT_SHAPES = ("16x4", "32x2")
 # Host-device synchronisations, as the CUDA runtime API calls the profiler records (a DtoH copy to pageable
 # memory blocks the host too; it is counted from the GPU-side copies, "Memcpy DtoH").

@@ -215,12 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     # The kernel choice plan (wrap_model) logs its choices at INFO: print them.
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("megatron_lime").setLevel(logging.INFO)
-    # The plan's disk cache is keyed by device, torch, build, op, shape and dtype, not by whether PyTorch's op was
-    # timed compiled: a compiled process would read an eager one's timing of PyTorch's op (and the reverse). Where
-    # the caller chose the cache folder (gpu_check.sh does), each mode gets a folder of its own.
-    cache = os.environ.get("MEGATRON_LIME_CACHE", "").strip()
-    if cache and cache.lower() not in ("off", "0", "false", "no") and len(options.modes) == 1:
-        os.environ["MEGATRON_LIME_CACHE"] = os.path.join(cache, options.modes[0])
 
     # Static shapes: each micro-batch size compiles its own graph instead of a slower dynamic one.
     torch._dynamo.config.automatic_dynamic_shapes = False

@@ -7,16 +7,19 @@
 #                                               # DIR/slurm.conf, starts the daemons, waits for the node
 #   export SLURM_CONF=DIR/slurm.conf            # then sbatch / squeue / scontrol / scancel use it
 #   bash tests/slurm/setup_slurm.sh stop DIR    # stops the daemons this script started in DIR
+#   bash tests/slurm/setup_slurm.sh install     # only the packages (.ci/run, before the suite)
 #
 # Debian/Ubuntu packages: slurmctld, slurmd, slurm-client, munge (SLURM 22.05 on Debian 12). The node
 # is the machine itself (NodeName = `hostname -s`, address 127.0.0.1) with its real core count and
 # memory; no accounting database, no cgroups (proctrack/linuxproc), jobs run as the submitting user.
 set -euo pipefail
 
-usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
-[[ $# -eq 2 ]] || usage
-ACTION=$1
-DIR=$(mkdir -p "$2" && cd "$2" && pwd)
+usage() { echo "usage: $0 start|stop DIR, or $0 install" >&2; exit 2; }
+ACTION=${1:-}
+if [[ "$ACTION" != install ]]; then
+    [[ $# -eq 2 ]] || usage
+    DIR=$(mkdir -p "$2" && cd "$2" && pwd)
+fi
 
 say() { echo "[setup_slurm] $*" >&2; }
 
@@ -141,6 +144,7 @@ EOF
 }
 
 case "$ACTION" in
+    install) install_missing ;;
     start) start ;;
     stop) stop ;;
     *) usage ;;

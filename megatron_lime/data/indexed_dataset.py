@@ -321,7 +321,7 @@ class IndexedDataset:
         if s and (self.sequence_lengths.min() < 0):
             raise IndexedDatasetError(f"{path}: negative sequence length in the index: corrupt")
         if d and (self.document_indices[0] != 0 or self.document_indices[-1] != s
-                  or np.any(np.diff(self.document_indices) < 0)):
+                  or np.any(self.document_indices[1:] < self.document_indices[:-1])):  # no 160 MB diff at 20M
             raise IndexedDatasetError(
                 f"{path}: document_indices must rise from 0 to the sequence count {s}; corrupt index"
             )

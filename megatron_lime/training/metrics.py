@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -88,16 +89,40 @@ def owned_memory_bytes(pid: int | str = "self") -> int:
     return sum(fields.values())
 
 
-_owned_peak = 0
+class OwnedMemoryPeak:
+    """The most memory this process has owned (owned_memory_bytes), sampled every `interval_s` by a daemon thread
+    from `start()` on, and at every `gib()` call: a rise and fall shorter than the interval can be missed (the
+    index build of a 20B-token corpus lasts seconds). Reading /proc/self/status takes about 20 us."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak = 0
+        self.thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, owned_memory_bytes())
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="owned-memory-peak", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            time.sleep(self.interval_s)
+
+    def gib(self) -> float:
+        self.sample()
+        return self.peak / 2**30
+
+
+OWNED_MEMORY_PEAK = OwnedMemoryPeak()  # the process's one sampler; MetricsLogger starts it
 
 
 def cpu_owned_memory_gib() -> float:
-    """The most memory this process has owned (owned_memory_bytes) at any call so far, in GiB: the loop calls it
-    at every log line, so this is the peak over the log lines (a rise and fall between two lines is not seen;
-    benchmarks/bench_full_corpus.py samples it from outside every 0.1 s)."""
-    global _owned_peak
-    _owned_peak = max(_owned_peak, owned_memory_bytes())
-    return _owned_peak / 2**30
+    """The most memory this process has owned since its MetricsLogger started (OwnedMemoryPeak), in GiB."""
+    return OWNED_MEMORY_PEAK.gib()
 
 
 @dataclass
@@ -281,6 +306,7 @@ class MetricsLogger:
         self.writer = None
         self.wandb = None
         self.goodput = Goodput()
+        OWNED_MEMORY_PEAK.start()  # the CPU's peak memory figure (on GPUs torch's own is reported)
         save_dir = run_config.get("checkpoint", {}).get("save")
         self.metrics_path = os.path.join(save_dir, METRICS_FILE) if save_dir else None
         if wandb_project and importlib.util.find_spec("wandb") is None:  # every rank stops, not only rank 0

@@ -215,6 +215,7 @@ def test_pretraining_job_trains_saves_stops_on_sigterm_and_resumes(slurm, tiny_d
     first = read_log(log)
     assert "SIGTERM: forwarding to the job step" in first, first[-4000:]
     assert "termination signal received" in first, first[-4000:]
+    assert re.search(r" goodput \d+\.\d% of [\d:]+ wall, iterations 0 -> \d+ \| steps ", first), first[-4000:]
     assert states == [("COMPLETED", "0:0")], first[-4000:]
     step = int(open(os.path.join(stopped_save, "latest")).read().strip().removeprefix("global_step"))
     assert 3 <= step < 100, first[-4000:]

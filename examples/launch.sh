@@ -1,8 +1,9 @@
 # Sourced by examples/pretrain_lime_1b.sh and examples/sft_lime_1b.sh once they have filled their
 # flag arrays (MODEL_ARGS, TRAINING_ARGS, DATA_ARGS, CHECKPOINT_ARGS, LOGGING_ARGS); not meant to be
 # run on its own. `launch_or_print_args SCRIPT "$@"`:
-#   SCRIPT --print-args       prints the arrays' flags NUL-separated (what the script's Python part
-#                             asks for on every rank)
+#   SCRIPT --print-args [OVERRIDES]  prints the arrays' flags NUL-separated (what the script's Python part
+#                             asks for on every rank; it passes the overrides, so that the script can
+#                             leave out what they decide, such as its --precision)
 #   anything else             starts the ranks on SCRIPT with the arguments given:
 #                             HOSTFILE set: DeepSpeed's multi-node launcher (pdsh) over the hosts;
 #                             else megatron_lime/training/launch.py on this node, on every local GPU,

@@ -42,6 +42,12 @@ TOKENIZER_MODEL="${TOKENIZER_MODEL:-tokenizers/lime-50k}"
 SAVE_DIR="${SAVE_DIR:-${CHECKPOINT_PATH:-checkpoints/lime-1b-pretrain}}"
 LOAD_DIR="${LOAD_DIR:-$SAVE_DIR}"
 read -r -a DATA_PATH_WORDS <<< "$DATA_PATH"
+# The model card's "mixed fp32/bf16 (autocast)" on GPUs: fp32 weights, gradients and AdamW, bf16 matmuls
+# (PRECISION=bf16: DeepSpeed's bf16 mode, bf16 weights and gradients with fp32 master weights, about 3% faster
+# by benchmarks/step_cost.py); fp32 where there is no GPU (CPUs emulate bf16, about 27x slower).
+if [[ -z "${PRECISION:-}" ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PRECISION=autocast; else PRECISION=fp32; fi
+fi
 
 MODEL_ARGS=(
     --model lime-1b             # 32 layers, d 1536, FFN 6144, 24 heads, vocab 50,000
@@ -58,6 +64,8 @@ TRAINING_ARGS=(
     --deepspeed-config "$SCRIPT_DIR/ds_config_zero1_bf16.json"
     --zero-stage 1
 )
+# Unless the overrides name a precision themselves (--precision, --bf16, --no-bf16: they win, as every override).
+case " $* " in *" --precision"*|*" --bf16 "*|*" --no-bf16 "*) ;; *) TRAINING_ARGS+=(--precision "$PRECISION") ;; esac
 DATA_ARGS=(
     --data-path "${DATA_PATH_WORDS[@]}"
     --tokenizer-model "$TOKENIZER_MODEL"

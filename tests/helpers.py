@@ -163,3 +163,4 @@ def train_tiny(data: tuple[str, str], save, *extra: str) -> subprocess.Completed
              "--num-workers", "0", "--split", "100,0,0", "--save-interval", "2", *extra]
     return subprocess.run([sys.executable, "pretrain_lime.py", *flags], cwd=REPO_ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+

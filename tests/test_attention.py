@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeModel
 from megatron_lime.model import attention as attention_module
+from op_log import OpLog
 from megatron_lime.model.attention import (attention_backend_for, cu_seqlens_from_document_ids,
                                            document_attention_mask, document_block_mask, document_mask)
 
@@ -198,19 +198,6 @@ def test_cuda_auto_picks_flex_for_packed_batches_and_the_model_trains():
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
 
 
-class _OpLog(TorchDispatchMode):
-    """The aten ops run inside the mode, with their output shapes."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[tuple[str, tuple | None]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.append((str(func.overloadpacket), tuple(out.shape) if isinstance(out, torch.Tensor) else None))
-        return out
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
 def test_sdpa_backward_writes_the_qkv_gradient_with_one_copy(packed):
     """q, k, v are views of the fused projection; their gradients are stacked into its layout once, never copied
@@ -220,7 +207,7 @@ def test_sdpa_backward_writes_the_qkv_gradient_with_one_copy(packed):
     x = torch.randn(2, 16, config.hidden_size, requires_grad=True)
     document_ids = torch.tensor([[0] * 9 + [1] * 7, [0] * 16]) if packed else None
     out = attention(x, attention_module.document_mask("sdpa", x, document_ids))
-    with _OpLog() as log:
+    with OpLog() as log:
         out.sum().backward()
     qkv_sized = [(op, shape) for op, shape in log.ops
                  if shape is not None and math.prod(shape) == 2 * 16 * 3 * config.hidden_size]

@@ -5,21 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lime.model.linear import Linear
-
-
-class _OutputShapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.ops.append((str(func.overloadpacket), tuple(out.shape)))
-        return out
+from op_log import OpLog
 
 
 def accumulate(layer: Linear, inputs: list[torch.Tensor], autocast: bool) -> list[list[str]]:
@@ -29,7 +17,7 @@ def accumulate(layer: Linear, inputs: list[torch.Tensor], autocast: bool) -> lis
     for x in inputs:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = layer(x)
-        with _OutputShapes() as log:
+        with OpLog() as log:
             (y.float() ** 2).sum().backward()
         per_backward.append([op for op, shape in log.ops if shape == tuple(layer.weight.shape)
                              and op not in ("aten.t", "aten.detach", "aten.view")])
@@ -82,7 +70,7 @@ def test_the_autocast_copy_of_a_weight_is_kept_until_the_weights_change():
     x = torch.randn(3, 24, requires_grad=True)
 
     def forward_casts() -> int:
-        with torch.autocast("cpu", dtype=torch.bfloat16), _OutputShapes() as log:
+        with torch.autocast("cpu", dtype=torch.bfloat16), OpLog() as log:
             y = layer(x)
         y.float().sum().backward()
         return sum(op == "aten._to_copy" and shape == tuple(layer.weight.shape) for op, shape in log.ops)

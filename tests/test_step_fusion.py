@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeBlock, LimeModel, chunked_language_model_loss, language_model_loss
 from megatron_lime.model.loss import chunk_loss_and_logit_grad_, chunk_loss_and_logit_grad_in_place_
+from op_log import OpLog
 
 
 def chunk_inputs(c=37, vocab=101, seed=0):
@@ -187,20 +187,6 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     assert window.loss == pytest.approx(result.loss) and window.grad_norm == 1.5
 
 
-class _OutputShapes(TorchDispatchMode):
-    """(op, output shape) of every aten op run inside the mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.ops.append((str(func.overloadpacket), tuple(out.shape)))
-        return out
-
-
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
 def test_the_head_weight_gradient_is_written_once_per_micro_batch(autocast):
     """However many chunks, the (vocab, d) head gradient is produced by one GEMM (then, under autocast, the head
@@ -211,7 +197,7 @@ def test_the_head_weight_gradient_is_written_once_per_micro_batch(autocast):
     labels = torch.randint(0, 211, (2, 40), generator=g)
 
     def weight_sized_ops(chunk_size: int) -> list[str]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _OutputShapes() as log:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), OpLog() as log:
             loss, _ = chunked_language_model_loss(hidden, weight, labels, None, "mean", chunk_size)
         loss.backward()
         return [op for op, shape in log.ops if shape == tuple(weight.shape)]

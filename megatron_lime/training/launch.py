@@ -159,7 +159,9 @@ def train_with_script_flags(script: str, argv: list[str]) -> int:
     from megatron_lime.training.failures import run_guarded
     from megatron_lime.training.pretrain import main as pretrain_main
 
-    printed = subprocess.run(["bash", script, "--print-args"], check=True, stdout=subprocess.PIPE).stdout.decode()
+    # The overrides go along, so that the script can leave out what they decide (its --precision, say).
+    printed = subprocess.run(["bash", script, "--print-args", *argv], check=True,
+                             stdout=subprocess.PIPE).stdout.decode()
     return run_guarded(pretrain_main, printed.split("\0")[:-1] + argv)
 
 

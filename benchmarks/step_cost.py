@@ -85,9 +85,12 @@ DATASHEET = {  # dense bf16 FLOP/s, HBM bytes/s
     "H100 SXM": (989e12, 3.35e12),
     "A100 80GB": (312e12, 2.039e12),
 }
-# Seconds per kernel launch: fitted (least squares, one parameter) to the peer's two H200 rows in MEASURED.md with
-# this model's counts of the peer's step (the peer's code is the one measured; ours has changed since); see
-# --calibrate. It absorbs what the roofline leaves out (host time per op, matmuls below the 8192^3 rate).
+# Two constants the roofline cannot know, fitted (`--calibrate`: two equations, two unknowns) to the peer's two H200
+# rows in MEASURED.md with this model's counts of the peer's step (the peer's code is the code that was measured;
+# ours has changed since, so ours then is the out-of-sample check): the step's matmuls run at MATMUL_EFFICIENCY x the
+# 8192^3 rate (smaller shapes, attention), and each launch costs LAUNCH_SECONDS beyond its bytes (host time, launch
+# gaps, tails). Both are then used as they are for the H100 SXM and the A100.
+MATMUL_EFFICIENCY = 1.0
 LAUNCH_SECONDS = 9.0e-6
 # ../shared/gpu/MEASURED.md, H200, seq 512, one micro-batch per step, eager, tokens/s.
 MEASURED_H200 = {("peer", 16): 60_508, ("peer", 32): 65_215, ("ours then", 16): 53_288, ("ours then", 32): 61_874}
@@ -375,9 +378,12 @@ def counting(skip_flops: bool = True):
 
 
 def git_commit() -> str:
+    """The commit of the megatron_lime that is imported (a worktree of an older commit on PYTHONPATH counts that)."""
+    import megatron_lime
+
     try:
-        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", os.path.dirname(megatron_lime.__file__), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -405,8 +411,9 @@ class OurStep:
         self.train_step = train_step
         flags = ["--model", model, "--num-layers", str(layers), "--seq-length", str(seq), "--micro-batch-size",
                  str(micro), "--global-batch-size", str(micro), "--train-iters", "100", "--lr", "1e-4",
-                 "--min-lr", "1e-5", "--lr-warmup-iters", "0", "--deepspeed-config", ds_config,
-                 *our_precision_flags(precision)]
+                 "--min-lr", "1e-5", "--lr-warmup-iters", "0", *our_precision_flags(precision)]
+        if ds_config.lower() != "none":
+            flags += ["--deepspeed-config", ds_config]
         self.args = parse_training_args(flags)
         self.device = torch.device("cpu")
         self.micro = micro
@@ -552,10 +559,33 @@ def per_token(counts: Counts, tokens: int) -> dict[str, float]:
             "launches_per_token": s["launches"] / tokens, "host_syncs_per_step": s["host_syncs"]}
 
 
-def projected_seconds(counts: Counts, gpu: str, launch_seconds: float = LAUNCH_SECONDS) -> float:
-    matmul_rate, bandwidth = rates(gpu)
-    s = counts.summary()
-    return s["matmul_flops"] / matmul_rate + s["memory_bound_bytes"] / bandwidth + s["launches"] * launch_seconds
+@dataclass
+class Roofline:
+    """seconds = matmul FLOPs / (efficiency x matmul rate) + memory-bound bytes / bandwidth + launches x seconds."""
+
+    matmul_efficiency: float = MATMUL_EFFICIENCY
+    launch_seconds: float = LAUNCH_SECONDS
+
+    def seconds(self, counts: Counts, gpu: str) -> float:
+        matmul_rate, bandwidth = rates(gpu)
+        s = counts.summary()
+        return (s["matmul_flops"] / (self.matmul_efficiency * matmul_rate) + s["memory_bound_bytes"] / bandwidth
+                + s["launches"] * self.launch_seconds)
+
+    @staticmethod
+    def fit(peer: Model, seq: int, layers: int) -> Roofline:
+        """The efficiency and per-launch seconds that reproduce the peer's two H200 rows exactly."""
+        matmul_rate, bandwidth = rates("H200")
+        rows = []
+        for (who, micro), measured in MEASURED_H200.items():
+            if who == "peer":
+                s = peer.predict(layers, micro, 1).summary()
+                rows.append((s["matmul_flops"] / matmul_rate, s["launches"],
+                             micro * seq / measured - s["memory_bound_bytes"] / bandwidth))
+        (a1, n1, t1), (a2, n2, t2) = rows  # t = a / efficiency + n x launch
+        det = a1 * n2 - a2 * n1
+        inverse_efficiency, launch = (t1 * n2 - t2 * n1) / det, (a1 * t2 - a2 * t1) / det
+        return Roofline(1 / inverse_efficiency, launch)
 
 
 def top_ops(counts: Counts, key: str, n: int) -> list[tuple[str, float]]:
@@ -571,7 +601,8 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def report(precision: str, shape: tuple[int, int], seq: int, ours: Counts | None, peer: Counts, top: int) -> dict:
+def report(precision: str, shape: tuple[int, int], seq: int, ours: Counts | None, peer: Counts | None, top: int,
+           roofline: Roofline) -> dict:
     micro, acc = shape
     tokens = micro * acc * seq
     rows = [("ours", ours), ("peer", peer)]
@@ -581,7 +612,7 @@ def report(precision: str, shape: tuple[int, int], seq: int, ours: Counts | None
             continue
         figure = per_token(counts, tokens)
         for gpu in ("H100 SXM", "A100 80GB"):
-            figure[f"projected_{gpu.split()[0].lower()}_tokens_per_s"] = tokens / projected_seconds(counts, gpu)
+            figure[f"projected_{gpu.split()[0].lower()}_tokens_per_s"] = tokens / roofline.seconds(counts, gpu)
         figures[who] = figure
     print(f"\n== precision {precision}: micro-batch {micro} x {acc} accumulation = {micro * acc} sequences of {seq} "
           f"per GPU per step ({tokens:,} tokens) ==")
@@ -592,10 +623,10 @@ def report(precision: str, shape: tuple[int, int], seq: int, ours: Counts | None
              ("projected_a100_tokens_per_s", "projected A100 80GB tokens/s")]
     print(f"  {'':<30} {'ours':>12} {'peer':>12} {'ours / peer':>12}")
     for key, label in names:
-        o = figures.get("ours", {}).get(key)
-        p = figures["peer"][key]
+        o, p = figures.get("ours", {}).get(key), figures.get("peer", {}).get(key)
         ratio = f"{o / p:.3f}" if o is not None and p else "-"
-        print(f"  {label:<30} {fmt(o) if o is not None else 'n/a':>12} {fmt(p):>12} {ratio:>12}")
+        print(f"  {label:<30} {fmt(o) if o is not None else 'n/a':>12} {fmt(p) if p is not None else 'n/a':>12} "
+              f"{ratio:>12}")
     for who, counts in rows:
         if counts is None:
             continue
@@ -615,33 +646,18 @@ def report(precision: str, shape: tuple[int, int], seq: int, ours: Counts | None
     return figures
 
 
-def calibration(models: dict[str, Model], seq: int, layers: int, launch_seconds: float) -> dict[str, Any]:
-    """Projected H200 tokens/s against MEASURED.md's rows (one micro-batch per step): the peer with its code as
-    measured; ours with the code counted here (the measured one was older: see the docstring)."""
-    out: dict[str, Any] = {"launch_seconds": launch_seconds, "rows": {}}
+def calibration(models: dict[str, Model], seq: int, layers: int, roofline: Roofline, commit: str) -> dict[str, Any]:
+    """Projected H200 tokens/s against MEASURED.md's rows (one micro-batch per step, eager)."""
+    out: dict[str, Any] = {"matmul_efficiency": roofline.matmul_efficiency, "launch_seconds": roofline.launch_seconds,
+                           "rows": {}}
     for (who, micro), measured in MEASURED_H200.items():
         model = models.get("peer" if who == "peer" else "ours")
         if model is None:
             continue
-        counts = model.predict(layers, micro, 1)
-        projected = micro * seq / projected_seconds(counts, "H200", launch_seconds)
-        out["rows"][f"{who} mb{micro}"] = {"measured": measured, "projected": projected,
-                                           "error": projected / measured - 1}
+        projected = micro * seq / roofline.seconds(model.predict(layers, micro, 1), "H200")
+        name = f"peer mb{micro}" if who == "peer" else f"ours at {commit} mb{micro} vs ours then"
+        out["rows"][name] = {"measured": measured, "projected": projected, "error": projected / measured - 1}
     return out
-
-
-def fit_launch_seconds(model: Model, seq: int, layers: int) -> float:
-    """The per-launch seconds that best fit (least squares in time) the peer's H200 rows."""
-    num = den = 0.0
-    for (who, micro), measured in MEASURED_H200.items():
-        if who != "peer":
-            continue
-        counts = model.predict(layers, micro, 1).summary()
-        matmul_rate, bandwidth = rates("H200")
-        rest = micro * seq / measured - counts["matmul_flops"] / matmul_rate - counts["memory_bound_bytes"] / bandwidth
-        num += rest * counts["launches"]
-        den += counts["launches"] ** 2
-    return num / den
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -658,7 +674,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master); autocast: --precision "
                              "autocast (fp32 weights, bf16 compute). The peer has one mode (fp32 weights + autocast), "
                              "reported under both")
-    parser.add_argument("--ds-config", default=DS_CONFIG, help="our --deepspeed-config (default: the recipe's)")
+    parser.add_argument("--ds-config", default=DS_CONFIG,
+                        help="our --deepspeed-config (default: the recipe's; 'none': only what wrap_model sets, as "
+                             "bench_gpu_train.py ran on 2026-12-04)")
     parser.add_argument("--check-layers", type=int, default=3,
                         help="also run this many layers and compare with the extrapolation (0: skip)")
     parser.add_argument("--top", type=int, default=8, help="ops per breakdown")
@@ -705,9 +723,10 @@ def main(argv: list[str] | None = None) -> int:
           f"runs at 1 and 2 layers, micro-batches {micros[0]} and {micros[1]}, 1 and 2 per step; code at {commit}; "
           f"torch {torch.__version__}", flush=True)
     whos = [options.only] if options.only else list(STEPS)
+    ds_config_name = "none" if options.ds_config.lower() == "none" else os.path.relpath(options.ds_config, REPO)
     results: dict[str, Any] = {"model": options.model, "seq_length": seq, "layers": layers, "commit": commit,
-                               "torch": torch.__version__, "ds_config": os.path.relpath(options.ds_config, REPO),
-                               "launch_seconds": LAUNCH_SECONDS, "precisions": {}, "extrapolation_check": {}}
+                               "torch": torch.__version__, "ds_config": ds_config_name,
+                               "precisions": {}, "extrapolation_check": {}}
     models: dict[str, dict[str, Model]] = defaultdict(dict)
     peer_model = None
     for precision in options.precisions:
@@ -730,16 +749,24 @@ def main(argv: list[str] | None = None) -> int:
             models[precision][who] = model
             if who == "peer":
                 peer_model = model
+    calibrated = options.model == "lime-1b" and seq == 512 and layers == 32
+    roofline = Roofline()
+    if options.calibrate and calibrated and peer_model is not None:
+        roofline = Roofline.fit(peer_model, seq, layers)
+        print(f"  fitted to the peer's H200 rows: MATMUL_EFFICIENCY = {roofline.matmul_efficiency:.4f}, "
+              f"LAUNCH_SECONDS = {roofline.launch_seconds:.3e} (used for every projection below)", flush=True)
+    results["roofline"] = {"matmul_efficiency": roofline.matmul_efficiency,
+                           "launch_seconds": roofline.launch_seconds,
+                           "rates": {gpu: dict(zip(("matmul_flops_per_s", "copy_bytes_per_s"), rates(gpu)))
+                                     for gpu in DATASHEET}}
     for precision in options.precisions:
-        if "peer" not in models[precision] and "ours" not in models[precision]:
+        if not models[precision]:
             continue
         entry = results["precisions"][precision] = {}
         for micro, acc in options.shapes:
             predicted = {who: m.predict(layers, micro, acc) for who, m in models[precision].items()}
-            if "peer" not in predicted:
-                continue
-            entry[f"{micro}x{acc}"] = report(precision, (micro, acc), seq, predicted.get("ours"), predicted["peer"],
-                                             options.top)
+            entry[f"{micro}x{acc}"] = report(precision, (micro, acc), seq, predicted.get("ours"), predicted.get("peer"),
+                                             options.top, roofline)
         # The first shape's figures at the top level, for comparisons between runs.
         first = entry[f"{options.shapes[0][0]}x{options.shapes[0][1]}"]
         for who in ("ours", "peer"):
@@ -748,18 +775,15 @@ def main(argv: list[str] | None = None) -> int:
                                                          "host_syncs_per_step", "projected_h100_tokens_per_s",
                                                          "projected_a100_tokens_per_s", "flops_per_token",
                                                          "matmul_flops_per_token", "bytes_per_token")}
-        if options.model == "lime-1b" and seq == 512:
-            launch_seconds = LAUNCH_SECONDS
-            if options.calibrate and "peer" in models[precision]:
-                launch_seconds = fit_launch_seconds(models[precision]["peer"], seq, layers)
-                print(f"  fitted per-launch seconds (peer's H200 rows): {launch_seconds * 1e6:.2f} us")
-            cal = calibration(models[precision], seq, layers, launch_seconds)
+        if calibrated:
+            cal = calibration(models[precision], seq, layers, roofline, commit)
             entry["calibration_h200"] = cal
-            print(f"  calibration against MEASURED.md (H200, one micro-batch per step, {launch_seconds * 1e6:.1f} us "
-                  f"per launch):")
+            print(f"  calibration against MEASURED.md (H200, one micro-batch per step, eager; matmuls at "
+                  f"{roofline.matmul_efficiency:.3f} x {H200_MATMUL_MEASURED / 1e12:.0f} TFLOP/s, "
+                  f"{roofline.launch_seconds * 1e6:.2f} us per launch):")
             for row, values in cal["rows"].items():
-                print(f"      {row:<14} measured {values['measured']:>8,} tok/s  projected {values['projected']:>8,.0f}"
-                      f"  error {100 * values['error']:+.1f}%")
+                print(f"      {row:<34} measured {values['measured']:>7,} tok/s  projected "
+                      f"{values['projected']:>7,.0f}  error {100 * values['error']:+.1f}%")
     if options.json:
         from megatron_lime.files import write_json
 

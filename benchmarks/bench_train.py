@@ -63,7 +63,7 @@ def main() -> int:
     from megatron_lime.training.config import parse_training_args
     from megatron_lime.training.metrics import peak_tflops_for
     from megatron_lime.training.pretrain import build_model, init_distributed, train_step
-    from megatron_lime.training.wrap import build_optimizer, use_bf16, wrap_model
+    from megatron_lime.training.wrap import build_optimizer, resolve_precision, wrap_model
 
     flags = ["--model", options.model, "--train-iters", "1000000", "--micro-batch-size", str(options.micro_batch_size),
              "--global-batch-size", str(options.micro_batch_size), "--lr", "1e-4", "--min-lr", "1e-5",
@@ -101,7 +101,7 @@ def main() -> int:
         engine.train()
         return lambda: train_step(engine, [batch], args.optimizer.lr, device)
 
-    bf16 = use_bf16(args, device)
+    precision = resolve_precision(args, device)
     # With --compare-compile the first engine is the eager one, whatever --torch-compile says.
     compile_ours = args.training.torch_compile and not options.compare_compile
     our_step = engine_step(compile_ours)
@@ -147,7 +147,7 @@ def main() -> int:
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU ({torch.get_num_threads()} threads)")
     print(f"{config.name}: {config.num_parameters() / 1e6:.1f}M parameters, seq {seq}, micro batch {batch_size}, "
-          f"{'bf16' if bf16 else 'fp32'}, {device_name}; {options.rounds} rounds x {options.steps} steps per method, "
+          f"{precision}, {device_name}; {options.rounds} rounds x {options.steps} steps per method, "
           f"median, {options.clock} clock")
 
     def report(name: str, seconds: list[float]) -> float:

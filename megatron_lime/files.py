@@ -8,6 +8,7 @@ created with `open()`'s default mode, so they follow the user's umask like every
     write_json("out/config.json", {...})
     read_json("out/config.json")          # ValueError "FILE:LINE: not valid JSON: ..." on bad input
     with atomic_directory("hf-out") as tmp: ...   # a whole folder, renamed into place at the end
+    cache_folder()                        # where derived, recomputable data is kept between runs
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 TMP_MARK = ".tmp-"  # every temporary name this module makes contains it
+CACHE_ENV = "MEGATRON_LIME_CACHE"
+
+
+def cache_folder() -> Path | None:
+    """Where derived data that can always be recomputed is kept (a tokenizer's converted form, the kernel
+    choices): $MEGATRON_LIME_CACHE, else $XDG_CACHE_HOME/megatron-lime, else ~/.cache/megatron-lime.
+    None when caching is off (MEGATRON_LIME_CACHE=off)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "0", "false", "no") else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "megatron-lime"
 
 
 def _tmp_name(path: Path) -> Path:

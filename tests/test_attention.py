@@ -4,9 +4,12 @@ built once per batch; the automatic choice. CUDA cases run where a GPU is presen
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeModel
@@ -93,21 +96,22 @@ def test_compiled_flex_model_equals_sdpa_model_on_a_packed_batch():
 
 
 def fake_flash_attn(calls: list):
-    """flash_attn_func / flash_attn_varlen_func by their documented semantics, on SDPA (to test our side on CPU)."""
+    """flash_attn_qkvpacked_func / flash_attn_varlen_qkvpacked_func by their documented semantics, on SDPA (to
+    test our side on CPU)."""
 
-    def flash_attn_func(q, k, v, causal):  # (b, s, h, hd)
-        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal)
-        return out.transpose(1, 2)
+    def flash_attn_qkvpacked_func(qkv, causal):  # (b, s, 3, h, hd) -> (b, s, h, hd)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
 
-    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal):  # (total, h, hd)
-        calls.append((cu_q, max_q))
-        out = torch.empty_like(q)
-        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            assert end - start <= max_q
-            out[start:end] = flash_attn_func(q[None, start:end], k[None, start:end], v[None, start:end], causal)[0]
+    def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, causal):  # (total, 3, h, hd) -> (total, h, hd)
+        calls.append((cu_seqlens, max_seqlen))
+        out = qkv.new_empty(qkv.shape[0], *qkv.shape[2:])
+        for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+            assert end - start <= max_seqlen
+            out[start:end] = flash_attn_qkvpacked_func(qkv[None, start:end], causal)[0]
         return out
 
-    return flash_attn_func, flash_attn_varlen_func
+    return flash_attn_qkvpacked_func, flash_attn_varlen_qkvpacked_func
 
 
 def test_flash_varlen_path_computes_cu_seqlens_once_per_batch_and_equals_sdpa(monkeypatch):
@@ -192,3 +196,34 @@ def test_cuda_auto_picks_flex_for_packed_batches_and_the_model_trains():
     reference(**batch).loss.backward()
     for got, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+class _OpLog(TorchDispatchMode):
+    """The aten ops run inside the mode, with their output shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, tuple | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((str(func.overloadpacket), tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
+def test_sdpa_backward_writes_the_qkv_gradient_with_one_copy(packed):
+    """q, k, v are views of the fused projection; their gradients are stacked into its layout once, never copied
+    again (the permute-then-unbind form cost an extra clone of the whole (b, s, 3, h, hd) gradient)."""
+    config = LimeConfig.from_name("lime-tiny")
+    attention = attention_module.CausalSelfAttention(config)
+    x = torch.randn(2, 16, config.hidden_size, requires_grad=True)
+    document_ids = torch.tensor([[0] * 9 + [1] * 7, [0] * 16]) if packed else None
+    out = attention(x, attention_module.document_mask("sdpa", x, document_ids))
+    with _OpLog() as log:
+        out.sum().backward()
+    qkv_sized = [(op, shape) for op, shape in log.ops
+                 if shape is not None and math.prod(shape) == 2 * 16 * 3 * config.hidden_size]
+    assert [op for op, _ in qkv_sized if op not in ("aten.view", "aten._unsafe_view", "aten.transpose", "aten.t")] == [
+        "aten.stack"], qkv_sized
+    assert ("aten.stack", (2, 16, 3, config.num_attention_heads, config.head_dim)) in qkv_sized

@@ -13,8 +13,9 @@ FROZEN_FLAGS = sorted([
     "--loss-chunk-size",
     # training
     "--micro-batch-size", "--global-batch-size", "--seq-length", "--train-iters", "--train-tokens", "--seed",
-    "--clip-grad", "--bf16", "--no-bf16", "--zero-stage", "--deepspeed-config", "--recompute-activations",
-    "--no-recompute-activations", "--torch-compile", "--no-torch-compile", "--max-skipped", "--exit-interval",
+    "--clip-grad", "--bf16", "--no-bf16", "--precision", "--zero-stage", "--deepspeed-config",
+    "--recompute-activations", "--no-recompute-activations", "--torch-compile", "--no-torch-compile",
+    "--max-skipped", "--exit-interval",
     # optimizer and schedule
     "--lr", "--min-lr", "--lr-warmup-iters", "--lr-warmup-fraction", "--lr-decay-style", "--lr-decay-power",
     "--lr-decay-iters", "--weight-decay", "--adam-beta1", "--adam-beta2", "--adam-eps",

@@ -3,6 +3,7 @@ gradient, dtypes, odd shapes, gradcheck, input checks, torch.compile without gra
 selection (per device, and per shape against PyTorch's own ops with a fake timer), and a lime-tiny
 model trained 20 steps with the fused kernels and with the references."""
 
+import json
 import os
 import subprocess
 import sys
@@ -470,19 +471,19 @@ def test_add_rms_norm_bf16_with_fp32_weight_cuda():
 
 
 @cuda_only
-def test_shape_choice_measures_on_cuda(monkeypatch, caplog):
-    """The real timer (CUDA events): one measurement per new shape, a logged line, a result that is the op's."""
+def test_shape_choice_plan_on_cuda(monkeypatch, caplog, tmp_path):
+    """The real timer (CUDA events): one measurement per planned shape, a logged line, then lookups only."""
+    monkeypatch.setenv("MEGATRON_LIME_CACHE", str(tmp_path))
     choices = _backend.ShapeChoices(mode="measure", candidates=_backend.CHOICES.candidates)
     monkeypatch.setattr(_backend, "CHOICES", choices)
     x, weight, _ = make_rms_inputs((8192, 1536), torch.bfloat16, "cuda")
     with caplog.at_level("INFO", logger="megatron_lime.kernels"):
-        y = kernels.rms_norm(x, weight, EPS)
-        kernels.rms_norm(x, weight, EPS)
-        a = kernels.silu(x)
-    assert set(choices.choices.values()) <= {"ours", "torch"} and len(choices.choices) == 2
-    assert len([r for r in caplog.records if "forward+backward" in r.getMessage()]) == 2
-    torch.testing.assert_close(y, kernels.rms_norm_ref(x, weight, EPS), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(a, kernels.silu_ref(x), rtol=2e-2, atol=2e-2)
+        plan = kernels.plan_kernel_choices(lambda: kernels.silu(kernels.rms_norm(x, weight, EPS)), "cuda")
+    assert {key[0] for key in plan} == {"rms_norm", "silu"} and len(choices.choices) == 2
+    assert len([r for r in caplog.records if "kernel choice" in r.getMessage()]) == 2
+    torch.testing.assert_close(kernels.rms_norm(x, weight, EPS), kernels.rms_norm_ref(x, weight, EPS),
+                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(kernels.silu(x), kernels.silu_ref(x), rtol=2e-2, atol=2e-2)
 
 
 @cuda_only
@@ -613,20 +614,22 @@ def lime_operators_called(fn) -> list[str]:
 
 def fake_timer(milliseconds: list[float], timed: list[str]):
     """A timer that runs each candidate once for real (so the candidates must work) and returns the
-    next of the given times: per new shape, ours is timed first, then PyTorch's."""
+    next of the given times: per planned shape, ours is timed first, then PyTorch's."""
     times = iter(milliseconds)
 
-    def timer(fn) -> float:
+    def timer(fn, device) -> float:
         fn()
-        timed.append("call")
+        timed.append(device.type)
         return next(times)
 
     return timer
 
 
 @pytest.fixture
-def measured_choices(monkeypatch):
-    """CHOICES measuring on CPU (as it does on CUDA), with a fake timer the test sets."""
+def measured_choices(monkeypatch, tmp_path):
+    """CHOICES planning on CPU (as it does on CUDA), with a fake timer the test sets and a private cache."""
+    monkeypatch.setenv("MEGATRON_LIME_CACHE", str(tmp_path / "cache"))
+
     def install(milliseconds: list[float], mode: str = "measure") -> tuple[_backend.ShapeChoices, list[str]]:
         timed: list[str] = []
         choices = _backend.ShapeChoices(mode=mode, timer=fake_timer(milliseconds, timed), devices=("cpu",),
@@ -636,38 +639,80 @@ def measured_choices(monkeypatch):
     return install
 
 
-def test_shape_choice_measures_each_new_shape_once_and_logs_it(measured_choices, caplog):
-    # Shape (8, 64): ours 2.0 ms, PyTorch's 1.0 -> PyTorch's. Shape (16, 64): ours 1.0, PyTorch's 3.0 -> ours.
+def test_shape_choice_is_planned_once_outside_the_forward_and_logged(measured_choices, caplog):
+    # Two planned shapes: (8, 64) ours 2.0 ms, PyTorch's 1.0 -> PyTorch's; (16, 64) ours 1.0, PyTorch's 3.0 -> ours.
     choices, timed = measured_choices([2.0, 1.0, 1.0, 3.0])
     weight = torch.randn(64, requires_grad=True)
     small, large = torch.randn(8, 64, requires_grad=True), torch.randn(16, 64, requires_grad=True)
+    # Before a plan nothing is timed, whatever the shape: ours.
+    assert lime_operators_called(lambda: kernels.rms_norm(small, weight, EPS)) == ["rms_norm_fwd.default"]
+    assert timed == [] and choices.choices == {}
+
+    def forward() -> None:  # what the run calls; nothing may be timed while it runs
+        kernels.rms_norm(small, weight, EPS)
+        assert timed == []
+        kernels.rms_norm(large.view(2, 8, 64), weight, EPS)  # (b, s, d) is 16 rows of 64
+        kernels.rms_norm(small, weight, EPS)
+
     with caplog.at_level("INFO", logger="megatron_lime.kernels"):
-        kernels.rms_norm(small, weight, EPS)  # the first call at a shape measures (running both candidates)
-        assert len(timed) == 2
-        assert lime_operators_called(lambda: kernels.rms_norm(small, weight, EPS)) == []  # PyTorch's, cached
-        kernels.rms_norm(large, weight, EPS)
-        assert lime_operators_called(lambda: kernels.rms_norm(large, weight, EPS)) == ["rms_norm_fwd.default"]
-        assert lime_operators_called(lambda: kernels.rms_norm(small, weight, EPS)) == []
-    assert len(timed) == 4  # each shape timed once
-    assert choices.choices == {("rms_norm", torch.Size([8, 64]), torch.float32): "torch",
-                               ("rms_norm", torch.Size([16, 64]), torch.float32): "ours"}
+        plan = kernels.plan_kernel_choices(forward, "cpu")
+    assert timed == ["cpu"] * 4  # each recorded shape timed once, after the forward
+    assert choices.choices == {("rms_norm", 8, 64, torch.float32): "torch", ("rms_norm", 16, 64, torch.float32): "ours"}
+    assert plan[("rms_norm", 8, 64, torch.float32)] == (2.0, 1.0, "torch", "measured")
     lines = [r.getMessage() for r in caplog.records if r.name == "megatron_lime.kernels"]
     assert len(lines) == 2, lines
     assert "rms_norm (8, 64) float32" in lines[0] and "using PyTorch's" in lines[0]
     assert "rms_norm (16, 64) float32" in lines[1] and "using ours" in lines[1]
+    # Afterwards: lookups only, never a timing, and no new entries for new shapes (the nearest planned one's choice).
+    assert lime_operators_called(lambda: kernels.rms_norm(small, weight, EPS)) == []  # PyTorch's
+    assert lime_operators_called(lambda: kernels.rms_norm(large, weight, EPS)) == ["rms_norm_fwd.default"]
+    assert lime_operators_called(lambda: kernels.rms_norm(torch.randn(7, 64), weight, EPS)) == []  # nearest: 8
+    assert lime_operators_called(lambda: kernels.rms_norm(torch.randn(40, 64), weight, EPS)) == [
+        "rms_norm_fwd.default"]  # nearest: 16
+    assert lime_operators_called(lambda: kernels.rms_norm(torch.randn(8, 32), weight[:32], EPS)) == [
+        "rms_norm_fwd.default"]  # another width: nothing planned, ours
+    assert timed == ["cpu"] * 4 and len(choices.choices) == 2
     # Whichever is chosen, the result is the op's (the same maths, rounding apart), with gradients.
     for x in (small, large):
         torch.testing.assert_close(kernels.rms_norm(x, weight, EPS), kernels.rms_norm_ref(x, weight, EPS))
-    y = kernels.rms_norm(small, weight, EPS)
-    y.sum().backward()
+    kernels.rms_norm(small, weight, EPS).sum().backward()
     assert small.grad is not None and weight.grad is not None
+
+
+def test_shape_choice_is_kept_on_disk_and_read_back(measured_choices, tmp_path, caplog):
+    x, weight = torch.randn(8, 64), torch.randn(64)
+    _, timed = measured_choices([2.0, 1.0])
+    kernels.plan_kernel_choices(lambda: kernels.rms_norm(x, weight, EPS), "cpu")
+    assert len(timed) == 2
+    stored = json.loads((tmp_path / "cache" / "kernel_choices.json").read_text())
+    (name, times), = stored["entries"].items()
+    assert name.endswith("|rms_norm|8x64|float32") and f"torch {torch.__version__}" in name and times == [2.0, 1.0]
+    # A second run (a new process's CHOICES) reads it: nothing timed, the same choice, "cached" in the log.
+    choices, timed = measured_choices([])
+    with caplog.at_level("INFO", logger="megatron_lime.kernels"):
+        plan = kernels.plan_kernel_choices(lambda: kernels.rms_norm(x, weight, EPS), "cpu")
+    assert timed == [] and plan[("rms_norm", 8, 64, torch.float32)] == (2.0, 1.0, "torch", "cached")
+    assert choices.choices == {("rms_norm", 8, 64, torch.float32): "torch"}
+    assert any("cached" in r.getMessage() for r in caplog.records)
+    # Another kernel build is another entry: measured again.
+    stored["entries"] = {name.replace("|build ", "|build other-"): t for name, t in stored["entries"].items()}
+    (tmp_path / "cache" / "kernel_choices.json").write_text(json.dumps(stored))
+    _, timed = measured_choices([1.0, 2.0])
+    kernels.plan_kernel_choices(lambda: kernels.rms_norm(x, weight, EPS), "cpu")
+    assert len(timed) == 2
+    # A damaged file is a warning and a new measurement, never a crash.
+    (tmp_path / "cache" / "kernel_choices.json").write_text("{not json")
+    _, timed = measured_choices([1.0, 2.0])
+    with caplog.at_level("WARNING", logger="megatron_lime.kernels"):
+        kernels.plan_kernel_choices(lambda: kernels.rms_norm(x, weight, EPS), "cpu")
+    assert len(timed) == 2 and any("unreadable" in r.getMessage() for r in caplog.records)
 
 
 def test_shape_choice_covers_add_rms_norm_and_silu(measured_choices):
     _, timed = measured_choices([1.0, 2.0, 2.0, 1.0])  # add_rms_norm: ours; silu: PyTorch's
     residual, delta, weight = torch.randn(4, 32), torch.randn(4, 32), torch.randn(32)
-    kernels.add_rms_norm(residual, delta, weight, EPS)
-    kernels.silu(residual)
+    kernels.plan_kernel_choices(lambda: (kernels.add_rms_norm(residual, delta, weight, EPS), kernels.silu(residual)),
+                                "cpu")
     assert lime_operators_called(lambda: kernels.add_rms_norm(residual, delta, weight, EPS)) == [
         "add_rms_norm_fwd.default"]
     assert lime_operators_called(lambda: kernels.silu(residual)) == []
@@ -677,7 +722,7 @@ def test_shape_choice_covers_add_rms_norm_and_silu(measured_choices):
     torch.testing.assert_close(kernels.silu(residual), kernels.silu_ref(residual))
 
 
-def test_shape_choice_can_be_forced_and_is_not_measured_while_compiling(measured_choices):
+def test_shape_choice_can_be_forced_and_compiled_graphs_follow_the_plan(measured_choices):
     x, weight = torch.randn(8, 64), torch.randn(64)
     _, timed = measured_choices([], mode="torch")
     assert lime_operators_called(lambda: kernels.rms_norm(x, weight, EPS)) == []
@@ -686,13 +731,23 @@ def test_shape_choice_can_be_forced_and_is_not_measured_while_compiling(measured
     # Mixed dtypes (bf16 activations, fp32 weight) are never handed to F.rms_norm (it would promote).
     _, timed = measured_choices([], mode="torch")
     assert lime_operators_called(lambda: kernels.rms_norm(x.bfloat16(), weight, EPS)) == ["rms_norm_fwd.default"]
-    # Tracing: ours, untimed (an empty fake timer would raise StopIteration if called), no graph break.
-    choices, timed = measured_choices([])
+    # Tracing: the plan's choice (made before), never a timing, no graph break.
+    choices, timed = measured_choices([2.0, 1.0])  # PyTorch's at (8, 64)
+    kernels.plan_kernel_choices(lambda: kernels.rms_norm(x, weight, EPS), "cpu")
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a, w: kernels.silu(kernels.rms_norm(a, w, EPS)), backend="eager", fullgraph=True)
+    compiled = torch.compile(lambda a, w: kernels.silu(kernels.rms_norm(a, w, EPS)), backend=capture, fullgraph=True)
     torch.testing.assert_close(compiled(x, weight), kernels.silu_ref(kernels.rms_norm_ref(x, weight, EPS)))
     torch._dynamo.reset()
-    assert timed == [] and choices.choices == {}
+    (graph,) = graphs
+    targets = " ".join(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+    assert "lime.silu_fwd" in targets and "lime.rms_norm_fwd" not in targets and "rms_norm" in targets
+    assert len(timed) == 2 and len(choices.choices) == 1
     with pytest.raises(ValueError, match="LIME_KERNEL_CHOICE"):
         _backend.ShapeChoices(mode="fastest")
     with pytest.raises(ValueError, match="kernel choice"):

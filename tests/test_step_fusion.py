@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeBlock, LimeModel, chunked_language_model_loss, language_model_loss
-from megatron_lime.model.loss import chunk_loss_and_logit_grad_in_place, chunk_loss_and_logit_grad
+from megatron_lime.model.loss import chunk_loss_and_logit_grad_, chunk_loss_and_logit_grad_in_place_
 
 
 def chunk_inputs(c=37, vocab=101, seed=0):
@@ -36,18 +37,20 @@ def reference_chunk(logits, labels, weights):
 
 def test_the_fused_chunk_body_has_no_graph_break_and_compiles_to_the_reference():
     logits, labels, weights = chunk_inputs()
-    explanation = torch._dynamo.explain(chunk_loss_and_logit_grad)(logits, labels, weights)
+    explanation = torch._dynamo.explain(chunk_loss_and_logit_grad_)(logits.clone(), labels, weights)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
     torch._dynamo.reset()
-    compiled = torch.compile(chunk_loss_and_logit_grad, fullgraph=True, dynamic=False)
+    compiled = torch.compile(chunk_loss_and_logit_grad_, fullgraph=True, dynamic=False)
     want_total, want_grad = reference_chunk(logits, labels, weights)
-    for body in (chunk_loss_and_logit_grad, compiled, chunk_loss_and_logit_grad_in_place):
-        total, grad = body(logits.clone(), labels, weights)
-        assert grad.dtype == torch.float32
+    for body in (chunk_loss_and_logit_grad_, compiled, chunk_loss_and_logit_grad_in_place_):
+        grad = logits.clone()
+        total = body(grad, labels, weights)  # the logits become their gradient, in place
         torch.testing.assert_close(total.double(), want_total, rtol=1e-6, atol=0)
         torch.testing.assert_close(grad.double(), want_grad, rtol=1e-6, atol=1e-6 * want_grad.abs().max().item())
-    total, grad = compiled(logits.to(torch.bfloat16), labels, weights)  # bf16 logits: the gradient comes back bf16
-    assert grad.dtype == torch.bfloat16
+    for body in (compiled, chunk_loss_and_logit_grad_in_place_):  # bf16 logits: the gradient written back in bf16
+        grad = logits.to(torch.bfloat16)
+        body(grad, labels, weights)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=2e-2, atol=2e-2 * want_grad.abs().max().item())
     torch._dynamo.reset()
 
 
@@ -181,3 +184,51 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
         window.add(result, 0.1)
     assert isinstance(result, StepResult) and result.trained_tokens == 2 * 2 * 16
     assert window.loss == pytest.approx(result.loss) and window.grad_norm == 1.5
+
+
+class _OutputShapes(TorchDispatchMode):
+    """(op, output shape) of every aten op run inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.ops.append((str(func.overloadpacket), tuple(out.shape)))
+        return out
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+def test_the_head_weight_gradient_is_written_once_per_micro_batch(autocast):
+    """However many chunks, the (vocab, d) head gradient is produced by one GEMM (then, under autocast, the head
+    weight is cast to bf16 once and the bf16 product widened to fp32 once): never re-read and re-written per chunk."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 40, 32, generator=g, requires_grad=True)
+    weight = (torch.randn(211, 32, generator=g) * 0.3).requires_grad_()
+    labels = torch.randint(0, 211, (2, 40), generator=g)
+
+    def weight_sized_ops(chunk_size: int) -> list[str]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _OutputShapes() as log:
+            loss, _ = chunked_language_model_loss(hidden, weight, labels, None, "mean", chunk_size)
+        loss.backward()
+        return [op for op, shape in log.ops if shape == tuple(weight.shape)]
+
+    five_chunks, one_chunk = weight_sized_ops(16), weight_sized_ops(80)
+    assert five_chunks == one_chunk
+    assert five_chunks == (["aten._to_copy", "aten.mm", "aten._to_copy"] if autocast else ["aten.mm"])
+    # and the same loss and gradients as the materialised logits under the same precision
+    weight.grad = hidden.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, _ = chunked_language_model_loss(hidden, weight, labels, None, "mean", 16)
+    loss.backward()
+    got = (loss.detach(), hidden.grad, weight.grad)
+    weight.grad = hidden.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want_loss, _ = language_model_loss(F.linear(hidden, weight), labels, None, "mean")
+    want_loss.backward()
+    tolerance = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, (want_loss.detach(), hidden.grad, weight.grad)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tolerance)

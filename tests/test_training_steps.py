@@ -66,7 +66,7 @@ def flags(tiny_data, save: str, *extra: str) -> list[str]:
             "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0", "--split", "100,0,0", *extra]
 
 
-@pytest.mark.parametrize("precision", ["--no-bf16", "--bf16"])
+@pytest.mark.parametrize("precision", ["--no-bf16", "--bf16", "--precision=autocast"])
 def test_nan_steps_are_skipped_then_the_run_stops_with_the_last_good_state(tmp_path, tiny_data, precision):
     good = str(tmp_path / "good")
     reference = run(tmp_path, 10**9, *flags(tiny_data, good, precision, "--exit-interval", "5"))

@@ -72,16 +72,35 @@ def test_deepspeed_config_comes_from_the_flags():
                                 "--global-batch-size", "8", "--clip-grad", "0.5"])
     with open("examples/ds_config_zero1_bf16.json") as handle:
         example = json.load(handle)
-    config = build_deepspeed_config(args, data_parallel_size=2, bf16=False, base=example)
+    config = build_deepspeed_config(args, data_parallel_size=2, precision="fp32", base=example)
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
             config["gradient_accumulation_steps"]) == (8, 2, 2)
     assert config["gradient_clipping"] == 0.5 and config["bf16"]["enabled"] is False
+    assert config["torch_autocast"]["enabled"] is False
     assert config["zero_optimization"]["stage"] == 1
     assert config["zero_optimization"]["reduce_bucket_size"] == example["zero_optimization"]["reduce_bucket_size"]
     with pytest.raises(ValueError, match="train_batch_size=64 but the flags give 8"):
-        build_deepspeed_config(args, 2, False, base={"train_batch_size": 64})
+        build_deepspeed_config(args, 2, "fp32", base={"train_batch_size": 64})
     with pytest.raises(ValueError, match="may not set 'optimizer'"):
-        build_deepspeed_config(args, 2, False, base={"optimizer": {"type": "Adam"}})
+        build_deepspeed_config(args, 2, "fp32", base={"optimizer": {"type": "Adam"}})
+    bf16 = build_deepspeed_config(args, 2, "bf16", base=example)
+    assert bf16["bf16"]["enabled"] is True and bf16["torch_autocast"]["enabled"] is False
+    autocast = build_deepspeed_config(args, 2, "autocast", base=example)
+    assert autocast["bf16"]["enabled"] is False
+    assert autocast["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+
+
+def test_precision_flags(capsys):
+    def precision(*flags: str) -> str | None:
+        return parse_training_args(["--model", "lime-tiny", "--train-iters", "1", *flags]).training.precision
+
+    assert precision() is None
+    assert precision("--bf16") == "bf16" and precision("--no-bf16") == "fp32"
+    assert precision("--precision", "autocast") == "autocast"
+    assert precision("--bf16", "--precision", "bf16") == "bf16"
+    with pytest.raises(SystemExit):
+        precision("--no-bf16", "--precision", "autocast")
+    assert "--no-bf16 contradicts --precision autocast" in capsys.readouterr().err
 
 
 def test_weight_decay_groups():

@@ -9,7 +9,8 @@ references.
 
 The backend is chosen once at import (see _backend.py: LIME_KERNELS=auto|reference|fused|apex)
 and dispatched per tensor device, so CPU tensors take the CPU kernels even on a GPU machine; on
-CUDA, per shape, PyTorch's own op where it measured faster (LIME_KERNEL_CHOICE=measure|ours|torch).
+CUDA, per shape, PyTorch's own op where it measured faster in the plan made before training
+(plan_kernel_choices; LIME_KERNEL_CHOICE=measure|ours|torch).
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ def set_kernel_choice(mode: str) -> str:
     return previous
 
 
+def plan_kernel_choices(run_forward, device: torch.device | str, compiled: bool = False) -> dict:
+    """Choose ours or PyTorch's op for every (op, shape, dtype) one call of run_forward makes, before training.
+
+    run_forward: one forward as the run calls it, with autograd, compilation and activation checkpointing
+    off (the caller's business); nothing is timed inside it. The cases are then timed outside any forward,
+    agreed over all ranks when torch.distributed is initialised (a collective: every rank calls this), kept
+    on disk and logged; later calls only look their choice up (_backend.ShapeChoices). A no-op where the
+    device's calls do not follow a plan (CPU by default) or the choice is forced (LIME_KERNEL_CHOICE).
+    Returns {(op, rows, width, dtype): (ours ms, PyTorch's ms, "ours" | "torch", "measured" | "cached")}.
+    """
+    return _backend.CHOICES.plan(run_forward, torch.device(device), compiled)
+
+
 def backend(device: torch.device | str | None = None) -> str:
     """The implementation used for tensors on `device`: "fused-cuda", "apex", "fused-cpu" or "reference".
 
@@ -58,5 +72,5 @@ def backend(device: torch.device | str | None = None) -> str:
 
 __all__ = [
     "KernelsUnavailableError", "add_rms_norm", "add_rms_norm_ref", "backend", "rms_norm", "rms_norm_ref",
-    "set_kernel_choice", "silu", "silu_ref",
+    "plan_kernel_choices", "set_kernel_choice", "silu", "silu_ref",
 ]

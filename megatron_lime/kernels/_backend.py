@@ -25,30 +25,41 @@ The extensions register the kernels as the operators torch.ops.lime.* (_kernels_
 _kernels_cuda adds CUDA implementations); RMS_NORM_FWD and the others below are those operators'
 overloads, resolved once, so a call goes straight to the dispatcher.
 
-Per shape on CUDA (CHOICES): the first call of an op at a new (shape, dtype) times ours against
-PyTorch's own op (F.rms_norm, F.silu) with CUDA events, forward and backward, keeps the faster and
-logs one line; so ours is never the slower choice. LIME_KERNEL_CHOICE forces it:
+Per shape on CUDA (CHOICES): ours or PyTorch's own op (F.rms_norm, F.silu), whichever is faster at the
+run's shapes. The choice is a plan made once before training (ShapeChoices.plan, called by training.wrap after
+the model is wrapped): one recording forward lists the (op, shape, dtype) cases the run calls, each is timed
+forward and backward outside any forward (never inside an activation checkpoint's recomputation, a compiled
+trace or a CUDA graph capture), agreed by all ranks, kept on disk (files.cache_folder()/kernel_choices.json, per
+device, torch, kernel build, dtype and shape: a second run reads it) and logged one line per case. A call then
+only looks its choice up; a shape the plan did not see takes the nearest planned shape's choice. LIME_KERNEL_CHOICE
+forces it:
 
     LIME_KERNEL_CHOICE=measure  (default) as above
     LIME_KERNEL_CHOICE=ours     always our kernels
     LIME_KERNEL_CHOICE=torch    always PyTorch's op where one exists (dtypes of x and weight equal)
 
-CPU tensors always use our CPU kernels (their choice is the backend's, above). While torch.compile
-traces, or a CUDA graph is being captured, nothing can be timed: ours is used, never a cached
-winner, so a compiled graph does not depend on what eager calls measured before.
+CPU tensors use our CPU kernels (their choice is the backend's, above), unless LIME_KERNEL_CHOICE_DEVICES=cpu
+makes the CPU follow the same plan (the tests' switch: every step of the GPU path runs on a CPU).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
+import math
 import os
+import platform
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
+
+from megatron_lime.files import cache_folder, write_json
 
 logger = logging.getLogger("megatron_lime.kernels")
 
@@ -208,20 +219,29 @@ else:
     RMS_NORM_FWD = ADD_RMS_NORM_FWD = SILU_FWD = None
 
 
-def cuda_event_timer(fn: Callable[[], object], calls: int = 10, rounds: int = 3) -> float:
-    """Milliseconds per call of fn on the current CUDA stream: CUDA events around `calls`
-    back-to-back calls (a host clock would add the launch latency), the median of `rounds`."""
+
+# ---- ours or PyTorch's op, per shape: a plan made once before training, looked up on every call ----
+
+def measure_ms(fn: Callable[[], object], device: torch.device, calls: int = 10, rounds: int = 3) -> float:
+    """Milliseconds per call of fn, the median of `rounds` rounds of `calls` back-to-back calls: CUDA events
+    on the current stream for a CUDA device (a host clock would add the launch latency), the host clock else."""
     for _ in range(2):  # warm-up: first-call allocations, lazy initialisation
         fn()
     times = []
     for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        else:
+            began = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append(1000.0 * (time.perf_counter() - began) / calls)
     return statistics.median(times)
 
 
@@ -244,21 +264,72 @@ def forward_backward(fn: Callable[..., object], inputs: tuple) -> Callable[[], N
     return run
 
 
+# (op, rows, n, dtype): an op's input x seen as `rows` rows of `n` (x.numel() = rows * n), so (b, s, d) and
+# (b * s, d) are the same case, as they are to the kernels.
+ChoiceKey = tuple[str, int, int, torch.dtype]
+CACHE_FORMAT = 1  # bump when the cache file's layout or meaning changes
+
+
+def choice_key(op: str, x: torch.Tensor) -> ChoiceKey:
+    n = x.shape[-1] if x.dim() else 1
+    return (op, x.numel() // max(n, 1), n, x.dtype)
+
+
+def _inputs_for(key: ChoiceKey, device: torch.device) -> tuple:
+    """Random inputs of an op at `key`'s shape, in the argument order of CHOICES.candidates[op]."""
+    op, rows, n, dtype = key
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=generator).to(dtype)
+
+    if op == "rms_norm":
+        return randn(rows, n), randn(n), 1e-5
+    if op == "add_rms_norm":
+        return randn(rows, n), randn(n), 1e-5, randn(rows, n)
+    return (randn(rows, n),)
+
+
+def _build_id(module: ModuleType | None) -> str:
+    """A short hash of an extension's file: a rebuilt kernel is a new cache entry."""
+    path = getattr(module, "__file__", None)
+    if not path:
+        return "none"
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read(), digest_size=8).hexdigest()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    return f"{device.type} {platform.machine()} x{torch.get_num_threads()} threads"
+
+
 @dataclass
 class ShapeChoices:
-    """Ours or PyTorch's op, per (op, shape, dtype): measured on the first call, cached, logged once.
+    """Ours or PyTorch's op, per (op, shape, dtype): planned once before training, then only looked up.
+
+    `plan` runs one forward that records which (op, shape, dtype) the run calls (nothing is timed inside a
+    forward, an activation checkpoint's recomputation or a graph capture), then times ours against PyTorch's
+    op at each of them outside any forward, agrees the choice over all ranks, keeps it on disk per (device,
+    torch, kernel build, dtype, shape) and logs it. A call at a shape the plan did not see (evaluation,
+    generation) takes the choice of the nearest planned shape (same op, width and dtype; rows compared on a
+    log scale) without timing, and ours when there is none; lookups never add entries.
 
     mode:       "measure", "ours" or "torch" (LIME_KERNEL_CHOICE).
-    timer:      milliseconds per call of a no-argument function (CUDA events; tests pass a fake).
-    devices:    the device types whose calls are measured (CUDA's; CPU keeps our kernels).
+    timer:      milliseconds per call of a no-argument function on a device (tests pass a fake).
+    devices:    the device types whose calls follow the plan (LIME_KERNEL_CHOICE_DEVICES, default CUDA's;
+                "cpu" makes CPU runs take the same path, so tests run it).
     candidates: op name -> (ours, PyTorch's), functions of the op's inputs (registered by the op modules).
     """
 
     mode: str = "measure"
-    timer: Callable[[Callable[[], object]], float] = cuda_event_timer
+    timer: Callable[[Callable[[], object], torch.device], float] = measure_ms
     devices: tuple[str, ...] = ("cuda",)
     candidates: dict[str, tuple[Callable, Callable]] = field(default_factory=dict)
-    choices: dict[tuple, str] = field(default_factory=dict)  # (op, shape, dtype) -> "ours" | "torch"
+    choices: dict[ChoiceKey, str] = field(default_factory=dict)  # -> "ours" | "torch"
+    recording: set[ChoiceKey] | None = None  # during plan's recording forward: the keys called
 
     def __post_init__(self) -> None:
         if self.mode not in CHOICE_MODES:
@@ -268,29 +339,134 @@ class ShapeChoices:
         return device_type in self.devices
 
     def use_torch(self, op: str, x: torch.Tensor, *rest: object) -> bool:
-        """True when PyTorch's op is to be used for op(x, *rest) (x decides the shape and dtype)."""
+        """True when PyTorch's op is to be used for op(x, *rest) (x decides the shape and dtype). A lookup only."""
         if self.mode != "measure":
             return self.mode == "torch"
-        if torch.compiler.is_compiling():
-            return False  # no timing while tracing, and no dependence of the graph on eager history
-        key = (op, x.shape, x.dtype)
+        key = choice_key(op, x)
+        if self.recording is not None and not torch.compiler.is_compiling():
+            self.recording.add(key)
+            return False
         choice = self.choices.get(key)
         if choice is None:
-            if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return False  # a CUDA graph being captured: no events, no synchronisation
-            choice = self._measure(op, key, (x, *rest))
+            choice = self.nearest(key)
         return choice == "torch"
 
-    def _measure(self, op: str, key: tuple, inputs: tuple) -> str:
-        ours, theirs = self.candidates[op]
-        ours_ms = self.timer(forward_backward(ours, inputs))
-        torch_ms = self.timer(forward_backward(theirs, inputs))
-        choice = "torch" if torch_ms < ours_ms else "ours"
-        self.choices[key] = choice
-        logger.info("%s %s %s: ours %.4f ms, PyTorch's %.4f ms (forward+backward): using %s", op,
-                    tuple(key[1]), str(key[2]).removeprefix("torch."), ours_ms, torch_ms,
-                    "PyTorch's" if choice == "torch" else "ours")
-        return choice
+    def nearest(self, key: ChoiceKey) -> str:
+        """The choice of the planned shape nearest to key's (same op, width and dtype), "ours" when none."""
+        op, rows, n, dtype = key
+        planned = [(abs(math.log(max(other[1], 1)) - math.log(max(rows, 1))), choice)
+                   for other, choice in self.choices.items() if other[0] == op and other[2] == n and other[3] == dtype]
+        return min(planned, key=lambda item: item[0])[1] if planned else "ours"
+
+    def plan(self, run_forward: Callable[[], object], device: torch.device, compiled: bool = False) -> dict:
+        """Record the (op, shape, dtype) cases of one call of run_forward, then choose for each (see the class).
+
+        run_forward: one forward of the model as the run calls it (the caller disables autograd, compilation
+        and activation checkpointing around it). compiled: the run is torch.compile'd, so PyTorch's op is timed
+        compiled, as Inductor will run it. Collective when torch.distributed is initialised: every rank calls it.
+        Returns {key: (ours ms, PyTorch's ms, "ours" | "torch", "measured" | "cached")}.
+        """
+        if self.mode != "measure" or not self.measures(device.type):
+            return {}
+        self.recording = set()
+        try:
+            run_forward()
+            keys = sorted(self.recording, key=lambda k: (k[0], k[1], k[2], str(k[3])))
+        finally:
+            self.recording = None
+        identity = f"{_device_name(device)}|torch {torch.__version__}|build {_build_id(self._extension(device))}"
+        cached = _read_choice_cache(identity)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # rank 0's cases and cache decide, so that every rank times (and chooses) the same
+            shared = [keys, {key: cached[key] for key in keys if key in cached}]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            keys, cached = shared
+        missing = [key for key in keys if key not in cached]
+        times = torch.tensor([self._time(key, device, compiled) for key in missing], dtype=torch.float64,
+                             device=device).reshape(-1, 2)
+        if distributed and missing:  # the mean over ranks: one decision everywhere
+            torch.distributed.all_reduce(times)
+            times /= torch.distributed.get_world_size()
+        result = {key: (*cached[key], "cached") for key in keys if key in cached}
+        result.update({key: (ours, theirs, "measured") for key, (ours, theirs) in zip(missing, times.tolist())})
+        for key in keys:
+            ours_ms, torch_ms, source = result[key]
+            choice = "torch" if torch_ms < ours_ms else "ours"
+            self.choices[key] = choice
+            result[key] = (ours_ms, torch_ms, choice, source)
+            logger.info("kernel choice: %s (%d, %d) %s: ours %.4f ms, PyTorch's%s %.4f ms (forward+backward, %s): "
+                        "using %s", key[0], key[1], key[2], str(key[3]).removeprefix("torch."), ours_ms,
+                        " compiled" if compiled else "", torch_ms, source,
+                        "PyTorch's" if choice == "torch" else "ours")
+        if missing and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one writer per machine
+            _write_choice_cache(identity, {key: result[key][:2] for key in keys})
+        return result
+
+    def _extension(self, device: torch.device) -> ModuleType | None:
+        return SELECTION.cuda_extension if device.type == "cuda" else SELECTION.cpu_extension
+
+    def _time(self, key: ChoiceKey, device: torch.device, compiled: bool) -> tuple[float, float]:
+        ours, theirs = self.candidates[key[0]]
+        if compiled:
+            theirs = torch.compile(theirs, dynamic=False)
+        inputs = _inputs_for(key, device)
+        return (self.timer(forward_backward(ours, inputs), device),
+                self.timer(forward_backward(theirs, inputs), device))
 
 
-CHOICES = ShapeChoices(mode=(os.environ.get("LIME_KERNEL_CHOICE", "measure").strip().lower() or "measure"))
+def _choice_cache_path():
+    folder = cache_folder()
+    return None if folder is None else folder / "kernel_choices.json"
+
+
+def _entry_name(identity: str, key: ChoiceKey) -> str:
+    return f"{identity}|{key[0]}|{key[1]}x{key[2]}|{str(key[3]).removeprefix('torch.')}"
+
+
+def _read_choice_cache(identity: str) -> dict[ChoiceKey, tuple[float, float]]:
+    """{key: (ours ms, PyTorch's ms)} of this device, torch and kernel build; {} when none or unreadable."""
+    path = _choice_cache_path()
+    if path is None or not path.exists():
+        return {}
+    try:
+        stored = json.loads(path.read_text())
+        entries = stored["entries"] if stored.get("format") == CACHE_FORMAT else {}
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        logger.warning("kernel choice cache %s is unreadable (%s): measuring again", path, error)
+        return {}
+    found = {}
+    for name, times in entries.items():
+        head, _, rest = name.rpartition("|")  # head: identity|op|shape
+        identity_and_op, _, shape = head.rpartition("|")
+        stored_identity, _, op = identity_and_op.rpartition("|")
+        dtype = getattr(torch, rest, None)
+        if stored_identity != identity or not isinstance(dtype, torch.dtype):
+            continue
+        rows, _, n = shape.partition("x")
+        found[(op, int(rows), int(n), dtype)] = (float(times[0]), float(times[1]))
+    return found
+
+
+def _write_choice_cache(identity: str, times: dict[ChoiceKey, tuple[float, float]]) -> None:
+    path = _choice_cache_path()
+    if path is None:
+        return
+    try:
+        entries = {}
+        if path.exists():
+            stored = json.loads(path.read_text())
+            entries = stored.get("entries", {}) if stored.get("format") == CACHE_FORMAT else {}
+        entries.update({_entry_name(identity, key): list(value) for key, value in times.items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"format": CACHE_FORMAT, "entries": entries})
+    except (OSError, ValueError) as error:  # the choice stands for this run; only the next one measures again
+        logger.warning("kernel choice cache %s could not be written (%s)", path, error)
+
+
+def _choice_devices() -> tuple[str, ...]:
+    value = os.environ.get("LIME_KERNEL_CHOICE_DEVICES", "cuda")
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+CHOICES = ShapeChoices(mode=(os.environ.get("LIME_KERNEL_CHOICE", "measure").strip().lower() or "measure"),
+                       devices=_choice_devices())

@@ -35,10 +35,10 @@ logger = logging.getLogger(__name__)
 def _flash_attn():
     """The flash_attn module, or None when it is not installed."""
     try:
-        from flash_attn import flash_attn_func, flash_attn_varlen_func
+        from flash_attn import flash_attn_qkvpacked_func, flash_attn_varlen_qkvpacked_func
     except ImportError:
         return None
-    return flash_attn_func, flash_attn_varlen_func
+    return flash_attn_qkvpacked_func, flash_attn_varlen_qkvpacked_func
 
 
 _compiled_flex_attention = None
@@ -164,7 +164,10 @@ class CausalSelfAttention(nn.Module):
         if mask is not None and mask.backend == "flash":
             out = self._flash(qkv, mask)  # (b, s, h, hd)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (b, h, s, hd)
+            # Views of qkv: unbind the middle dimension, then swap s and h. The backward stacks the three
+            # gradients straight into qkv's (b, s, 3, h, hd) layout (one copy); permuting first and unbinding
+            # dimension 0 would stack them as (3, b, h, s, hd) and copy them again to undo the permutation.
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (b, h, s, hd)
             if mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, s, hd)
             elif mask.backend == "flex":
@@ -175,15 +178,11 @@ class CausalSelfAttention(nn.Module):
         return self.out_proj(out.reshape(b, s, d))  # (b, s, d)
 
     def _flash(self, qkv: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
-        flash_attn_func, flash_attn_varlen_func = _flash_attn()
+        # The packed-QKV entry points: the backward writes one (b, s, 3, h, hd) gradient, no stack of three.
+        flash_attn_qkvpacked_func, flash_attn_varlen_qkvpacked_func = _flash_attn()
         b, s = qkv.shape[:2]
-        q, k, v = qkv.unbind(2)  # 3 x (b, s, h, hd)
         if mask.cu_seqlens is None:
-            return flash_attn_func(q, k, v, causal=True)  # (b, s, h, hd)
-
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b * s, self.num_heads, self.head_dim)  # (b*s, h, hd)
-
-        out = flash_attn_varlen_func(flat(q), flat(k), flat(v), mask.cu_seqlens, mask.cu_seqlens,
-                                     mask.max_seqlen, mask.max_seqlen, causal=True)  # (b*s, h, hd)
+            return flash_attn_qkvpacked_func(qkv, causal=True)  # (b, s, h, hd)
+        out = flash_attn_varlen_qkvpacked_func(qkv.view(b * s, 3, self.num_heads, self.head_dim), mask.cu_seqlens,
+                                               mask.max_seqlen, causal=True)  # (b*s, h, hd)
         return out.view(b, s, self.num_heads, self.head_dim)  # (b, s, h, hd)

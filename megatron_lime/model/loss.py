@@ -6,23 +6,28 @@ Two implementations of the same loss:
     chunked_language_model_loss(hidden, W, ...)  from the final hidden states and the tied head W,
                                                  chunk_size tokens at a time
 
-The chunked one never holds the logits of the whole micro-batch: at lime-1b, micro-batch 16, seq 512
-they are 16 x 512 x 50,000 fp32 = 1.6 GB, plus the log-softmax autograd saves and the gradient of the
-same size. Each chunk computes its logits, its loss and, in the same pass, its share of the gradients
-(dL/dhidden for its tokens, dL/dW accumulated in fp32), then frees the logits; the backward only scales
-the stored gradients by the incoming one. No recomputation: the head's matmuls are done once each.
+The chunked one never holds fp32 logits of the whole micro-batch: at lime-1b, micro-batch 16, seq 512 they are
+16 x 512 x 50,000 fp32 = 1.6 GB, plus the log-softmax autograd saves and the gradient of the same size. It forms
+the logits chunk by chunk (chunk_size tokens) in the model's compute dtype into one buffer of the micro-batch,
+each chunk's fused body overwrites them with their gradient (w * (softmax - onehot)) while summing the loss, and
+then the head's two gradient GEMMs run once over the whole buffer: dL/dhidden = G @ W and dL/dW = G^T @ hidden,
+written once, in the weight's dtype. The backward only scales the stored gradients by the incoming one. No
+recomputation: the head's matmuls are done once each.
 
-Bytes moved per chunk (lime-1b: c = 1,024 tokens, vocab 50,000, d 1,536, bf16; reads + writes of each kernel,
-not counting the three GEMMs' reads of the head weight, 3 x 154 MB, the same before and after):
-  before (bf16 logits, .float(), logsumexp, sub_, exp_, mul_, .to(bf16), a bf16 dW GEMM, .float(), +=):
-      logits 102 + upcast 307 + logsumexp ~1,229 (amax, sub, exp, sum over fp32) + sub_/exp_ 819 + mul_ 410
-      + downcast 307 + dh GEMM 102 + dW GEMM 102 + 154 + dW upcast 461 + += 922             = about 4.9 GB
-  now (bf16 logits; one compiled body: a reduction over the logits and one pointwise pass writing the bf16
-      gradient; dW by one addmm with fp32 output into the fp32 buffer):
-      logits 102 + body 307 (read, read, write) + dh GEMM 102 + dW addmm 102 + 614 (fp32 read + write)
-                                                                                          = about 1.2 GB
-  (1.4 GB where addmm cannot write fp32 from bf16 inputs and the bf16 product is added instead; the eager body,
-  used on CPUs, keeps the old passes.) What is left is mostly the fp32 dW buffer's read and write per chunk.
+Bytes moved per 1,024 tokens (lime-1b: vocab 50,000, d 1,536, bf16; reads + writes of each kernel, not counting
+the GEMMs' reads of the head weight):
+  first (bf16 logits, .float(), logsumexp, sub_, exp_, mul_, .to(bf16), a bf16 dW GEMM, .float(), +=):
+      logits 102 + upcast 307 + logsumexp ~1,229 + sub_/exp_ 819 + mul_ 410 + downcast 307 + dh GEMM 102
+      + dW GEMM 102 + 154 + dW upcast 461 + += 922                                         = about 4.9 GB
+  then (one compiled body per chunk; dW accumulated per chunk by an fp32-output addmm into an fp32 buffer):
+      logits 102 + body 307 (read, read, write) + dh GEMM 102 + dW addmm 102 + 614 (the fp32 dW read + written)
+                                                                                           = about 1.2 GB
+  now (the body writes the gradient over the logits; dh and dW GEMMs once per micro-batch):
+      logits 102 + body 307 + dh GEMM 102 + dW GEMM 102                                    = about 0.6 GB
+      plus, once per micro-batch, dW written once: 154 MB (bf16 weights) or 307 MB (fp32, --precision autocast)
+  Under autocast the head weight was also cast to bf16 for every chunk's GEMM (461 MB each): now once per call.
+The price is the logits' gradient of the whole micro-batch in memory, in the compute dtype (0.8 GB at
+micro-batch 16, 1.6 GB at 32), cut into groups of LOGIT_GRAD_BUDGET_BYTES when larger.
 """
 
 from __future__ import annotations
@@ -67,15 +72,14 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: t
     return _reduce((per_token * weights).sum(), weights.sum(), reduction)
 
 
-def chunk_loss_and_logit_grad(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum_t w_t * CE(logits_t, label_t) and its gradient with respect to the logits, in one fused body.
+def chunk_loss_and_logit_grad_(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    """sum_t w_t * CE(logits_t, label_t), with the logits overwritten by its gradient w * (softmax - onehot).
 
-    logits (c, vocab) in the model's dtype; labels (c,) >= 0; token_weights (c,) fp32. Returns the fp32 loss sum and
-    w * (softmax(logits) - onehot(labels)) in the logits' dtype (c, vocab). Written for torch.compile: Inductor makes
-    it one reduction (max and sum of exp, reading the logits once) and one pointwise kernel (reading them again and
-    writing the gradient), with no (c, vocab) fp32 tensor in memory. Eager, it is the reference the tests hold the
-    compiled body to.
+    logits (c, vocab) in the model's compute dtype (the caller's buffer; it holds the gradient afterwards);
+    labels (c,) >= 0; token_weights (c,) fp32. Returns the fp32 loss sum. Written for torch.compile: Inductor
+    makes it one reduction (max and sum of exp, reading the logits once) and one pointwise kernel (reading them
+    again and writing the gradient in place), with no (c, vocab) fp32 tensor in memory. Eager, it is the
+    reference the tests hold the compiled body to.
     """
     x = logits.float()  # (c, vocab)
     lse = torch.logsumexp(x, dim=-1)  # (c,)
@@ -84,20 +88,24 @@ def chunk_loss_and_logit_grad(logits: torch.Tensor, labels: torch.Tensor, token_
     vocab = torch.arange(x.shape[1], device=x.device)  # (vocab,)
     softmax = torch.exp(x - lse[:, None])  # (c, vocab)
     grad = torch.where(vocab[None, :] == labels[:, None], softmax - 1.0, softmax) * token_weights[:, None]
-    return total, grad.to(logits.dtype)
+    logits.copy_(grad)
+    return total
 
 
-def chunk_loss_and_logit_grad_in_place(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor
-                                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """chunk_loss_and_logit_grad without a compiler: the softmax formed in place in one fp32 copy of the logits."""
-    x = logits.float()  # (c, vocab); the logits themselves when they are fp32 (ours to overwrite)
+def chunk_loss_and_logit_grad_in_place_(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor
+                                        ) -> torch.Tensor:
+    """chunk_loss_and_logit_grad_ without a compiler: the softmax formed in place (in the logits themselves when
+    they are fp32, else in one fp32 copy written back)."""
+    x = logits.float()  # (c, vocab); the logits themselves when they are fp32
     lse = torch.logsumexp(x, dim=-1)  # (c,)
     target = x.gather(1, labels[:, None]).squeeze(1)  # (c,)
     total = ((lse - target) * token_weights).sum()
     grad = x.sub_(lse[:, None]).exp_()  # (c, vocab) softmax
     grad[torch.arange(len(labels), device=labels.device), labels] -= 1.0
     grad.mul_(token_weights[:, None])
-    return total, grad.to(logits.dtype)
+    if grad.data_ptr() != logits.data_ptr():
+        logits.copy_(grad)
+    return total
 
 
 # The chunk body by device type: torch.compile'd where Inductor generates GPU kernels (one reduction and one
@@ -110,77 +118,111 @@ def _chunk_body(device: torch.device):
     body = _BODIES.get(device.type)
     if body is None:
         wanted = device.type == "cuda" and os.environ.get("LIME_LOSS_COMPILE", "1") != "0"
-        body = (torch.compile(chunk_loss_and_logit_grad, fullgraph=True, dynamic=False) if wanted
-                else chunk_loss_and_logit_grad_in_place)
+        body = (torch.compile(chunk_loss_and_logit_grad_, fullgraph=True, dynamic=False) if wanted
+                else chunk_loss_and_logit_grad_in_place_)
         _BODIES[device.type] = body
     return body
 
 
-_FP32_OUT_ADDMM: dict[str, bool] = {}
+_FP32_OUT_GEMM: dict[str, bool] = {}
 
 
-def _fp32_out_addmm_works(device: torch.device) -> bool:
-    """Whether addmm(fp32, bf16, bf16, out_dtype=float32, out=fp32) runs here (CUDA in torch >= 2.8), tried once."""
-    if device.type not in _FP32_OUT_ADDMM:
+def _fp32_out_gemm_works(device: torch.device) -> bool:
+    """Whether mm/addmm(bf16, bf16, out_dtype=float32) run here (CUDA in torch >= 2.8), tried once."""
+    if device.type not in _FP32_OUT_GEMM:
         try:
             g = torch.Generator(device=device).manual_seed(0)
             a = torch.randn(8, 16, device=device, generator=g).to(torch.bfloat16)
             b = torch.randn(16, 4, device=device, generator=g).to(torch.bfloat16)
             c = torch.ones(8, 4, device=device)
             torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-            works = torch.allclose(c, 1.0 + a.float() @ b.float(), rtol=1e-3, atol=1e-3)
+            product = torch.mm(a, b, out_dtype=torch.float32)
+            exact = a.float() @ b.float()
+            works = (product.dtype == torch.float32 and torch.allclose(product, exact, rtol=1e-3, atol=1e-3)
+                     and torch.allclose(c, 1.0 + exact, rtol=1e-3, atol=1e-3))
         except (RuntimeError, NotImplementedError, TypeError):
             works = False
-        _FP32_OUT_ADDMM[device.type] = works
-    return _FP32_OUT_ADDMM[device.type]
+        _FP32_OUT_GEMM[device.type] = works
+    return _FP32_OUT_GEMM[device.type]
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in `dtype` (the GEMM accumulates in fp32 whatever its inputs; rounded once to `dtype`)."""
+    if dtype == a.dtype:
+        return a @ b
+    if dtype == torch.float32 and _fp32_out_gemm_works(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)  # the GEMM writes fp32 itself
+    return (a @ b).to(dtype)
 
 
 def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
     """grad_weight (vocab, d) fp32 += grad_logits^T (vocab, c) @ hidden (c, d), with one pass over grad_weight."""
     if grad_logits.dtype == grad_weight.dtype:
         grad_weight.addmm_(grad_logits.t(), hidden)
-    elif grad_logits.dtype == hidden.dtype and _fp32_out_addmm_works(grad_weight.device):
-        # the GEMM's epilogue adds into the fp32 buffer
+    elif _fp32_out_gemm_works(grad_weight.device):  # the GEMM's epilogue adds into the fp32 buffer
         torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=torch.float32, out=grad_weight)
     else:  # a (vocab, d) product in the model's dtype, added into the fp32 buffer (promoted by add_)
         grad_weight.add_(grad_logits.t() @ hidden)
 
 
+# The logits' gradient of a micro-batch is kept whole up to this size (lime-1b: 8,192 tokens of 50,000 bf16
+# logits are 0.8 GB, 16,384 are 1.6 GB), so that the head's two gradient GEMMs run once over all of it; a larger
+# micro-batch is cut into groups of that size, each adding its share into an fp32 weight gradient.
+LOGIT_GRAD_BUDGET_BYTES = 4 * 2**30
+
+
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
-    """sum_t w_t * CE(hidden_t @ W^T, label_t), with its gradients computed chunk by chunk in the forward."""
+    """sum_t w_t * CE(hidden_t @ W^T, label_t), with its gradients computed in the forward.
+
+    The logits are formed chunk by chunk (chunk_size tokens) into one buffer of the micro-batch, and each chunk's
+    body overwrites its logits with their gradient; then dL/dhidden = G @ W and dL/dW = G^T @ hidden run once,
+    so the (vocab, d) weight gradient is written once per micro-batch, not read and written again per chunk.
+    Under autocast the head weight and the hidden states are cast to its dtype once per call (autocast would
+    cast the weight again for every chunk's GEMM).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, token_weights, chunk_size: int, need_hidden_grad: bool,
                 need_weight_grad: bool):
         # hidden (n, d), weight (vocab, d), labels (n,) >= 0 (ignored positions carry weight 0), token_weights (n,) fp32
-        n = hidden.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None  # (n, d)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
-        body = _chunk_body(hidden.device)
-        for start in range(0, n, chunk_size):
-            h = hidden[start:start + chunk_size]  # (c, d)
-            y = labels[start:start + chunk_size]  # (c,)
-            w = token_weights[start:start + chunk_size]  # (c,)
-            # Logits in the model's dtype (what the unchunked path computes), upcast inside the body.
-            logits = F.linear(h, weight)  # (c, vocab)
-            if grad_hidden is None and grad_weight is None:
-                lse = torch.logsumexp(logits.float(), dim=-1)  # (c,)
-                total += ((lse - logits.gather(1, y[:, None]).squeeze(1).float()) * w).sum()
-                continue
-            chunk_total, grad_logits = body(logits, y, w)  # (), (c, vocab) in the model's dtype
-            total += chunk_total
-            del logits
-            if grad_hidden is not None:
-                rows = grad_hidden[start:start + chunk_size]  # (c, d)
-                if grad_logits.dtype == rows.dtype:
-                    torch.mm(grad_logits, weight, out=rows)
-                else:  # under autocast the logits and their gradient are in its dtype, the model's tensors not
-                    rows.copy_(grad_logits @ weight)
-            if grad_weight is not None:
-                _accumulate_weight_grad(grad_weight, grad_logits, h)  # (vocab, d), accumulated in fp32
-            del grad_logits
-        if grad_weight is not None:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        device = hidden.device
+        autocast = torch.is_autocast_enabled(device.type)
+        compute_dtype = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        grad_hidden = grad_weight = None
+        with torch.autocast(device.type, enabled=False):
+            h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)  # (n, d), (vocab, d): cast once
+            if not (need_hidden_grad or need_weight_grad):
+                for start in range(0, n, chunk_size):
+                    logits = F.linear(h_all[start:start + chunk_size], w).float()  # (c, vocab)
+                    y, t = labels[start:start + chunk_size], token_weights[start:start + chunk_size]
+                    total += ((torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)) * t).sum()
+                return total
+            body = _chunk_body(device)
+            itemsize = torch.empty((), dtype=compute_dtype).element_size()
+            group = max(chunk_size, LOGIT_GRAD_BUDGET_BYTES // (vocab * itemsize) // chunk_size * chunk_size)
+            if need_hidden_grad:
+                grad_hidden = torch.empty_like(hidden)  # (n, d)
+            if need_weight_grad and group < n:  # several groups add into one fp32 buffer
+                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+            for group_start in range(0, n, group):
+                h = h_all[group_start:group_start + group]  # (g, d)
+                grads = torch.empty(h.shape[0], vocab, dtype=compute_dtype, device=device)  # (g, vocab)
+                for start in range(0, h.shape[0], chunk_size):
+                    rows = grads[start:start + chunk_size]  # (c, vocab): the chunk's logits, then their gradient
+                    torch.mm(h[start:start + chunk_size], w.t(), out=rows)
+                    offset = group_start + start
+                    total += body(rows, labels[offset:offset + chunk_size], token_weights[offset:offset + chunk_size])
+                if need_hidden_grad:
+                    grad_hidden[group_start:group_start + group] = _product(grads, w, hidden.dtype)  # (g, d)
+                if need_weight_grad:
+                    if grad_weight is None:  # the one group: written once, in the weight's dtype
+                        grad_weight = _product(grads.t(), h, weight.dtype)  # (vocab, d)
+                    else:
+                        _accumulate_weight_grad(grad_weight, grads, h)
+                del grads
+        if grad_weight is not None and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total

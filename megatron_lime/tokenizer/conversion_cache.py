@@ -20,29 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from megatron_lime.files import write_text
+from megatron_lime.files import CACHE_ENV, cache_folder, write_text
 from megatron_lime.tokenizer import agreement as agreement_module
 from megatron_lime.tokenizer import huggingface as huggingface_module
 from megatron_lime.tokenizer.agreement import SentencePieceAgreement, sentencepiece_agreement
 from megatron_lime.tokenizer.huggingface import converted_sentencepiece_backend
 
-CACHE_ENV = "MEGATRON_LIME_CACHE"
 ENTRY_FORMAT = 1  # bump when an entry's layout or meaning changes
-
-
-def cache_folder() -> Path | None:
-    """Where converted forms are kept; None when caching is off."""
-    value = os.environ.get(CACHE_ENV)
-    if value is not None:
-        return None if value.strip().lower() in ("", "off", "0", "false", "no") else Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "megatron-lime"
 
 
 def entry_key(model_proto: bytes) -> str:

@@ -35,7 +35,12 @@ class TrainingConfig:
     seed: int = param(1234, "Seed of the weight initialisation and of every random generator.")
     clip_grad: float = param(1.0, "Clip the global gradient norm to this (0 disables).")
     bf16: bool | None = param(
-        None, "bf16 weights with fp32 master copies (default: on for GPUs that support it, off on CPU).")
+        None, "Megatron's precision switch: --bf16 is --precision bf16, --no-bf16 is --precision fp32.")
+    precision: Literal["bf16", "autocast", "fp32"] | None = param(
+        None, "bf16: DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master copy in the optimizer); "
+        "autocast: DeepSpeed's torch_autocast (fp32 weights, bf16 matmuls, gradients communicated in bf16), "
+        "the model card's 'mixed fp32/bf16'; fp32: no reduced precision. Default: bf16 on GPUs that support "
+        "it, fp32 on CPU.")
     zero_stage: int = param(1, "DeepSpeed ZeRO stage (1 shards the optimizer state over data-parallel ranks).")
     deepspeed_config: str | None = param(
         None, "A DeepSpeed JSON whose sections are kept; batch sizes, clipping and precision come from these "
@@ -60,6 +65,12 @@ class TrainingConfig:
                              f"got {self.zero_stage}")
         if self.clip_grad < 0 or self.max_skipped < 0:
             raise ValueError("--clip-grad and --max-skipped must be non-negative")
+        if self.bf16 is not None:  # one source of truth from here on: precision
+            implied = "bf16" if self.bf16 else "fp32"
+            if self.precision is not None and self.precision != implied:
+                raise ValueError(f"--{'' if self.bf16 else 'no-'}bf16 contradicts --precision {self.precision}: "
+                                 f"give one of them")
+            self.precision, self.bf16 = implied, None
 
     def gradient_accumulation_steps(self, data_parallel_size: int) -> int:
         """Micro-batches per step per rank; a clear error when the batch sizes do not divide."""

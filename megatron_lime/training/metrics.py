@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -167,6 +168,17 @@ class MetricsLogger:
     def print(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)
+
+    def show_library_log(self, name: str) -> None:
+        """Rank 0 prints the INFO lines of the logger `name` (and its children) as "> " lines of the log;
+        the other ranks keep their warnings only."""
+        library = logging.getLogger(name)
+        if self.rank == 0 and not any(getattr(h, "lime_log", False) for h in library.handlers):
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("> %(message)s"))
+            handler.lime_log = True
+            library.addHandler(handler)
+            library.setLevel(logging.INFO)
 
     def log(self, metrics: StepMetrics) -> None:
         if self.rank != 0:

@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     gas = args.training.gradient_accumulation_steps(env.world_size)
     metrics = MetricsLogger(env.rank, args.logging.tensorboard_dir, args.logging.wandb_project,
                             args.logging.wandb_exp_name, args.to_dict())
+    metrics.show_library_log("megatron_lime.kernels")  # the kernel plan that wrap_model makes
     tokenizer = load_tokenizer_for(args, metrics)
     tokens_per_step = args.training.global_batch_size * args.seq_length
     metrics.print(f"> {args.model.name}: {args.model.num_parameters() / 1e6:.1f}M parameters | "
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         micro_batches = [to_device(next(batches), env.device) for _ in range(gas)]
         lr = lr_for_config(state.iteration, args.optimizer, total_iters)
         result = train_step(engine, micro_batches, lr, env.device)
+        stop = termination.requested(env.device)  # the step's host read: it waits for the GPU, so it is timed with it
         state.iteration += 1
         state.consumed_samples += global_batch
         state.consumed_tokens += tokens_per_step
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                           + (f", saved in {path}." if path else " (no --save given, nothing saved)."))
             exit_code = 1
             break
-        if termination.requested(env.device):
+        if stop:
             path = checkpointer.save(engine, state)
             metrics.print(f"> termination signal received: saved {path} at iteration {state.iteration}, exiting")
             break

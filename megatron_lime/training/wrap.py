@@ -4,7 +4,13 @@
                                    recomputed in the backward pass; the model implements it)
     2. torch.compile              (per block, in place, so state-dict keys stay unchanged)
     3. DeepSpeed                  (ZeRO stage 1: fp32 master weights and AdamW state sharded
-                                   over data-parallel ranks; bf16 weights when bf16 is on)
+                                   over data-parallel ranks; the precision of --precision)
+    4. the kernel plan            (ours or PyTorch's RMSNorm/SiLU at each shape the run calls, chosen once
+                                   here, before step 1, from one recording forward; kernels.plan_kernel_choices)
+
+Precision (--precision): bf16 is DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master copy and AdamW
+state in the ZeRO optimizer); autocast is DeepSpeed's torch_autocast (fp32 weights, the forward under
+torch.autocast(bf16), Linear gradients reduced in bf16): the model card's "mixed fp32/bf16"; fp32 for CPUs.
 
 With bf16, DeepSpeed (0.19) picks its ZeRO-1 optimizer (DeepSpeedZeroOptimizer): gradients accumulate in the
 bf16 .grad of each weight over a step's micro-batches and are flattened into one fp32 partition per parameter
@@ -13,6 +19,12 @@ backward (stage 1 without overlap_comm). Setting data_types.grad_accum_dtype to 
 instead: an fp32 add per parameter per micro-batch and per-parameter norm and clip kernels. The synchronisations
 left in a step are DeepSpeed's own NaN/inf check (it must read the result to skip a step); its throughput timer
 is switched off here, and train_step adds none (it reads nothing back).
+
+DeepSpeed's ZeRO step computes the global gradient norm with one fp64 cast and norm per parameter and checks for
+NaN/inf with an amax and an amin per gradient: about nine small kernels per parameter (1,750 for lime-1b's 194)
+and an fp64 copy of every gradient. `fuse_norm_and_overflow_check` replaces both on the engine's optimizer with
+one multi-tensor norm (torch._foreach_norm, fp32 accumulation, as torch.nn.utils.clip_grad_norm_) whose
+non-finite value is the overflow: the same norm, the same skip, one all-reduce and one host read per step.
 
 The model never knows it is wrapped. The optimizer is a torch AdamW handed to
 deepspeed.initialize: `fused=True` on CUDA (one kernel per parameter group, no JIT build),
@@ -33,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from megatron_lime import kernels
 from megatron_lime.files import read_json
 from megatron_lime.model import LimeModel
 from megatron_lime.training.config import TrainArgs
@@ -51,14 +64,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     ]
 
 
-def use_bf16(args: TrainArgs, device: torch.device) -> bool:
-    """--bf16 / --no-bf16 when given; otherwise bf16 on GPUs that support it and fp32 on CPU."""
-    if args.training.bf16 is not None:
-        return args.training.bf16
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+def resolve_precision(args: TrainArgs, device: torch.device) -> str:
+    """--precision (or --bf16 / --no-bf16) when given; otherwise bf16 on GPUs that support it and fp32 on CPU."""
+    if args.training.precision is not None:
+        return args.training.precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def build_deepspeed_config(args: TrainArgs, data_parallel_size: int, bf16: bool,
+def build_deepspeed_config(args: TrainArgs, data_parallel_size: int, precision: str,
                            base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The DeepSpeed config of this run: batch sizes, clipping, precision and ZeRO stage from the flags.
 
@@ -82,8 +95,13 @@ def build_deepspeed_config(args: TrainArgs, data_parallel_size: int, bf16: bool,
                              f"remove it from the JSON (batch sizes come from --micro-batch-size/--global-batch-size)")
     config.update(wanted)
     config["gradient_clipping"] = training.clip_grad
-    # check_grad_overflow: a NaN/inf gradient norm skips the step instead of corrupting AdamW's state.
-    config["bf16"] = {**config.get("bf16", {}), "enabled": bf16, "check_grad_overflow": True}
+    # check_grad_overflow: a NaN/inf gradient norm skips the step instead of corrupting AdamW's state (with fp32
+    # weights, autocast's and fp32's, DeepSpeed's ZeRO optimizer skips on a non-finite norm by itself).
+    config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16", "check_grad_overflow": True}
+    # autocast: fp32 weights and master state; the forward under torch.autocast(bf16) for the listed modules' matmuls;
+    # the Linear layers' gradients are reduced in bf16 (DeepSpeed's comm_dtype), the others in fp32.
+    config["torch_autocast"] = {**config.get("torch_autocast", {}), "enabled": precision == "autocast",
+                                "dtype": "bfloat16"}
     config.pop("fp16", None)
     zero = config.setdefault("zero_optimization", {})
     zero["stage"] = training.zero_stage
@@ -117,9 +135,75 @@ def wrap_model(model: LimeModel, args: TrainArgs, device: torch.device, data_par
     if args.training.torch_compile:
         for block in model.layers:
             block.compile()  # in place: parameter names (and checkpoints) stay as they were
-    bf16 = use_bf16(args, device)
+    precision = resolve_precision(args, device)
     base = read_json(args.training.deepspeed_config) if args.training.deepspeed_config else None
-    ds_config = build_deepspeed_config(args, data_parallel_size, bf16, base)
+    ds_config = build_deepspeed_config(args, data_parallel_size, precision, base)
     optimizer = build_optimizer(model, args, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    fuse_norm_and_overflow_check(engine.optimizer)
+    plan_kernels(engine, args, device)
     return engine, ds_config
+
+
+def plan_kernels(engine, args: TrainArgs, device: torch.device) -> dict:
+    """Choose ours or PyTorch's fused-op kernels for the run's shapes, before step 1 (kernels.plan_kernel_choices).
+
+    The recording forward is one micro-batch of the run's shape, without autograd, activation checkpointing
+    (eval mode) or compilation (the compiled blocks run eagerly): nothing is timed inside it, and the timing
+    that follows runs outside any forward. Every rank calls it (the choice is agreed over the ranks).
+    """
+    micro_batch, seq = args.training.micro_batch_size, args.seq_length
+    tokens = torch.zeros(micro_batch, seq, dtype=torch.long, device=device)
+
+    def recording_forward() -> None:
+        was_training = engine.module.training
+        engine.module.eval()
+        try:
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                engine(input_ids=tokens, labels=tokens)
+        finally:
+            engine.module.train(was_training)
+
+    return kernels.plan_kernel_choices(recording_forward, device, compiled=args.training.torch_compile)
+
+
+def fuse_norm_and_overflow_check(optimizer) -> bool:
+    """Give DeepSpeed's ZeRO-1/2 optimizer one multi-tensor gradient norm that is also its NaN/inf check.
+
+    DeepSpeed calls check_overflow() (when bf16.check_grad_overflow is on) and then scaled_global_norm() at each
+    step; both become the norm below, computed once per step: torch._foreach_norm over the partition's
+    gradients, the squares summed and all-reduced over the data-parallel group, a non-finite result being the
+    overflow. Returns False, leaving DeepSpeed's own methods, for an optimizer without that interface (another
+    DeepSpeed version or optimizer): the run is then only slower.
+    """
+    needed = ("averaged_gradients", "bit16_groups", "dp_process_group", "check_overflow", "scaled_global_norm",
+              "loss_scale", "cpu_offload")
+    if not all(hasattr(optimizer, name) for name in needed) or optimizer.cpu_offload:
+        return False
+    import deepspeed.comm as ds_comm
+
+    cached: dict[str, torch.Tensor] = {}
+
+    def global_norm() -> torch.Tensor:
+        grads = [g for i in range(len(optimizer.bit16_groups)) for g in (optimizer.averaged_gradients.get(i) or ())
+                 if g is not None and g.numel()]
+        if grads:
+            squares = torch.stack(torch._foreach_norm(grads, 2)).float().square().sum()
+        else:
+            squares = torch.zeros((), dtype=torch.float32, device=optimizer.device)
+        ds_comm.all_reduce(squares, group=optimizer.dp_process_group)
+        return squares.sqrt()
+
+    def check_overflow(partition_gradients: bool = True) -> None:
+        cached["norm"] = global_norm()
+        optimizer.overflow = not bool(torch.isfinite(cached["norm"]).item())  # the step's one host read
+
+    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+        if norm_type != 2:
+            raise ValueError("only the L2 norm is supported")
+        norm = cached.pop("norm", None)
+        return global_norm() if norm is None else norm
+
+    optimizer.check_overflow = check_overflow
+    optimizer.scaled_global_norm = scaled_global_norm
+    return True

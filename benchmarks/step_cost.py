@@ -266,12 +266,28 @@ class CostMode(TorchDispatchMode):
         self.counts = Counts()
         self.skip_flops = skip_flops
         self.flops = flop_table()
+        self.paused = False
+
+    @contextlib.contextmanager
+    def fused(self, name: str, launches: int, read: int, written: int, note: str):
+        """Count what runs inside as one op `name` of these launches and bytes (a region a compiler fuses)."""
+        op = self.counts.ops[name]
+        op.calls += 1
+        op.launches += launches
+        op.bytes_read += read
+        op.bytes_written += written
+        self.counts.notes[name] = note
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _short(func)
         base = func._schema.name.split("::")[-1]
-        if base in VIEW_OPS or getattr(func, "is_view", False) or func.namespace == "prim":
+        if self.paused or base in VIEW_OPS or getattr(func, "is_view", False) or func.namespace == "prim":
             return func(*args, **kwargs)
         op = self.counts.ops[name]
         op.calls += 1
@@ -365,12 +381,62 @@ def counting(skip_flops: bool = True):
         accelerator.synchronize = synchronize
     except ImportError:
         pass
+    global ACTIVE
     try:
         with mode:
+            ACTIVE = mode
             yield mode.counts
     finally:
+        ACTIVE = None
         if accelerator is not None:
             accelerator.synchronize = original
+
+
+ACTIVE: CostMode | None = None  # the CostMode of `counting`, for the GPU paths below
+
+
+@contextlib.contextmanager
+def cuda_paths():
+    """Where our model picks its path by device type, take the CUDA one, so the counts are those of a GPU step:
+
+    - the chunked loss's body is torch.compile'd on CUDA, which Inductor makes one reduction (reading the logits)
+      and one pointwise kernel (reading them again and writing their gradient in place): counted as those 2 launches
+      and bytes (an estimate: Inductor's kernels are not run here), while the CPU's eager body computes the values;
+    - the head's gradient GEMMs write fp32 themselves on CUDA (mm with out_dtype; the CPU has no such GEMM, but
+      GEMMs skip their arithmetic here, so the CUDA call is counted).
+    Yields the list of what was switched (empty where this code has no such path)."""
+    switched = []
+    try:
+        from megatron_lime.model import loss
+    except ImportError:
+        yield switched
+        return
+    saved_bodies = dict(getattr(loss, "_BODIES", {}))
+    saved_gemm = dict(getattr(loss, "_FP32_OUT_GEMM", {}))
+    eager = getattr(loss, "chunk_loss_and_logit_grad_in_place_", None)
+    if isinstance(getattr(loss, "_BODIES", None), dict) and eager is not None:
+        def body(logits, labels, token_weights):
+            if ACTIVE is None:
+                return eager(logits, labels, token_weights)
+            read = 2 * tensor_bytes(logits) + tensor_bytes(labels) + tensor_bytes(token_weights)
+            with ACTIVE.fused("inductor.chunk_loss_body", 2, read, tensor_bytes(logits) + 4,
+                              "torch.compile'd on CUDA: 1 reduction + 1 pointwise kernel (estimated)"):
+                return eager(logits, labels, token_weights)
+
+        loss._BODIES["cpu"] = body
+        switched.append("loss body: as torch.compile'd on CUDA (2 kernels)")
+    if isinstance(getattr(loss, "_FP32_OUT_GEMM", None), dict):
+        loss._FP32_OUT_GEMM["cpu"] = True
+        switched.append("head gradient GEMMs with fp32 output (mm out_dtype)")
+    try:
+        yield switched
+    finally:
+        if isinstance(getattr(loss, "_BODIES", None), dict):
+            loss._BODIES.clear()
+            loss._BODIES.update(saved_bodies)
+        if isinstance(getattr(loss, "_FP32_OUT_GEMM", None), dict):
+            loss._FP32_OUT_GEMM.clear()
+            loss._FP32_OUT_GEMM.update(saved_gemm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,6 +555,19 @@ def measure(who: str, model: str, layers: int, seq: int, micros: tuple[int, ...]
     start = time.perf_counter()
     step = STEPS[who](model, layers, seq, micros[0], precision, options.ds_config)
     results = {}
+    paths = cuda_paths() if who == "ours" and not options.cpu_paths else contextlib.nullcontext([])
+    with paths as switched:
+        measure_steps(step, vocab, seq, micros, results)
+    step.close()
+    del step
+    gc.collect()
+    print(f"  {who:<4} {precision:<8} L={layers} b={','.join(map(str, micros))}: "
+          f"{time.perf_counter() - start:.1f} s" + (f"; CUDA paths: {', '.join(switched)}" if switched else ""),
+          flush=True)
+    return results
+
+
+def measure_steps(step, vocab: int, seq: int, micros: tuple[int, ...], results: dict) -> None:
     with counting():  # warm-up: optimizer state, first-step allocations (counted, then thrown away)
         step.run(random_batches(vocab, micros[0], seq, 2))
     # Two micro-batches first: DeepSpeed finds the accumulation boundary by its micro-step count modulo the
@@ -498,12 +577,6 @@ def measure(who: str, model: str, layers: int, seq: int, micros: tuple[int, ...]
             with counting() as counts:
                 step.run(random_batches(vocab, micro, seq, acc))
             results[micro, acc] = counts
-    step.close()
-    del step
-    gc.collect()
-    print(f"  {who:<4} {precision:<8} L={layers} b={','.join(map(str, micros))}: "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
-    return results
 
 
 def bilinear(points: dict[tuple[int, int], Counts], layers: float, micro: float) -> Counts:
@@ -686,6 +759,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="lime-tiny's dims at seq 64, shape 32x2: seconds, for the test")
     parser.add_argument("--only", choices=list(STEPS), default=None, help="count only ours or only the peer")
+    parser.add_argument("--cpu-paths", action="store_true",
+                        help="count our step's CPU paths where the model picks by device (default: the CUDA ones, "
+                             "see cuda_paths)")
     options = parser.parse_args(argv)
     if options.quick:
         options.model, options.seq_length = "lime-tiny", 64

@@ -31,9 +31,11 @@ training.wrap.wrap_model builds from parse_training_args with the recipe's --dee
 optimizer is what wrap_model builds on a GPU (torch AdamW, fused=True; on a CPU it would pick the plain one).
 THE PEER: build_peer of bench_gpu_peer.py and its loop, written here line for line (autocast bf16 around forward
 + loss, backward of loss / micro-batches, clip_grad_norm_(1.0), AdamW fused=True as on its GPU, zero_grad).
-Everything runs on the CPU, so device-specific paths are the CPU's: autocast's CPU op lists, our CPU kernels
-(on CUDA the per-shape choice may pick F.rms_norm), the chunked loss's eager body (torch.compile'd on CUDA: fewer
-bytes and launches there) and DeepSpeed's CPU accelerator.
+Everything runs on the CPU. Where our model picks a path by device type, the CUDA one is counted (cuda_paths: the
+chunked loss's body, torch.compile'd on CUDA, as its 2 Inductor kernels; the head's fp32-output gradient GEMMs;
+--cpu-paths counts the CPU's instead). Other device-specific paths are the CPU's: autocast's CPU op lists (the
+peer's LayerNorm and log-softmax see fp32 inputs either way), our CPU kernels (on CUDA the kernel plan may pick
+F.rms_norm where it is faster) and DeepSpeed's CPU accelerator; collectives are those of one rank.
 
 Extrapolation (lime-1b does not fit in a shared CPU's time): runs with the real dims and L in {1, 2} layers,
 micro-batches of b in {B, 2B} sequences (B = one loss chunk: loss_chunk_size / seq, so chunks scale with b), one
@@ -716,6 +718,10 @@ def report(precision: str, shape: tuple[int, int], seq: int, ours: Counts | None
         if counts is not None:
             figures[who]["top_memory_bytes_per_token"] = {k: v / tokens for k, v in top_ops(counts, "bytes", top)}
             figures[who]["top_launches_per_token"] = {k: v / tokens for k, v in top_ops(counts, "launches", top)}
+            figures[who]["ops_per_token"] = {
+                name: {"launches": op.launches / tokens, "bytes": op.bytes / tokens, "flops": op.flops / tokens,
+                       "matmul": op.matmul, "calls_per_step": op.calls}
+                for name, op in sorted(counts.ops.items())}
     return figures
 
 

@@ -113,6 +113,11 @@ def test_quick_run_writes_every_figure(quick_run):
     # DeepSpeed's overflow check reads its flag back: ours has host syncs, and the table says which
     assert results["precisions"]["bf16"]["ours"]["host_syncs_per_step"] >= 1
     assert "host syncs per step: aten._local_scalar_dense" in stdout
+    # our loss body is counted as the 2 kernels it compiles to on CUDA, not as the CPU's eager passes:
+    # 2 per chunk of 1,024 tokens (lime-tiny's loss_chunk_size)
+    body = results["precisions"]["bf16"]["32x2"]["ours"]["ops_per_token"]["inductor.chunk_loss_body"]
+    assert body["launches"] == pytest.approx(2 / 1024)
+    assert "aten.exp_" not in results["precisions"]["bf16"]["32x2"]["ours"]["ops_per_token"]
 
 
 def test_extrapolation_reproduces_a_run_it_did_not_use(quick_run):

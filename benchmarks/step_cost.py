@@ -22,7 +22,7 @@ RMSNorm/SiLU kernels) that one optimizer step dispatches, after autograd and aut
   host syncs aten._local_scalar_dense (.item()), nonzero, is_nonzero, equal, and every
             deepspeed.accelerator.get_accelerator().synchronize() called during the step.
 Ops with FLOPs skip their arithmetic: their outputs are zeros of the shape, dtype and strides that the same op gives
-on the meta device (in-place and out= ones leave their outputs as they were). Values do not matter for the counts;
+on the meta device (in-place ones leave their tensor as it was, out= ones zero it). Values do not matter for counts;
 zeros keep every value finite, so DeepSpeed's overflow check takes its normal path and the step is applied.
 
 What runs. OURS: megatron_lime.training.pretrain.train_step (the loop's own step) on the engine that
@@ -46,9 +46,19 @@ solved exactly from the four (L, b) runs and evaluated at 32 layers and the reci
 checks it (printed, and the test checks it at tiny dims). Multi-tensor-apply launches are not exactly linear in L
 (tensors pack into launches): the check shows the error.
 
-Roofline: seconds per step = matmul FLOPs / matmul rate + memory-bound bytes / copy bandwidth + launches x
-LAUNCH_SECONDS, for an H100 SXM and an A100 80GB (rates below), summed, not overlapped. Calibrated against the
-H200 rows of ../shared/gpu/MEASURED.md (mb16 and mb32, one micro-batch per step, eager): the error is printed.
+JSON (--json): precisions.<bf16|autocast>.<ours|peer> holds memory_bytes_per_token, launches_per_token,
+host_syncs_per_step, projected_h100_tokens_per_s (and the A100's, FLOPs, total bytes) at the first --shapes row
+(16x4: the recipe); precisions.<p>.<MICROxACC>.<who> holds every row's figures, the top ops, every op's per-token
+figures (ops_per_token) and where each host sync comes from; extrapolation_check, roofline and calibration_h200
+say how far to trust them. The peer has one mode (fp32 weights + autocast), so its figures are the same under both.
+
+Roofline: seconds per step = matmul FLOPs / (MATMUL_EFFICIENCY x matmul rate) + memory-bound bytes / copy
+bandwidth + launches x LAUNCH_SECONDS, for an H100 SXM and an A100 80GB (rates below), summed, not overlapped. The
+two constants are fitted to the peer's two H200 rows of ../shared/gpu/MEASURED.md (mb16 and mb32, one micro-batch
+per step, eager; --calibrate refits them); ours then (the code the H200 ran, about commit 39786a4, without the
+recipe's DeepSpeed JSON) is the out-of-sample check:
+    PYTHONPATH=<worktree of 39786a4 with its extension built> python benchmarks/step_cost.py --only ours \
+        --precisions bf16 --ds-config none --shapes 16x1 32x1 --check-layers 0
 """
 
 from __future__ import annotations

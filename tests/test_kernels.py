@@ -694,6 +694,12 @@ def test_shape_choice_is_kept_on_disk_and_read_back(measured_choices, tmp_path, 
     assert timed == [] and plan[("rms_norm", 8, 64, torch.float32)] == (2.0, 1.0, "torch", "cached")
     assert choices.choices == {("rms_norm", 8, 64, torch.float32): "torch"}
     assert any("cached" in r.getMessage() for r in caplog.records)
+    # Timed against compiled PyTorch ops (a --torch-compile run) is another entry: measured again.
+    _, timed = measured_choices([2.0, 1.0])
+    kernels.plan_kernel_choices(lambda: kernels.rms_norm(x, weight, EPS), "cpu", compiled=True)
+    assert len(timed) == 2 and len(json.loads((tmp_path / "cache" / "kernel_choices.json").read_text())["entries"]) == 2
+    stored = json.loads((tmp_path / "cache" / "kernel_choices.json").read_text())
+    stored["entries"] = {k: v for k, v in stored["entries"].items() if "against compiled" not in k}
     # Another kernel build is another entry: measured again.
     stored["entries"] = {name.replace("|build ", "|build other-"): t for name, t in stored["entries"].items()}
     (tmp_path / "cache" / "kernel_choices.json").write_text(json.dumps(stored))

@@ -177,7 +177,6 @@ def measured():
         *results["engine_autocast"], engine = engine_run(env, 3, "--precision", "autocast")
         engines.append(engine)
         results["autocast_weight_dtypes"] = {p.dtype for p in engine.module.parameters()}
-        results["engine_bf16"] = engine_run(env, 3, "--precision", "bf16")[:2]
         recipe, _ = engine_for(env, "--precision", "bf16", "--deepspeed-config", RECIPE_DS_CONFIG)
         engines.append(recipe)
         results["recipe_overlap_comm"] = recipe.optimizer.overlap_comm
@@ -222,9 +221,6 @@ def test_autocast_precision_equals_a_plain_torch_autocast_loop(measured):
     assert losses[0] == pytest.approx(plain_losses[0], rel=1e-6)
     assert losses == pytest.approx(plain_losses, rel=1e-3)
     assert norms == pytest.approx(plain_norms, rel=1e-2)
-    # and it is not the bf16 mode (bf16 weights): that one's first loss differs by bf16's rounding of the weights
-    bf16_losses, _ = measured["engine_bf16"]
-    assert bf16_losses[0] != pytest.approx(plain_losses[0], rel=1e-6)
 
 
 # The real loop, with the step's host read (the termination poll, an all-reduce and .item()) made to take 0.25 s,

@@ -313,9 +313,10 @@ class ShapeChoices:
     `plan` runs one forward that records which (op, shape, dtype) the run calls (nothing is timed inside a
     forward, an activation checkpoint's recomputation or a graph capture), then times ours against PyTorch's
     op at each of them outside any forward, agrees the choice over all ranks, keeps it on disk per (device,
-    torch, kernel build, dtype, shape) and logs it. A call at a shape the plan did not see (evaluation,
-    generation) takes the choice of the nearest planned shape (same op, width and dtype; rows compared on a
-    log scale) without timing, and ours when there is none; lookups never add entries.
+    torch, kernel build, dtype, shape, and whether PyTorch's op was timed compiled) and logs it. A call at a
+    shape the plan did not see (evaluation, generation) takes the choice of the nearest planned shape (same
+    op, width and dtype; rows compared on a log scale) without timing, and ours when there is none; lookups
+    never add entries.
 
     mode:       "measure", "ours" or "torch" (LIME_KERNEL_CHOICE).
     timer:      milliseconds per call of a no-argument function on a device (tests pass a fake).
@@ -374,7 +375,8 @@ class ShapeChoices:
             keys = sorted(self.recording, key=lambda k: (k[0], k[1], k[2], str(k[3])))
         finally:
             self.recording = None
-        identity = f"{_device_name(device)}|torch {torch.__version__}|build {_build_id(self._extension(device))}"
+        identity = (f"{_device_name(device)}|torch {torch.__version__}|build {_build_id(self._extension(device))}"
+                    f"{'|against compiled' if compiled else ''}")
         cached = _read_choice_cache(identity)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed:  # rank 0's cases and cache decide, so that every rank times (and chooses) the same

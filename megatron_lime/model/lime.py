@@ -149,8 +149,13 @@ class LimeModel(nn.Module):
         else:
             positions = F.embedding(position_ids, self.position_table)  # (b, s, d) or (s, d)
         embeddings = self.tok_embeddings(input_ids)  # (b, s, d)
-        # The table stays fp32; the sum takes the embedding's dtype (bf16 under DeepSpeed's bf16 mode).
-        x = embeddings * self.embedding_scale + positions.to(embeddings.dtype)  # (b, s, d)
+        # The table stays fp32; the sum takes the embedding's dtype (bf16 under DeepSpeed's bf16 mode). Under
+        # autocast the residual stream is kept in autocast's dtype, as Megatron-LM keeps it in bf16 by default
+        # (--fp32-residual-connection off): the blocks' adds and norms read and write half the bytes and run fused
+        # (their statistics stay fp32); with fp32 weights the embedding would otherwise make it fp32 throughout.
+        dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(
+            input_ids.device.type) else embeddings.dtype
+        x = (embeddings * self.embedding_scale + positions.to(embeddings.dtype)).to(dtype)  # (b, s, d)
         # Once per batch, not per layer: the block mask (flex), the dense mask (sdpa) or cu_seqlens (flash).
         mask = document_mask(self.config.attention_backend, x, document_ids)
         for layer in self.layers:

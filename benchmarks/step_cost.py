@@ -71,7 +71,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,6 +242,7 @@ class Counts:
     ops: dict[str, OpCost] = field(default_factory=lambda: defaultdict(OpCost))
     notes: dict[str, str] = field(default_factory=dict)
     sync_sites: dict[str, float] = field(default_factory=dict)  # "file:line (function)" -> host syncs
+    sites: dict[str, list] = field(default_factory=dict)  # "op at file:line (function)" -> [bytes, launches, matmul]
 
     def total(self, name: str, matmul: bool | None = None) -> float:
         return sum(getattr(op, name) if name != "bytes" else op.bytes
@@ -266,21 +266,31 @@ class Counts:
             out.notes.update(counts.notes)
             for site, value in counts.sync_sites.items():
                 out.sync_sites[site] = out.sync_sites.get(site, 0) + weight * value
+            for site, (nbytes, launches, matmul) in counts.sites.items():
+                target = out.sites.setdefault(site, [0.0, 0.0, matmul])
+                target[0] += weight * nbytes
+                target[1] += weight * launches
         out.sync_sites = {site: value for site, value in out.sync_sites.items() if abs(value) > 1e-9}
         return out
 
 
-def sync_site() -> str:
-    """The innermost caller outside torch and this file: where a host sync comes from ("file:line (function)")."""
-    for frame in reversed(traceback.extract_stack()):
-        path = frame.filename
-        if path == __file__ or f"{os.sep}torch{os.sep}" in path or path.endswith("contextlib.py"):
-            continue
-        for marker in ("site-packages" + os.sep, REPO + os.sep):
-            if marker in path:
-                path = path.split(marker, 1)[1]
-        return f"{path}:{frame.lineno} ({frame.name})"
-    return "unknown"
+def call_site() -> str:
+    """Where an op comes from: the innermost caller outside torch and this file ("file:line (function)"); for an op
+    that the autograd engine runs itself (no Python of ours or a library's in between), its node ("... (backward)")."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if frame.f_code.co_name == "_engine_run_backward":
+            node = torch._C._current_autograd_node()
+            return f"{node.name() if node is not None else 'autograd'} (backward)"
+        if not (path == __file__ or f"{os.sep}torch{os.sep}" in path or path.endswith("contextlib.py")):
+            for marker in ("site-packages" + os.sep, REPO + os.sep):
+                if marker in path:
+                    path = path.split(marker, 1)[1]
+            return f"{path}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    node = torch._C._current_autograd_node()
+    return f"{node.name()} (backward)" if node is not None else "unknown"
 
 
 def _short(func) -> str:
@@ -291,8 +301,9 @@ def _short(func) -> str:
 class CostMode(TorchDispatchMode):
     """Counts FLOPs, bytes, launches and host syncs per op; ops with FLOPs skip their arithmetic (skip_flops)."""
 
-    def __init__(self, skip_flops: bool = True):
+    def __init__(self, skip_flops: bool = True, sites: bool = False):
         super().__init__()
+        self.sites = sites  # also count bytes and launches per (op, call site)
         self.counts = Counts()
         self.skip_flops = skip_flops
         self.flops = flop_table()
@@ -323,7 +334,7 @@ class CostMode(TorchDispatchMode):
         op.calls += 1
         if base in SYNC_OPS:
             op.syncs += 1
-            site = sync_site()
+            site = call_site()
             self.counts.sync_sites[site] = self.counts.sync_sites.get(site, 0) + 1
         packet = func._overloadpacket
         formula = self.flops.get(packet)
@@ -356,12 +367,17 @@ class CostMode(TorchDispatchMode):
             written.setdefault(_key(t), tensor_bytes(t))
         op.bytes_read += sum(read.values())
         op.bytes_written += sum(written.values())
+        launches = 0
         if base.startswith("_foreach_") or base.startswith("_fused_adam"):
             launches, how = foreach_launches(base, args, kwargs)
-            op.launches += launches
             self.counts.notes[name] = how
         elif base not in SYNC_OPS or base == "nonzero":
-            op.launches += 1
+            launches = 1
+        op.launches += launches
+        if self.sites:
+            site = self.counts.sites.setdefault(f"{name} at {call_site()}", [0.0, 0.0, op.matmul])
+            site[0] += sum(read.values()) + sum(written.values())
+            site[1] += launches
         return out
 
     @staticmethod
@@ -394,9 +410,9 @@ class CostMode(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def counting(skip_flops: bool = True):
+def counting(skip_flops: bool = True, sites: bool = False):
     """A CostMode; DeepSpeed's accelerator synchronize calls count as host syncs (op 'accelerator.synchronize')."""
-    mode = CostMode(skip_flops)
+    mode = CostMode(skip_flops, sites)
     accelerator, original = None, None
     try:
         from deepspeed.accelerator import get_accelerator
@@ -408,7 +424,7 @@ def counting(skip_flops: bool = True):
             op = mode.counts.ops["accelerator.synchronize"]
             op.calls += 1
             op.syncs += 1
-            site = sync_site()
+            site = call_site()
             mode.counts.sync_sites[site] = mode.counts.sync_sites.get(site, 0) + 1
             return original(*args, **kwargs)
 
@@ -608,7 +624,7 @@ def measure_steps(step, vocab: int, seq: int, micros: tuple[int, ...], results: 
     # accumulation, so every step must start at a multiple of it.
     for acc in (2, 1):
         for micro in micros:
-            with counting() as counts:
+            with counting(sites=True) as counts:
                 step.run(random_batches(vocab, micro, seq, acc))
             results[micro, acc] = counts
 
@@ -744,6 +760,12 @@ def report(precision: str, shape: tuple[int, int], seq: int, ours: Counts | None
             for name, value in top_ops(counts, key, top):
                 how = f"  [{counts.notes[name]}]" if key == "launches" and name in counts.notes else ""
                 print(f"      {name:<48} {fmt(value / tokens):>9}  {100 * value / total:5.1f}%{how}")
+        for index, label in ((0, "memory-bound bytes"), (1, "launches")):
+            print(f"  {who}: top call sites by {label} per token (op at the innermost frame outside torch)")
+            ranked = sorted(((site, v[index]) for site, v in counts.sites.items() if not (index == 0 and v[2])),
+                            key=lambda item: -item[1])[:top]
+            for site, value in ranked:
+                print(f"      {fmt(value / tokens):>9}  {site}")
         syncs = [(name, op.syncs) for name, op in counts.ops.items() if op.syncs]
         print(f"  {who}: host syncs per step: " + (", ".join(f"{name} {v:g}" for name, v in syncs) or "none")
               + "".join(f"\n      {v:g} at {site}" for site, v in sorted(counts.sync_sites.items())))
@@ -752,6 +774,9 @@ def report(precision: str, shape: tuple[int, int], seq: int, ours: Counts | None
             figures[who]["top_memory_bytes_per_token"] = {k: v / tokens for k, v in top_ops(counts, "bytes", top)}
             figures[who]["top_launches_per_token"] = {k: v / tokens for k, v in top_ops(counts, "launches", top)}
             figures[who]["host_sync_sites_per_step"] = dict(sorted(counts.sync_sites.items()))
+            figures[who]["sites_per_token"] = {
+                site: {"bytes": v[0] / tokens, "launches": v[1] / tokens, "matmul": v[2]}
+                for site, v in sorted(counts.sites.items(), key=lambda item: -item[1][0]) if abs(v[0]) + abs(v[1])}
             figures[who]["ops_per_token"] = {
                 name: {"launches": op.launches / tokens, "bytes": op.bytes / tokens, "flops": op.flops / tokens,
                        "matmul": op.matmul, "calls_per_step": op.calls}

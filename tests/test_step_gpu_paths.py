@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import make_tiny_pretraining_data, train_tiny
+from megatron_lime.model.linear import Linear
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +133,14 @@ def plain_autocast_run(env, steps: int) -> tuple[list[float], list[float]]:
     return losses, norms
 
 
-def engine_run(env, steps: int, *flags: str) -> tuple[list[float], list[float], object]:
+def engine_run(env, steps: int, *flags: str, fused: bool = True) -> tuple[list[float], list[float], object]:
     from megatron_lime.training.pretrain import train_step
 
     engine, args = engine_for(env, *flags)
+    if not fused:
+        for module in engine.module.modules():
+            if isinstance(module, Linear):
+                module.accumulate_weight_grad = False
     losses, norms = [], []
     for step in range(steps):
         result = train_step(engine, batches(args.model.vocab_size, seed=step), 1e-3, env.device)
@@ -180,6 +185,11 @@ def measured():
         recipe, _ = engine_for(env, "--precision", "bf16", "--deepspeed-config", RECIPE_DS_CONFIG)
         engines.append(recipe)
         results["recipe_overlap_comm"] = recipe.optimizer.overlap_comm
+        results["recipe_fused_accumulation"] = {m.accumulate_weight_grad for m in recipe.module.modules()
+                                                if isinstance(m, Linear)}
+        for fused in (True, False):  # fp32: the fused weight-gradient accumulation against autograd's
+            *results["fused", fused], engine = engine_run(env, 3, "--precision", "fp32", fused=fused)
+            engines.append(engine)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -263,3 +273,12 @@ def test_the_logged_step_time_includes_the_steps_host_read(tiny_data, tmp_path):
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     steps = [r["ms_per_step"] for r in records if r.get("kind") == "train"]
     assert len(steps) == 3 and min(steps) >= 250, steps
+
+
+def test_the_linear_layers_accumulate_their_weight_gradients_in_their_gemms(measured):
+    """wrap_model switches the fused weight-gradient accumulation on for the recipe's configuration (ZeRO-1, no
+    gradient hooks), and it trains as autograd's accumulation does (three steps of two micro-batches, fp32)."""
+    assert measured["recipe_fused_accumulation"] == {True}
+    fused_losses, fused_norms = measured["fused", True]
+    losses, norms = measured["fused", False]
+    assert fused_losses == pytest.approx(losses, rel=1e-5) and fused_norms == pytest.approx(norms, rel=1e-4)

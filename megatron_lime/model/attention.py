@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from megatron_lime.config import LimeConfig
+from megatron_lime.model.linear import Linear
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +155,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out_proj = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
         """x: (b, s, d); mask: from `document_mask` (None: plain causal attention with SDPA)."""

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_lime import kernels
 from megatron_lime.config import LimeConfig
 from megatron_lime.model.attention import CausalSelfAttention, DocumentMask, document_mask
+from megatron_lime.model.linear import Linear
 from megatron_lime.model.loss import chunked_language_model_loss, language_model_loss
 from megatron_lime.model.positions import sinusoid_table
 
@@ -46,8 +47,8 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LimeConfig):
         super().__init__()
-        self.fc_in = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
-        self.fc_out = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+        self.fc_in = Linear(config.hidden_size, config.ffn_hidden_size)
+        self.fc_out = Linear(config.ffn_hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_out(kernels.silu(self.fc_in(x)))  # (b, s, d) -> (b, s, f) -> (b, s, d)

@@ -37,6 +37,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from megatron_lime.model.linear import accumulate_product, product
+
 IGNORE_INDEX = -100
 
 
@@ -124,47 +126,6 @@ def _chunk_body(device: torch.device):
     return body
 
 
-_FP32_OUT_GEMM: dict[str, bool] = {}
-
-
-def _fp32_out_gemm_works(device: torch.device) -> bool:
-    """Whether mm/addmm(bf16, bf16, out_dtype=float32) run here (CUDA in torch >= 2.8), tried once."""
-    if device.type not in _FP32_OUT_GEMM:
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            a = torch.randn(8, 16, device=device, generator=g).to(torch.bfloat16)
-            b = torch.randn(16, 4, device=device, generator=g).to(torch.bfloat16)
-            c = torch.ones(8, 4, device=device)
-            torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-            product = torch.mm(a, b, out_dtype=torch.float32)
-            exact = a.float() @ b.float()
-            works = (product.dtype == torch.float32 and torch.allclose(product, exact, rtol=1e-3, atol=1e-3)
-                     and torch.allclose(c, 1.0 + exact, rtol=1e-3, atol=1e-3))
-        except (RuntimeError, NotImplementedError, TypeError):
-            works = False
-        _FP32_OUT_GEMM[device.type] = works
-    return _FP32_OUT_GEMM[device.type]
-
-
-def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b in `dtype` (the GEMM accumulates in fp32 whatever its inputs; rounded once to `dtype`)."""
-    if dtype == a.dtype:
-        return a @ b
-    if dtype == torch.float32 and _fp32_out_gemm_works(a.device):
-        return torch.mm(a, b, out_dtype=torch.float32)  # the GEMM writes fp32 itself
-    return (a @ b).to(dtype)
-
-
-def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-    """grad_weight (vocab, d) fp32 += grad_logits^T (vocab, c) @ hidden (c, d), with one pass over grad_weight."""
-    if grad_logits.dtype == grad_weight.dtype:
-        grad_weight.addmm_(grad_logits.t(), hidden)
-    elif _fp32_out_gemm_works(grad_weight.device):  # the GEMM's epilogue adds into the fp32 buffer
-        torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=torch.float32, out=grad_weight)
-    else:  # a (vocab, d) product in the model's dtype, added into the fp32 buffer (promoted by add_)
-        grad_weight.add_(grad_logits.t() @ hidden)
-
-
 # The logits' gradient of a micro-batch is kept whole up to this size (lime-1b: 8,192 tokens of 50,000 bf16
 # logits are 0.8 GB, 16,384 are 1.6 GB), so that the head's two gradient GEMMs run once over all of it; a larger
 # micro-batch is cut into groups of that size, each adding its share into an fp32 weight gradient.
@@ -215,12 +176,12 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                     offset = group_start + start
                     total += body(rows, labels[offset:offset + chunk_size], token_weights[offset:offset + chunk_size])
                 if need_hidden_grad:
-                    grad_hidden[group_start:group_start + group] = _product(grads, w, hidden.dtype)  # (g, d)
+                    grad_hidden[group_start:group_start + group] = product(grads, w, hidden.dtype)  # (g, d)
                 if need_weight_grad:
                     if grad_weight is None:  # the one group: written once, in the weight's dtype
-                        grad_weight = _product(grads.t(), h, weight.dtype)  # (vocab, d)
+                        grad_weight = product(grads.t(), h, weight.dtype)  # (vocab, d)
                     else:
-                        _accumulate_weight_grad(grad_weight, grads, h)
+                        accumulate_product(grad_weight, grads.t(), h)
                 del grads
         if grad_weight is not None and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)

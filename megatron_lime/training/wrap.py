@@ -48,6 +48,7 @@ from torch import nn
 from megatron_lime import kernels
 from megatron_lime.files import read_json
 from megatron_lime.model import LimeModel
+from megatron_lime.model.linear import Linear
 from megatron_lime.training.config import TrainArgs
 
 
@@ -105,6 +106,11 @@ def build_deepspeed_config(args: TrainArgs, data_parallel_size: int, precision: 
     config.pop("fp16", None)
     zero = config.setdefault("zero_optimization", {})
     zero["stage"] = training.zero_stage
+    if training.zero_stage <= 1:
+        # DeepSpeed's default (True) only matters to stage 2's gradient partitioning; in stage 1 it registers a hook
+        # on every parameter that runs in every micro-batch (and allocates a reduce-bucket-sized buffer per
+        # micro-batch), and it rules out the Linear layers' fused weight-gradient accumulation.
+        zero.setdefault("contiguous_gradients", False)
     if args.checkpoint.universal_checkpoint:  # optimizer state re-partitioned for this data-parallel size
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     config.setdefault("zero_allow_untested_optimizer", True)  # a torch AdamW is what we pass
@@ -141,6 +147,7 @@ def wrap_model(model: LimeModel, args: TrainArgs, device: torch.device, data_par
     optimizer = build_optimizer(model, args, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     fuse_norm_and_overflow_check(engine.optimizer)
+    accumulate_weight_grads_in_gemms(model, engine.optimizer, compiled=args.training.torch_compile)
     plan_kernels(engine, args, device)
     return engine, ds_config
 
@@ -165,6 +172,24 @@ def plan_kernels(engine, args: TrainArgs, device: torch.device) -> dict:
             engine.module.train(was_training)
 
     return kernels.plan_kernel_choices(recording_forward, device, compiled=args.training.torch_compile)
+
+
+def accumulate_weight_grads_in_gemms(model: LimeModel, optimizer, compiled: bool) -> bool:
+    """Let the Linear layers' weight-gradient GEMMs add into .grad themselves (model.linear): no AccumulateGrad
+    add per micro-batch, no fp32 cast of each bf16 weight gradient under autocast.
+
+    Only where nothing hooks a weight's gradient accumulation (the fused path bypasses it): DeepSpeed's ZeRO-1/2
+    optimizer without gradient hooks (ZeRO stage 1 with overlap_comm and contiguous_gradients off, as
+    build_deepspeed_config sets them unless the JSON asks otherwise), and not under torch.compile (its backward
+    mutates .grad). Returns whether it was switched on.
+    """
+    hooks = getattr(optimizer, "_grad_acc_hooks", None)
+    if compiled or hooks is None or len(hooks) or getattr(optimizer, "partition_gradients", True):
+        return False
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.accumulate_weight_grad = True
+    return True
 
 
 def fuse_norm_and_overflow_check(optimizer) -> bool:

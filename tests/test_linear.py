@@ -1,0 +1,72 @@
+"""model.linear: the Linear layers' fused weight-gradient accumulation gives autograd's gradients, with one GEMM
+per micro-batch writing the weight gradient and no separate add (nor, under autocast, a cast to fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_lime.model.linear import Linear
+
+
+class _OutputShapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.ops.append((str(func.overloadpacket), tuple(out.shape)))
+        return out
+
+
+def accumulate(layer: Linear, inputs: list[torch.Tensor], autocast: bool) -> list[list[str]]:
+    """Forward and backward of each micro-batch into the same .grad; the ops that produced weight-shaped tensors
+    in each backward."""
+    per_backward = []
+    for x in inputs:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        with _OutputShapes() as log:
+            (y.float() ** 2).sum().backward()
+        per_backward.append([op for op, shape in log.ops if shape == tuple(layer.weight.shape)
+                             and op not in ("aten.t", "aten.detach", "aten.view")])
+    return per_backward
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+def test_fused_weight_grad_accumulation_equals_autograd(autocast):
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(3, 7, 24, generator=g, requires_grad=True) for _ in range(3)]
+    plain, fused = Linear(24, 40), Linear(24, 40)
+    fused.load_state_dict(plain.state_dict())
+    fused.accumulate_weight_grad = True
+    plain_ops = accumulate(plain, inputs, autocast)
+    grads_x = [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    fused_ops = accumulate(fused, inputs, autocast)
+    assert fused.weight.grad.dtype == torch.float32
+    tolerance = dict(rtol=1e-2, atol=1e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.weight.grad, plain.weight.grad, **tolerance)
+    for x, want in zip(inputs, grads_x):
+        torch.testing.assert_close(x.grad, want, **tolerance)
+    # autograd: a GEMM, then (after the first micro-batch) an add into .grad, and under autocast a cast to fp32
+    assert plain_ops[1] == (["aten.mm", "aten._to_copy", "aten.add_"] if autocast else ["aten.mm", "aten.add_"])
+    # fused: the first micro-batch's GEMM writes .grad (fp32 straight from the GEMM where the device can, a cast
+    # of its product here on the CPU), each later one adds into it in its epilogue (or, on the CPU under autocast,
+    # adds its bf16 product): never a separate cast of a second gradient tensor
+    assert fused_ops[0] == (["aten.mm", "aten._to_copy"] if autocast else ["aten.mm"])
+    assert fused_ops[1] == fused_ops[2] == (["aten.mm", "aten.add_"] if autocast else ["aten.addmm_"])
+
+
+def test_without_grad_or_switched_off_it_is_f_linear():
+    layer = Linear(8, 4)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(layer(x), x @ layer.weight.t())
+    layer.accumulate_weight_grad = True
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.weight.t())
+    assert set(layer.state_dict()) == {"weight"}

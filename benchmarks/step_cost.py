@@ -32,7 +32,7 @@ optimizer is what wrap_model builds on a GPU (torch AdamW, fused=True; on a CPU 
 THE PEER: build_peer of bench_gpu_peer.py and its loop, written here line for line (autocast bf16 around forward
 + loss, backward of loss / micro-batches, clip_grad_norm_(1.0), AdamW fused=True as on its GPU, zero_grad).
 Everything runs on the CPU. Where our model picks a path by device type, the CUDA one is counted (cuda_paths: the
-chunked loss's body, torch.compile'd on CUDA, as its 2 Inductor kernels; the head's fp32-output gradient GEMMs;
+chunked loss's body, torch.compile'd on CUDA, as its 2 Inductor kernels; the GEMMs that write fp32 themselves;
 --cpu-paths counts the CPU's instead). Other device-specific paths are the CPU's: autocast's CPU op lists (the
 peer's LayerNorm and log-softmax see fp32 inputs either way), our CPU kernels (on CUDA the kernel plan may pick
 F.rms_norm where it is faster) and DeepSpeed's CPU accelerator; collectives are those of one rank.
@@ -352,10 +352,16 @@ class CostMode(TorchDispatchMode):
             out = func(*args, **kwargs)
         if formula is not None:
             op.matmul = True
-            op.flops += formula(*args, **kwargs, out_val=out)
+            try:
+                op.flops += formula(*args, **kwargs, out_val=out)
+            except TypeError:  # an overload with extra positional arguments (addmm.dtype_out's out_dtype): tensors only
+                op.flops += formula(*[a for a in args if isinstance(a, torch.Tensor)], out_val=out)
         if base in ALLOC_OPS:
             return out
-        written_only = {_key(t) for t in out_args}
+        out_names = {a.name for a in schema_args if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write}
+        inputs = {_key(t) for t in tree_flatten((args, {k: v for k, v in kwargs.items() if k not in out_names}))[0]
+                  if isinstance(t, torch.Tensor)}
+        written_only = {_key(t) for t in out_args} - inputs  # an out= tensor also passed as an input is read too
         if base in WRITE_ONLY_OPS and mutated:
             written_only.add(_key(mutated[0]))
         read = {}
@@ -452,7 +458,8 @@ def cuda_paths():
     - the chunked loss's body is torch.compile'd on CUDA, which Inductor makes one reduction (reading the logits)
       and one pointwise kernel (reading them again and writing their gradient in place): counted as those 2 launches
       and bytes (an estimate: Inductor's kernels are not run here), while the CPU's eager body computes the values;
-    - the head's gradient GEMMs write fp32 themselves on CUDA (mm with out_dtype; the CPU has no such GEMM, but
+    - GEMMs write fp32 themselves on CUDA (mm/addmm with out_dtype: the head's gradients, the linear layers' fp32
+      weight-gradient accumulation; the CPU has no such GEMM, but
       GEMMs skip their arithmetic here, so the CUDA call is counted).
     Yields the list of what was switched (empty where this code has no such path)."""
     switched = []
@@ -461,8 +468,14 @@ def cuda_paths():
     except ImportError:
         yield switched
         return
+    try:
+        from megatron_lime.model import linear as gemm_home  # where the fp32-output GEMM probe lives (since 081fc34)
+    except ImportError:
+        gemm_home = loss
+    if not isinstance(getattr(gemm_home, "_FP32_OUT_GEMM", None), dict):
+        gemm_home = loss
     saved_bodies = dict(getattr(loss, "_BODIES", {}))
-    saved_gemm = dict(getattr(loss, "_FP32_OUT_GEMM", {}))
+    saved_gemm = dict(getattr(gemm_home, "_FP32_OUT_GEMM", {}))
     eager = getattr(loss, "chunk_loss_and_logit_grad_in_place_", None)
     if isinstance(getattr(loss, "_BODIES", None), dict) and eager is not None:
         def body(logits, labels, token_weights):
@@ -475,18 +488,18 @@ def cuda_paths():
 
         loss._BODIES["cpu"] = body
         switched.append("loss body: as torch.compile'd on CUDA (2 kernels)")
-    if isinstance(getattr(loss, "_FP32_OUT_GEMM", None), dict):
-        loss._FP32_OUT_GEMM["cpu"] = True
-        switched.append("head gradient GEMMs with fp32 output (mm out_dtype)")
+    if isinstance(getattr(gemm_home, "_FP32_OUT_GEMM", None), dict):
+        gemm_home._FP32_OUT_GEMM["cpu"] = True
+        switched.append("fp32-output GEMMs (mm/addmm out_dtype)")
     try:
         yield switched
     finally:
         if isinstance(getattr(loss, "_BODIES", None), dict):
             loss._BODIES.clear()
             loss._BODIES.update(saved_bodies)
-        if isinstance(getattr(loss, "_FP32_OUT_GEMM", None), dict):
-            loss._FP32_OUT_GEMM.clear()
-            loss._FP32_OUT_GEMM.update(saved_gemm)
+        if isinstance(getattr(gemm_home, "_FP32_OUT_GEMM", None), dict):
+            gemm_home._FP32_OUT_GEMM.clear()
+            gemm_home._FP32_OUT_GEMM.update(saved_gemm)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,11 +34,12 @@ import json, torch
 from deepspeed.accelerator import get_accelerator
 from step_cost import counting, mta_launches
 a, b = torch.randn(4, 8), torch.randn(8, 16)
-w, g = torch.randn(16), torch.empty(4, 16)
+w, g, h = torch.randn(16), torch.empty(4, 16), torch.zeros(4, 16)
 x = torch.randn(4, 16).bfloat16()
 p, q = [torch.randn(100_000), torch.randn(10)], [torch.randn(100_000), torch.randn(10)]
 with counting() as counts:
     c = a @ b                       # mm: 2*4*8*16 FLOPs; reads 128 + 512, writes 256
+    torch.addmm(h, a, b, out=h)     # the same FLOPs; h is an input too: reads 256 + 128 + 512, writes 256
     e = c + w.expand(4, 16)         # add: reads 256 + 64 (the broadcast dim not counted), writes 256
     f = e.t().contiguous()          # t: a view; clone: reads 256, writes 256
     e.mul_(2.0)                     # in place: reads 256, writes 256
@@ -67,6 +68,7 @@ def test_counts_of_a_known_op_sequence():
             calls, launches, read, written, flops, syncs), (name, op)
 
     check("aten.mm", 1, 1, 128 + 512, 256, flops=2 * 4 * 8 * 16)
+    check("aten.addmm", 1, 1, 256 + 128 + 512, 256, flops=2 * 4 * 8 * 16)
     check("aten.add", 2, 2, (256 + 64) + 256, 256 + 256)  # c + w.expand, then add(c, c, out=g)
     check("aten.clone", 1, 1, 256, 256)
     check("aten.mul_", 1, 1, 256, 256)
@@ -78,9 +80,9 @@ def test_counts_of_a_known_op_sequence():
     check("accelerator.synchronize", 1, 0, 0, 0, syncs=1)
     assert not any(name in ops for name in ("aten.t", "aten.expand", "aten.transpose", "aten.view"))
     summary = result["summary"]
-    assert summary["launches"] == 9 and summary["host_syncs"] == 2
-    assert summary["matmul_flops"] == summary["flops"] == 1024
-    assert summary["memory_bound_bytes"] == summary["bytes"] - (128 + 512 + 256)
+    assert summary["launches"] == 10 and summary["host_syncs"] == 2
+    assert summary["matmul_flops"] == summary["flops"] == 2 * 1024
+    assert summary["memory_bound_bytes"] == summary["bytes"] - (128 + 512 + 256) - (256 + 128 + 512 + 256)
     # 320 blocks of 65,536 per launch; 64 tensors per launch with 2 lists, 36 with 4; empty tensors skipped
     assert result["mta"] == [1, 2, 1, 2, 1, 2, 1]
 

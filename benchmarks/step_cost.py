@@ -338,6 +338,8 @@ class CostMode(TorchDispatchMode):
             self.counts.sync_sites[site] = self.counts.sync_sites.get(site, 0) + 1
         packet = func._overloadpacket
         formula = self.flops.get(packet)
+        if formula is None and base.endswith("_") and func.namespace == "aten":  # addmm_, baddbmm_: in-place GEMMs
+            formula = self.flops.get(getattr(aten, base[:-1], None))
         schema_args = func._schema.arguments
         mutated, out_args = [], []
         for index, arg in enumerate(schema_args):

@@ -40,6 +40,7 @@ p, q = [torch.randn(100_000), torch.randn(10)], [torch.randn(100_000), torch.ran
 with counting() as counts:
     c = a @ b                       # mm: 2*4*8*16 FLOPs; reads 128 + 512, writes 256
     torch.addmm(h, a, b, out=h)     # the same FLOPs; h is an input too: reads 256 + 128 + 512, writes 256
+    h.addmm_(a, b)                  # in place: the same FLOPs and bytes
     e = c + w.expand(4, 16)         # add: reads 256 + 64 (the broadcast dim not counted), writes 256
     f = e.t().contiguous()          # t: a view; clone: reads 256, writes 256
     e.mul_(2.0)                     # in place: reads 256, writes 256
@@ -69,6 +70,7 @@ def test_counts_of_a_known_op_sequence():
 
     check("aten.mm", 1, 1, 128 + 512, 256, flops=2 * 4 * 8 * 16)
     check("aten.addmm", 1, 1, 256 + 128 + 512, 256, flops=2 * 4 * 8 * 16)
+    check("aten.addmm_", 1, 1, 256 + 128 + 512, 256, flops=2 * 4 * 8 * 16)
     check("aten.add", 2, 2, (256 + 64) + 256, 256 + 256)  # c + w.expand, then add(c, c, out=g)
     check("aten.clone", 1, 1, 256, 256)
     check("aten.mul_", 1, 1, 256, 256)
@@ -80,9 +82,9 @@ def test_counts_of_a_known_op_sequence():
     check("accelerator.synchronize", 1, 0, 0, 0, syncs=1)
     assert not any(name in ops for name in ("aten.t", "aten.expand", "aten.transpose", "aten.view"))
     summary = result["summary"]
-    assert summary["launches"] == 10 and summary["host_syncs"] == 2
-    assert summary["matmul_flops"] == summary["flops"] == 2 * 1024
-    assert summary["memory_bound_bytes"] == summary["bytes"] - (128 + 512 + 256) - (256 + 128 + 512 + 256)
+    assert summary["launches"] == 11 and summary["host_syncs"] == 2
+    assert summary["matmul_flops"] == summary["flops"] == 3 * 1024
+    assert summary["memory_bound_bytes"] == summary["bytes"] - (128 + 512 + 256) - 2 * (256 + 128 + 512 + 256)
     # 320 blocks of 65,536 per launch; 64 tensors per launch with 2 lists, 36 with 4; empty tensors skipped
     assert result["mta"] == [1, 2, 1, 2, 1, 2, 1]
 

@@ -11,13 +11,16 @@ document ids, the prompt third of each document out of the loss, a tail shorter 
 as one more document that carries no loss).
 
 A row of a throughput table is one batch kind, one micro-batch size, one number of micro-batches per optimizer
-step (gradient accumulation) and one mode (eager or torch.compile): "pretrain mb16x4 compile" is 64 sequences per
-optimizer step in 4 micro-batches of 16, the recipe's per-GPU batch on 8 GPUs (global batch 512).
+step (gradient accumulation), one mode (eager or torch.compile) and, for ours, one precision: "pretrain mb16x4
+compile bf16" is 64 sequences per optimizer step in 4 micro-batches of 16, the recipe's per-GPU batch on 8 GPUs
+(global batch 512), compiled, in DeepSpeed's bf16 mode. The peer's rows have no precision in their name (it has
+one mode: fp32 weights + torch.autocast bf16).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -26,9 +29,13 @@ import torch
 
 BATCH_KINDS = ("pretrain", "sft-packed")
 MODES = ("eager", "compile")
-# What gpu_check.sh measures: one micro-batch per step, then 64 sequences per step (the recipe's global batch of
-# 512 over 8 GPUs) as 4 x 16, 2 x 32 and 1 x 64.
-DEFAULT_SHAPES = ("16x1", "32x1", "16x4", "32x2", "64x1")
+# Ours: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy) and DeepSpeed's torch_autocast (fp32 weights, bf16
+# compute: the model card's mixed fp32/bf16); fp32 for completeness (training.config's --precision).
+PRECISIONS = ("bf16", "autocast", "fp32")
+# 64 sequences per step (the recipe's global batch of 512 over 8 GPUs) as the recipe runs it, 4 x 16, and as 2 x 32.
+# 1 x 64 is left out: the peer's 64-sequence micro-batch is expected not to fit on an 80 GB GPU (its 32-sequence one
+# took 52.3 GiB on the H200).
+DEFAULT_SHAPES = ("16x4", "32x2")
 # Host-device synchronisations, as the CUDA runtime API calls the profiler records (a DtoH copy to pageable
 # memory blocks the host too; it is counted from the GPU-side copies, "Memcpy DtoH").
 HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -42,10 +49,18 @@ class Row:
     micro_batch: int  # sequences per micro-batch
     accumulation: int  # micro-batches per optimizer step
     mode: str  # "eager" or "compile"
+    precision: str | None = None  # ours: one of PRECISIONS; None for the peer (its one mode)
 
     @property
     def name(self) -> str:
-        return f"{self.kind} mb{self.micro_batch}x{self.accumulation} {self.mode}"
+        return f"{self.kind} mb{self.micro_batch}x{self.accumulation} {self.mode}" + (
+            f" {self.precision}" if self.precision else "")
+
+    @property
+    def fields(self) -> dict:
+        """What a row's JSON says of its configuration (its figures or its error come beside)."""
+        return {"batch": self.kind, "micro_batch_size": self.micro_batch, "accumulation": self.accumulation,
+                "mode": self.mode, "precision": self.precision}
 
     @property
     def sequences_per_step(self) -> int:
@@ -64,13 +79,15 @@ def parse_shape(text: str) -> tuple[int, int]:
     return shape
 
 
-def rows_for(kinds, shapes, modes, sft_shapes=None) -> list[Row]:
-    """Every kind x shape x mode, modes outermost (one model per mode); sft_shapes limits the packed SFT rows."""
+def rows_for(kinds, shapes, modes, sft_shapes=None, precisions=(None,)) -> list[Row]:
+    """Every precision x mode x kind x shape, precisions then modes outermost (one model per precision and mode);
+    sft_shapes limits the packed SFT rows."""
     rows = []
-    for mode in modes:
-        for kind in kinds:
-            for shape in (shapes if kind == "pretrain" or sft_shapes is None else sft_shapes):
-                rows.append(Row(kind, *parse_shape(shape), mode))
+    for precision in precisions:
+        for mode in modes:
+            for kind in kinds:
+                for shape in (shapes if kind == "pretrain" or sft_shapes is None else sft_shapes):
+                    rows.append(Row(kind, *parse_shape(shape), mode, precision))
     return rows
 
 
@@ -153,20 +170,43 @@ def seconds_per_step(step: Callable[[], object], steps: int, device: torch.devic
     return (now() - start) / steps
 
 
-def timed_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> dict:
-    """`warmup` calls of step(), then `steps` timed ones, peak memory counted from the first:
-    {"seconds": per timed step, "wall_seconds_with_warmup": ...}, or {"error": "out of memory: ..."} when the row
-    did not fit on the GPU (returned, not raised, so the error's frames no longer hold the row's tensors when
-    the caller frees them and goes on to the next row)."""
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError, or an error that wraps one (torch.compile's backend errors carry it as text)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def wait_while(path: str | None, limit_s: float = 600.0, poll_s: float = 0.5) -> float:
+    """Wait while the file `path` exists (gpu_check.sh's marker of a build running beside this benchmark), at most
+    limit_s seconds; returns the seconds waited. None or a missing file: no wait."""
+    started = time.perf_counter()
+    if path and os.path.exists(path):
+        print(f"waiting for {path} to go (the build is running) before timing", flush=True)
+        while os.path.exists(path) and time.perf_counter() - started < limit_s:
+            time.sleep(poll_s)
+    return time.perf_counter() - started
+
+
+def timed_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device,
+                quiet_marker: str | None = None) -> dict:
+    """`warmup` calls of step() (compilation included), then, once the file `quiet_marker` (if any) is gone,
+    `steps` timed ones, peak memory counted from the first: {"seconds": per timed step, "wall_seconds_with_warmup":
+    ..., "waited_s": ...}, or {"error": "out of memory: ...", "oom": True} when the row did not fit on the GPU
+    (returned, not raised, so the error's frames no longer hold the row's tensors when the caller frees them and
+    goes on to the next row)."""
     reset_peak_memory(device)
     started = time.perf_counter()
     try:
         for _ in range(warmup):
             step()
+        synchronize(device)
+        waited = wait_while(quiet_marker)
         seconds = seconds_per_step(step, steps, device)
-    except torch.cuda.OutOfMemoryError as error:
-        return {"error": f"out of memory: {str(error).splitlines()[0]}"}
-    return {"seconds": seconds, "wall_seconds_with_warmup": time.perf_counter() - started}
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        return {"error": f"out of memory: {str(error).strip().splitlines()[0][:300]}", "oom": True}
+    return {"seconds": seconds, "wall_seconds_with_warmup": time.perf_counter() - started - waited,
+            "waited_s": waited}
 
 
 def matmul_tflops(size: int, device: torch.device, repeats: int = 20) -> float:
@@ -202,8 +242,7 @@ def throughput(row: Row, seq: int, seconds: float, flops_per_token: float, peak_
     """The figures of one timed row: tokens/s over every position, TFLOP/s, MFU of the datasheet peak, memory."""
     tokens_per_second = row.sequences_per_step * seq / seconds
     tflops = tokens_per_second * flops_per_token / 1e12
-    return {"batch": row.kind, "micro_batch_size": row.micro_batch, "accumulation": row.accumulation,
-            "mode": row.mode, "seq_length": seq, "ms_per_step": 1e3 * seconds,
+    return {**row.fields, "seq_length": seq, "ms_per_step": 1e3 * seconds,
             "tokens_per_second": tokens_per_second, "tflops": tflops,
             "mfu_datasheet": tflops / peak_tflops if peak_tflops else None,
             "peak_memory_gib": peak_memory_gib(device)}
@@ -212,12 +251,12 @@ def throughput(row: Row, seq: int, seconds: float, flops_per_token: float, peak_
 def format_row(name: str, figures: dict) -> str:
     """One line of a throughput table."""
     if "error" in figures:
-        return f"  {name:<28} {figures['error']}"
+        return f"  {name:<34} {'OOM: ' if figures.get('oom') else ''}{figures['error']}"
     mfu = f"{100 * figures['mfu_datasheet']:5.1f}%" if figures.get("mfu_datasheet") else "  n/a"
     memory = f"{figures['peak_memory_gib']:5.1f} GiB" if figures.get("peak_memory_gib") is not None else "  n/a"
     losses = (f"  loss {figures['first_loss']:.2f} -> {figures['last_loss']:.2f}"
               if figures.get("first_loss") is not None else "")
-    return (f"  {name:<28} {figures['ms_per_step']:8.1f} ms/step {figures['tokens_per_second']:9.0f} tokens/s "
+    return (f"  {name:<34} {figures['ms_per_step']:8.1f} ms/step {figures['tokens_per_second']:9.0f} tokens/s "
             f"{figures['tflops']:7.1f} TFLOP/s  MFU {mfu}  peak mem {memory}{losses}")
 
 
@@ -308,21 +347,22 @@ def profile_table(title: str, profile: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# One process per mode
+# One process per configuration
 
 
-def run_modes_apart(script: str, argv: list[str], modes: list[str], json_path: str | None,
-                    markdown_path: str | None = None) -> int:
-    """Run `script argv --modes MODE` in a fresh process per mode and merge what they wrote.
+def run_apart(script: str, argv: list[str], groups: list[tuple[str, list[str]]], json_path: str | None,
+              markdown_path: str | None = None) -> int:
+    """Run `script argv EXTRA --json CHILD` in a fresh process per (label, EXTRA) of `groups` and merge what they
+    wrote.
 
-    Why: a model, its optimizer state and DeepSpeed's engine are not all freed when the first mode ends (the first
-    GPU call's compile rows carried 12.8 GiB of the eager engine's weights and AdamW state), so each mode's peak
-    memory is measured in a process of its own. The children write JSON (and markdown) beside `json_path`
-    (`markdown_path`); this merges their "runs" and "profiles" into `json_path` after each child, so a check cut
-    short keeps the first mode's rows. Returns 1 if any child failed.
+    Why: a model, its optimizer state and DeepSpeed's engine are not all freed when one configuration ends (the
+    first GPU call's compile rows carried 12.8 GiB of the eager engine's weights and AdamW state), so each
+    configuration's peak memory is measured in a process of its own (bench_gpu_train.py: one per precision and
+    mode). The children write JSON (and markdown) beside `json_path` (`markdown_path`); this merges their "runs" and
+    "profiles" into `json_path` after each child, so a check cut short keeps the finished children's rows; a child
+    that dies (killed, out of host memory) leaves an error row "<label> (all)". Returns 1 if any child failed.
     """
     import json
-    import os
     import subprocess
     import sys
     import tempfile
@@ -333,21 +373,29 @@ def run_modes_apart(script: str, argv: list[str], modes: list[str], json_path: s
     texts: list[str] = []
     failed = False
     with tempfile.TemporaryDirectory(prefix="lime-bench-") as folder:
-        for mode in modes:
-            child_json = os.path.join(folder, f"{mode}.json")
-            child_md = os.path.join(folder, f"{mode}.md")
-            command = [sys.executable, script, *argv, "--modes", mode, "--json", child_json]
+        for index, (label, extra) in enumerate(groups):
+            child_json = os.path.join(folder, f"{index}.json")
+            child_md = os.path.join(folder, f"{index}.md")
+            command = [sys.executable, script, *argv, *extra, "--json", child_json]
             if markdown_path:
                 command += ["--profile-md", child_md]
-            failed |= subprocess.run(command).returncode != 0
+            started = time.perf_counter()
+            returncode = subprocess.run(command).returncode
+            print(f"[{label}: exit {returncode} after {time.perf_counter() - started:.0f} s]", flush=True)
+            failed |= returncode != 0
+            child: dict = {}
             if os.path.exists(child_json):
                 with open(child_json, encoding="utf-8") as handle:
                     child = json.load(handle)
-                for key, value in child.items():
-                    if isinstance(value, dict) and key in ("runs", "profiles"):
-                        merged.setdefault(key, {}).update(value)
-                    else:
-                        merged.setdefault(key, value)
+            if returncode != 0 and not child.get("runs"):
+                child.setdefault("runs", {})[f"{label} (all)"] = {"error": f"the process exited with {returncode}"}
+            for key, value in child.items():
+                if isinstance(value, dict) and key in ("runs", "profiles", "processes"):
+                    merged.setdefault(key, {}).update(value)
+                else:
+                    merged.setdefault(key, value)
+            merged.setdefault("children", {})[label] = {"exit": returncode,
+                                                       "wall_seconds": time.perf_counter() - started}
             if json_path and merged:
                 write_json(json_path, merged)
             if markdown_path and os.path.exists(child_md):

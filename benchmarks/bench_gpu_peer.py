@@ -1,6 +1,6 @@
 """The peer: what a user writes in 30 lines, a plain PyTorch loop over transformers' GPT-2 with LIME's dims.
 
-    python benchmarks/bench_gpu_peer.py --json peer.json          # what gpu_check.sh runs (lime-1b's dims)
+    python benchmarks/bench_gpu_peer.py --json peer.json --shapes 16x4 --modes compile eager   # as gpu_check.sh
     python benchmarks/bench_gpu_peer.py --shapes 32x2 --modes compile
     python benchmarks/bench_gpu_peer.py --dry-run                 # the same code at tiny sizes, on the CPU too
 
@@ -9,9 +9,14 @@ n_inner=ffn, activation_function="silu", every dropout 0, tied head)), attention
 --model preset (lime-1b: 50,000 x 1,536, 32 layers, 24 heads, 6,144; it has biases, LayerNorm and learned
 positions, 984M parameters). fp32 weights on the GPU; each micro-batch runs forward and loss under
 torch.autocast(bf16) with labels = inputs (the model shifts them), backward of loss / micro-batches; then
-clip_grad_norm_(1.0), torch.optim.AdamW(fused=True), zero_grad(set_to_none=True). "compile" is torch.compile(model),
-with the batch dimension marked dynamic from the first row (torch.compile's default turns it dynamic at the second
-micro-batch size and compiles again: one compilation of the whole GPT-2 instead of two, the same kernels).
+clip_grad_norm_(1.0), torch.optim.AdamW(fused=True), zero_grad(set_to_none=True). "compile" is torch.compile(model)
+with static shapes, as ours (a user's run has one micro-batch size, so one static graph; with several rows each
+micro-batch size compiles its own graph instead of torch's default turning the batch dimension dynamic).
+
+Every mode runs in this one process, in the order of --modes, on one model and one optimizer (torch.compile(model)
+shares the model's weights; the peer has no engine to free, unlike ours): gpu_check.sh runs compile first, so its
+compilation overlaps the build of our extension, and --wait-while holds each row's timed steps until that build
+has ended (after the row's warm-up), so nothing is timed beside the compiler.
 
 Rows, timing, tokens/s, TFLOP/s and MFU are those of bench_gpu_train.py (bench_common): the same shapes
 (MICROxSTEPS), the same step timer, and FLOPs per token of LIME's 6N + 12 L d s for both, so the two tables
@@ -28,11 +33,11 @@ from typing import Any
 import torch
 
 from bench_common import (DEFAULT_SHAPES, MODES, Row, format_row, parse_shape, pretraining_batch, rows_for,
-                          run_modes_apart, throughput, timed_steps)
+                          throughput, timed_steps)
 from megatron_lime.config import PRESETS, LimeConfig
 from megatron_lime.files import write_json
 
-DRY_RUN = {"model": "lime-tiny", "seq_length": 64, "shapes": ["2x1", "2x2"], "warmup": 1, "steps": 3}
+DRY_RUN = {"model": "lime-tiny", "seq_length": 64, "shapes": ["2x2"], "warmup": 1, "steps": 2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,15 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-length", type=int, default=512, help="tokens per sequence (default 512)")
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
                         help=f"rows as MICROxSTEPS, as bench_gpu_train.py (default {' '.join(DEFAULT_SHAPES)})")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="eager and/or compile")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="eager and/or compile, run in this order")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compilation included)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="datasheet dense bf16 peak (default: by GPU name)")
     parser.add_argument("--json", default=None, help="write the results here (rewritten after every row)")
+    parser.add_argument("--wait-while", default=None, metavar="PATH",
+                        help="after each row's warm-up, wait while this file exists before timing (gpu_check.sh: "
+                             "its build is running)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="tiny sizes (lime-tiny's dims, seq 64, shapes 2x1 2x2), on the CPU when there is no GPU")
+                        help="tiny sizes (lime-tiny's dims, seq 64, shape 2x2), on the CPU when there is no GPU")
     options = parser.parse_args(argv)
     if options.dry_run:
         for name, value in DRY_RUN.items():
@@ -77,23 +86,34 @@ def build_peer(config: LimeConfig, seq: int, device: torch.device):
     return GPT2LMHeadModel._from_config(gpt2, attn_implementation="sdpa").to(device)
 
 
+class Peer:
+    """The peer's model and optimizer, shared by its modes; forward(mode) is the model or torch.compile(model)."""
+
+    def __init__(self, config: LimeConfig, options: argparse.Namespace, device: torch.device) -> None:
+        self.model = build_peer(config, options.seq_length, device)
+        self.model.train()
+        self.parameters = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=options.lr, fused=device.type == "cuda")
+        self.compiled = None
+
+    def forward(self, mode: str):
+        if mode == "eager":
+            return self.model
+        if self.compiled is None:
+            self.compiled = torch.compile(self.model)
+        return self.compiled
+
+
 def run_mode(mode: str, rows: list[Row], options: argparse.Namespace, device: torch.device, results: dict[str, Any],
-             report) -> None:
+             report, peer: Peer) -> None:
     config = LimeConfig.from_name(options.model)
-    model = build_peer(config, options.seq_length, device)
-    results["peer_parameters"] = sum(p.numel() for p in model.parameters())
-    model.train()
-    forward = torch.compile(model) if mode == "compile" else model
-    parameters = list(model.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=options.lr, fused=device.type == "cuda")
+    results["peer_parameters"] = sum(p.numel() for p in peer.parameters)
+    forward, parameters, optimizer = peer.forward(mode), peer.parameters, peer.optimizer
     flops_per_token = config.flops_per_token(options.seq_length)
     generator = torch.Generator().manual_seed(0)
     for row in rows:
         inputs = [pretraining_batch(config.vocab_size, row.micro_batch, options.seq_length, device,
                                     generator)["input_ids"] for _ in range(row.accumulation)]
-        if mode == "compile":  # one graph for every micro-batch size (torch's default makes it at the second)
-            for input_ids in inputs:
-                torch._dynamo.maybe_mark_dynamic(input_ids, 0)
         losses: list[torch.Tensor] = []
 
         def step() -> None:  # the plain loop
@@ -106,9 +126,9 @@ def run_mode(mode: str, rows: list[Row], options: argparse.Namespace, device: to
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach() * len(inputs))
 
-        timing = timed_steps(step, options.warmup, options.steps, device)
+        timing = timed_steps(step, options.warmup, options.steps, device, options.wait_while)
         if "error" in timing:
-            report(row.name, timing)
+            report(row.name, {**row.fields, **timing})
             del inputs, losses
             optimizer.zero_grad(set_to_none=True)
             gc.collect()
@@ -117,14 +137,12 @@ def run_mode(mode: str, rows: list[Row], options: argparse.Namespace, device: to
         peak = results["datasheet_peak_tflops"]
         figures = throughput(row, options.seq_length, timing["seconds"], flops_per_token, peak, device)
         figures.update(first_loss=losses[0].item(), last_loss=losses[-1].item(),
-                       wall_seconds_with_warmup=timing["wall_seconds_with_warmup"])
+                       wall_seconds_with_warmup=timing["wall_seconds_with_warmup"], waited_s=timing["waited_s"])
         report(row.name, figures)
 
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    if len(options.modes) > 1:  # each mode's memory in a process of its own, as bench_gpu_train.py
-        return run_modes_apart(__file__, sys.argv[1:] if argv is None else argv, options.modes, options.json)
     cuda = torch.cuda.is_available()
     if not cuda and not options.dry_run:
         print("bench_gpu_peer: no CUDA GPU (torch.cuda.is_available() is False): this benchmark needs one "
@@ -132,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_lime.training.metrics import peak_tflops_for
 
+    # Static shapes, as bench_gpu_train.py: each micro-batch size compiles its own graph.
+    torch._dynamo.config.automatic_dynamic_shapes = False
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     import transformers
 
@@ -141,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "seq_length": options.seq_length,
         "flops_per_token": LimeConfig.from_name(options.model).flops_per_token(options.seq_length),
         "datasheet_peak_tflops": peak_tflops_for(device, options.peak_tflops),
+        "precision": "fp32 weights + torch.autocast(bf16) around forward and loss",
         "warmup_steps": options.warmup, "timed_steps": options.steps, "dry_run": options.dry_run, "runs": {},
     }
     print(f"{results['gpu']}; torch {results['torch']}, transformers {results['transformers']}; peer: "
@@ -155,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = False
     rows = rows_for(["pretrain"], options.shapes, options.modes)
+    peer = Peer(LimeConfig.from_name(options.model), options, device)
     for mode in options.modes:
         try:
-            run_mode(mode, [row for row in rows if row.mode == mode], options, device, results, report)
+            run_mode(mode, [row for row in rows if row.mode == mode], options, device, results, report, peer)
         except Exception as error:  # one mode failing still leaves the other's figures
             failed = True
             report(f"{mode} (all)", {"error": f"{type(error).__name__}: {error}"})

@@ -86,6 +86,13 @@ COMPILED = {
 }
 
 
+def add_then_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What a user writes without our kernel: the new residual stream h = residual + delta, once, then F.rms_norm(h).
+    Returns (h, normed), as kernels.add_rms_norm does."""
+    h = residual + delta
+    return h, F.rms_norm(h, (h.shape[-1],), weight, EPS)
+
+
 def implementations(op: str, device: torch.device, with_compile: bool) -> dict[str, Callable[..., object]]:
     """Name -> function of the op's inputs: (x, weight), (residual, delta, weight) or (x,)."""
     ours = f"ours ({kernels.backend(device)})"
@@ -101,7 +108,7 @@ def implementations(op: str, device: torch.device, with_compile: bool) -> dict[s
             found["apex FusedRMSNorm"] = lambda x, w: apex.fused_rms_norm_affine(x, w, w.shape, EPS)
     elif op == "add_rms_norm":
         found = {ours: lambda r, d, w: kernels.add_rms_norm(r, d, w, EPS),
-                 "add + F.rms_norm": lambda r, d, w: (r + d, F.rms_norm(r + d, (r.shape[-1],), w, EPS)),
+                 "add + F.rms_norm": add_then_rms_norm,
                  "eager reference": lambda r, d, w: kernels.add_rms_norm_ref(r, d, w, EPS)}
         if with_compile:
             found["torch.compile(reference)"] = COMPILED["add_rms_norm"]

@@ -1,12 +1,18 @@
-"""The report of benchmarks/gpu_check.sh, rewritten after every stage: one JSON and the tables, ours / peer per row.
+"""The report of benchmarks/gpu_check.sh, rewritten after every stage: one JSON and the tables, ours / peer per row
+and precision.
 
     python benchmarks/gpu_check_report.py --stages WORK/stages.tsv --work WORK --results OUT
 
 Reads the stage statuses (name, status, seconds, detail: tab-separated), the GPU stage's and the test stage's logs
-(in WORK), and the JSON the benchmarks wrote into the results folder (kernels.json, train.json, peer.json),
-whichever exist: a stage that failed or never ran leaves its part empty, never invented. Writes
+(in WORK), and the JSON the benchmarks wrote into the results folder (kernels.json, train.json, peer.json,
+profile.json), whichever exist: a stage that failed or never ran leaves its part empty, never invented. Writes
 OUT/gpu_check.json and OUT/gpu_check.txt (the tables, also printed). Plain Python: no torch import, so it
 costs a fraction of a second after each stage.
+
+gpu_check.json's "ours_over_peer" holds the comparison as numbers: one entry per row of ours (each precision) with
+the peer's row of the same batch kind, shape and mode: ours' and the peer's tokens/s, MFU and peak memory, their
+ratio (None when either has no figure), and either's error ("oom": true when it did not fit in memory).
+"ours_over_peer_by_row" is the same ratios as {row: {precision: ratio}}.
 """
 
 from __future__ import annotations
@@ -59,34 +65,80 @@ def figure(row: dict[str, Any] | None) -> str:
     if row is None:
         return "-"
     if "error" in row:
-        return row["error"][:60]
+        return "OOM (out of memory)" if row.get("oom") else row["error"][:60]
     mfu = f"{100 * row['mfu_datasheet']:.1f}%" if row.get("mfu_datasheet") else "MFU n/a"
     memory = f"{row['peak_memory_gib']:.1f} GiB" if row.get("peak_memory_gib") is not None else "mem n/a"
     return f"{row['tokens_per_second']:,.0f} ({mfu}; {memory})"
 
 
-def row_order(name: str, row: dict[str, Any]) -> tuple:
-    """Eager before compile, pretraining before packed SFT, then by sequences per step and micro-batch size."""
-    if "micro_batch_size" not in row:  # an error line of a whole mode
-        return (name.split()[0] != "eager", 2, 0, 0, name)
-    return (row["mode"] != "eager", row["batch"] != "pretrain", row["micro_batch_size"] * row["accumulation"],
-            row["micro_batch_size"], name)
+def row_key(row: dict[str, Any]) -> str | None:
+    """The peer's name of a row's configuration ("pretrain mb16x4 eager"): batch kind, shape, mode; no precision."""
+    if "micro_batch_size" not in row:
+        return None
+    return f"{row['batch']} mb{row['micro_batch_size']}x{row['accumulation']} {row['mode']}"
+
+
+def row_order(row: dict[str, Any]) -> tuple:
+    """Pretraining before packed SFT, then by sequences per step and micro-batch size, eager before compile, then
+    by precision (bf16, autocast, fp32); a whole process's error line last."""
+    precision = ("bf16", "autocast", "fp32", None).index(row.get("precision")) if row.get("precision") in (
+        "bf16", "autocast", "fp32", None) else 9
+    if "micro_batch_size" not in row:
+        return (2, 0, 0, row.get("mode") != "eager", precision)
+    return (row["batch"] != "pretrain", row["micro_batch_size"] * row["accumulation"], row["micro_batch_size"],
+            row["mode"] != "eager", precision)
+
+
+def comparisons(train: dict[str, Any] | None, peer: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One entry per row of ours, with the peer's row of the same configuration; then the peer's rows ours lacks."""
+    ours_runs = (train or {}).get("runs", {})
+    peer_runs = dict((peer or {}).get("runs", {}))
+    entries = []
+
+    def numbers(prefix: str, row: dict[str, Any] | None) -> dict[str, Any]:
+        row = row or {}
+        return {f"{prefix}_tokens_per_second": row.get("tokens_per_second"),
+                f"{prefix}_mfu_datasheet": row.get("mfu_datasheet"),
+                f"{prefix}_peak_memory_gib": row.get("peak_memory_gib"), f"{prefix}_error": row.get("error"),
+                f"{prefix}_oom": bool(row.get("oom"))}
+
+    matched = set()
+    for name, ours in sorted(ours_runs.items(), key=lambda item: row_order(item[1])):
+        key = row_key(ours)
+        theirs = peer_runs.get(key) if key else None
+        if key:
+            matched.add(key)
+        ratio = None
+        if ours.get("tokens_per_second") and theirs and theirs.get("tokens_per_second"):
+            ratio = ours["tokens_per_second"] / theirs["tokens_per_second"]
+        entries.append({"row": key or name, "ours_row": name, "precision": ours.get("precision"),
+                        **numbers("ours", ours), **numbers("peer", theirs), "ours_over_peer": ratio})
+    for key, theirs in peer_runs.items():
+        if key not in matched:
+            entries.append({"row": key, "ours_row": None, "precision": None, **numbers("ours", None),
+                            **numbers("peer", theirs), "ours_over_peer": None})
+    return entries
+
+
+def by_row(entries: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    result: dict[str, dict[str, float | None]] = {}
+    for entry in entries:
+        if entry["ours_row"] is not None and entry["precision"] is not None:
+            result.setdefault(entry["row"], {})[entry["precision"]] = entry["ours_over_peer"]
+    return result
 
 
 def side_by_side(train: dict[str, Any] | None, peer: dict[str, Any] | None) -> list[str]:
-    """One markdown row per configuration either benchmark ran: ours, the peer, ours / peer."""
+    """One markdown row per row of ours (each precision) beside the peer's same configuration, ours / peer."""
     ours_runs = (train or {}).get("runs", {})
     peer_runs = (peer or {}).get("runs", {})
-    names = sorted(set(ours_runs) | set(peer_runs), key=lambda name: row_order(name, ours_runs.get(name)
-                                                                               or peer_runs.get(name)))
-    lines = ["| row (kind mbMICROxSTEPS mode) | ours: tokens/s (MFU; peak memory) | peer | ours / peer |",
-             "|---|---|---|---|"]
-    for name in names:
-        ours, theirs = ours_runs.get(name), peer_runs.get(name)
-        ratio = "-"
-        if ours and theirs and "error" not in ours and "error" not in theirs:
-            ratio = f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}"
-        lines.append(f"| {name} | {figure(ours)} | {figure(theirs)} | {ratio} |")
+    lines = ["| row (kind mbMICROxSTEPS mode) | ours' precision | ours: tokens/s (MFU; peak memory) "
+             "| peer (fp32 weights + autocast) | ours / peer |", "|---|---|---|---|---|"]
+    for entry in comparisons(train, peer):
+        ours = ours_runs.get(entry["ours_row"]) if entry["ours_row"] else None
+        theirs = peer_runs.get(entry["row"])
+        ratio = f"{entry['ours_over_peer']:.2f}" if entry["ours_over_peer"] is not None else "-"
+        lines.append(f"| {entry['row']} | {entry['precision'] or '-'} | {figure(ours)} | {figure(theirs)} | {ratio} |")
     return lines
 
 
@@ -117,11 +169,19 @@ def tables(results: dict[str, Any]) -> str:
         peak = head.get("datasheet_peak_tflops") or "unknown"
         versions = f"torch {head.get('torch')}" + (f", transformers {peer.get('transformers')}" if peer else "")
         matmul = f"; bf16 matmul {train['matmul_tflops']:.0f} TFLOP/s" if train and train.get("matmul_tflops") else ""
+        ours_setup = ""
+        if train:
+            ours_setup = (f"; ours: kernels {train.get('kernels')}, DeepSpeed config "
+                          f"{os.path.basename(train.get('deepspeed_config_file') or 'none')}")
         out.append(f"\n{model} training, seq {head.get('seq_length')}, on {head.get('gpu')} ({versions}): tokens/s "
                    f"over every position; MFU of the datasheet's {peak} TFLOP/s with {model}'s 6N + 12 L d s for both"
-                   + matmul)
+                   + matmul + ours_setup)
         out += side_by_side(train, peer)
-    for name, profile in ((train or {}).get("profiles") or {}).items():
+    for process, facts in ((train or {}).get("processes") or {}).items():
+        for line in facts.get("kernel_choices") or ["no kernel choice logged (the plan measures CUDA tensors only)"]:
+            out.append(f"kernel plan ({process}): {line}")
+    profiles = {**((train or {}).get("profiles") or {}), **((results.get("profile") or {}).get("profiles") or {})}
+    for name, profile in profiles.items():
         idle = profile.get("device_idle_share")
         syncs = profile.get("host_syncs_per_step")
         out.append(f"profile {name}: {1e3 * profile['wall_seconds_per_step']:.1f} ms/step"
@@ -147,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         "stages": stage_rows(args.stages),
         "tests": test_summary(read_text(os.path.join(args.work, "tests.log"))),
     }
-    for part in ("kernels", "train", "peer"):
+    for part in ("kernels", "train", "peer", "profile"):
         results[part] = read_json(os.path.join(args.results, f"{part}.json"))
     text = tables(results)
+    results["ours_over_peer"] = comparisons(results["train"], results["peer"])
+    results["ours_over_peer_by_row"] = by_row(results["ours_over_peer"])
     results["side_by_side"] = side_by_side(results["train"], results["peer"])
     write_json(os.path.join(args.results, "gpu_check.json"), results)
     with open(os.path.join(args.results, "gpu_check.txt"), "w", encoding="utf-8") as handle:

@@ -4,13 +4,18 @@
 #   bash benchmarks/gpu_wheels.sh              # -> gpu_wheels/ (git-ignored), prints its size
 #   bash benchmarks/gpu_wheels.sh DIR          # somewhere else
 #
-# What the GPU machine lacks of what megatron-lime imports (setup.py's install_requires against
-# that machine's image: it has torch, numpy, pyyaml, tqdm, safetensors, tensorboard, transformers,
-# sentencepiece, pyarrow, pandas, huggingface-hub, fsspec, xxhash, msgpack, psutil, py-cpuinfo,
-# einops, ninja): deepspeed and datasets, and their own needs the image lacks (hjson, pydantic with
-# pydantic-core, annotated-types and typing-inspection; dill, multiprocess; a typing-extensions new
-# enough for that pydantic). Versions are those of the Python environment running this script (the
-# ones the test suite passed with); PYTHON picks another interpreter.
+# What the GPU machine lacks of what the check's stages import: the training step (bench_gpu_train.py:
+# megatron_lime.training with DeepSpeed), the peer (bench_gpu_peer.py: transformers' GPT-2), the kernels' benchmark
+# and the GPU tests. Found by recording every distribution in sys.modules at the end of each benchmark's dry run
+# (2026-12-07) and comparing with the GPU image's package list (the device tool's KINDS.md: it has torch,
+# transformers, numpy, einops, msgpack, ninja, psutil, py-cpuinfo, tqdm, packaging, pyyaml, safetensors,
+# sentencepiece, tokenizers, xxhash, pyarrow, tensorboard, pytest, pytest-timeout, typing-extensions, ...): only
+# deepspeed and its own needs hjson and pydantic (with pydantic-core, annotated-types, typing-inspection, and a
+# typing-extensions new enough for that pydantic). Training imports neither `datasets` (only the Hugging Face
+# readers of preprocessing and evaluation do) nor dill (torch.utils.data tries it and goes on without), so neither
+# is carried. Versions are those of the Python environment running this script (the ones the test suite passed
+# with); PYTHON picks another interpreter. gpu_check.sh installs each wheel on its own, so one that fails to
+# install leaves the others (deepspeed above all) in place.
 #
 # deepspeed is built here from its source distribution as a pure-Python wheel with no compiled ops
 # (DS_BUILD_OPS=0): DeepSpeed JIT-compiles an op on first use, and megatron-lime's training uses
@@ -33,7 +38,7 @@ version_of() {
   }
 }
 
-DOWNLOADED=(datasets dill multiprocess hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions)
+DOWNLOADED=(hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions)
 
 rm -rf "$PARTIAL"
 mkdir -p "$PARTIAL"

@@ -2,7 +2,8 @@
 sessions; benchmarks/gpu_check.sh runs the CUDA ones on a GPU machine): every attention backend that trains on
 the device against an fp32 reference and each other, a packed batch against its documents run alone, and
 DeepSpeed ZeRO-1 steps of lime-tiny (bf16 on a GPU, fp32 on the CPU) through the training loop's own step on
-pretraining and packed SFT batches. The layout of the benchmarks' packed SFT batch is checked too."""
+pretraining and packed SFT batches. The layout of the benchmarks' packed SFT batch is checked too, and their step
+timer's out-of-memory rows and its wait for the GPU check's build."""
 
 from __future__ import annotations
 
@@ -98,6 +99,36 @@ def test_packed_sft_batch_has_the_sft_dataset_layout(bench_common):
         assert torch.equal(trained, batch["labels"][row] != -100) and 0 < int(trained.sum()) < 128
     output = LimeModel(config)(**batch, loss_reduction="sum")
     assert torch.isfinite(output.loss) and output.num_loss_tokens == batch["loss_mask"].sum()
+
+
+def test_a_row_that_does_not_fit_says_oom_and_a_row_waits_for_the_build(bench_common, tmp_path):
+    """timed_steps: an out-of-memory error (torch's, or one torch.compile wraps as text) is the row's result, marked
+    "oom", not raised, so the next row runs; any other error is raised. With a marker file (gpu_check.sh's running
+    build), the timed steps start only once it is gone, after the warm-up, and the wait is not counted."""
+    import threading
+
+    cpu = torch.device("cpu")
+
+    def out_of_memory() -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    def wrapped() -> None:
+        raise RuntimeError("BackendCompilerFailed: RuntimeError: CUDA error: out of memory")
+
+    for step in (out_of_memory, wrapped):
+        result = bench_common.timed_steps(step, 1, 2, cpu)
+        assert result["oom"] is True and result["error"].startswith("out of memory: "), result
+    with pytest.raises(ValueError):
+        bench_common.timed_steps(lambda: int("x"), 1, 2, cpu)
+
+    marker = tmp_path / "build.running"
+    marker.write_text("")
+    calls: list[bool] = []
+    threading.Timer(0.5, marker.unlink).start()
+    result = bench_common.timed_steps(lambda: calls.append(marker.exists()), 1, 2, cpu, str(marker))
+    assert calls == [True, False, False]  # the warm-up beside the build, the timed steps after it
+    assert result["waited_s"] >= 0.4 and result["wall_seconds_with_warmup"] < result["waited_s"], result
+    assert bench_common.wait_while(str(marker)) < 0.1 and bench_common.wait_while(None) < 0.1
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,5 +1,6 @@
 """benchmarks/bench_kernels.py runs end to end on CPU (tiny shapes, few calls) and writes the JSON that
-the GPU check's report reads; the GPU check's own command line still parses."""
+the GPU check's report reads; the GPU check's own command line still parses; its PyTorch baselines do what a
+user would write (one residual add, not two)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,43 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks", "bench_kernels.py")
+
+
+def full_size_adds(fn, inputs) -> int:
+    """How many aten.add calls of two tensors of the inputs' full shape one forward of fn makes."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shape = inputs[0].shape
+    calls = []
+
+    class CountAdds(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.add and len(args) >= 2 and all(
+                    isinstance(a, torch.Tensor) and a.shape == shape for a in args[:2]):
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), CountAdds():
+        fn(*inputs)
+    return len(calls)
+
+
+def test_the_add_and_rms_norm_baseline_adds_once(monkeypatch):
+    """"add + F.rms_norm" is what a user writes: h = residual + delta once, then F.rms_norm(h) (it computed r + d
+    twice, so the baseline moved two more tensors than a user's code does)."""
+    import torch
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import bench_kernels
+
+    inputs = bench_kernels.make_inputs("add_rms_norm", 8, 32, torch.float32, torch.device("cpu"))
+    baseline = bench_kernels.implementations("add_rms_norm", torch.device("cpu"), False)["add + F.rms_norm"]
+    assert full_size_adds(baseline, inputs) == 1
+    residual, delta, weight = inputs
+    h, normed = baseline(residual, delta, weight)
+    torch.testing.assert_close(h, residual + delta)
+    torch.testing.assert_close(normed, torch.nn.functional.rms_norm(residual + delta, (32,), weight, 1e-5))
 
 
 def test_bench_kernels_runs_on_cpu_and_writes_every_figure(tmp_path):

@@ -351,15 +351,19 @@ def test_input_checks_say_what_is_wrong(call, message):
 def test_torch_compile_traces_a_block_without_graph_breaks():
     torch.manual_seed(0)
     block = LimeBlock(LimeConfig.from_name("lime-tiny"))
-    x = torch.randn(2, 16, 64, requires_grad=True)
-    explanation = torch._dynamo.explain(block)(x)
+    x, delta = torch.randn(2, 16, 64, requires_grad=True), torch.randn(2, 16, 64, requires_grad=True)
+
+    def block_output(x, delta):  # a middle block: the previous block's MLP output added by its first norm
+        return torch.add(*block(x, None, delta))
+
+    explanation = torch._dynamo.explain(block_output)(x, delta)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     torch._dynamo.reset()
     # fullgraph=True raises on any graph break; aot_eager runs the fake kernels and autograd tracing.
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    expected = outputs_and_grads(block, [x], torch.ones(2, 16, 64))
-    got = outputs_and_grads(compiled, [x], torch.ones(2, 16, 64))
+    compiled = torch.compile(block_output, fullgraph=True, backend="aot_eager")
+    expected = outputs_and_grads(block_output, [x, delta], torch.ones(2, 16, 64))
+    got = outputs_and_grads(compiled, [x, delta], torch.ones(2, 16, 64))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
     torch._dynamo.reset()

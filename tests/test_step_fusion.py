@@ -81,11 +81,11 @@ def test_chunked_loss_in_bf16_is_as_close_to_an_fp64_truth_as_the_materialised_l
 def block_saved_bytes_per_token(config: LimeConfig, bytes_per_element: int) -> int:
     """What one LimeBlock saves for its backward per token (eager, causal SDPA), from the code:
 
-    RMSNorm x2:  its input (d) and rstd (one fp32)                  2 d B + 2 x 4
+    RMSNorm x2:  its input (d: the residual sum it formed) and rstd (one fp32)  2 d B + 2 x 4
     qkv linear:  its input, the normed x (d); q, k, v: views of its output (3 d), saved by SDPA
     SDPA:        its output (d, laid out (b, s, h, hd): out_proj's input is a view of it) and logsumexp (h fp32)
     MLP:         fc_in's input (d), SiLU's input (f), fc_out's input (f)
-    = B (8 d + 2 f) + 4 (h + 2); the residual adds save nothing and the weights are not activations.
+    = B (8 d + 2 f) + 4 (h + 2); the residual adds are the norms' and the weights are not activations.
     lime-1b in bf16: 2 (8 x 1536 + 2 x 6144) + 4 x 26 = 49,256 bytes (48.1 KiB) per token per layer, 0.75 GiB per
     512-token sequence over 32 layers: 12.0 GiB per 16 sequences (the first GPU call measured 12.2 GiB more peak
     memory at micro-batch 32 than at 16).
@@ -117,7 +117,8 @@ def test_saved_bytes_per_token_of_a_block_equal_the_arithmetic(dtype, bytes_per_
     block = LimeBlock(config).to(dtype)
     b, s = 2, 16
     x = torch.randn(b, s, config.hidden_size, dtype=dtype, requires_grad=True)
-    total, storages = saved_bytes(lambda: block(x), block.parameters())
+    delta = torch.randn(b, s, config.hidden_size, dtype=dtype, requires_grad=True)  # the previous block's MLP output
+    total, storages = saved_bytes(lambda: block(x, None, delta), block.parameters())
     assert total == b * s * block_saved_bytes_per_token(config, bytes_per_element), storages
     assert block_saved_bytes_per_token(LimeConfig.from_name("lime-1b"), 2) == 49_256
 

@@ -5,8 +5,10 @@ and an output head tied to the token embedding. Plain PyTorch: nothing distribut
     for each block:  x = x + attn(rms_norm(x));  x = x + fc_out(silu(fc_in(rms_norm(x))))
     logits = rms_norm(x) @ embed.weight^T
 
-Inside a block, the attention's residual add and the MLP's norm are one fused op
-(kernels.add_rms_norm): it reads the residual stream once and returns the new residual and its norm.
+Every residual add is one fused op with the norm that follows it (kernels.add_rms_norm): the attention's with
+the MLP's norm, and the MLP's with the next block's attention norm (or the final norm), so a block returns its
+MLP output unadded and the next block adds it. The residual stream is read once per add, and the add's
+backward is the norm's.
 
 No linear layer has a bias (as in PaLM and LLaMA: biases add nothing measurable at this
 scale and complicate the fused kernels and the conversion).
@@ -62,10 +64,21 @@ class LimeBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
-        """x: (b, s, d); mask: the batch's document mask from attention.document_mask (None: causal)."""
-        x, normed = self.mlp_norm.add_and_norm(x, self.attention(self.attn_norm(x), mask))  # (b, s, d) each
-        return x + self.mlp(normed)
+    def forward(self, x: torch.Tensor, mask: DocumentMask | None = None,
+                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block, its MLP's residual add left to the next norm: returns (x, delta) with x + delta the output.
+
+        x: (b, s, d) the residual stream; mask: the batch's document mask from attention.document_mask (None:
+        causal); delta: (b, s, d) the previous block's MLP output not yet added to x (None for the first block).
+        Each residual add runs fused with the norm that reads its sum (kernels.add_rms_norm): the stream is read
+        once per add, and the add's backward is the norm's.
+        """
+        if delta is None:
+            normed = self.attn_norm(x)  # (b, s, d)
+        else:
+            x, normed = self.attn_norm.add_and_norm(x, delta)  # (b, s, d) each
+        x, normed = self.mlp_norm.add_and_norm(x, self.attention(normed, mask))  # (b, s, d) each
+        return x, self.mlp(normed)
 
 
 @dataclass
@@ -159,12 +172,13 @@ class LimeModel(nn.Module):
         x = (embeddings * self.embedding_scale + positions.to(embeddings.dtype)).to(dtype)  # (b, s, d)
         # Once per batch, not per layer: the block mask (flex), the dense mask (sdpa) or cu_seqlens (flash).
         mask = document_mask(self.config.attention_backend, x, document_ids)
+        delta = None  # each block's MLP output, added to the stream by the next norm (LimeBlock.forward)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, use_reentrant=False)
+                x, delta = checkpoint(layer, x, mask, delta, use_reentrant=False)
             else:
-                x = layer(x, mask)
-        x = self.final_norm(x)
+                x, delta = layer(x, mask, delta)
+        x = self.final_norm(x) if delta is None else self.final_norm.add_and_norm(x, delta)[1]
         if labels is not None and self.config.loss_chunk_size:
             # The loss straight from the hidden states, chunk by chunk: no (b, s, vocab) fp32 tensor.
             loss, count = chunked_language_model_loss(x, self.lm_head_weight, labels, loss_mask, loss_reduction,

@@ -21,6 +21,8 @@ RMSNorm/SiLU kernels) that one optimizer step dispatches, after autograd and aut
             A collective (c10d) is one launch.
   host syncs aten._local_scalar_dense (.item()), nonzero, is_nonzero, equal, and every
             deepspeed.accelerator.get_accelerator().synchronize() called during the step.
+  sites     the same bytes and launches per call site: the innermost Python frame outside torch (our model,
+            DeepSpeed, transformers), or, for an op the autograd engine runs itself, its node (MmBackward0, ...).
 Ops with FLOPs skip their arithmetic: their outputs are zeros of the shape, dtype and strides that the same op gives
 on the meta device (in-place ones leave their tensor as it was, out= ones zero it). Values do not matter for counts;
 zeros keep every value finite, so DeepSpeed's overflow check takes its normal path and the step is applied.
@@ -53,7 +55,9 @@ figures (ops_per_token) and where each host sync comes from; extrapolation_check
 say how far to trust them. The peer has one mode (fp32 weights + autocast), so its figures are the same under both.
 
 Roofline: seconds per step = matmul FLOPs / (MATMUL_EFFICIENCY x matmul rate) + memory-bound bytes / copy
-bandwidth + launches x LAUNCH_SECONDS, for an H100 SXM and an A100 80GB (rates below), summed, not overlapped. The
+bandwidth + launches x LAUNCH_SECONDS, for an H100 SXM and an A100 80GB (rates below), summed, not overlapped, for
+one rank of the recipe's 8 as if it were alone (world size 1: ZeRO-1's 8-way sharding of the optimizer step, which
+would cut ours' optimizer bytes about 8-fold, and the collectives of 8 ranks are not modelled). The
 two constants are fitted to the peer's two H200 rows of ../shared/gpu/MEASURED.md (mb16 and mb32, one micro-batch
 per step, eager; --calibrate refits them); ours then (the code the H200 ran, about commit 39786a4, without the
 recipe's DeepSpeed JSON) is the out-of-sample check:
@@ -277,9 +281,11 @@ class Counts:
 def call_site() -> str:
     """Where an op comes from: the innermost caller outside torch and this file ("file:line (function)"); for an op
     that the autograd engine runs itself (no Python of ours or a library's in between), its node ("... (backward)")."""
-    frame = sys._getframe(1)
+    frame, ours = sys._getframe(1), None
     while frame is not None:
         path = frame.f_code.co_filename
+        if path == __file__ and ours is None and frame.f_code.co_name == "run":  # the peer's loop, written here
+            ours = f"benchmarks/step_cost.py:{frame.f_lineno} (the peer's loop)"
         if frame.f_code.co_name == "_engine_run_backward":
             node = torch._C._current_autograd_node()
             return f"{node.name() if node is not None else 'autograd'} (backward)"
@@ -290,7 +296,7 @@ def call_site() -> str:
             return f"{path}:{frame.f_lineno} ({frame.f_code.co_name})"
         frame = frame.f_back
     node = torch._C._current_autograd_node()
-    return f"{node.name()} (backward)" if node is not None else "unknown"
+    return f"{node.name()} (backward)" if node is not None else ours or "unknown"
 
 
 def _short(func) -> str:

@@ -9,7 +9,10 @@ file, ds_config.json, lime_config.json, `latest`), the resume Checkpointer.resum
 the same code with integrity.hash_files / Checkpointer.verify replaced by no-ops. Rounds alternate
 with/without, so a load change on a shared machine hits both alike; the table gives the median and range.
 Files go to --dir (default: a temporary folder on the disk of /tmp), through the page cache as training's
-do (DeepSpeed does not fsync). The last block projects the cost onto a lime-1b save from the measured rates.
+do (DeepSpeed does not fsync). The last blocks project the cost onto a lime-1b save from the measured rates,
+and the time a lime-1b save blocks training against the steps between two saves at the recipe's
+--save-interval (goodput): rank 0's bytes at the hashed save's measured rate (every rank writes its own files
+at once, into the page cache), the step time from the recipe's arithmetic (8 x A100, 62/50/40% MFU).
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds (each: with and without).")
     parser.add_argument("--hash-mib", type=int, default=512, help="MiB hashed per algorithm and round.")
     parser.add_argument("--dir", default=None, help="Where the checkpoints go (default: a temporary folder).")
+    parser.add_argument("--save-interval", type=int, default=1000,
+                        help="Steps between saves in the projection (examples/pretrain_lime_1b.sh: 1000).")
     args = parser.parse_args(argv)
 
     import torch.distributed as dist
@@ -172,6 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     for algorithm, values in rates.items():
         if algorithm != integrity.HASH_ALGORITHM:
             print(f"  with {algorithm} instead: +{100 * write_rate / statistics.median(values):.1f}%")
+
+    # Goodput: the time a save blocks training, against the steps between two saves. The step time is the
+    # recipe's arithmetic (examples/pretrain_lime_1b.sh: 262,144 tokens per step, 6.20e9 FLOPs per token,
+    # 8 x A100 at 312 TFLOP/s bf16), at the MFU the header assumes and at lower ones.
+    lime_1b = LimeConfig.from_name("lime-1b")
+    blocking = rank0 / gb * hashed  # the hashed save measured here, scaled to rank 0's bytes
+    print(f"\nblocking checkpoint time, lime-1b every {args.save_interval} steps (the recipe's --save-interval):")
+    print(f"  one save blocks {rank0:.2f} GB / ({gb:.2f} GB in {hashed:.2f} s, the hashed save above) = "
+          f"{blocking:.1f} s")
+    for mfu in (0.62, 0.50, 0.40):
+        step = lime_1b.flops_per_token(512) * 512 * 512 / (8 * 312e12 * mfu)
+        interval = args.save_interval * step
+        print(f"  at {100 * mfu:.0f}% MFU: {step:.2f} s/step x {args.save_interval} = {interval:.0f} s of steps "
+              f"-> saving is {100 * blocking / (interval + blocking):.2f}% of the wall time")
     return 0
 
 

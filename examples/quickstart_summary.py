@@ -6,6 +6,7 @@ import re
 import sys
 
 VALIDATION = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.eE+-]+)")
+GOODPUT = re.compile(r"^ goodput (.*)$", re.M)
 
 
 def validation_losses(log_path: str) -> list[tuple[int, float]]:
@@ -23,6 +24,11 @@ def main() -> int:
             return 1
         (first_step, first), (last_step, last) = losses[0], losses[-1]
         print(f"  {stage:8s} validation loss: {first:.3f} at step {first_step} -> {last:.3f} at step {last_step}")
+    for stage in ("pretrain", "sft"):  # where each run's wall time went (training/metrics.py's Goodput)
+        with open(f"{out_dir}/logs/{stage}.log", encoding="utf-8", errors="replace") as log:
+            lines = GOODPUT.findall(log.read())
+        if lines:
+            print(f"  {stage:8s} goodput {lines[-1]}")
     print_evaluation(out_dir)
     return 0
 

@@ -184,3 +184,32 @@ def test_merge_tool(tmp_path):
     assert merge_datasets(["--input", str(tmp_path / "a"), str(tmp_path / "c"),
                                              "--output-prefix", str(tmp_path / "bad")]) == 1
     assert not os.path.exists(tmp_path / "bad.bin") and not os.path.exists(tmp_path / "bad.idx")
+
+
+def resident_bytes_of_mappings(path: str) -> int:
+    """Bytes of `path` resident in this process's mappings (/proc/self/smaps), i.e. counted in its RSS."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's header line
+                inside = line.rstrip("\n").endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+def test_the_token_id_scan_leaves_no_page_of_the_bin_in_the_process(tmp_path):
+    """The scan reads the .bin (a 40 GB one at full size); through the memory map every page it touched stayed
+    in the process's RSS (19 GiB on rank 0 of the 20B-token corpus). Read in chunks, none is."""
+    prefix = str(tmp_path / "scan")
+    tokens = np.random.default_rng(0).integers(0, 1000, 24 << 20, dtype=np.uint16)  # 48 MiB, 1.5 chunks
+    tokens[-5] = 4321
+    with IndexedDatasetWriter(prefix + ".bin", np.uint16) as writer:
+        writer.add_documents(tokens, np.full(24 << 10, 1024, dtype=np.int64))
+    ds = IndexedDataset(prefix)
+    assert ds.token_range() == (0, 4321) and ds.max_token_id() == 4321
+    with pytest.raises(IndexedDatasetError, match=r"token id 4321 \(document 24575, token 1019; 1 such ids"):
+        ds.check_token_ids(4000)
+    assert resident_bytes_of_mappings(ds.bin_path) < (1 << 20)
+    assert ds.get(3, 0, 4).tolist() == tokens[3 * 1024:3 * 1024 + 4].tolist()  # the map still serves samples

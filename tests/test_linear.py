@@ -70,3 +70,27 @@ def test_without_grad_or_switched_off_it_is_f_linear():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ layer.weight.t())
     assert set(layer.state_dict()) == {"weight"}
+
+
+def test_the_autocast_copy_of_a_weight_is_kept_until_the_weights_change():
+    """Under autocast, with a cast cache, the weight is cast once for all micro-batches of a step, and again
+    after weights_changed() (an optimizer step): never a stale copy."""
+    from megatron_lime.model.linear import weights_changed
+
+    layer = Linear(24, 40)
+    layer.accumulate_weight_grad, layer.cast_cache = True, {}
+    x = torch.randn(3, 24, requires_grad=True)
+
+    def forward_casts() -> int:
+        with torch.autocast("cpu", dtype=torch.bfloat16), _OutputShapes() as log:
+            y = layer(x)
+        y.float().sum().backward()
+        return sum(op == "aten._to_copy" and shape == tuple(layer.weight.shape) for op, shape in log.ops)
+
+    assert [forward_casts(), forward_casts(), forward_casts()] == [1, 0, 0]
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # an optimizer step
+    weights_changed()
+    assert forward_casts() == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight))

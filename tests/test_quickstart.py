@@ -35,12 +35,14 @@ def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
     for path in ("hf/config.json", "hf/model.safetensors", "hf/modeling_lime.py", "tokenizer/tokenizer.model",
                  "data/sample_text_document.bin", "checkpoints/pretrain/latest", "checkpoints/sft/latest",
                  "checkpoints/pretrain/metrics.jsonl", "eval/pretrain.json", "eval/sft_hf.json",
-                 "report/report.md", "report/loss.png", "report/final_scores.png"):
+                 "report/report.md", "report/loss.png", "report/final_scores.png", "report/goodput.png"):
         assert os.path.exists(os.path.join(out, path)), path
     # The summary ends with lm-eval's scores of both models and the report's pictures.
     assert re.search(r"\| hellaswag \| [\d.]+ ± [\d.]+ \(acc_norm, n=20\) \| [\d.]+ ± [\d.]+ \(acc_norm, n=20\) \|",
                      first.stdout), first.stdout[-2000:]
     assert re.search(r"report: .*report.md with .*loss.png", first.stdout), first.stdout[-2000:]
+    for stage in ("pretrain", "sft"):  # where each run's wall time went
+        assert re.search(rf"{stage} +goodput \d+\.\d% of [\d:]+ wall, iterations 0 -> \d+ \| steps ", first.stdout)
 
     second = run_quickstart(out, MASTER_PORT=str(free_port()))
     assert second.returncode == 0, second.stdout[-3000:]

@@ -18,7 +18,7 @@ def step(iteration: int, loss: float) -> StepMetrics:
     return StepMetrics(iteration=iteration, train_iters=10, consumed_samples=4 * iteration,
                        consumed_tokens=128 * iteration, loss=loss, lr=1e-3, grad_norm=float("nan"), ms_per_step=10.0,
                        tokens_per_second=1000.0, world_size=1, flops_per_token=1e6, peak_tflops=None,
-                       memory_gib=0.1, memory_kind="rss", skipped_in_window=0, skipped_total=0)
+                       memory_gib=0.1, memory_kind="owned", skipped_in_window=0, skipped_total=0)
 
 
 def logger(save_dir, rank: int = 0) -> MetricsLogger:

@@ -223,14 +223,15 @@ def test_the_fused_norm_is_the_global_gradient_norm(measured):
 
 def test_autocast_precision_equals_a_plain_torch_autocast_loop(measured):
     """--precision autocast (DeepSpeed's torch_autocast: fp32 weights, bf16 compute) trains as a plain
-    torch.autocast loop does: the same first loss (same weights, same forward), then the same losses and gradient
-    norms to bf16's rounding (DeepSpeed reduces the Linear layers' gradients in bf16)."""
+    torch.autocast loop does: the same losses and gradient norms, step after step (the weights' bf16 copies, kept
+    over a step's micro-batches, are made again after every update)."""
     plain_losses, plain_norms = measured["plain_autocast"]
     losses, norms = measured["engine_autocast"]
     assert measured["autocast_weight_dtypes"] == {torch.float32}
     assert losses[0] == pytest.approx(plain_losses[0], rel=1e-6)
-    assert losses == pytest.approx(plain_losses, rel=1e-3)
-    assert norms == pytest.approx(plain_norms, rel=1e-2)
+    # (a stale bf16 copy of a weight, kept past an optimizer step, moves the later losses by about 1e-4)
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+    assert norms == pytest.approx(plain_norms, rel=1e-4)
 
 
 # The real loop, with the step's host read (the termination poll, an all-reduce and .item()) made to take 0.25 s,

@@ -175,3 +175,35 @@ def complete_tag(tag_dir, meta=None):
     tag_dir.mkdir(parents=True)
     (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"")
     (tag_dir / "lime_config.json").write_text(json.dumps(meta or {"model": {}}))
+
+
+def test_the_cpu_memory_figure_counts_what_the_process_owns_not_the_files_it_maps(tmp_path):
+    """A 20B-token .bin scanned through a memory map made rank 0 report 19 GiB (peak RSS, file pages included).
+    Here a fresh process maps 96 MiB of a file and reads every page: its RSS grows by that much, the figure
+    the log line reports does not; 96 MiB it allocates and frees again between two log lines are counted."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "mapped.bin"
+    path.write_bytes(b"\x01" * (96 << 20))
+    script = (
+        "import mmap, time, numpy as np\n"
+        "from megatron_lime.training.metrics import OWNED_MEMORY_PEAK, cpu_owned_memory_gib\n"
+        "def rss(): return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])\n"
+        "OWNED_MEMORY_PEAK.start()\n"
+        "before, rss_before = cpu_owned_memory_gib(), rss()\n"
+        f"f = open({str(path)!r}, 'rb')\n"
+        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+        "assert int(np.frombuffer(m, dtype=np.uint8).sum()) == 96 << 20\n"
+        "time.sleep(0.2)\n"
+        "mapped, rss_mapped = cpu_owned_memory_gib(), rss()\n"
+        "owned = np.ones(96 << 20, dtype=np.uint8)\n"
+        "time.sleep(0.2)\n"
+        "del owned\n"
+        "print((mapped - before) * 1024, (rss_mapped - rss_before) / 1024, (cpu_owned_memory_gib() - before) * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, stdout=subprocess.PIPE, text=True).stdout
+    mapped_mib, rss_mib, allocated_mib = (float(v) for v in out.split())
+    assert rss_mib > 90, "the file's pages were not resident: the test proves nothing"
+    assert mapped_mib < 4
+    assert 90 < allocated_mib < 110

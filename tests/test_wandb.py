@@ -46,7 +46,7 @@ def step_metrics(iteration: int, loss: float) -> StepMetrics:
     return StepMetrics(iteration=iteration, train_iters=20, consumed_samples=8 * iteration,
                        consumed_tokens=256 * iteration, loss=loss, lr=1e-3, grad_norm=0.5, ms_per_step=100.0,
                        tokens_per_second=2560.0, world_size=1, flops_per_token=1e6, peak_tflops=None,
-                       memory_gib=None, memory_kind="rss", skipped_in_window=0, skipped_total=0)
+                       memory_gib=None, memory_kind="owned", skipped_in_window=0, skipped_total=0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is in the test extra")

@@ -8,7 +8,8 @@ Each RUN_DIR is a training --save directory with metrics.jsonl (written by train
 overlaid on each chart. A .json argument is a tools/evaluate.py results file. Writes into --output:
 loss.png (train and validation loss against tokens seen), lr.png, grad_norm.png, throughput.png,
 mfu.png (GPU runs), task_scores.png (in-training --eval-tasks), final_scores.png (the last task
-scores of each run and each results file, side by side) and report.md embedding them with tables.
+scores of each run and each results file, side by side), goodput.png (one stacked bar per run: where its
+wall time went) and report.md embedding them with tables.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def last_task_results(records: list[dict]) -> dict | None:
 def run_summary_row(name: str, records: list[dict]) -> str:
     train = [r for r in records if r["kind"] == "train"]
     valid = [r for r in records if r["kind"] == "valid" and r.get("loss") is not None]
-    last = max(records, key=lambda r: r["iteration"])
+    last = max((r for r in records if r["kind"] != "goodput"), key=lambda r: r["iteration"], default=records[-1])
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
@@ -72,7 +73,8 @@ def run_summary_row(name: str, records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from megatron_lime.evaluation.report import plot_final_scores, plot_run_charts, results_table, run_series
+        from megatron_lime.evaluation.report import (goodput_table, goodput_totals, plot_final_scores, plot_goodput,
+                                                     plot_run_charts, results_table, run_series)
     except ImportError as err:
         print(f"error: {err}: reports need matplotlib: pip install -e \".[eval]\"", file=sys.stderr)
         return 2
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     charts = plot_run_charts({name: run_series(records) for name, records in runs.items()}, args.output)
     if results:
         charts["final_scores"] = plot_final_scores(results, os.path.join(args.output, "final_scores.png"))
+    goodput = {name: totals for name, records in runs.items() if (totals := goodput_totals(records)) is not None}
+    if goodput:
+        charts["goodput"] = plot_goodput(goodput, os.path.join(args.output, "goodput.png"))
 
     lines = ["# Run report", ""]
     if runs:
@@ -114,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         lines += [run_summary_row(name, records) for name, records in runs.items()]
         lines.append("")
     titles = {"loss": "Loss", "lr": "Learning rate", "grad_norm": "Gradient norm", "throughput": "Throughput",
-              "mfu": "MFU", "task_scores": "Task scores during training", "final_scores": "Final task scores"}
+              "mfu": "MFU", "task_scores": "Task scores during training", "final_scores": "Final task scores",
+              "goodput": "Goodput: where the wall time went"}
     for chart, png in charts.items():
         lines += [f"## {titles[chart]}", "", f"![{chart}]({os.path.basename(png)})", ""]
         if chart == "final_scores":
             lines += [results_table(results), ""]
+        if chart == "goodput":
+            lines += [goodput_table(goodput), ""]
     if runs and "mfu" not in charts:
         lines += ["MFU is not plotted: it needs a GPU's peak FLOP/s (CPU runs report n/a; pass --peak-tflops "
                   "for a GPU missing from the table).", ""]

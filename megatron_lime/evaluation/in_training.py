@@ -45,7 +45,8 @@ class TaskEvaluator:
     def maybe_run(self, engine, state) -> dict | None:
         if not self.tasks or state.iteration % self.interval:
             return None
-        return self.run(engine, state)
+        with self.metrics.goodput.phase("evaluation"):
+            return self.run(engine, state)
 
     def run(self, engine, state) -> dict | None:
         from megatron_lime.evaluation.lm import LimeLM

@@ -5,6 +5,8 @@
     plot_run_charts(runs, out_dir)     -> {chart name: PNG path}, several runs overlaid per chart
     plot_final_scores(results, path)   -> the final task scores of runs / exported models side by side
     results_table(results)             -> a markdown table of the same
+    goodput_totals(records)            -> a run's wall time by phase, summed over its starts ("goodput" records)
+    plot_goodput(totals, path)         -> one stacked bar per run: where its wall time went
 
 matplotlib's Agg backend: no display needed.
 """
@@ -128,6 +130,56 @@ def plot_final_scores(results: dict[str, dict[str, Any]], path: str) -> str:
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def goodput_totals(records: list[dict[str, Any]]) -> dict[str, float] | None:
+    """{phase: seconds} summed over every start of the run (each writes a "goodput" record at its end; one that
+    crashed wrote none, and the next start counts the steps it redoes); None if no start recorded one."""
+    from megatron_lime.training.metrics import GOODPUT_PHASES
+
+    found = [r for r in records if r["kind"] == "goodput"]
+    if not found:
+        return None
+    return {phase: sum(r["seconds"].get(phase, 0.0) for r in found) for phase in GOODPUT_PHASES}
+
+
+def plot_goodput(totals: dict[str, dict[str, float]], path: str) -> str:
+    """One horizontal stacked bar per run: its wall time split into steps, start-up, evaluation, checkpoint,
+    data wait, redone steps and the rest; the goodput (the steps' share) is written at the bar's end."""
+    from megatron_lime.training.metrics import GOODPUT_PHASES, PHASE_NAMES
+
+    plt = _pyplot()
+    names = list(totals)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)))
+    colors = dict(zip(GOODPUT_PHASES, ("tab:green", "tab:gray", "tab:blue", "tab:orange", "tab:purple", "tab:red",
+                                       "lightgray")))
+    for phase in GOODPUT_PHASES:
+        lefts = [sum(totals[n][p] for p in GOODPUT_PHASES[:GOODPUT_PHASES.index(phase)]) for n in names]
+        ax.barh(names, [totals[n][phase] for n in names], left=lefts, color=colors[phase], label=PHASE_NAMES[phase])
+    for i, name in enumerate(names):
+        wall = sum(totals[name].values())
+        ax.text(wall, i, f"  goodput {100 * totals[name]['steps'] / wall:.1f}%", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="wall time (s, all starts of the run)", title="Where the wall time went (goodput = steps' share)")
+    ax.margins(x=0.2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(names) < 3 else -0.15))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def goodput_table(totals: dict[str, dict[str, float]]) -> str:
+    """Markdown: one row per run, seconds and share of each phase."""
+    from megatron_lime.training.metrics import GOODPUT_PHASES, PHASE_NAMES
+
+    rows = ["| run | goodput | wall (s) | " + " | ".join(PHASE_NAMES[p] + " (s)" for p in GOODPUT_PHASES) + " |",
+            "|" + "---|" * (len(GOODPUT_PHASES) + 3)]
+    for name, seconds in totals.items():
+        wall = sum(seconds.values())
+        rows.append(f"| {name} | {100 * seconds['steps'] / wall:.1f}% | {wall:.1f} | "
+                    + " | ".join(f"{seconds[p]:.1f}" for p in GOODPUT_PHASES) + " |")
+    return "\n".join(rows)
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:

@@ -8,6 +8,10 @@ the bf16 gradient to fp32 and 12 bytes for the fp32 add, about 18 bytes per para
 and writes `.grad` once, in fp32 where the GEMM can write fp32 from bf16 inputs), as Megatron-LM's
 gradient-accumulation fusion does: no separate add, no cast, no second tensor.
 
+Under autocast it can also keep the weight's bf16 copy from one micro-batch to the next (`cast_cache`): autocast
+casts every weight again in every forward (6 bytes per parameter per micro-batch); kept, once per optimizer
+step, until `weights_changed()` (training.wrap makes it a step hook of the optimizer).
+
 It bypasses autograd's AccumulateGrad, so a hook registered on a weight's gradient accumulation never fires:
 training.wrap switches it on only for DeepSpeed configurations that register none (ZeRO stage 0 or 1 without
 overlap_comm and contiguous_gradients), never under torch.compile (the backward mutates `.grad`).
@@ -84,18 +88,40 @@ class _LinearAccumulatingWeightGrad(torch.autograd.Function):
         return grad_x, None, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, accumulate_weight_grad: bool = False) -> torch.Tensor:
+_WEIGHTS_GENERATION = [0]
+
+
+def weights_changed() -> None:
+    """Say that weights were updated (an optimizer step): every Linear's kept cast copy is stale from now on.
+
+    training.wrap registers it as a step hook of the optimizer when it switches the cast cache on."""
+    _WEIGHTS_GENERATION[0] += 1
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, accumulate_weight_grad: bool = False,
+           cast_cache: dict | None = None) -> torch.Tensor:
     """F.linear(x, weight) (no bias); with accumulate_weight_grad, the backward's weight-gradient GEMM adds into
     weight.grad itself (see the module). Under autocast both run in autocast's dtype, as F.linear would.
 
+    cast_cache: where the weight's autocast-dtype copy is kept between the micro-batches of an optimizer step
+    (autocast casts it again in every forward: 6 bytes per parameter each time), until weights_changed().
     x: (..., in); weight: (out, in). Returns (..., out).
     """
     if not (accumulate_weight_grad and weight.requires_grad and torch.is_grad_enabled()):
         return F.linear(x, weight)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    with torch.no_grad():
-        compute_weight = weight.to(dtype)  # the weight itself when dtypes agree; a cast copy under autocast
+    if dtype == weight.dtype:
+        compute_weight = weight
+    else:
+        key = (_WEIGHTS_GENERATION[0], weight.data_ptr(), dtype)
+        compute_weight = cast_cache.get(key) if cast_cache is not None else None
+        if compute_weight is None:
+            with torch.no_grad():
+                compute_weight = weight.to(dtype)
+            if cast_cache is not None:
+                cast_cache.clear()
+                cast_cache[key] = compute_weight
     with torch.autocast(device_type, enabled=False):
         return _LinearAccumulatingWeightGrad.apply(x.to(dtype), compute_weight, weight)
 
@@ -107,6 +133,7 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.accumulate_weight_grad = False
+        self.cast_cache: dict | None = None  # {} keeps the autocast copy of the weight until weights_changed()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.accumulate_weight_grad)
+        return linear(x, self.weight, self.accumulate_weight_grad, self.cast_cache)

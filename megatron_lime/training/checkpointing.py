@@ -18,6 +18,7 @@ another data-parallel size, convert first:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -35,6 +36,7 @@ from megatron_lime.checkpoint import (DS_CONFIG, LIME_CONFIG, MODEL_STATES, Chec
                                       deepspeed_loads_safely, mark_complete, numpy_array_safe_globals, rank_files,
                                       read_lime_config, rng_file, tag_dirs, tag_name, torch_load, write_latest)
 from megatron_lime.files import write_json
+from megatron_lime.training.metrics import Goodput
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Checkpointer:
     ds_config: dict[str, Any]
     rank: int
     world_size: int
+    goodput: Goodput | None = None  # the run's accounting: saves count as blocking checkpoint time
     last_saved_iteration: int | None = None
 
     def due(self, iteration: int) -> bool:
@@ -151,10 +154,14 @@ class Checkpointer:
 
     def save(self, engine, state: TrainState) -> str | None:
         """Write global_step{N}; move `latest` once every rank is done. Returns the tag dir (None without --save)."""
-        import torch.distributed as dist
-
         if not self.save_dir or self.last_saved_iteration == state.iteration:
             return None
+        with self.goodput.phase("checkpoint") if self.goodput else contextlib.nullcontext():
+            return self._save(engine, state)
+
+    def _save(self, engine, state: TrainState) -> str:
+        import torch.distributed as dist
+
         tag = tag_name(state.iteration)
         tag_dir = os.path.join(self.save_dir, tag)
         try:

@@ -5,8 +5,11 @@ SAVE_DIR/metrics.jsonl (when --save is given) holds one JSON object per line, fo
    "tokens_per_second", "tflops_per_device", "mfu", "memory_gib", "skipped", "skipped_total"}
   {"kind": "valid", "iteration", "consumed_tokens", "loss", "ppl"}
   {"kind": "tasks", "iteration", "consumed_tokens", "scores": {task: score}, "metrics": {task: {..}}}
+  {"kind": "goodput", "iteration", "first_iteration", "steps", "redone_steps", "wall_s", "goodput",
+   "seconds": {phase: s}}   one per process that reached its end (see Goodput)
 A resumed run first drops the lines after its checkpoint's iteration (they belong to the
-abandoned part of the earlier run), so no iteration appears twice.
+abandoned part of the earlier run), so no iteration appears twice; "goodput" lines are kept
+(that time was spent).
 
 MFU = achieved FLOP/s per device / peak dense bf16 FLOP/s of that device, with the model's
 FLOPs per token from LimeConfig.flops_per_token (6N + 12 L d s). The peak comes from
@@ -16,14 +19,17 @@ to divide by, so the line says "MFU n/a on CPU".
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import math
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -72,12 +78,53 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return None
 
 
-def cpu_peak_rss_gib() -> float:
-    import resource
+def owned_memory_bytes(pid: int | str = "self") -> int:
+    """Memory a process owns: RssAnon + RssShmem of /proc/PID/status (its heap, tensors, shared memory), not the
+    file pages it merely maps (RssFile: a memory-mapped dataset, the shared libraries), which the kernel drops
+    and rereads at will and which a 40 GB .bin would otherwise make look like 19 GiB of "memory"."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssShmem"):
+                fields[name] = int(value.split()[0]) * 1024  # kB
+    return sum(fields.values())
 
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+class OwnedMemoryPeak:
+    """The most memory this process has owned (owned_memory_bytes), sampled every `interval_s` by a daemon thread
+    from `start()` on, and at every `gib()` call: a rise and fall shorter than the interval can be missed (the
+    index build of a 20B-token corpus lasts seconds). Reading /proc/self/status takes about 20 us."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak = 0
+        self.thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, owned_memory_bytes())
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="owned-memory-peak", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            time.sleep(self.interval_s)
+
+    def gib(self) -> float:
+        self.sample()
+        return self.peak / 2**30
+
+
+OWNED_MEMORY_PEAK = OwnedMemoryPeak()  # the process's one sampler; MetricsLogger starts it
+
+
+def cpu_owned_memory_gib() -> float:
+    """The most memory this process has owned since its MetricsLogger started (OwnedMemoryPeak), in GiB."""
+    return OWNED_MEMORY_PEAK.gib()
 
 
 @dataclass
@@ -120,7 +167,7 @@ class StepMetrics:
 
     def line(self) -> str:
         grad = "n/a" if self.grad_norm is None else f"{self.grad_norm:.3f}"
-        mfu = "MFU n/a on CPU" if self.peak_tflops is None and self.memory_kind == "rss" else (
+        mfu = "MFU n/a on CPU" if self.peak_tflops is None and self.memory_kind == "owned" else (
             "MFU n/a (unknown GPU: pass --peak-tflops)" if self.mfu is None else f"MFU {100 * self.mfu:.1f}%")
         memory = "n/a" if self.memory_gib is None else f"{self.memory_gib:.2f} GiB ({self.memory_kind})"
         return (f" iteration {self.iteration:8d}/{self.train_iters:8d} |"
@@ -140,14 +187,128 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+# ----------------------------------------------------------------------------------------------
+# Goodput: where the wall time of a run went
+
+GOODPUT_PHASES = ("steps", "startup", "evaluation", "checkpoint", "data", "redone", "other")
+PHASE_NAMES = {"steps": "steps", "startup": "start-up", "evaluation": "evaluation", "checkpoint": "checkpoint",
+               "data": "data wait", "redone": "redone", "other": "other"}
+
+
+def process_start_time() -> float:
+    """time.time() when this process started (Linux: /proc/self/stat, to 10 ms): start-up includes the imports."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks after boot
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Goodput:
+    """The wall time of one process (one start of a run), split into phases; the share in steps is the goodput.
+
+    startup     process start to the first batch asked for (imports, index builds, wrapping, loading a
+                checkpoint), less evaluation and checkpoint time in it
+    steps       the optimizer steps: from one step's end to the next, less what the phases below took
+    data        waiting for the next batch (time in the batch iterator's next())
+    evaluation  validation and in-training task scores
+    checkpoint  saves, as long as they block training
+    redone      steps of a resumed run that the run before had already taken past its last checkpoint
+                (the furthest iteration in metrics.jsonl: known to the --log-interval)
+    other       the rest (the last save's wait for the other ranks, closing)
+
+    The loop calls `batches` once (wrapping its batch iterator) and `step_done` after every step; the
+    checkpointer and the evaluators time themselves with `phase`.
+    """
+
+    def __init__(self):
+        self.started = process_start_time()
+        self.seconds = dict.fromkeys(GOODPUT_PHASES, 0.0)
+        self.redo_until = 0  # steps up to this iteration are redone work
+        self.first_iteration: int | None = None
+        self.iteration = 0
+        self.steps = 0
+        self.redone_steps = 0
+        self._loop_started: float | None = None  # time.time() of the first batch asked for
+        self._last_mark = 0.0  # perf_counter at the last step's end (or the loop's start)
+        self._in_phases = 0.0  # phase seconds since then
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.seconds[name] += seconds
+            self._in_phases += seconds
+
+    def batches(self, iterator: Iterator) -> Iterator:
+        """`iterator` with the time in next() counted as data wait; the first call ends start-up."""
+        while True:
+            if self._loop_started is None:
+                self._start_loop()
+            with self.phase("data"):
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+            yield batch
+
+    def _start_loop(self) -> None:
+        self._loop_started = time.time()
+        before = self.seconds["evaluation"] + self.seconds["checkpoint"]
+        self.seconds["startup"] = self._loop_started - self.started - before
+        self._last_mark, self._in_phases = time.perf_counter(), 0.0
+
+    def step_done(self, iteration: int) -> None:
+        """Step `iteration` has ended: the time since the last step's end, less the phases in it, was this step."""
+        now = time.perf_counter()
+        seconds = max(0.0, now - self._last_mark - self._in_phases)
+        if self.first_iteration is None:
+            self.first_iteration = iteration - 1
+        if iteration <= self.redo_until:
+            self.seconds["redone"] += seconds
+            self.redone_steps += 1
+        else:
+            self.seconds["steps"] += seconds
+            self.steps += 1
+        self.iteration = iteration
+        self._last_mark, self._in_phases = now, 0.0
+
+    def finish(self) -> dict[str, Any]:
+        """The accounting up to now, as metrics.jsonl's "goodput" record."""
+        wall = time.time() - self.started
+        seconds = dict(self.seconds)
+        if self._loop_started is None:  # no step was taken: all of it was start-up
+            seconds["startup"] = wall - seconds["evaluation"] - seconds["checkpoint"]
+        seconds["other"] = max(0.0, wall - sum(v for k, v in seconds.items() if k != "other"))
+        return {"kind": "goodput", "iteration": self.iteration,
+                "first_iteration": self.first_iteration if self.first_iteration is not None else self.iteration,
+                "steps": self.steps, "redone_steps": self.redone_steps, "wall_s": wall,
+                "goodput": seconds["steps"] / wall if wall > 0 else None, "seconds": seconds}
+
+
+def goodput_line(record: dict[str, Any]) -> str:
+    """The one-line summary a run prints at its end."""
+    wall, seconds = record["wall_s"], record["seconds"]
+    parts = [f"{PHASE_NAMES[name]} {format_duration(seconds[name])} ({100 * seconds[name] / wall:.1f}%)"
+             + (f" [{record['redone_steps']} steps]" if name == "redone" else "")
+             for name in GOODPUT_PHASES if name == "steps" or seconds[name] >= 0.05 or name == "startup"]
+    return (f" goodput {100 * (record['goodput'] or 0):.1f}% of {format_duration(wall)} wall, iterations "
+            f"{record['first_iteration']} -> {record['iteration']} | " + " | ".join(parts))
+
+
 class MetricsLogger:
-    """Rank 0 prints and writes TensorBoard / W&B; other ranks stay quiet."""
+    """Rank 0 prints and writes TensorBoard / W&B; other ranks stay quiet. `goodput` accounts for the wall time."""
 
     def __init__(self, rank: int, tensorboard_dir: str | None, wandb_project: str | None,
                  wandb_name: str | None, run_config: dict):
         self.rank = rank
         self.writer = None
         self.wandb = None
+        self.goodput = Goodput()
+        OWNED_MEMORY_PEAK.start()  # the CPU's peak memory figure (on GPUs torch's own is reported)
         save_dir = run_config.get("checkpoint", {}).get("save")
         self.metrics_path = os.path.join(save_dir, METRICS_FILE) if save_dir else None
         if wandb_project and importlib.util.find_spec("wandb") is None:  # every rank stops, not only rank 0
@@ -208,11 +369,13 @@ class MetricsLogger:
                      "skipped": metrics.skipped_in_window, "skipped_total": metrics.skipped_total})
 
     def start_at(self, iteration: int) -> None:
-        """Drop metrics.jsonl lines after `iteration` (a resumed run writes them again)."""
+        """Drop metrics.jsonl lines after `iteration` (a resumed run writes them again; "goodput" lines stay);
+        the steps up to the furthest iteration recorded will be redone (Goodput)."""
         if self.rank != 0 or self.metrics_path is None or not os.path.isfile(self.metrics_path):
             return
         records = read_metrics(self.metrics_path)
-        kept = [r for r in records if r["iteration"] <= iteration]
+        self.goodput.redo_until = max([iteration] + [r["iteration"] for r in records])
+        kept = [r for r in records if r["iteration"] <= iteration or r["kind"] == "goodput"]
         if len(kept) != len(records):
             write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -256,6 +419,10 @@ class MetricsLogger:
                      "n_samples": {name: task["n_samples"] for name, task in tasks.items()}})
 
     def close(self) -> None:
+        """The end of a run (also after SIGTERM): the goodput summary line and record, then the writers."""
+        record = self.goodput.finish()
+        self.print(goodput_line(record))
+        self.record(record)
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:

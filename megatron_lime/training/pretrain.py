@@ -38,7 +38,7 @@ from megatron_lime.training.checkpointing import Checkpointer, TrainState, check
 from megatron_lime.training.config import TrainArgs, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler, build_loader, dataset_spec, to_device
 from megatron_lime.training.failures import TerminationRequest, inject_fault, run_guarded
-from megatron_lime.training.metrics import (MetricsLogger, StepMetrics, cpu_peak_rss_gib, peak_memory_gib,
+from megatron_lime.training.metrics import (MetricsLogger, StepMetrics, cpu_owned_memory_gib, peak_memory_gib,
                                             peak_tflops_for)
 from megatron_lime.training.schedule import lr_for_config, schedule_record
 from megatron_lime.training.wrap import wrap_model
@@ -195,7 +195,8 @@ class Evaluator:
             return None
         if not final and state.iteration % self.interval:
             return None
-        return self.run(engine, state)
+        with self.metrics.goodput.phase("evaluation"):
+            return self.run(engine, state)
 
     @torch.no_grad()
     def run(self, engine, state: TrainState) -> float:
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                  "data_path": args.data.data_path, "dataset_type": args.data.dataset_type,
                  "world_size": env.world_size, "args": args.to_dict(), "schedule": schedule}
     checkpointer = Checkpointer(args.checkpoint.save, args.checkpoint.save_interval, args.checkpoint.keep_last,
-                                meta_base, ds_config, env.rank, env.world_size)
+                                meta_base, ds_config, env.rank, env.world_size, goodput=metrics.goodput)
     state = TrainState()
     if source is not None and source.kind == "deepspeed":
         weights_only = args.checkpoint.finetune
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluator.maybe_run(engine, state)
     sampler = MicroBatchSampler(total_iters * global_batch, state.consumed_samples,
                                 args.training.micro_batch_size, env.rank, env.world_size)
-    batches = iter(build_loader(train_set, sampler, args.data.num_workers, env.device.type == "cuda"))
+    batches = metrics.goodput.batches(iter(build_loader(train_set, sampler, args.data.num_workers,
+                                                        env.device.type == "cuda")))
     termination = TerminationRequest()
     flops_per_token = args.model.flops_per_token(args.seq_length)
     peak = peak_tflops_for(env.device, args.logging.peak_tflops)
@@ -376,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         state.skipped_steps += int(result.skipped)
         consecutive_skips = consecutive_skips + 1 if result.skipped else 0
         window.add(result, time.perf_counter() - started)
+        metrics.goodput.step_done(state.iteration)
 
         if checkpointer.due(state.iteration):
             checkpointer.save(engine, state)
@@ -422,8 +425,8 @@ def window_metrics(window: Window, state: TrainState, total_iters: int, lr: floa
         lr=lr, grad_norm=window.grad_norm, ms_per_step=1000.0 * seconds_per_step,
         tokens_per_second=tokens_per_step / seconds_per_step, world_size=env.world_size,
         flops_per_token=flops_per_token, peak_tflops=peak,
-        memory_gib=memory if memory is not None else cpu_peak_rss_gib(),
-        memory_kind="allocated" if memory is not None else "rss",
+        memory_gib=memory if memory is not None else cpu_owned_memory_gib(),
+        memory_kind="allocated" if memory is not None else "owned",
         skipped_in_window=window.skipped, skipped_total=state.skipped_steps)
 
 

@@ -48,7 +48,7 @@ from torch import nn
 from megatron_lime import kernels
 from megatron_lime.files import read_json
 from megatron_lime.model import LimeModel
-from megatron_lime.model.linear import Linear
+from megatron_lime.model.linear import Linear, weights_changed
 from megatron_lime.training.config import TrainArgs
 
 
@@ -176,7 +176,8 @@ def plan_kernels(engine, args: TrainArgs, device: torch.device) -> dict:
 
 def accumulate_weight_grads_in_gemms(model: LimeModel, optimizer, compiled: bool) -> bool:
     """Let the Linear layers' weight-gradient GEMMs add into .grad themselves (model.linear): no AccumulateGrad
-    add per micro-batch, no fp32 cast of each bf16 weight gradient under autocast.
+    add per micro-batch, no fp32 cast of each bf16 weight gradient under autocast; and, under autocast, keep each
+    weight's bf16 copy over a step's micro-batches (cast once per optimizer step, not once per micro-batch).
 
     Only where nothing hooks a weight's gradient accumulation (the fused path bypasses it): DeepSpeed's ZeRO-1/2
     optimizer without gradient hooks (ZeRO stage 1 with overlap_comm and contiguous_gradients off, as
@@ -186,9 +187,15 @@ def accumulate_weight_grads_in_gemms(model: LimeModel, optimizer, compiled: bool
     hooks = getattr(optimizer, "_grad_acc_hooks", None)
     if compiled or hooks is None or len(hooks) or getattr(optimizer, "partition_gradients", True):
         return False
+    # The step hook of the torch optimizer inside DeepSpeed's: every update makes the kept casts stale.
+    inner = getattr(optimizer, "optimizer", None)
+    cache_casts = isinstance(inner, torch.optim.Optimizer)
+    if cache_casts:
+        inner.register_step_post_hook(lambda *_: weights_changed())
     for module in model.modules():
         if isinstance(module, Linear):
             module.accumulate_weight_grad = True
+            module.cast_cache = {} if cache_casts else None
     return True
 
 

@@ -294,7 +294,8 @@ def goodput_line(record: dict[str, Any]) -> str:
     wall, seconds = record["wall_s"], record["seconds"]
     parts = [f"{PHASE_NAMES[name]} {format_duration(seconds[name])} ({100 * seconds[name] / wall:.1f}%)"
              + (f" [{record['redone_steps']} steps]" if name == "redone" else "")
-             for name in GOODPUT_PHASES if name == "steps" or seconds[name] >= 0.05 or name == "startup"]
+             for name in GOODPUT_PHASES if name in ("steps", "startup") or seconds[name] >= 0.05
+             or (name == "redone" and record["redone_steps"])]  # redone work is named, however short
     return (f" goodput {100 * (record['goodput'] or 0):.1f}% of {format_duration(wall)} wall, iterations "
             f"{record['first_iteration']} -> {record['iteration']} | " + " | ".join(parts))
 

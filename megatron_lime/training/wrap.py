@@ -21,10 +21,11 @@ left in a step are DeepSpeed's own NaN/inf check (it must read the result to ski
 is switched off here, and train_step adds none (it reads nothing back).
 
 DeepSpeed's ZeRO step computes the global gradient norm with one fp64 cast and norm per parameter and checks for
-NaN/inf with an amax and an amin per gradient: about nine small kernels per parameter (1,750 for lime-1b's 194)
-and an fp64 copy of every gradient. `fuse_norm_and_overflow_check` replaces both on the engine's optimizer with
-one multi-tensor norm (torch._foreach_norm, fp32 accumulation, as torch.nn.utils.clip_grad_norm_) whose
-non-finite value is the overflow: the same norm, the same skip, one all-reduce and one host read per step.
+NaN/inf with an amax and an amin per gradient: 15 small ops per parameter in bf16 mode (counted on a CPU:
+about 2,900 per step for lime-1b's 194 parameters) and an fp64 copy of every gradient.
+`fuse_norm_and_overflow_check` replaces both on the engine's optimizer with one multi-tensor norm
+(torch._foreach_norm, fp32 accumulation, as torch.nn.utils.clip_grad_norm_) whose non-finite value is the
+overflow: the same norm, the same skip, one all-reduce and one host read per step.
 
 The model never knows it is wrapped. The optimizer is a torch AdamW handed to
 deepspeed.initialize: `fused=True` on CUDA (one kernel per parameter group, no JIT build),

@@ -5,7 +5,11 @@
     2. torch.compile              (per block, in place, so state-dict keys stay unchanged)
     3. DeepSpeed                  (ZeRO stage 1: fp32 master weights and AdamW state sharded
                                    over data-parallel ranks; the precision of --precision)
-    4. the kernel plan            (ours or PyTorch's RMSNorm/SiLU at each shape the run calls, chosen once
+    4. DeepSpeed's step, tuned    (one multi-tensor gradient norm that is also the overflow check; the Linear
+                                   layers' weight gradients accumulated by their own GEMMs where nothing hooks
+                                   gradient accumulation: fuse_norm_and_overflow_check,
+                                   accumulate_weight_grads_in_gemms)
+    5. the kernel plan            (ours or PyTorch's RMSNorm/SiLU at each shape the run calls, chosen once
                                    here, before step 1, from one recording forward; kernels.plan_kernel_choices)
 
 Precision (--precision): bf16 is DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master copy and AdamW

@@ -224,8 +224,8 @@ def fuse_norm_and_overflow_check(optimizer) -> bool:
     def global_norm() -> torch.Tensor:
         grads = [g for i in range(len(optimizer.bit16_groups)) for g in (optimizer.averaged_gradients.get(i) or ())
                  if g is not None and g.numel()]
-        if grads:
-            squares = torch.stack(torch._foreach_norm(grads, 2)).float().square().sum()
+        if grads:  # each tensor's norm in fp32 (bf16 norms would round the global norm by up to 0.4%)
+            squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
         else:
             squares = torch.zeros((), dtype=torch.float32, device=optimizer.device)
         ds_comm.all_reduce(squares, group=optimizer.dp_process_group)

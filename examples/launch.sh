@@ -21,6 +21,18 @@ launch_or_print_args() {
     local script=$1
     shift
     if [[ "${1:-}" == "--print-args" ]]; then
+        # The precision, unless the overrides name one (--precision, --bf16, --no-bf16: they win, as every
+        # override): PRECISION, else the model card's "mixed fp32/bf16 (autocast)" on GPUs (fp32 weights,
+        # gradients and AdamW, bf16 matmuls; PRECISION=bf16 is DeepSpeed's bf16 mode, about 3% faster by
+        # benchmarks/step_cost.py) and fp32 without one (CPUs emulate bf16, about 27x slower).
+        case " $* " in
+            *" --precision"*|*" --bf16 "*|*" --no-bf16 "*) ;;
+            *) local precision="${PRECISION:-}"
+               if [[ -z "$precision" ]]; then
+                   if nvidia-smi -L >/dev/null 2>&1; then precision=autocast; else precision=fp32; fi
+               fi
+               TRAINING_ARGS+=(--precision "$precision") ;;
+        esac
         printf '%s\0' "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" \
             "${LOGGING_ARGS[@]}"
         exit 0

@@ -18,6 +18,8 @@
 #                    rerunning the same command resumes where a stopped run left off
 #   HOSTFILE         multi-node with bash: a DeepSpeed hostfile (see examples/hostfile)
 #   MASTER_PORT      rendezvous port for the bash form (default 29500)
+#   PRECISION        autocast (the model card's; the default on GPUs), bf16 or fp32 (the default without a GPU);
+#                    a --precision, --bf16 or --no-bf16 override wins (examples/launch.sh)
 # Tiny CPU smoke run:
 #   bash examples/pretrain_lime_1b.sh --model lime-tiny --data-path PREFIX --tokenizer-model DIR \
 #       --save /tmp/ckpt --load /tmp/ckpt --train-iters 20 --micro-batch-size 2 --global-batch-size 4 \
@@ -42,12 +44,6 @@ TOKENIZER_MODEL="${TOKENIZER_MODEL:-tokenizers/lime-50k}"
 SAVE_DIR="${SAVE_DIR:-${CHECKPOINT_PATH:-checkpoints/lime-1b-pretrain}}"
 LOAD_DIR="${LOAD_DIR:-$SAVE_DIR}"
 read -r -a DATA_PATH_WORDS <<< "$DATA_PATH"
-# The model card's "mixed fp32/bf16 (autocast)" on GPUs: fp32 weights, gradients and AdamW, bf16 matmuls
-# (PRECISION=bf16: DeepSpeed's bf16 mode, bf16 weights and gradients with fp32 master weights, about 3% faster
-# by benchmarks/step_cost.py); fp32 where there is no GPU (CPUs emulate bf16, about 27x slower).
-if [[ -z "${PRECISION:-}" ]]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PRECISION=autocast; else PRECISION=fp32; fi
-fi
 
 MODEL_ARGS=(
     --model lime-1b             # 32 layers, d 1536, FFN 6144, 24 heads, vocab 50,000
@@ -64,8 +60,6 @@ TRAINING_ARGS=(
     --deepspeed-config "$SCRIPT_DIR/ds_config_zero1_bf16.json"
     --zero-stage 1
 )
-# Unless the overrides name a precision themselves (--precision, --bf16, --no-bf16: they win, as every override).
-case " $* " in *" --precision"*|*" --bf16 "*|*" --no-bf16 "*) ;; *) TRAINING_ARGS+=(--precision "$PRECISION") ;; esac
 DATA_ARGS=(
     --data-path "${DATA_PATH_WORDS[@]}"
     --tokenizer-model "$TOKENIZER_MODEL"

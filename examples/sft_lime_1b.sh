@@ -15,6 +15,8 @@
 #                    loaded with --finetune: weights only, fresh optimizer, step 0
 #   SAVE_DIR         SFT checkpoints (CHECKPOINT_PATH is accepted too)
 #   SFT_ITERS        optimizer steps (default 3,000)
+#   PRECISION        autocast (the model card's; the default on GPUs), bf16 or fp32 (the default without a GPU);
+#                    a --precision, --bf16 or --no-bf16 override wins (examples/launch.sh)
 # Rerunning the same command after an interruption resumes from SAVE_DIR/latest instead.
 #
 # Arithmetic (lime-1b, 6.20e9 training FLOPs per token at s = 512):
@@ -35,12 +37,6 @@ PRETRAINED="${PRETRAINED:-checkpoints/lime-1b-pretrain}"
 SAVE_DIR="${SAVE_DIR:-${CHECKPOINT_PATH:-checkpoints/lime-1b-sft}}"
 SFT_ITERS="${SFT_ITERS:-3000}"
 read -r -a DATA_PATH_WORDS <<< "$DATA_PATH"
-# The model card's "mixed fp32/bf16 (autocast)" on GPUs: fp32 weights, gradients and AdamW, bf16 matmuls
-# (PRECISION=bf16: DeepSpeed's bf16 mode, bf16 weights and gradients with fp32 master weights, about 3% faster
-# by benchmarks/step_cost.py); fp32 where there is no GPU (CPUs emulate bf16, about 27x slower).
-if [[ -z "${PRECISION:-}" ]]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PRECISION=autocast; else PRECISION=fp32; fi
-fi
 
 MODEL_ARGS=(
     --model lime-1b
@@ -57,8 +53,6 @@ TRAINING_ARGS=(
     --deepspeed-config "$SCRIPT_DIR/ds_config_zero1_bf16.json"
     --zero-stage 1
 )
-# Unless the overrides name a precision themselves (--precision, --bf16, --no-bf16: they win, as every override).
-case " $* " in *" --precision"*|*" --bf16 "*|*" --no-bf16 "*) ;; *) TRAINING_ARGS+=(--precision "$PRECISION") ;; esac
 DATA_ARGS=(
     --data-path "${DATA_PATH_WORDS[@]}"
     --tokenizer-model "$TOKENIZER_MODEL"

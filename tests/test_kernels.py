@@ -719,6 +719,18 @@ def test_shape_choice_is_kept_on_disk_and_read_back(measured_choices, tmp_path, 
     assert len(timed) == 2 and any("unreadable" in r.getMessage() for r in caplog.records)
 
 
+def test_shape_choice_stands_when_its_cache_cannot_be_written(measured_choices, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    choices, timed = measured_choices([2.0, 1.0])
+    monkeypatch.setenv("MEGATRON_LIME_CACHE", str(blocker / "cache"))  # after the fixture's own folder
+    x, weight = torch.randn(8, 64), torch.randn(64)
+    with caplog.at_level("WARNING", logger="megatron_lime.kernels"):
+        kernels.plan_kernel_choices(lambda: kernels.rms_norm(x, weight, EPS), "cpu")
+    assert len(timed) == 2 and choices.choices == {("rms_norm", 8, 64, torch.float32): "torch"}
+    assert any("could not be written" in r.getMessage() for r in caplog.records)
+
+
 def test_shape_choice_covers_add_rms_norm_and_silu(measured_choices):
     _, timed = measured_choices([1.0, 2.0, 2.0, 1.0])  # add_rms_norm: ours; silu: PyTorch's
     residual, delta, weight = torch.randn(4, 32), torch.randn(4, 32), torch.randn(32)

@@ -104,3 +104,26 @@ def test_with_activation_checkpointing_the_model_gets_autograds_gradients():
             model(tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
     for (name, want), got in zip(plain.named_parameters(), fused.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_wrap_switches_the_fused_accumulation_on_only_where_nothing_hooks_gradient_accumulation():
+    """A DeepSpeed optimizer with gradient hooks (contiguous_gradients or overlap_comm on, ZeRO-2) or a compiled model
+    keeps autograd's accumulation: the fused path would bypass the hooks."""
+    from types import SimpleNamespace
+
+    from megatron_lime.config import LimeConfig
+    from megatron_lime.model import LimeModel
+    from megatron_lime.training.wrap import accumulate_weight_grads_in_gemms
+
+    def switched(optimizer, compiled: bool = False) -> set[bool]:
+        model = LimeModel(LimeConfig.from_name("lime-tiny"))
+        accumulate_weight_grads_in_gemms(model, optimizer, compiled)
+        return {m.accumulate_weight_grad for m in model.modules() if isinstance(m, Linear)}
+
+    inner = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    zero1 = SimpleNamespace(_grad_acc_hooks=[], partition_gradients=False, optimizer=inner)
+    assert switched(zero1) == {True}
+    assert switched(SimpleNamespace(_grad_acc_hooks=[object()], partition_gradients=False, optimizer=inner)) == {False}
+    assert switched(SimpleNamespace(_grad_acc_hooks=[], partition_gradients=True, optimizer=inner)) == {False}
+    assert switched(SimpleNamespace(optimizer=inner)) == {False}  # not DeepSpeed's ZeRO optimizer
+    assert switched(zero1, compiled=True) == {False}

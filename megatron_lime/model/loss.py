@@ -161,8 +161,8 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                     total += ((torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)) * t).sum()
                 return total
             body = _chunk_body(device)
-            itemsize = torch.empty((), dtype=compute_dtype).element_size()
-            group = max(chunk_size, LOGIT_GRAD_BUDGET_BYTES // (vocab * itemsize) // chunk_size * chunk_size)
+            chunks_per_group = LOGIT_GRAD_BUDGET_BYTES // (vocab * compute_dtype.itemsize) // chunk_size
+            group = max(1, chunks_per_group) * chunk_size  # tokens whose logits' gradient is kept at once
             if need_hidden_grad:
                 grad_hidden = torch.empty_like(hidden)  # (n, d)
             if need_weight_grad and group < n:  # several groups add into one fp32 buffer

@@ -24,7 +24,7 @@ from megatron_lime.training.launch import free_port
 from megatron_lime.checkpoint import CheckpointError, torch_load
 from megatron_lime.config import LimeConfig
 from megatron_lime.checkpoint import load_lime_weights, write_consolidated
-from megatron_lime.conversion.weight_map import HF_TO_LIME_WEIGHTS, hf_to_lime_state_dict, lime_to_hf_state_dict
+from megatron_lime.checkpoint.hf_names import HF_TO_LIME_WEIGHTS, hf_to_lime_state_dict, lime_to_hf_state_dict
 from megatron_lime.model import LimeModel
 from megatron_lime.tokenizer import SPECIAL_TOKENS, load_tokenizer
 

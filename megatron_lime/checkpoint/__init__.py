@@ -5,6 +5,7 @@
     safe_load.py     .pt files through torch.load(weights_only=True) and a DeepSpeed allowlist; safetensors
     integrity.py     content hashes: recorded by the rank that wrote each file, checked before reading
     consolidated.py  the safetensors layouts: consolidated folders (write/read) and an export's weights
+    hf_names.py      the one map between megatron_lime and Hugging Face names (weights and config), both ways
     weights.py       LimeWeights (megatron_lime names) from any layout: load_lime_weights
     loading.py       load_model(path): model, config and tokenizer, for evaluation, generation, export
 
@@ -23,7 +24,7 @@ from megatron_lime.checkpoint.safe_load import (_torch_load, deepspeed_loads_saf
                                                 load_safetensors, numpy_array_safe_globals, torch_load)
 from megatron_lime.checkpoint import integrity
 from megatron_lime.checkpoint.consolidated import read_consolidated, read_export, write_consolidated, write_safetensors
-from megatron_lime.checkpoint.weights import LimeWeights, load_lime_weights, validate_state_dict
+from megatron_lime.checkpoint.weights import LimeWeights, load_lime_weights
 from megatron_lime.checkpoint.loading import LoadedModel, load_model
 
 __all__ = [
@@ -33,6 +34,6 @@ __all__ = [
     "deepspeed_safe_globals", "detect_layout", "holds_checkpoint", "integrity", "is_complete", "is_consolidated",
     "load_lime_weights", "load_model", "load_safetensors", "mark_complete", "numpy_array_safe_globals",
     "optimizer_shards", "rank_files", "read_consolidated", "read_export", "read_latest", "read_lime_config",
-    "resolve_load", "rng_file", "tag_dirs", "tag_name", "torch_load", "validate_state_dict", "write_consolidated",
+    "resolve_load", "rng_file", "tag_dirs", "tag_name", "torch_load", "write_consolidated",
     "write_latest", "write_safetensors",
 ]

@@ -17,7 +17,9 @@ from megatron_lime.checkpoint.format import (CONSOLIDATED_WEIGHTS, EXPORT_RUN_FI
                                              LIME_CONFIG, CheckpointError, first_line,
                                              read_lime_config)
 from megatron_lime.checkpoint.safe_load import load_safetensors
+from megatron_lime.config import LimeConfig
 from megatron_lime.files import atomic_directory, follow_umask, read_json, write_json
+from megatron_lime.model import LimeModel
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -43,13 +45,11 @@ def write_consolidated(directory: str | os.PathLike, weights: torch.nn.Module | 
     (a "files" entry from an earlier record is replaced by the new weights' hash). The weights must fit
     the config. The folder is built beside `directory` and renamed into place when complete.
     """
-    from megatron_lime.checkpoint.weights import validate_state_dict
-    from megatron_lime.config import LimeConfig
-
     if "model" not in metadata:
         raise ValueError("consolidated metadata needs a \"model\" entry (LimeConfig.to_dict())")
     state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-    validate_state_dict(state_dict, LimeConfig.from_dict(metadata["model"]), f"weights for {directory}")
+    config = LimeConfig.from_dict(metadata["model"])
+    state_dict = LimeModel.checked_weights(state_dict, config, f"weights for {directory}")
     with atomic_directory(Path(directory)) as tmp:
         record = {CONSOLIDATED_WEIGHTS: write_safetensors(tmp / CONSOLIDATED_WEIGHTS, state_dict)}
         write_json(tmp / LIME_CONFIG, {**metadata, integrity.RECORD_KEY: record})

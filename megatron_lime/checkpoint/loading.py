@@ -18,6 +18,8 @@ import torch
 
 from megatron_lime.checkpoint.weights import LimeWeights, load_lime_weights
 from megatron_lime.config import LimeConfig
+from megatron_lime.model import LimeModel
+from megatron_lime.tokenizer import describe_added_chat_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +43,6 @@ class LoadedModel:
 
 def checkpoint_tokenizer(weights: LimeWeights, path: str, tokenizer_path: str | None) -> Any:
     """The tokenizer that goes with `weights` (see the module docstring); errors name what to pass instead."""
-    from megatron_lime.tokenizer import describe_added_chat_tokens, load_tokenizer
-
     tokenizer_path = tokenizer_path or (path if weights.kind == "hf" else weights.metadata.get("tokenizer"))
     if not tokenizer_path:
         raise ValueError(f"{path}: the checkpoint does not record its tokenizer; pass --tokenizer DIR")
@@ -72,16 +72,8 @@ def load_model(path: str | os.PathLike, tag: str | None = None, tokenizer: str |
     """Model, config and tokenizer from a DeepSpeed save dir (any data-parallel size; `tag` or `latest`), a
     consolidated folder or a Hugging Face export. `dtype` None keeps the stored dtype (fp32 master weights
     of a DeepSpeed save); the sinusoid position table is always computed in fp32, as in training."""
-    from megatron_lime.model import LimeModel
-
     path = str(path)
     weights = load_lime_weights(path, tag=tag)
     lime_tokenizer = checkpoint_tokenizer(weights, path, tokenizer)
-    with torch.device("meta"):
-        model = LimeModel(weights.config)
-    model.load_state_dict(weights.state_dict, assign=True)
-    model.position_table = torch.empty(weights.config.max_position_embeddings, weights.config.hidden_size)
-    model.reset_position_table()  # not in checkpoints: computed from the config
-    model = model.to(device=device, dtype=dtype).eval()
-    model.position_table = model.position_table.float()  # the table stays fp32, as in training
+    model = LimeModel.from_weights(weights.state_dict, weights.config, path, device=device, dtype=dtype)
     return LoadedModel(model, weights.config, lime_tokenizer, weights.metadata, weights.kind, weights.source)

@@ -20,11 +20,13 @@ import torch
 
 from megatron_lime.checkpoint import integrity
 from megatron_lime.checkpoint.consolidated import read_consolidated, read_export
+from megatron_lime.checkpoint.hf_names import hf_config_to_lime, hf_to_lime_state_dict
 from megatron_lime.checkpoint.format import (MODEL_STATES, TAG_PATTERN, UNIVERSAL_PARAM_FILE, UNIVERSAL_PARAMS,
                                              UNIVERSAL_SUFFIX, CheckpointError, Layout, detect_layout,
                                              optimizer_shards, resolve_load)
 from megatron_lime.checkpoint.safe_load import deepspeed_loads_safely, torch_load
 from megatron_lime.config import LimeConfig
+from megatron_lime.model import LimeModel
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +43,6 @@ class LimeWeights:
     metadata: dict[str, Any] = field(default_factory=dict)  # lime_config.json's content, without "files"
     kind: Layout = "consolidated"
     source: str = ""  # one line for logs and the model card: where the weights came from
-
-
-def validate_state_dict(state_dict: dict[str, torch.Tensor], config: LimeConfig, where: str) -> None:
-    """Raise unless `state_dict` has exactly LimeModel's keys and shapes for `config`."""
-    from megatron_lime.model import LimeModel
-
-    with torch.device("meta"):
-        reference = LimeModel(config).state_dict()
-    missing = sorted(reference.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - reference.keys())
-    if missing or unexpected:
-        raise KeyError(f"{where}: weights do not fit {config.num_layers}-layer LIME ({config.name}); "
-                       f"missing {missing[:6]}, unexpected {unexpected[:6]}")
-    for name, tensor in reference.items():
-        if state_dict[name].shape != tensor.shape:
-            raise ValueError(f"{where}: {name} has shape {tuple(state_dict[name].shape)}, "
-                             f"the config gives {tuple(tensor.shape)}")
 
 
 def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,8 +95,7 @@ def read_deepspeed(save_dir: str | os.PathLike, tag: str | None = None) -> LimeW
         dtype = next(iter(state_dict.values())).dtype
         source_line = f"DeepSpeed checkpoint {tag_dir}: module weights ({dtype}; no fp32 master weights found)"
     state_dict = _strip_wrapper_prefixes(state_dict)
-    state_dict = {k: v for k, v in state_dict.items() if k != "position_table"}
-    validate_state_dict(state_dict, config, str(tag_dir))
+    state_dict = LimeModel.checked_weights(state_dict, config, str(tag_dir))
     step = TAG_PATTERN.match(tag.removesuffix(UNIVERSAL_SUFFIX))
     metadata = _run_record(metadata)
     if "iteration" not in metadata and step:
@@ -122,19 +106,17 @@ def read_deepspeed(save_dir: str | os.PathLike, tag: str | None = None) -> LimeW
 def _read_consolidated_weights(directory: str) -> LimeWeights:
     state_dict, metadata = read_consolidated(directory)
     config = LimeConfig.from_dict(metadata["model"])
-    validate_state_dict(state_dict, config, os.path.join(directory, "model.safetensors"))
+    state_dict = LimeModel.checked_weights(state_dict, config, os.path.join(directory, "model.safetensors"))
     return LimeWeights(state_dict, config, _run_record(metadata), "consolidated",
                        f"consolidated checkpoint {directory}")
 
 
 def _read_export_weights(directory: str) -> LimeWeights:
     """Weights of a Hugging Face LIME folder (ours or one saved by save_pretrained), with megatron_lime names."""
-    from megatron_lime.conversion.weight_map import hf_config_to_lime, hf_to_lime_state_dict
-
     hf_config, hf_state, run = read_export(directory)
     config = hf_config_to_lime(hf_config, name=hf_config.get("lime_preset", "custom"))
     state_dict = hf_to_lime_state_dict(hf_state, config.num_layers)
-    validate_state_dict(state_dict, config, str(directory))
+    state_dict = LimeModel.checked_weights(state_dict, config, str(directory))
     metadata = dict(_run_record(run), model=config.to_dict())
     return LimeWeights(state_dict, config, metadata, "hf", f"Hugging Face folder {directory}")
 

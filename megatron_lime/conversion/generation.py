@@ -22,7 +22,7 @@ import torch
 
 from megatron_lime.checkpoint import LoadedModel, detect_layout, load_model
 from megatron_lime.conversion.card import CARD_DECODING
-from megatron_lime.conversion.weight_map import HF_TIED_HEAD, lime_config_to_hf, lime_to_hf_state_dict
+from megatron_lime.checkpoint.hf_names import HF_TIED_HEAD, lime_config_to_hf, lime_to_hf_state_dict
 from megatron_lime.data.sft.template import encode_prompt
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ The folder loads with no network through
 
 and holds: config.json (model_type "lime", auto_map, tie_word_embeddings), configuration_lime.py,
 modeling_lime.py and integrity_lime.py (standalone, copied from hf_files/), model.safetensors (the
-tied embedding stored once, names from weight_map.py), generation_config.json, the tokenizer files with the
+tied embedding stored once, names from checkpoint/hf_names.py), generation_config.json, the tokenizer files with the
 chat template, README.md (a model card filled from the run) and lime_run.json (the run's record,
 so `--from-hf` can give training its history back, and the content hash of every other file, which
 modeling_lime.py checks in `from_pretrained` and megatron_lime's readers check before use).
@@ -25,7 +25,7 @@ import torch
 from megatron_lime.checkpoint import (CONSOLIDATED_WEIGHTS, EXPORT_RUN_FILE, HF_CONFIG, LIME_CONFIG, LimeWeights,
                                       LoadedModel, integrity, load_lime_weights, write_consolidated, write_safetensors)
 from megatron_lime.conversion.card import generation_defaults, render_model_card
-from megatron_lime.conversion.weight_map import lime_config_to_hf, lime_to_hf_state_dict
+from megatron_lime.checkpoint.hf_names import lime_config_to_hf, lime_to_hf_state_dict
 from megatron_lime.files import atomic_directory, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from megatron_lime.data.helpers import data_helpers
+from megatron_lime.native import compiled_helpers
 from megatron_lime.data.indexed_dataset import IndexedDataset, strip_extension
 from megatron_lime.files import atomic_write, write_json
 
@@ -61,7 +61,7 @@ def build_blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndar
     every dataset has served within one sample of weight * n, and dataset d's samples are
     taken in order 0, 1, 2, ...
     """
-    return data_helpers().build_blending_indices(np.asarray(weights, dtype=np.float64), int(size))
+    return compiled_helpers().build_blending_indices(np.asarray(weights, dtype=np.float64), int(size))
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from megatron_lime.data.builder import INDEX_FORMAT_VERSION, SPLIT_NAMES, DatasetConfig, IndexCache, check_token_ids
-from megatron_lime.data.helpers import data_helpers
+from megatron_lime.native import compiled_helpers
 from megatron_lime.data.indexed_dataset import IndexedDataset
 
 
@@ -42,8 +42,8 @@ def build_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_length
     sizes = np.ascontiguousarray(sizes, dtype=np.int32)
     document_index = np.ascontiguousarray(document_index, dtype=np.int64)
     if document_index.size < np.iinfo(np.int32).max:
-        return data_helpers().build_sample_idx_int32(sizes, document_index, seq_length, num_samples)
-    return data_helpers().build_sample_idx_int64(sizes, document_index, seq_length, num_samples)
+        return compiled_helpers().build_sample_idx_int32(sizes, document_index, seq_length, num_samples)
+    return compiled_helpers().build_sample_idx_int64(sizes, document_index, seq_length, num_samples)
 
 
 def split_document_ranges(num_documents: int, fractions: list[float]) -> list[tuple[int, int]]:

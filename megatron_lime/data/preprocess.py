@@ -45,7 +45,7 @@ from typing import Iterator
 import numpy as np
 
 from megatron_lime.data.filters import FilterValueError, RecordFilters
-from megatron_lime.data.helpers import data_helpers
+from megatron_lime.native import compiled_helpers
 from megatron_lime.data.indexed_dataset import IndexedDatasetWriter, best_dtype, written_together
 from megatron_lime.data.readers import (GZIP_ERRORS, BadRecordError, InputSource, check_string_value, find_inputs,
                                         gzip_error_reason, jsonl_values, load_saved_dataset, open_binary, open_parquet,
@@ -404,7 +404,7 @@ def pack_documents(encoded: list[list[int]], eod: int | None, dtype: type) -> tu
 
     The compiled helper (csrc/data/helpers.cpp): besides tokenizing, this is most of a worker's work.
     """
-    pack = data_helpers().pack_documents_uint16 if dtype == np.uint16 else data_helpers().pack_documents_int32
+    pack = compiled_helpers().pack_documents_uint16 if dtype == np.uint16 else compiled_helpers().pack_documents_int32
     return pack(encoded, -1 if eod is None else eod)
 
 

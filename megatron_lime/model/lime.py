@@ -31,6 +31,8 @@ from megatron_lime.model.linear import Linear
 from megatron_lime.model.loss import chunked_language_model_loss, language_model_loss
 from megatron_lime.model.positions import sinusoid_table
 
+POSITION_TABLE = "position_table"  # the sinusoid buffer's name: computed from the config, never a weight
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
@@ -96,7 +98,7 @@ class LimeModel(nn.Module):
         self.layers = nn.ModuleList(LimeBlock(config) for _ in range(config.num_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.norm_eps)
         # Not persistent: it is a function of the config, so checkpoints never carry it.
-        self.register_buffer("position_table", torch.empty(config.max_position_embeddings, config.hidden_size),
+        self.register_buffer(POSITION_TABLE, torch.empty(config.max_position_embeddings, config.hidden_size),
                              persistent=False)
         self.embedding_scale = math.sqrt(config.hidden_size)
         self.activation_checkpointing = False  # switched on by training.wrap, never by the model
@@ -131,6 +133,46 @@ class LimeModel(nn.Module):
         table = sinusoid_table(self.config.max_position_embeddings, self.config.hidden_size,
                                self.config.position_base, device=self.position_table.device)
         self.position_table.copy_(table)
+
+    @classmethod
+    def checked_weights(cls, state_dict: dict[str, torch.Tensor], config: LimeConfig,
+                        where: str) -> dict[str, torch.Tensor]:
+        """`state_dict`'s weights, after checking they are exactly those of a LimeModel for `config`: every name,
+        each with its shape. A position table beside them (DeepSpeed's gathered fp32 weights list every buffer)
+        is dropped: it is a function of the config, never a weight."""
+        with torch.device("meta"):
+            reference = cls(config).state_dict()
+        weights = {name: tensor for name, tensor in state_dict.items() if name != POSITION_TABLE}
+        missing, unexpected = sorted(reference.keys() - weights.keys()), sorted(weights.keys() - reference.keys())
+        if missing or unexpected:
+            raise KeyError(f"{where}: weights do not fit {config.num_layers}-layer LIME ({config.name}); "
+                           f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+        for name, tensor in reference.items():
+            if weights[name].shape != tensor.shape:
+                raise ValueError(f"{where}: {name} has shape {tuple(weights[name].shape)}, "
+                                 f"the config gives {tuple(tensor.shape)}")
+        return weights
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], where: str) -> None:
+        """Copy `state_dict`'s weights into this model, checked first (checked_weights); the position table
+        stays the one computed from the config."""
+        self.load_state_dict(self.checked_weights(state_dict, self.config, where))
+
+    @classmethod
+    def from_weights(cls, state_dict: dict[str, torch.Tensor], config: LimeConfig, where: str,
+                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LimeModel:
+        """A model in eval mode holding `state_dict`'s weights (checked; the tensors are taken, not copied, where
+        device and dtype allow) on `device`, in `dtype` (None keeps the stored one). The position table is
+        computed from the config, and kept in fp32 whatever `dtype` is."""
+        weights = cls.checked_weights(state_dict, config, where)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(weights, assign=True)
+        model.position_table = torch.empty(config.max_position_embeddings, config.hidden_size)
+        model.reset_position_table()
+        model = model.to(device=device, dtype=dtype).eval()
+        model.position_table = model.position_table.float()
+        return model
 
     def forward(
         self,

@@ -2,8 +2,9 @@
 
 One module per job (every name below is also importable from `megatron_lime.tokenizer`):
   spec.py         special tokens, Megatron-LM's --tokenizer-type kinds, TokenizerSpec, add_tokenizer_args
-  core.py         LimeTokenizer and its kinds, load_tokenizer, build_tokenizer (what tools call)
-  huggingface.py  the `tokenizers` form of sentencepiece models, the export files (save_hf)
+  core.py         LimeTokenizer and its kinds, load_tokenizer, build_tokenizer (what tools call), the export
+                  files (LimeTokenizer.save_hf)
+  huggingface.py  the `tokenizers` form of sentencepiece models
   agreement.py    when sentencepiece itself gives the ids of a model's `tokenizers` form (the fast path)
   conversion_cache.py  a standard sentencepiece model's `tokenizers` form and agreement, computed once and kept
                   on disk ($MEGATRON_LIME_CACHE, else ~/.cache/megatron-lime; `off` to compute every time)
@@ -44,7 +45,7 @@ from megatron_lime.tokenizer.core import (CONVERSION_PROBE, ConvertedSentencePie
                                           LimeTokenizer, SentencePieceTokenizer, build_tokenizer,
                                           describe_added_chat_tokens, load_sentencepiece, load_tokenizer)
 from megatron_lime.tokenizer.huggingface import (converted_sentencepiece_backend, lossless_sentencepiece_backend,
-                                                 sentencepiece_bpe_merges, write_hf_tokenizer_files)
+                                                 sentencepiece_bpe_merges)
 from megatron_lime.tokenizer.spec import (CHAT_TOKENS, GPT2_FILES, MODEL_MAX_LENGTH, SENTENCEPIECE_FILE,
                                           SENTENCEPIECE_TYPES, SPECIAL_TOKENS, TOKENIZER_ARG_HELP, TOKENIZER_TYPES,
                                           SpecialTokens, TokenizerSpec, add_tokenizer_args)
@@ -56,5 +57,5 @@ __all__ = [
     "HuggingFaceTokenizer", "LimeTokenizer", "SentencePieceAgreement", "SentencePieceTokenizer", "SpecialTokens",
     "TokenizerSpec", "add_tokenizer_args", "build_tokenizer", "converted_sentencepiece_backend",
     "describe_added_chat_tokens", "sentencepiece_agreement", "load_sentencepiece", "load_tokenizer",
-    "lossless_sentencepiece_backend", "sentencepiece_bpe_merges", "train_tokenizer", "write_hf_tokenizer_files",
+    "lossless_sentencepiece_backend", "sentencepiece_bpe_merges", "train_tokenizer",
 ]

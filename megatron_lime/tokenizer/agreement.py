@@ -73,6 +73,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from megatron_lime.native import compiled_helpers
+
 META = "\u2581"  # sentencepiece's whitespace symbol
 
 
@@ -162,10 +164,8 @@ class SentencePieceAgreement:
         """The compiled form of covers() and words(), keeping each word's verdict and sentencepiece's ids (at most
         about `limit` agreeing words, some 60 bytes each; past that they are forgotten and encoded again when
         met)."""
-        from megatron_lime.data.helpers import data_helpers
-
-        return data_helpers().WordRouter(sorted(map(ord, self.unsafe)), sorted(map(ord, self.spaces)), limit,
-                                         self.prove, sorted(self.multi_split))
+        return compiled_helpers().WordRouter(sorted(map(ord, self.unsafe)), sorted(map(ord, self.spaces)), limit,
+                                             self.prove, sorted(self.multi_split))
 
 
 def _char_class(chars: list[str]) -> str:
@@ -183,9 +183,7 @@ def _char_class(chars: list[str]) -> str:
 
 def charsmap_rules(charsmap: bytes) -> dict[str, str]:
     """Every key -> value of a sentencepiece precompiled charsmap (C++: a walk of its double-array trie)."""
-    from megatron_lime.data.helpers import data_helpers
-
-    return data_helpers().charsmap_rules(charsmap)
+    return compiled_helpers().charsmap_rules(charsmap)
 
 
 def unsafe_characters(rules: dict[str, str]) -> set[str]:
@@ -276,9 +274,7 @@ def lossless_router(proto: Any, limit: int = 1_000_000) -> Any:
     decompose a text's encoding."""
     if word_split_obstacle(proto) is not None:
         return None
-    from megatron_lime.data.helpers import data_helpers
-
-    return data_helpers().WordRouter([], [ord(" ")], limit, True, [], leading_spaces=True)
+    return compiled_helpers().WordRouter([], [ord(" ")], limit, True, [], leading_spaces=True)
 
 
 def sentencepiece_agreement(proto: Any) -> SentencePieceAgreement:

@@ -9,12 +9,12 @@ import functools
 import os
 from typing import Any, Iterable, Sequence
 
-from megatron_lime.files import read_json
+from megatron_lime.files import read_json, write_json, write_text
 from megatron_lime.tokenizer.agreement import encode_by_words, lossless_router
 from megatron_lime.tokenizer.conversion_cache import converted_form
-from megatron_lime.tokenizer.huggingface import lossless_sentencepiece_backend, write_hf_tokenizer_files
+from megatron_lime.tokenizer.huggingface import lossless_sentencepiece_backend
 from megatron_lime.tokenizer.spec import CHAT_TOKENS, GPT2_FILES, SENTENCEPIECE_FILE, SENTENCEPIECE_TYPES, \
-    SPECIAL_TOKENS, TOKENIZER_TYPES, TokenizerSpec
+    MODEL_MAX_LENGTH, SPECIAL_TOKENS, TOKENIZER_TYPES, TokenizerSpec
 
 # Text a sentencepiece model's Hugging Face conversion must encode exactly as sentencepiece does
 # before any tool accepts the model: whitespace runs, leading/trailing spaces, newlines and tabs,
@@ -121,8 +121,36 @@ class LimeTokenizer:
                              "tokenizer.json, or tools/train_tokenizer.py)")
 
     def save_hf(self, output_dir: str) -> None:
-        """Write files that `AutoTokenizer.from_pretrained(output_dir)` loads offline, giving the same ids."""
-        write_hf_tokenizer_files(self, output_dir)
+        """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json: files that
+        `AutoTokenizer.from_pretrained(output_dir)` loads offline (no remote code) as a fast tokenizer giving the
+        same ids as this tokenizer on raw text, and mapping the special strings (its eos, the chat tags) to their
+        single ids."""
+        backend = self.hf_backend()
+        # The exported tokenizer is for prompts, where "<user>" must map to its id.
+        backend.encode_special_tokens = False
+        os.makedirs(output_dir, exist_ok=True)
+        write_text(os.path.join(output_dir, "tokenizer.json"), backend.to_str(pretty=True))
+        piece = self.id_to_piece
+        tokens = {
+            "eos_token": piece(self.eos_id),
+            "pad_token": piece(self.pad_id),
+            "unk_token": None if self.unk_id is None else piece(self.unk_id),
+        }
+        tokens = {k: v for k, v in tokens.items() if v is not None}
+        extra = [piece(i) for i in (self.user_id, self.assistant_id, self.context_id) if i is not None]
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **tokens,
+            "additional_special_tokens": extra,
+            "model_max_length": MODEL_MAX_LENGTH,
+            # Decoding must give the text back exactly: no " ." -> "." clean-up.
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "padding_side": "left",
+        }
+        write_json(os.path.join(output_dir, "tokenizer_config.json"), config)
+        write_json(os.path.join(output_dir, "special_tokens_map.json"), {**tokens, "additional_special_tokens": extra})
 
     def special_ids(self) -> dict[str, int | None]:
         return {"pad": self.pad_id, "eos": self.eos_id, "user": self.user_id,

@@ -1,16 +1,9 @@
 """The Hugging Face form of a tokenizer: sentencepiece models as `tokenizers` backends (ours losslessly,
-any other through transformers' converter) and the export files AutoTokenizer loads offline."""
+any other through transformers' converter). LimeTokenizer.save_hf (core.py) writes the export's files."""
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
-
-from megatron_lime.files import write_json, write_text
-from megatron_lime.tokenizer.spec import MODEL_MAX_LENGTH
-
-if TYPE_CHECKING:
-    from megatron_lime.tokenizer.core import LimeTokenizer
+from typing import Any
 
 
 def sentencepiece_bpe_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
@@ -97,38 +90,3 @@ def converted_sentencepiece_backend(proto: Any, path: str) -> Any:
         raise ValueError(f"tokenizer {path}: transformers could not convert this sentencepiece model")
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _special_pieces(proto)])
     return backend
-
-
-def write_hf_tokenizer_files(tokenizer: "LimeTokenizer", output_dir: str) -> None:
-    """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json for any LimeTokenizer.
-
-    The result loads with `AutoTokenizer.from_pretrained(output_dir)` offline (no remote code)
-    as a fast tokenizer that gives the same ids as the tokenizer on raw text, and maps the
-    special strings (its eos, the chat tags) to their single ids.
-    """
-    backend = tokenizer.hf_backend()
-    # The exported tokenizer is for prompts, where "<user>" must map to its id.
-    backend.encode_special_tokens = False
-    os.makedirs(output_dir, exist_ok=True)
-    write_text(os.path.join(output_dir, "tokenizer.json"), backend.to_str(pretty=True))
-    piece = tokenizer.id_to_piece
-    tokens = {
-        "eos_token": piece(tokenizer.eos_id),
-        "pad_token": piece(tokenizer.pad_id),
-        "unk_token": None if tokenizer.unk_id is None else piece(tokenizer.unk_id),
-    }
-    tokens = {k: v for k, v in tokens.items() if v is not None}
-    extra = [piece(i) for i in (tokenizer.user_id, tokenizer.assistant_id, tokenizer.context_id) if i is not None]
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **tokens,
-        "additional_special_tokens": extra,
-        "model_max_length": MODEL_MAX_LENGTH,
-        # Decoding must give the text back exactly: no " ." -> "." clean-up.
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "padding_side": "left",
-    }
-    write_json(os.path.join(output_dir, "tokenizer_config.json"), config)
-    write_json(os.path.join(output_dir, "special_tokens_map.json"), {**tokens, "additional_special_tokens": extra})

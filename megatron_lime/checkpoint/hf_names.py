@@ -1,4 +1,4 @@
-"""The one declarative map between megatron_lime and the Hugging Face export, read both ways.
+"""The one declarative map between megatron_lime names and the Hugging Face export's, read both ways.
 
 Weights: `HF_TO_LIME_WEIGHTS` maps every Hugging Face parameter name to megatron_lime's; `{}`
 stands for the layer index. Every tensor is copied unchanged (same shape, same layout: the fused

@@ -54,7 +54,8 @@ RUNNER = r'''
 import json, sys
 import torch
 from megatron_lime.training.config import parse_training_args
-from megatron_lime.training.pretrain import build_model, init_distributed, train_step
+from megatron_lime.training.distributed import init_distributed
+from megatron_lime.training.pretrain import build_model, train_step
 from megatron_lime.training.wrap import wrap_model
 
 env = init_distributed()

@@ -103,7 +103,7 @@ def evaluate(*args: str) -> int:
 
 
 def records(run_dir) -> list[dict]:
-    from megatron_lime.training.metrics import read_metrics
+    from megatron_lime.metrics_file import read_metrics
 
     return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 

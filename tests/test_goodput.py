@@ -11,7 +11,8 @@ import time
 import pytest
 
 from helpers import load_tool, make_tiny_pretraining_data, train_tiny
-from megatron_lime.training.metrics import GOODPUT_PHASES, Goodput, MetricsLogger, read_metrics
+from megatron_lime.metrics_file import GOODPUT_PHASES, read_metrics
+from megatron_lime.training.metrics import Goodput, MetricsLogger
 
 SUMMARY = re.compile(r" goodput (\d+\.\d)% of (\S+) wall, iterations (\d+) -> (\d+) \| steps ")
 

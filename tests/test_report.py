@@ -11,7 +11,8 @@ import json
 import pytest
 
 from helpers import load_tool
-from megatron_lime.training.metrics import MetricsLogger, StepMetrics, read_metrics
+from megatron_lime.metrics_file import read_metrics
+from megatron_lime.training.metrics import MetricsLogger, StepMetrics
 
 
 def step(iteration: int, loss: float) -> StepMetrics:

@@ -137,7 +137,8 @@ def test_the_chunked_loss_saves_its_two_gradients_and_no_logits():
 def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     """train_step and the log window keep the loss, the token count and the gradient norm on the device: any
     host read (.item(), float(), .tolist()) inside them fails this test."""
-    from megatron_lime.training.pretrain import StepResult, Window, train_step
+    from megatron_lime.training.metrics import StepWindow
+    from megatron_lime.training.pretrain import StepResult, train_step
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -173,7 +174,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
 
     tokens = torch.randint(0, 512, (2, 17))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, 16)}
-    window = Window()
+    window = StepWindow(train_iters=1, tokens_per_step=32, world_size=1, flops_per_token=1.0, peak_tflops=None,
+                        device=torch.device("cpu"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("a host read inside the training step")

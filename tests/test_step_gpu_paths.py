@@ -145,7 +145,8 @@ def measured():
     import torch.distributed as dist
 
     from megatron_lime.training.launch import free_port
-    from megatron_lime.training.pretrain import build_model, count_trained_tokens, init_distributed
+    from megatron_lime.training.distributed import init_distributed
+    from megatron_lime.training.pretrain import build_model, count_trained_tokens
 
     assert not dist.is_initialized()
     saved = dict(os.environ)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}: reports need matplotlib: pip install -e \".[eval]\"", file=sys.stderr)
         return 2
     from megatron_lime.files import read_json, write_text
-    from megatron_lime.training.metrics import METRICS_FILE, read_metrics
+    from megatron_lime.metrics_file import METRICS_FILE, read_metrics
 
     runs: dict[str, list[dict]] = {}
     results: dict[str, dict] = {}

@@ -5,8 +5,8 @@
     results = evaluate_tasks(lm, DEFAULT_TASKS, data_dir="eval_data")
 
 tools/evaluate.py is the command line; training's --eval-tasks runs the same code in process
-(in_training.TaskEvaluator). Names are imported on first use, so training without --eval-tasks
-never needs lm-eval installed.
+(training/evaluators.py's TaskScores). Names are imported on first use, so training without --eval-tasks
+never needs lm-eval installed. Nothing here imports from training/: evaluation sits below it.
 """
 
 from importlib import import_module

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from megatron_lime.files import atomic_write
+from megatron_lime.metrics_file import GOODPUT_PHASES, PHASE_NAMES
 
 # chart name -> (title, y label, [(series name, legend suffix)], log y)
 RUN_CHARTS: dict[str, tuple[str, str, list[tuple[str, str]], bool]] = {
@@ -135,8 +136,6 @@ def plot_final_scores(results: dict[str, dict[str, Any]], path: str) -> str:
 def goodput_totals(records: list[dict[str, Any]]) -> dict[str, float] | None:
     """{phase: seconds} summed over every start of the run (each writes a "goodput" record at its end; one that
     crashed wrote none, and the next start counts the steps it redoes); None if no start recorded one."""
-    from megatron_lime.training.metrics import GOODPUT_PHASES
-
     found = [r for r in records if r["kind"] == "goodput"]
     if not found:
         return None
@@ -146,8 +145,6 @@ def goodput_totals(records: list[dict[str, Any]]) -> dict[str, float] | None:
 def plot_goodput(totals: dict[str, dict[str, float]], path: str) -> str:
     """One horizontal stacked bar per run: its wall time split into steps, start-up, evaluation, checkpoint,
     data wait, redone steps and the rest; the goodput (the steps' share) is written at the bar's end."""
-    from megatron_lime.training.metrics import GOODPUT_PHASES, PHASE_NAMES
-
     plt = _pyplot()
     names = list(totals)
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)))
@@ -171,8 +168,6 @@ def plot_goodput(totals: dict[str, dict[str, float]], path: str) -> str:
 
 def goodput_table(totals: dict[str, dict[str, float]]) -> str:
     """Markdown: one row per run, seconds and share of each phase."""
-    from megatron_lime.training.metrics import GOODPUT_PHASES, PHASE_NAMES
-
     rows = ["| run | goodput | wall (s) | " + " | ".join(PHASE_NAMES[p] + " (s)" for p in GOODPUT_PHASES) + " |",
             "|" + "---|" * (len(GOODPUT_PHASES) + 3)]
     for name, seconds in totals.items():

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_lime import kernels
 from megatron_lime.config import LimeConfig
 from megatron_lime.model.attention import CausalSelfAttention, DocumentMask, document_mask
-from megatron_lime.model.linear import Linear
+from megatron_lime.model.linear import Linear, weights_changed
 from megatron_lime.model.loss import chunked_language_model_loss, language_model_loss
 from megatron_lime.model.positions import sinusoid_table
 
@@ -155,8 +155,9 @@ class LimeModel(nn.Module):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], where: str) -> None:
         """Copy `state_dict`'s weights into this model, checked first (checked_weights); the position table
-        stays the one computed from the config."""
+        stays the one computed from the config. Any kept low-precision copy of a weight is stale from now on."""
         self.load_state_dict(self.checked_weights(state_dict, self.config, where))
+        weights_changed()
 
     @classmethod
     def from_weights(cls, state_dict: dict[str, torch.Tensor], config: LimeConfig, where: str,

@@ -13,7 +13,8 @@ another data-parallel size, convert first:
     ... --load SAVE_DIR --universal-checkpoint
 
 (ds_to_universal writes SAVE_DIR/latest_universal; the data position is kept in samples.)
-`--load DIR` with a consolidated directory loads weights only (like --finetune).
+`--load DIR` with a consolidated directory loads weights only (like --finetune). restore() is the one way in:
+it decides from what --load names, checks, loads and returns where the run starts.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from megatron_lime.checkpoint import (DS_CONFIG, LIME_CONFIG, MODEL_STATES, CheckpointError, LoadSource, integrity,
-                                      deepspeed_loads_safely, mark_complete, numpy_array_safe_globals, rank_files,
-                                      read_lime_config, rng_file, tag_dirs, tag_name, torch_load, write_latest)
+from megatron_lime.checkpoint import (DS_CONFIG, LIME_CONFIG, MODEL_STATES, CheckpointError, LoadSource,
+                                      deepspeed_loads_safely, holds_checkpoint, integrity, load_lime_weights,
+                                      mark_complete, numpy_array_safe_globals, rank_files, read_lime_config,
+                                      resolve_load, rng_file, tag_dirs, tag_name, torch_load, write_latest)
 from megatron_lime.files import write_json
+from megatron_lime.training.config import CheckpointConfig
 from megatron_lime.training.metrics import Goodput
 
 
@@ -268,6 +271,58 @@ def newest_verified_before(save_dir: str, tag: str) -> str:
             return (f"the newest earlier checkpoint that verifies is {tag_dir}: resume from it with "
                     f"--load {tag_dir} (or write {name} into {os.path.join(save_dir, 'latest')})")
     return f"no earlier checkpoint in {save_dir} verifies (restore the files, or start again without --load)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a run starts: what --load names (the table in training/README.md)
+
+
+def find_load_source(options: CheckpointConfig, say: Callable[[str], None]) -> LoadSource | None:
+    """What --load names; a missing/empty directory starts from scratch (so --load == --save auto-resumes)."""
+    path = options.load
+    if not path:
+        return None
+    if not holds_checkpoint(path) and not options.finetune:
+        say(f"WARNING: --load {path} holds no checkpoint yet: starting from scratch")
+        return None
+    return resolve_load(path, options.universal_checkpoint)
+
+
+def restore(engine, checkpointer: Checkpointer, options: CheckpointConfig, model: dict[str, Any],
+            schedule: dict[str, Any], global_batch: int, say: Callable[[str], None]) -> TrainState:
+    """Load what --load names into the wrapped model and return where the run starts.
+
+    - a DeepSpeed save: the full state (weights, AdamW state, step, data position, RNG), or with --finetune its
+      weights only, through DeepSpeed's own loader (checkpointer.resume);
+    - a consolidated folder: weights only (load_lime_weights, verified), copied into the module, then DeepSpeed's
+      fp32 master copy is refreshed from them, as DeepSpeed's own weights-only load does;
+    - nothing: a run from scratch.
+    The checkpoint's model must be this run's (check_model_matches), and a full resume must continue its
+    learning-rate schedule (check_schedule) and its global batch.
+    """
+    source = find_load_source(options, say)
+    if source is None:
+        return TrainState()
+    if source.meta is not None:
+        check_model_matches(source.meta["model"], model, f"--load {source.path}")
+    check_schedule(source, schedule, options.override_lr_scheduler, options.finetune, say)
+    if source.kind == "deepspeed":
+        state = checkpointer.resume(engine, source, options.finetune, options.universal_checkpoint)
+        say(f"> loaded {os.path.join(source.path, source.tag)}: "
+            + ("weights only (fresh optimizer, step 0)" if options.finetune else
+               f"iteration {state.iteration}, consumed samples {state.consumed_samples}"))
+    else:
+        weights = load_lime_weights(source.path)
+        engine.module.load_weights(weights.state_dict, source.path)
+        if hasattr(engine.optimizer, "refresh_fp32_params"):
+            engine.optimizer.refresh_fp32_params()
+        state = TrainState()
+        say(f"> loaded weights from {weights.source} (fresh optimizer, step 0)")
+    if state.consumed_samples != state.iteration * global_batch:
+        raise RuntimeError(f"checkpoint at iteration {state.iteration} has consumed {state.consumed_samples} "
+                           f"samples; with --global-batch-size {global_batch} the run would not continue "
+                           f"where it stopped (changing the global batch size mid-run is not supported)")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------

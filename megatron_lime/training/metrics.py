@@ -1,15 +1,5 @@
-"""Training metrics: the Megatron-style log line, TensorBoard, optional W&B, MFU, and metrics.jsonl.
-
-SAVE_DIR/metrics.jsonl (when --save is given) holds one JSON object per line, for tools/report.py:
-  {"kind": "train", "iteration", "consumed_tokens", "loss", "lr", "grad_norm", "ms_per_step",
-   "tokens_per_second", "tflops_per_device", "mfu", "memory_gib", "skipped", "skipped_total"}
-  {"kind": "valid", "iteration", "consumed_tokens", "loss", "ppl"}
-  {"kind": "tasks", "iteration", "consumed_tokens", "scores": {task: score}, "metrics": {task: {..}}}
-  {"kind": "goodput", "iteration", "first_iteration", "steps", "redone_steps", "wall_s", "goodput",
-   "seconds": {phase: s}}   one per process that reached its end (see Goodput)
-A resumed run first drops the lines after its checkpoint's iteration (they belong to the
-abandoned part of the earlier run), so no iteration appears twice; "goodput" lines are kept
-(that time was spent).
+"""Training metrics: the Megatron-style log line, TensorBoard, optional W&B, MFU, goodput, and the records of
+metrics.jsonl (its format and reader: megatron_lime/metrics_file.py).
 
 MFU = achieved FLOP/s per device / peak dense bf16 FLOP/s of that device, with the model's
 FLOPs per token from LimeConfig.flops_per_token (6N + 12 L d s). The peak comes from
@@ -34,8 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from megatron_lime.files import write_text
-
-METRICS_FILE = "metrics.jsonl"
+from megatron_lime.metrics_file import GOODPUT_PHASES, METRICS_FILE, PHASE_NAMES, read_metrics
 
 # Peak dense bf16 tensor-core TFLOP/s (no sparsity), from the vendors' data sheets.
 # Matched by substring of torch.cuda.get_device_name(), first match wins (so H100 NVL / PCIe
@@ -180,6 +169,65 @@ class StepMetrics:
                 f" time left {format_duration(self.seconds_left)}")
 
 
+class StepWindow:
+    """The steps since the last log line. Losses and gradient norms stay on the device, summed there, and are read
+    once, when the window closes into the log line's StepMetrics: a step never waits for the GPU on the log's
+    account. The run's constants are given once."""
+
+    def __init__(self, train_iters: int, tokens_per_step: int, world_size: int, flops_per_token: float,
+                 peak_tflops: float | None, device: torch.device):
+        self.train_iters = train_iters
+        self.tokens_per_step = tokens_per_step
+        self.world_size = world_size
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.seconds = 0.0
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.loss_steps = 0
+        self.grad_norm_value: torch.Tensor | float | None = None
+        self.skipped = 0
+
+    def add(self, result: Any, seconds: float) -> None:
+        """One step: `result` is training/pretrain.py's StepResult (mean_loss, grad_norm_value, skipped)."""
+        self.steps += 1
+        self.seconds += seconds
+        if result.skipped:
+            self.skipped += 1
+        else:
+            self.loss_sum = self.loss_sum + result.mean_loss
+            self.loss_steps += 1
+            self.grad_norm_value = result.grad_norm_value
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_sum) / self.loss_steps if self.loss_steps else float("nan")
+
+    @property
+    def grad_norm(self) -> float | None:
+        return None if self.grad_norm_value is None else float(self.grad_norm_value)
+
+    def close(self, state: Any, lr: float) -> StepMetrics:
+        """The window's figures at `state` (the loop's TrainState: iteration, consumed samples and tokens, skipped
+        steps), read from the device once; the window starts again empty."""
+        seconds_per_step = self.seconds / max(self.steps, 1)
+        memory = peak_memory_gib(self.device)
+        metrics = StepMetrics(
+            iteration=state.iteration, train_iters=self.train_iters, consumed_samples=state.consumed_samples,
+            consumed_tokens=state.consumed_tokens, loss=self.loss, lr=lr, grad_norm=self.grad_norm,
+            ms_per_step=1000.0 * seconds_per_step, tokens_per_second=self.tokens_per_step / seconds_per_step,
+            world_size=self.world_size, flops_per_token=self.flops_per_token, peak_tflops=self.peak_tflops,
+            memory_gib=memory if memory is not None else cpu_owned_memory_gib(),
+            memory_kind="allocated" if memory is not None else "owned",
+            skipped_in_window=self.skipped, skipped_total=state.skipped_steps)
+        self.reset()
+        return metrics
+
+
 def format_duration(seconds: float) -> str:
     """1:02:03 for an hour and more, 2:03 below: the shortest unambiguous form for a log line."""
     minutes, secs = divmod(int(round(seconds)), 60)
@@ -189,11 +237,6 @@ def format_duration(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Goodput: where the wall time of a run went
-
-GOODPUT_PHASES = ("steps", "startup", "evaluation", "checkpoint", "data", "redone", "other")
-PHASE_NAMES = {"steps": "steps", "startup": "start-up", "evaluation": "evaluation", "checkpoint": "checkpoint",
-               "data": "data wait", "redone": "redone", "other": "other"}
-
 
 def process_start_time() -> float:
     """time.time() when this process started (Linux: /proc/self/stat, to 10 ms): start-up includes the imports."""
@@ -428,24 +471,3 @@ class MetricsLogger:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is skipped, any other bad line
-    is an error."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # no newline after it: the write was cut short
-                continue
-            raise ValueError(f"{path}:{number}: not valid JSON: {err.msg}") from None
-        if not isinstance(record, dict) or "iteration" not in record or "kind" not in record:
-            raise ValueError(f"{path}:{number}: a metrics record needs \"kind\" and \"iteration\"")
-        records.append(record)
-    return records

@@ -14,7 +14,7 @@
 # Each script is bash and Python at once: to Python the bash part is one string, and bash exits in
 # launch_or_print_args before it reaches the Python part. A launcher (ours or `deepspeed`) runs the
 # script with python on every rank; its Python part calls
-# megatron_lime.training.launch.train_with_script_flags, which asks bash for the flags (so they are
+# megatron_lime.training.pretrain.train_with_script_flags, which asks bash for the flags (so they are
 # written once, in the arrays) and trains with them followed by the command line's flags, which win
 # because the last occurrence of a flag wins.
 launch_or_print_args() {

@@ -87,6 +87,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout without pip install
-from megatron_lime.training.launch import train_with_script_flags  # noqa: E402
+from megatron_lime.training.pretrain import train_with_script_flags  # noqa: E402
 
 sys.exit(train_with_script_flags(__file__, sys.argv[1:]))

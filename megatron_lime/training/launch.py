@@ -152,18 +152,5 @@ def live_processes_in_group(group: int) -> list[int]:
     return alive
 
 
-def train_with_script_flags(script: str, argv: list[str]) -> int:
-    """One rank of an example launcher script (examples/pretrain_lime_1b.sh, sft_lime_1b.sh): train with
-    the flags its bash arrays hold (`bash SCRIPT --print-args`, NUL-separated), then `argv`, which wins
-    because the last occurrence of a flag wins. Imported lazily: this module is standard library only."""
-    from megatron_lime.training.failures import run_guarded
-    from megatron_lime.training.pretrain import main as pretrain_main
-
-    # The overrides go along, so that the script can leave out what they decide (its --precision, say).
-    printed = subprocess.run(["bash", script, "--print-args", *argv], check=True,
-                             stdout=subprocess.PIPE).stdout.decode()
-    return run_guarded(pretrain_main, printed.split("\0")[:-1] + argv)
-
-
 if __name__ == "__main__":
     sys.exit(main())

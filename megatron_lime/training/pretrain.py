@@ -19,6 +19,7 @@ over the R data-parallel ranks, each rank back-propagates R x that (without Deep
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -216,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     metrics.close()
     dist.barrier()
     return exit_code
+
+
+def train_with_script_flags(script: str, argv: list[str]) -> int:
+    """One rank of an example launcher script (examples/pretrain_lime_1b.sh, sft_lime_1b.sh): train with
+    the flags its bash arrays hold (`bash SCRIPT --print-args`, NUL-separated), then `argv`, which wins
+    because the last occurrence of a flag wins."""
+    # The overrides go along, so that the script can leave out what they decide (its --precision, say).
+    printed = subprocess.run(["bash", script, "--print-args", *argv], check=True,
+                             stdout=subprocess.PIPE).stdout.decode()
+    return run_guarded(main, printed.split("\0")[:-1] + argv)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ setup(
         # GPU needed): tests/test_kernel_cuda_build.py reads the kernels' SASS for 128-bit loads; import-linter:
         # the import layers (.importlinter, tests/test_layers.py), pinned like ruff.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.19", "lm-eval>=0.4.13,<0.5", "accelerate>=1.0",
-                 "matplotlib>=3.8", "ruff==0.17.6", "import-linter==2.17", "nvidia-cuda-cuobjdump>=13; sys_platform == 'linux'",
+                 "matplotlib>=3.8", "ruff==0.17.6", "import-linter==2.17",
+                 "nvidia-cuda-cuobjdump>=13; sys_platform == 'linux'",
                  "nvidia-cuda-nvdisasm>=13; sys_platform == 'linux'"],
         # lm-evaluation-harness for tools/evaluate.py and --eval-tasks; matplotlib for tools/report.py.
         "eval": ["lm-eval>=0.4.13,<0.5", "accelerate>=1.0", "matplotlib>=3.8"],

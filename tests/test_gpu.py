@@ -1,5 +1,5 @@
 """The GPU tests, each also run on the CPU (so the code they hold to the GPU cannot rot unseen between GPU
-sessions; benchmarks/gpu_check.sh runs the CUDA ones on a GPU machine): every attention backend that trains on
+sessions; gpu_check/gpu_check.sh runs the CUDA ones on a GPU machine): every attention backend that trains on
 the device against an fp32 reference and each other, a packed batch against its documents run alone, and
 DeepSpeed ZeRO-1 steps of lime-tiny (bf16 on a GPU, fp32 on the CPU) through the training loop's own step on
 pretraining and packed SFT batches. The layout of the benchmarks' packed SFT batch is checked too, and their step

@@ -80,7 +80,7 @@ def test_bench_kernels_runs_on_cpu_and_writes_every_figure(tmp_path):
 
 
 def test_the_gpu_checks_command_line_parses(tmp_path):
-    """benchmarks/gpu_check.sh's call; on a machine without a GPU it stops at the device check (exit 2),
+    """gpu_check/gpu_check.sh's call; on a machine without a GPU it stops at the device check (exit 2),
     on one with a GPU it runs (at a small shape here)."""
     import torch  # noqa: PLC0415 - only to know which outcome to expect
 

@@ -180,7 +180,7 @@ def cuda_graph_ms(fn: Callable[[], object], iterations: int, device: torch.devic
         with torch.cuda.graph(graph):
             fn()
     except Exception:  # an op that synchronises or allocates in a way capture refuses
-        torch.cuda.synchronize()
+        synchronize(device)
         return None
     return statistics.median([device_ms_per_call(graph.replay, iterations, device) for _ in range(3)])
 

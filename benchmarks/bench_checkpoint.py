@@ -23,9 +23,10 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from bench_common import Stopwatch  # noqa: E402 - after DS_ACCELERATOR: it imports torch and the library
 
 
 def hash_rates(mib: int, rounds: int) -> dict[str, list[float]]:
@@ -38,11 +39,11 @@ def hash_rates(mib: int, rounds: int) -> dict[str, list[float]]:
     for _ in range(rounds):
         for algorithm in algorithms:
             digest = getattr(integrity.xxhash, algorithm)() if algorithm.startswith("xxh") else hashlib.new(algorithm)
-            start = time.perf_counter()
-            for offset in range(0, len(data), 16 << 20):
-                digest.update(data[offset:offset + (16 << 20)])
-            digest.hexdigest()
-            rates[algorithm].append(len(data) / (time.perf_counter() - start) / 1e9)
+            with Stopwatch() as watch:
+                for offset in range(0, len(data), 16 << 20):
+                    digest.update(data[offset:offset + (16 << 20)])
+                digest.hexdigest()
+            rates[algorithm].append(len(data) / watch.seconds / 1e9)
     return rates
 
 
@@ -106,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                                      "  of which hashing": []}
 
     def timed_hash_files(*a, **k):
-        start = time.perf_counter()
-        try:
-            return real_hash_files(*a, **k)
-        finally:
-            times["  of which hashing"].append(time.perf_counter() - start)
+        with Stopwatch() as watch:
+            try:
+                return real_hash_files(*a, **k)
+            finally:
+                times["  of which hashing"].append(watch.seconds)
 
     saved_bytes = 0
     try:
@@ -123,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                 integrity.hash_files = timed_hash_files if hashed else (lambda folder, paths, *a, **k: {})
                 Checkpointer.verify = real_verify if hashed else (lambda self, source, names: None)
                 iteration += 1
-                start = time.perf_counter()
-                tag_dir = checkpointer.save(engine, TrainState(iteration=iteration))
-                times["save, hashed" if hashed else "save"].append(time.perf_counter() - start)
+                with Stopwatch() as saving:
+                    tag_dir = checkpointer.save(engine, TrainState(iteration=iteration))
+                times["save, hashed" if hashed else "save"].append(saving.seconds)
                 saved_bytes = folder_bytes(tag_dir)
                 source = resolve_load(root)
-                start = time.perf_counter()
-                checkpointer.resume(engine, source, weights_only=False, universal=False)
-                times["resume, verified" if hashed else "resume"].append(time.perf_counter() - start)
+                with Stopwatch() as resuming:
+                    checkpointer.resume(engine, source, weights_only=False, universal=False)
+                times["resume, verified" if hashed else "resume"].append(resuming.seconds)
     finally:
         integrity.hash_files, Checkpointer.verify = real_hash_files, real_verify
         shutil.rmtree(root, ignore_errors=True)

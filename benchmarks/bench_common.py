@@ -1,9 +1,15 @@
-"""What the training benchmarks share: their batches, their step timer, their rows, the GPU's rates and a profile.
+"""What the benchmarks share: their clocks and memory figures (every benchmark), and the training benchmarks' batches,
+step timer, rows, the GPU's rates and a profile.
 
-    from bench_common import pretraining_batch, packed_batch, seconds_per_step, Row, profile_steps
+    from bench_common import Stopwatch, device_ms_per_call, peak_memory_gib, pretraining_batch, seconds_per_step
 
-Imported by bench_train.py, bench_gpu_train.py and bench_gpu_peer.py as a module beside them (a script's own
-folder is on Python's path); tests load it the same way (pytest's monkeypatch.syspath_prepend).
+Imported by every benchmark as a module beside it (a script's own folder is on Python's path). Tests do not
+import it: they run it in a subprocess with benchmarks/ on PYTHONPATH, as they run the benchmarks.
+
+Timing, one way for all: Stopwatch times a block on a host clock with the device drained at both ends (what a step,
+a save or a whole tool run costs), device_ms_per_call what back-to-back calls cost the device (CUDA events on a GPU,
+where a host clock would add the launch latency; the wall clock on a CPU). Peak GPU memory is the training log
+line's own figure (megatron_lime.training.metrics.peak_memory_gib), reset per row here.
 
 Batches are random tokens on the whole sequence ("pretrain") or packed SFT rows as megatron_lime.data.sft packs
 them ("sft-packed": documents of 16 to 256 tokens, the last one cut to fit, positions restarting per document,
@@ -26,6 +32,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from megatron_lime.training.metrics import peak_memory_gib
 
 BATCH_KINDS = ("pretrain", "sft-packed")
 MODES = ("eager", "compile")
@@ -145,29 +153,86 @@ def make_batch(kind: str, vocab_size: int, micro_batch: int, seq: int, device: t
     raise ValueError(f"batch kind must be one of {BATCH_KINDS}, got {kind!r}")
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+# ----------------------------------------------------------------------------------------------
+# Clocks and memory: every benchmark's, written once
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the work queued on `device`: a GPU runs behind the host; a CPU (or no device) has nothing queued."""
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def seconds_per_step(step: Callable[[], object], steps: int, device: torch.device, clock: str = "wall") -> float:
-    """Seconds per call of step() over `steps` back-to-back calls, the device drained before and after.
+class Stopwatch:
+    """Seconds of a `with` block on a host clock, `device`'s queued work drained on the way in and out (else a GPU's
+    work would spill past the block's end); while the block runs, `seconds` is the time so far.
+
+        with Stopwatch(device) as watch:
+            step()
+        watch.seconds
 
     clock "wall" is the wall clock; "cpu" this process's CPU time (a CPU device only: robust to other processes
-    loading a shared machine).
+    loading a shared machine). A block that raises is not drained: the error goes up as it was, not one from the
+    device.
     """
-    if clock == "cpu" and device.type != "cpu":
-        raise ValueError("the cpu clock measures this process's CPU time: only for the CPU device")
-    now = CLOCKS[clock]
-    synchronize(device)
-    start = now()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (now() - start) / steps
+
+    def __init__(self, device: torch.device | None = None, clock: str = "wall"):
+        if clock == "cpu" and device is not None and device.type != "cpu":
+            raise ValueError("the cpu clock measures this process's CPU time: only for the CPU device")
+        self.device = device
+        self.now = CLOCKS[clock]
+        self.started = self.stopped = None
+
+    def __enter__(self) -> Stopwatch:
+        synchronize(self.device)
+        self.started, self.stopped = self.now(), None
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            synchronize(self.device)
+        self.stopped = self.now()
+
+    @property
+    def seconds(self) -> float:
+        return (self.now() if self.stopped is None else self.stopped) - self.started
+
+
+def device_ms_per_call(call: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Milliseconds per call of call() over `calls` back-to-back calls, as the device spends them: between CUDA events
+    on the current stream on a GPU (a host clock would add the launch latency), on the wall clock, the device
+    drained, elsewhere (a CPU runs the op in the call)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    with Stopwatch(device) as watch:
+        for _ in range(calls):
+            call()
+    return 1e3 * watch.seconds / calls
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start peak_memory_gib's high-water mark afresh (a GPU; nothing on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def seconds_per_step(step: Callable[[], object], steps: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per call of step() over `steps` back-to-back calls, the device drained before and after (Stopwatch's
+    clocks)."""
+    with Stopwatch(device, clock) as watch:
+        for _ in range(steps):
+            step()
+    return watch.seconds / steps
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -178,12 +243,12 @@ def is_out_of_memory(error: BaseException) -> bool:
 def wait_while(path: str | None, limit_s: float = 600.0, poll_s: float = 0.5) -> float:
     """Wait while the file `path` exists (gpu_check.sh's marker of a build running beside this benchmark), at most
     limit_s seconds; returns the seconds waited. None or a missing file: no wait."""
-    started = time.perf_counter()
-    if path and os.path.exists(path):
-        print(f"waiting for {path} to go (the build is running) before timing", flush=True)
-        while os.path.exists(path) and time.perf_counter() - started < limit_s:
-            time.sleep(poll_s)
-    return time.perf_counter() - started
+    with Stopwatch() as waited:
+        if path and os.path.exists(path):
+            print(f"waiting for {path} to go (the build is running) before timing", flush=True)
+            while os.path.exists(path) and waited.seconds < limit_s:
+                time.sleep(poll_s)
+    return waited.seconds
 
 
 def timed_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device,
@@ -194,47 +259,28 @@ def timed_steps(step: Callable[[], object], warmup: int, steps: int, device: tor
     (returned, not raised, so the error's frames no longer hold the row's tensors when the caller frees them and
     goes on to the next row)."""
     reset_peak_memory(device)
-    started = time.perf_counter()
     try:
-        for _ in range(warmup):
-            step()
-        synchronize(device)
-        waited = wait_while(quiet_marker)
-        seconds = seconds_per_step(step, steps, device)
+        with Stopwatch() as wall:
+            for _ in range(warmup):
+                step()
+            synchronize(device)
+            waited = wait_while(quiet_marker)
+            seconds = seconds_per_step(step, steps, device)
     except Exception as error:
         if not is_out_of_memory(error):
             raise
         return {"error": f"out of memory: {str(error).strip().splitlines()[0][:300]}", "oom": True}
-    return {"seconds": seconds, "wall_seconds_with_warmup": time.perf_counter() - started - waited,
-            "waited_s": waited}
+    return {"seconds": seconds, "wall_seconds_with_warmup": wall.seconds - waited, "waited_s": waited}
 
 
 def matmul_tflops(size: int, device: torch.device, repeats: int = 20) -> float:
-    """bf16 size^3 matmul rate on random data on a GPU (median of `repeats`, CUDA events)."""
+    """bf16 size^3 matmul rate on random data on a GPU (median of `repeats` single calls, device time)."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * size**3 / statistics.median(times) / 1e12
-
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    """The high-water mark of allocated GPU memory since the last reset (None on CPU)."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    seconds = [device_ms_per_call(lambda: a @ b, 1, device) / 1e3 for _ in range(repeats)]
+    return 2 * size**3 / statistics.median(seconds) / 1e12
 
 
 def throughput(row: Row, seq: int, seconds: float, flops_per_token: float, peak_tflops: float | None,
@@ -289,12 +335,10 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(device)
     with profile(activities=activities) as prof:
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        wall = time.perf_counter() - started
+        with Stopwatch(device) as watch:
+            for _ in range(steps):
+                step()
+    wall = watch.seconds
     events = prof.events()
     device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     totals: dict[str, list[float]] = {}
@@ -379,9 +423,9 @@ def run_apart(script: str, argv: list[str], groups: list[tuple[str, list[str]]],
             command = [sys.executable, script, *argv, *extra, "--json", child_json]
             if markdown_path:
                 command += ["--profile-md", child_md]
-            started = time.perf_counter()
-            returncode = subprocess.run(command).returncode
-            print(f"[{label}: exit {returncode} after {time.perf_counter() - started:.0f} s]", flush=True)
+            with Stopwatch() as child_wall:
+                returncode = subprocess.run(command).returncode
+            print(f"[{label}: exit {returncode} after {child_wall.seconds:.0f} s]", flush=True)
             failed |= returncode != 0
             child: dict = {}
             if os.path.exists(child_json):
@@ -395,7 +439,7 @@ def run_apart(script: str, argv: list[str], groups: list[tuple[str, list[str]]],
                 else:
                     merged.setdefault(key, value)
             merged.setdefault("children", {})[label] = {"exit": returncode,
-                                                       "wall_seconds": time.perf_counter() - started}
+                                                       "wall_seconds": child_wall.seconds}
             if json_path and merged:
                 write_json(json_path, merged)
             if markdown_path and os.path.exists(child_md):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
+from bench_common import Stopwatch
 from megatron_lime.data.indexed_dataset import IndexedDataset, write_index
 
 
@@ -28,12 +28,6 @@ def evict(*paths: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -62,7 +56,9 @@ def main() -> int:
                 ds = IndexedDataset(prefix)
                 if state == "cold":
                     evict(prefix + ".bin", prefix + ".idx")
-                best = min(best, timed(lambda: check(ds)))
+                with Stopwatch() as watch:
+                    check(ds)
+                best = min(best, watch.seconds)
             results[(name, state)] = best
             print(f"{name:20s} {state}: {best:.3f} s for {args.tokens:,} tokens "
                   f"({size_gb / best:.1f} GB/s of .bin size)")

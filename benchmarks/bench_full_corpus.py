@@ -37,6 +37,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench_common import Stopwatch  # noqa: E402
 from megatron_lime.data.indexed_dataset import IndexedDataset, write_index  # noqa: E402
 from megatron_lime.training.metrics import owned_memory_bytes  # noqa: E402
 
@@ -44,23 +45,22 @@ from megatron_lime.training.metrics import owned_memory_bytes  # noqa: E402
 def write_corpus(prefix: str, documents: int, seed: int = 0) -> tuple[int, float]:
     """The .idx of `documents` documents of 1..1999 tokens and a sparse .bin of matching size (token id 0
     throughout). Returns (tokens, seconds)."""
-    start = time.perf_counter()
-    lengths = np.random.default_rng(seed).integers(1, 2000, documents, dtype=np.int32)
-    tokens = int(lengths.sum(dtype=np.int64))
-    write_index(prefix + ".idx", np.uint16, lengths)
-    with open(prefix + ".bin", "wb") as f:
-        f.truncate(2 * tokens)
-    return tokens, time.perf_counter() - start
+    with Stopwatch() as watch:
+        lengths = np.random.default_rng(seed).integers(1, 2000, documents, dtype=np.int32)
+        tokens = int(lengths.sum(dtype=np.int64))
+        write_index(prefix + ".idx", np.uint16, lengths)
+        with open(prefix + ".bin", "wb") as f:
+            f.truncate(2 * tokens)
+    return tokens, watch.seconds
 
 
 def read_bin_once(prefix: str) -> tuple[float, float]:
     """(seconds, GB/s) to read the .bin once in the token-id scan's chunks, without looking at the tokens."""
     dataset = IndexedDataset(prefix)
-    start = time.perf_counter()
-    for _ in dataset._chunks():
-        pass
-    seconds = time.perf_counter() - start
-    return seconds, os.path.getsize(dataset.bin_path) / seconds / 1e9
+    with Stopwatch() as watch:
+        for _ in dataset._chunks():
+            pass
+    return watch.seconds, os.path.getsize(dataset.bin_path) / watch.seconds / 1e9
 
 
 def tokenizer_for(workdir: str) -> str:
@@ -122,12 +122,11 @@ def start_run(prefix: str, tokenizer: str, save: str, log_path: str) -> dict:
                "--vocab-size", "512", "--seq-length", "512", "--micro-batch-size", "8", "--global-batch-size", "16",
                "--train-tokens", "20000000000", "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "1",
                "--exit-interval", "2", "--num-workers", "0"]
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with Stopwatch() as launcher, open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         memory = RankMemory(process.pid)
         status = process.wait()
-    seconds = time.perf_counter() - start
+    seconds = launcher.seconds
     peaks = memory.stop()
     output = open(log_path).read()
     if status != 0:

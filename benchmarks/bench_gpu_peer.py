@@ -1,6 +1,6 @@
 """The peer: what a user writes in 30 lines, a plain PyTorch loop over transformers' GPT-2 with LIME's dims.
 
-    python benchmarks/bench_gpu_peer.py --json peer.json --shapes 16x4 --modes compile eager   # as gpu_check.sh
+    python benchmarks/bench_gpu_peer.py --json peer.json --shapes 16x4 --modes compile eager  # as gpu_check/ runs it
     python benchmarks/bench_gpu_peer.py --shapes 32x2 --modes compile
     python benchmarks/bench_gpu_peer.py --dry-run                 # the same code at tiny sizes, on the CPU too
 

@@ -1,6 +1,6 @@
 """lime-1b training throughput on one GPU through the real training step: tokens/s, TFLOP/s, MFU, memory, a profile.
 
-    python benchmarks/bench_gpu_train.py --json train.json --shapes 16x4 --batch-kinds pretrain   # as gpu_check.sh
+    python benchmarks/bench_gpu_train.py --json train.json --shapes 16x4 --batch-kinds pretrain  # as gpu_check/ runs it
     python benchmarks/bench_gpu_train.py --shapes 32x2 --modes compile --precisions autocast --batch-kinds pretrain
     python benchmarks/bench_gpu_train.py --dry-run            # every code path at tiny sizes, on the CPU too
 
@@ -24,7 +24,7 @@ Tokens/s counts every position of every sequence; TFLOP/s counts LimeConfig.flop
 whole causal sequence as Megatron counts it, packed batches too); MFU divides by the datasheet's dense bf16
 peak (training.metrics, or --peak-tflops). A bf16 matmul timed in the same process says what this GPU's
 matrix units deliver today. benchmarks/bench_gpu_peer.py times a plain PyTorch loop over transformers' GPT-2
-with the same dims on the same rows; gpu_check.sh prints the two side by side.
+with the same dims on the same rows; gpu_check/gpu_check.sh prints the two side by side.
 
 --dry-run runs all of it at tiny sizes (lime-tiny, seq 64, on a CPU: both precisions as DeepSpeed runs them there)
 so the test suite proves the script.

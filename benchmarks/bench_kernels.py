@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from bench_common import Stopwatch, device_ms_per_call, synchronize
 from megatron_lime import kernels
 from megatron_lime.files import write_json
 
@@ -51,11 +51,6 @@ BYTES_MOVED = {
     "add_rms_norm": {"forward": 4, "backward": 4, "forward+backward": 8},
     "silu": {"forward": 2, "backward": 3, "forward+backward": 5},
 }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_apex():
@@ -164,15 +159,14 @@ def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int)
     """Wall time per call with no synchronisation inside the loop: the host's cost of a call
     (the GPU queue absorbs the kernels); on CPU it includes the kernel itself."""
     synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
+    with Stopwatch() as watch:  # no drain at the end: the host's time alone
+        for _ in range(calls):
+            fn()
     synchronize(device)
-    return elapsed / calls * 1e6
+    return watch.seconds / calls * 1e6
 
 
-def cuda_graph_ms(fn: Callable[[], object], iterations: int) -> float | None:
+def cuda_graph_ms(fn: Callable[[], object], iterations: int, device: torch.device) -> float | None:
     """Device time of one call: fn captured once in a CUDA graph, replayed `iterations` times
     between CUDA events, 3 rounds, the median. None when fn cannot be captured."""
     try:
@@ -186,28 +180,9 @@ def cuda_graph_ms(fn: Callable[[], object], iterations: int) -> float | None:
         with torch.cuda.graph(graph):
             fn()
     except Exception:  # an op that synchronises or allocates in a way capture refuses
-        torch.cuda.synchronize()
+        synchronize(device)
         return None
-    times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iterations):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iterations)
-    return statistics.median(times)
-
-
-def cuda_events_ms(fn: Callable[[], object], iterations: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iterations):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iterations
+    return statistics.median([device_ms_per_call(graph.replay, iterations, device) for _ in range(3)])
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iterations: int) -> Timing:
@@ -217,10 +192,10 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, itera
     host = host_us_per_call(fn, device, iterations)
     if device.type != "cuda":
         return Timing(host / 1e3, host, "wall")
-    graph = cuda_graph_ms(fn, iterations)
+    graph = cuda_graph_ms(fn, iterations, device)
     if graph is not None:
         return Timing(graph, host, "graph")
-    return Timing(cuda_events_ms(fn, iterations), host, "events")
+    return Timing(device_ms_per_call(fn, iterations, device), host, "events")
 
 
 def time_implementations(impls: dict[str, Callable[..., object]], inputs: list[torch.Tensor], device: torch.device,

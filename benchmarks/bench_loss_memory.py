@@ -5,7 +5,8 @@
 Each variant runs in its own subprocess (a fresh high-water mark): it builds the model in fp32, records its
 peak RSS (resource.getrusage maxrss) after building the model and the batch, runs one forward+backward, and
 records the peak again. Reported: the peak RSS of the process, the step's growth above what was resident
-before it, and the ratios chunked / materialised of both. On CUDA the same for torch.cuda.max_memory_allocated.
+before it, and the ratios chunked / materialised of both. On CUDA the same for the peak of allocated GPU memory
+(bench_common's reset and the training log line's peak_memory_gib).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +38,9 @@ def measure(options: argparse.Namespace) -> dict:
     """One variant, in this process: peak memory before and after one forward+backward."""
     import torch
 
+    # Here, not at the top: the parent starts the variants before it imports torch, since a child's peak RSS
+    # starts at its parent's (the high-water mark survives fork and exec).
+    from bench_common import Stopwatch, peak_memory_gib, reset_peak_memory
     from megatron_lime.config import LimeConfig
     from megatron_lime.model import LimeModel
 
@@ -51,19 +54,17 @@ def measure(options: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = LimeModel(config).to(device)
     tokens = torch.randint(0, config.vocab_size, (options.micro_batch_size, options.seq_length + 1), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     before = peak_rss_bytes()
     allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    start = time.perf_counter()
-    out = model(tokens[:, :-1], labels=tokens[:, 1:])
-    out.loss.backward()
-    loss = out.loss.item()
-    seconds = time.perf_counter() - start
+    with Stopwatch(device) as watch:
+        out = model(tokens[:, :-1], labels=tokens[:, 1:])
+        out.loss.backward()
+        loss = out.loss.item()
     result = {"variant": options.variant, "loss_chunk_size": config.loss_chunk_size, "loss": loss,
-              "seconds": seconds, "peak_rss": peak_rss_bytes(), "rss_before_step": before}
+              "seconds": watch.seconds, "peak_rss": peak_rss_bytes(), "rss_before_step": before}
     if device.type == "cuda":
-        result["peak_allocated"] = torch.cuda.max_memory_allocated(device)
+        result["peak_allocated"] = peak_memory_gib(device) * 2**30  # bytes, as peak_rss
         result["allocated_before_step"] = allocated_before
     return result
 

@@ -51,8 +51,9 @@ import os
 import random
 import subprocess
 import sys
-import time
 import warnings
+
+from bench_common import Stopwatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Installed libraries with long English docstrings, to give a 32k vocabulary enough distinct text.
@@ -138,10 +139,10 @@ def run_preprocess(corpus: str, tokenizer: str, prefix: str, workers: int, env: 
                "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
                "print(json.dumps({'rc': p.returncode, 'maxrss_kb': u.ru_maxrss, "
                "'cpu_s': u.ru_utime + u.ru_stime}), file=sys.stderr)")
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - start
+    with Stopwatch() as watch:
+        proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})})
+    wall = watch.seconds
     if proc.returncode != 0:
         raise RuntimeError(f"preprocess_data.py failed:\n{proc.stdout}\n{proc.stderr}")
     memory = json.loads(proc.stderr.strip().splitlines()[-1])
@@ -188,9 +189,9 @@ def bench_sentencepiece_alone(corpus: str, tokenizer: str, max_bytes: int = 20_0
               "tool": tok.encode_batch,
               "conversion": lambda batch: [e.ids for e in tok.backend.encode_batch(batch, add_special_tokens=False)],
               }[encoder]
-    start, cpu_start = time.perf_counter(), time.process_time()
-    tokens = sum(len(ids) for ids in encode(texts))
-    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    with Stopwatch() as wall, Stopwatch(clock="cpu") as cpu:
+        tokens = sum(len(ids) for ids in encode(texts))
+    seconds, cpu_s = wall.seconds, cpu.seconds
     return {"documents": len(texts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "tokens_per_cpu_s": tokens / cpu_s}
 
@@ -214,14 +215,14 @@ def bench_sentencepiece_parallel(corpus: str, tokenizer: str, processes: int, ma
 
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    start = time.perf_counter()
-    children = [context.Process(target=encode, args=(k, queue)) for k in range(processes)]
-    for child in children:
-        child.start()
-    tokens = sum(queue.get() for _ in children)
-    for child in children:
-        child.join()
-    seconds = time.perf_counter() - start
+    with Stopwatch() as watch:
+        children = [context.Process(target=encode, args=(k, queue)) for k in range(processes)]
+        for child in children:
+            child.start()
+        tokens = sum(queue.get() for _ in children)
+        for child in children:
+            child.join()
+    seconds = watch.seconds
     return {"processes": processes, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
@@ -269,10 +270,10 @@ def run_megatron_lm(megatron_lm: str, corpus: str, model_file: str, prefix: str,
     cmd = [sys.executable, os.path.join(megatron_lm, "tools", "preprocess_data.py"), "--input", corpus,
            "--output-prefix", prefix, "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", model_file,
            "--append-eod", "--workers", str(workers), "--log-interval", "1000000"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=megatron_lm,
-                          env={**os.environ, "PYTHONPATH": megatron_lm})
-    wall = time.perf_counter() - start
+    with Stopwatch() as watch:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=megatron_lm,
+                              env={**os.environ, "PYTHONPATH": megatron_lm})
+    wall = watch.seconds
     if proc.returncode != 0:
         raise RuntimeError(f"Megatron-LM's preprocess_data.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return {"wall_s": wall, "load_average_1min_after": os.getloadavg()[0]}
@@ -408,18 +409,17 @@ def bench_sample_index(workdir: str, num_documents: int, seq_length: int) -> dic
     if os.path.isdir(cache):
         for name in os.listdir(cache):
             os.remove(os.path.join(cache, name))
-    start = time.perf_counter()
-    built = GPTDataset(ds, (0, num_documents), seq_length, num_samples, seed=1234, cache_dir=cache)
-    build_s = time.perf_counter() - start
-    start = time.perf_counter()
-    loaded = GPTDataset(IndexedDataset(prefix), (0, num_documents), seq_length, num_samples, seed=1234, cache_dir=cache)
-    load_s = time.perf_counter() - start
+    with Stopwatch() as build:
+        built = GPTDataset(ds, (0, num_documents), seq_length, num_samples, seed=1234, cache_dir=cache)
+    with Stopwatch() as load:
+        loaded = GPTDataset(IndexedDataset(prefix), (0, num_documents), seq_length, num_samples, seed=1234,
+                            cache_dir=cache)
     assert len(loaded) == len(built) and loaded[len(loaded) - 1]["input_ids"].shape == (seq_length,)
-    start = time.perf_counter()
     from megatron_lime.data.gpt_dataset import build_sample_index
 
-    build_sample_index(lengths, built.document_index, seq_length, num_samples)
-    cpp_s = time.perf_counter() - start
+    with Stopwatch() as cpp:
+        build_sample_index(lengths, built.document_index, seq_length, num_samples)
+    build_s, load_s, cpp_s = build.seconds, load.seconds, cpp.seconds
     return {"documents": num_documents, "tokens": tokens, "seq_length": seq_length, "samples": len(built),
             "build_and_cache_s": build_s, "build_sample_idx_cpp_only_s": cpp_s, "cached_reload_s": load_s}
 
@@ -460,14 +460,14 @@ def main() -> int:
     results["corpus"] = {"paragraphs": len(paragraphs), **corpus}
     tokenizer = os.path.join(args.workdir, f"tokenizer_{args.vocab_size}")
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer_info.json")):
-        start = time.perf_counter()
-        rc = subprocess.call([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"),
-                              "--input", corpus["path"],
-                              "--output-dir", tokenizer, "--vocab-size", str(args.vocab_size),
-                              "--num-documents", "20000", "--num-threads", "2"])
+        with Stopwatch() as watch:
+            rc = subprocess.call([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"),
+                                  "--input", corpus["path"],
+                                  "--output-dir", tokenizer, "--vocab-size", str(args.vocab_size),
+                                  "--num-documents", "20000", "--num-threads", "2"])
         if rc != 0:
             return rc
-        results["tokenizer_train_s"] = time.perf_counter() - start
+        results["tokenizer_train_s"] = watch.seconds
 
     if args.standard_sentencepiece:
         model_file = os.path.join(args.workdir, f"standard_bpe_{args.vocab_size}.model")

@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     options = parse_args()
     from megatron_lime.training.config import parse_training_args
-    from megatron_lime.training.metrics import peak_tflops_for
+    from megatron_lime.training.metrics import peak_memory_gib, peak_tflops_for
     from megatron_lime.training.pretrain import build_model, init_distributed, train_step
     from megatron_lime.training.wrap import build_optimizer, resolve_precision, wrap_model
 
@@ -176,7 +176,7 @@ def main() -> int:
         print(f"  overhead of our stack: {100 * (statistics.median(ratios) - 1):+.1f}% median of per-round ratios "
               f"(min {100 * (min(ratios) - 1):+.1f}%, max {100 * (max(ratios) - 1):+.1f}%; target < 5%)")
     if device.type == "cuda":
-        print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+        print(f"  peak memory {peak_memory_gib(device):.1f} GiB")
     return 0
 
 

@@ -74,7 +74,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -620,21 +619,21 @@ def random_batches(vocab: int, micro: int, seq: int, count: int) -> list[dict[st
 def measure(who: str, model: str, layers: int, seq: int, micros: tuple[int, ...], precision: str,
             options: argparse.Namespace) -> dict[tuple[int, int], Counts]:
     """Counts of one step at (micro-batch b, accumulation acc) for every b in micros and acc in {1, 2}."""
+    from bench_common import Stopwatch  # imports the library: in here, as this file's other library imports
     from megatron_lime.config import LimeConfig
 
     vocab = LimeConfig.from_name(model).vocab_size
-    start = time.perf_counter()
-    step = STEPS[who](model, layers, seq, micros[0], precision, options.ds_config)
-    results = {}
-    paths = cuda_paths() if who == "ours" and not options.cpu_paths else contextlib.nullcontext([])
-    with paths as switched:
-        measure_steps(step, vocab, seq, micros, results)
-    step.close()
-    del step
-    gc.collect()
+    with Stopwatch() as watch:
+        step = STEPS[who](model, layers, seq, micros[0], precision, options.ds_config)
+        results = {}
+        paths = cuda_paths() if who == "ours" and not options.cpu_paths else contextlib.nullcontext([])
+        with paths as switched:
+            measure_steps(step, vocab, seq, micros, results)
+        step.close()
+        del step
+        gc.collect()
     print(f"  {who:<4} {precision:<8} L={layers} b={','.join(map(str, micros))}: "
-          f"{time.perf_counter() - start:.1f} s" + (f"; CUDA paths: {', '.join(switched)}" if switched else ""),
-          flush=True)
+          f"{watch.seconds:.1f} s" + (f"; CUDA paths: {', '.join(switched)}" if switched else ""), flush=True)
     return results
 
 

@@ -1,9 +1,10 @@
 """The GPU tests, each also run on the CPU (so the code they hold to the GPU cannot rot unseen between GPU
-sessions; benchmarks/gpu_check.sh runs the CUDA ones on a GPU machine): every attention backend that trains on
+sessions; gpu_check/gpu_check.sh runs the CUDA ones on a GPU machine): every attention backend that trains on
 the device against an fp32 reference and each other, a packed batch against its documents run alone, and
 DeepSpeed ZeRO-1 steps of lime-tiny (bf16 on a GPU, fp32 on the CPU) through the training loop's own step on
 pretraining and packed SFT batches. The layout of the benchmarks' packed SFT batch is checked too, and their step
-timer's out-of-memory rows and its wait for the GPU check's build."""
+timer's out-of-memory rows and its wait for the GPU check's build (bench_common run in a subprocess: no test imports
+a benchmark)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
-@pytest.fixture
-def bench_common(monkeypatch):
-    monkeypatch.syspath_prepend(BENCHMARKS)
-    import bench_common
-
-    return bench_common
+def run_bench_common(code: str, *args: str) -> dict:
+    """Run `code` (with `args` as sys.argv[1:]) in a fresh Python with benchmarks/ on the path, as the benchmarks run;
+    it prints one JSON line last."""
+    path = [BENCHMARKS, REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env={**os.environ,
+                          "PYTHONPATH": os.pathsep.join(path)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def attention_backends(device: str) -> list[str]:
@@ -85,11 +88,20 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-30)).item()
 
 
-def test_packed_sft_batch_has_the_sft_dataset_layout(bench_common):
+PACKED_BATCH = r'''
+import json, sys
+import torch
+from bench_common import packed_batch
+batch = packed_batch(int(sys.argv[1]), 3, 128, torch.device("cpu"), torch.Generator().manual_seed(0), longest=48)
+print(json.dumps({name: {"values": tensor.tolist(), "dtype": str(tensor.dtype)} for name, tensor in batch.items()}))
+'''
+
+
+def test_packed_sft_batch_has_the_sft_dataset_layout():
     """The benchmarks' packed batch: positions restart per document, the prompts carry no loss."""
     config = LimeConfig.from_name("lime-tiny")
-    batch = bench_common.packed_batch(config.vocab_size, 3, 128, torch.device("cpu"), torch.Generator().manual_seed(0),
-                                      longest=48)
+    batch = {name: torch.tensor(tensor["values"], dtype=getattr(torch, tensor["dtype"].removeprefix("torch.")))
+             for name, tensor in run_bench_common(PACKED_BATCH, str(config.vocab_size)).items()}
     for row in range(3):
         documents = batch["document_ids"][row]
         starts = torch.cat((torch.tensor([True]), documents[1:] != documents[:-1]))
@@ -101,34 +113,46 @@ def test_packed_sft_batch_has_the_sft_dataset_layout(bench_common):
     assert torch.isfinite(output.loss) and output.num_loss_tokens == batch["loss_mask"].sum()
 
 
-def test_a_row_that_does_not_fit_says_oom_and_a_row_waits_for_the_build(bench_common, tmp_path):
+TIMED_STEPS = r'''
+import json, pathlib, sys, threading
+import torch
+from bench_common import timed_steps, wait_while
+cpu = torch.device("cpu")
+
+def out_of_memory():
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+def wrapped():
+    raise RuntimeError("BackendCompilerFailed: RuntimeError: CUDA error: out of memory")
+
+results = {"oom": [timed_steps(step, 1, 2, cpu) for step in (out_of_memory, wrapped)], "raised": None}
+try:
+    timed_steps(lambda: int("x"), 1, 2, cpu)
+except Exception as error:
+    results["raised"] = type(error).__name__
+marker = pathlib.Path(sys.argv[1])
+marker.write_text("")
+calls = []
+threading.Timer(0.5, marker.unlink).start()
+results["waited"] = timed_steps(lambda: calls.append(marker.exists()), 1, 2, cpu, str(marker))
+results["calls"] = calls
+results["waits_after"] = [wait_while(str(marker)), wait_while(None)]
+print(json.dumps(results))
+'''
+
+
+def test_a_row_that_does_not_fit_says_oom_and_a_row_waits_for_the_build(tmp_path):
     """timed_steps: an out-of-memory error (torch's, or one torch.compile wraps as text) is the row's result, marked
     "oom", not raised, so the next row runs; any other error is raised. With a marker file (gpu_check.sh's running
     build), the timed steps start only once it is gone, after the warm-up, and the wait is not counted."""
-    import threading
-
-    cpu = torch.device("cpu")
-
-    def out_of_memory() -> None:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
-
-    def wrapped() -> None:
-        raise RuntimeError("BackendCompilerFailed: RuntimeError: CUDA error: out of memory")
-
-    for step in (out_of_memory, wrapped):
-        result = bench_common.timed_steps(step, 1, 2, cpu)
+    results = run_bench_common(TIMED_STEPS, str(tmp_path / "build.running"))
+    for result in results["oom"]:
         assert result["oom"] is True and result["error"].startswith("out of memory: "), result
-    with pytest.raises(ValueError):
-        bench_common.timed_steps(lambda: int("x"), 1, 2, cpu)
-
-    marker = tmp_path / "build.running"
-    marker.write_text("")
-    calls: list[bool] = []
-    threading.Timer(0.5, marker.unlink).start()
-    result = bench_common.timed_steps(lambda: calls.append(marker.exists()), 1, 2, cpu, str(marker))
-    assert calls == [True, False, False]  # the warm-up beside the build, the timed steps after it
+    assert results["raised"] == "ValueError", results
+    assert results["calls"] == [True, False, False]  # the warm-up beside the build, the timed steps after it
+    result = results["waited"]
     assert result["waited_s"] >= 0.4 and result["wall_seconds_with_warmup"] < result["waited_s"], result
-    assert bench_common.wait_while(str(marker)) < 0.1 and bench_common.wait_while(None) < 0.1
+    assert max(results["waits_after"]) < 0.1, results
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh end to end on a machine without a GPU: the dry run runs every stage's code at tiny sizes
+"""gpu_check/gpu_check.sh end to end on a machine without a GPU: the dry run runs every stage's code at tiny sizes
 on the CPU (ours in both precisions and the peer side by side, ours / peer as numbers in the JSON, the kernel
 choice plan's lines, the profile table, the report); without --dry-run the check stops at the GPU stage with exit 3
 and still writes its JSON; the install stage's import check sees the folder it installed into (the first GPU
@@ -15,7 +15,8 @@ import sys
 import zipfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
+GPU_CHECK = os.path.join(REPO, "gpu_check")
+SCRIPT = os.path.join(GPU_CHECK, "gpu_check.sh")
 
 
 def fake_wheel(folder, name: str, init: str = '__version__ = "0.0.1"\n') -> None:
@@ -94,7 +95,7 @@ def test_the_import_check_is_what_training_imports():
     assert imports == ["import os, sys", "import deepspeed",
                        "import megatron_lime.training.pretrain, megatron_lime.training.wrap",
                        "from transformers import GPT2Config, GPT2LMHeadModel"], imports
-    wheels = open(os.path.join(REPO, "benchmarks", "gpu_wheels.sh"), encoding="utf-8").read()
+    wheels = open(os.path.join(GPU_CHECK, "gpu_wheels.sh"), encoding="utf-8").read()
     downloaded = wheels.split("DOWNLOADED=(")[1].split(")")[0].split()
     assert "datasets" not in downloaded and {"hjson", "pydantic", "pydantic-core"} <= set(downloaded), downloaded
 
@@ -156,7 +157,7 @@ def run_report(tmp_path, train: dict, peer: dict) -> dict:
     (tmp_path / "train.json").write_text(json.dumps(train))
     (tmp_path / "peer.json").write_text(json.dumps(peer))
     (tmp_path / "stages.tsv").write_text("train\tok\t100\t\npeer\tfailed\t90\texit 1\n")
-    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check_report.py"), "--stages",
+    done = subprocess.run([sys.executable, os.path.join(GPU_CHECK, "gpu_check_report.py"), "--stages",
                            str(tmp_path / "stages.tsv"), "--work", str(tmp_path), "--results", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -1,6 +1,6 @@
 """benchmarks/bench_kernels.py runs end to end on CPU (tiny shapes, few calls) and writes the JSON that
 the GPU check's report reads; the GPU check's own command line still parses; its PyTorch baselines do what a
-user would write (one residual add, not two)."""
+user would write (one residual add, not two). The benchmark runs in subprocesses: no test imports it."""
 
 from __future__ import annotations
 
@@ -10,42 +10,49 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(REPO, "benchmarks", "bench_kernels.py")
+BENCHMARKS = os.path.join(REPO, "benchmarks")
+BENCH = os.path.join(BENCHMARKS, "bench_kernels.py")
+
+# The "add + F.rms_norm" baseline on bench_kernels' own inputs: how many aten.add calls of two tensors of the inputs'
+# full shape one forward makes, the inputs, and its outputs (float32 lists: exact through JSON).
+ADD_RMS_NORM_BASELINE = r'''
+import json
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from bench_kernels import implementations, make_inputs
+
+inputs = make_inputs("add_rms_norm", 8, 32, torch.float32, torch.device("cpu"))
+baseline = implementations("add_rms_norm", torch.device("cpu"), False)["add + F.rms_norm"]
+adds = []
+
+class CountAdds(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.add and len(args) >= 2 and all(
+                isinstance(a, torch.Tensor) and a.shape == inputs[0].shape for a in args[:2]):
+            adds.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+with torch.no_grad(), CountAdds():
+    baseline(*inputs)
+h, normed = baseline(*inputs)
+print(json.dumps({"full_size_adds": len(adds), "inputs": [t.tolist() for t in inputs], "h": h.tolist(),
+                  "normed": normed.tolist()}))
+'''
 
 
-def full_size_adds(fn, inputs) -> int:
-    """How many aten.add calls of two tensors of the inputs' full shape one forward of fn makes."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    shape = inputs[0].shape
-    calls = []
-
-    class CountAdds(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten.add and len(args) >= 2 and all(
-                    isinstance(a, torch.Tensor) and a.shape == shape for a in args[:2]):
-                calls.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), CountAdds():
-        fn(*inputs)
-    return len(calls)
-
-
-def test_the_add_and_rms_norm_baseline_adds_once(monkeypatch):
+def test_the_add_and_rms_norm_baseline_adds_once():
     """"add + F.rms_norm" is what a user writes: h = residual + delta once, then F.rms_norm(h) (it computed r + d
     twice, so the baseline moved two more tensors than a user's code does)."""
     import torch
 
-    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
-    import bench_kernels
-
-    inputs = bench_kernels.make_inputs("add_rms_norm", 8, 32, torch.float32, torch.device("cpu"))
-    baseline = bench_kernels.implementations("add_rms_norm", torch.device("cpu"), False)["add + F.rms_norm"]
-    assert full_size_adds(baseline, inputs) == 1
-    residual, delta, weight = inputs
-    h, normed = baseline(residual, delta, weight)
+    path = [BENCHMARKS] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    done = subprocess.run([sys.executable, "-c", ADD_RMS_NORM_BASELINE], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(path)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["full_size_adds"] == 1, result["full_size_adds"]
+    residual, delta, weight = (torch.tensor(values, dtype=torch.float32) for values in result["inputs"])
+    h, normed = (torch.tensor(result[name], dtype=torch.float32) for name in ("h", "normed"))
     torch.testing.assert_close(h, residual + delta)
     torch.testing.assert_close(normed, torch.nn.functional.rms_norm(residual + delta, (32,), weight, 1e-5))
 
@@ -80,7 +87,7 @@ def test_bench_kernels_runs_on_cpu_and_writes_every_figure(tmp_path):
 
 
 def test_the_gpu_checks_command_line_parses(tmp_path):
-    """benchmarks/gpu_check.sh's call; on a machine without a GPU it stops at the device check (exit 2),
+    """gpu_check/gpu_check.sh's call; on a machine without a GPU it stops at the device check (exit 2),
     on one with a GPU it runs (at a small shape here)."""
     import torch  # noqa: PLC0415 - only to know which outcome to expect
 

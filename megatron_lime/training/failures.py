@@ -28,7 +28,7 @@ Test hook: LIME_FAULT_INJECT=POINT:N[@RANK] raises InjectedFault at the Nth pass
 process (on rank RANK only when given): `step` (start of the Nth optimizer step of this process) or
 `worker` (while collating the Nth micro-batch, inside the DataLoader worker when --num-workers > 0).
 Read only by `inject_fault`; unset, it costs one environment lookup per step and per batch.
-Used by tests/test_failures.py and benchmarks/fault_injection.py.
+Used by tests/test_failures.py and tests/reliability/fault_injection.py.
 """
 
 from __future__ import annotations

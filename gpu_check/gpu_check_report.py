@@ -1,7 +1,7 @@
-"""The report of benchmarks/gpu_check.sh, rewritten after every stage: one JSON and the tables, ours / peer per row
+"""The report of gpu_check/gpu_check.sh, rewritten after every stage: one JSON and the tables, ours / peer per row
 and precision.
 
-    python benchmarks/gpu_check_report.py --stages WORK/stages.tsv --work WORK --results OUT
+    python gpu_check/gpu_check_report.py --stages WORK/stages.tsv --work WORK --results OUT
 
 Reads the stage statuses (name, status, seconds, detail: tab-separated), the GPU stage's and the test stage's logs
 (in WORK), and the JSON the benchmarks wrote into the results folder (kernels.json, train.json, peer.json,

@@ -1,11 +1,11 @@
 #!/bin/bash
 # Run the 2-process tests N times in a row (default 30) and count failures: issue 12's "30 consecutive
 # runs without a failure". Each round is a fresh pytest process; a failing round's log is kept.
-#   bash benchmarks/repeat_two_process_tests.sh [N] [LOG_DIR]
+#   bash tests/reliability/repeat_two_process_tests.sh [N] [LOG_DIR]
 set -uo pipefail
 ROUNDS=${1:-30}
 LOG_DIR=${2:-/tmp/repeat_two_process_tests}
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TESTS=(
     "tests/test_convert.py::test_conversion_from_a_two_process_zero1_checkpoint"
     "tests/test_failures.py::test_a_failing_run_exits[step-2]"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build the wheelhouse that benchmarks/gpu_check.sh installs from on a GPU machine without network.
+# Build the wheelhouse that gpu_check/gpu_check.sh installs from on a GPU machine without network.
 #
-#   bash benchmarks/gpu_wheels.sh              # -> gpu_wheels/ (git-ignored), prints its size
-#   bash benchmarks/gpu_wheels.sh DIR          # somewhere else
+#   bash gpu_check/gpu_wheels.sh              # -> gpu_wheels/ (git-ignored), prints its size
+#   bash gpu_check/gpu_wheels.sh DIR          # somewhere else
 #
 # What the GPU machine lacks of what the check's stages import: the training step (bench_gpu_train.py:
 # megatron_lime.training with DeepSpeed), the peer (bench_gpu_peer.py: transformers' GPT-2), the kernels' benchmark

@@ -1,8 +1,8 @@
 """Rerun issue 12's fault-injection table: every case is a real run of a real command, with its outcome.
 
-    python benchmarks/fault_injection.py                 all cases
-    python benchmarks/fault_injection.py -k sigterm      the cases whose name contains "sigterm"
-    python benchmarks/fault_injection.py --list          the registered cases
+    python tests/reliability/fault_injection.py                 all cases
+    python tests/reliability/fault_injection.py -k sigterm      the cases whose name contains "sigterm"
+    python tests/reliability/fault_injection.py --list          the registered cases
 
 Prints one row per case: exit code, seconds until every process of the run had ended, the error's
 message (the last `SomethingError: ...` line, or the last line printed), and the leftovers: files
@@ -10,7 +10,7 @@ the run left in its output folder and processes still alive in its process group
 function registered with @case that builds its inputs in a scratch folder and returns a `Run`;
 to add one, write another such function. CPU only, lime-tiny; about 15 s per training case on 2 cores.
 The tiny corpus, tokenizer and dataset are made with the package's own tools (tools/make_sample_data.py,
-train_tokenizer.py, preprocess_data.py); nothing is imported from tests/.
+train_tokenizer.py, preprocess_data.py); nothing is imported from the test suite (tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Callable
 
 from megatron_lime.training.launch import free_port, live_processes_in_group
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/reliability/ -> the repo
 TIMEOUT_S = 180
 ERROR_LINE = re.compile(r"^(\[rank \d+\] )?([\w.]*(Error|Exception|Fault|Interrupt|Exit)\b.*|(error|ERROR)\b.*)$")
 

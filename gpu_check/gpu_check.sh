@@ -4,15 +4,15 @@
 # precisions) beside the peer (a plain PyTorch loop over transformers' GPT-2 with LIME's dims); a second call
 # measures the kernels and runs the GPU tests. One JSON (ours / peer as numbers) and one table at the end.
 #
-#   bash benchmarks/gpu_wheels.sh                        # here, with network, once: the wheelhouse gpu_wheels/
-#   bash benchmarks/gpu_check.sh                         # call 1 on the GPU machine (carry gpu_wheels/): the
-#                                                        #   headline rows (stages peer and train)
-#   bash benchmarks/gpu_check.sh --only kernels,tests    # call 2: the kernels and the GPU tests (add ",profile"
-#                                                        #   for the torch.profiler pass of our step)
-#   bash benchmarks/gpu_check.sh --all                   # every stage in one call (est. 6.5-8.5 min of script:
-#                                                        #   for a lease longer than a session's 15 minutes)
-#   bash benchmarks/gpu_check.sh --dry-run               # (or LIME_GPU_CHECK_DRY_RUN=1) every stage's code at tiny
-#                                                        #   sizes; without a GPU on the CPU (the test suite runs this)
+#   bash gpu_check/gpu_wheels.sh                        # here, with network, once: the wheelhouse gpu_wheels/
+#   bash gpu_check/gpu_check.sh                         # call 1 on the GPU machine (carry gpu_wheels/): the
+#                                                       #   headline rows (stages peer and train)
+#   bash gpu_check/gpu_check.sh --only kernels,tests    # call 2: the kernels and the GPU tests (add ",profile"
+#                                                       #   for the torch.profiler pass of our step)
+#   bash gpu_check/gpu_check.sh --all                   # every stage in one call (est. 6.5-8.5 min of script:
+#                                                       #   for a lease longer than a session's 15 minutes)
+#   bash gpu_check/gpu_check.sh --dry-run               # (or LIME_GPU_CHECK_DRY_RUN=1) every stage's code at tiny
+#                                                       #   sizes; without a GPU on the CPU (the test suite runs this)
 #
 # The headline rows: ours and the peer at the recipe's batch, 64 sequences per GPU per step (global 512 on 8 GPUs)
 # as the recipe runs it, 4 micro-batches of 16 (LIME_GPU_CHECK_SHAPES, default "16x4"; "16x4 32x2" adds the
@@ -69,7 +69,7 @@
 #                dry run: test_gpu.py's CPU tests but the DeepSpeed subprocess one, which the normal suite runs)
 #   profile      bench_gpu_train.py's torch.profiler pass of one row as the recipe runs it (bf16, eager): top
 #                kernels, GPU idle share, host syncs -> profile.json, profile_ours.md
-#   report       benchmarks/gpu_check_report.py: gpu_check.json (ours / peer per row and precision as numbers,
+#   report       gpu_check/gpu_check_report.py: gpu_check.json (ours / peer per row and precision as numbers,
 #                "ours_over_peer") and the tables
 #
 # Output: $OUT (the device tool's return folder) when set, else gpu_check_out/ (git-ignored): gpu_check.json,
@@ -181,7 +181,7 @@ run_stage() {
 
 # After every stage: gpu_check.json and gpu_check.txt from what the stages left so far.
 report() {
-  timeout --kill-after=5 60 "$PYTHON" benchmarks/gpu_check_report.py --stages "$STATUS" --work "$WORK" \
+  timeout --kill-after=5 60 "$PYTHON" gpu_check/gpu_check_report.py --stages "$STATUS" --work "$WORK" \
     --results "$RESULTS" --dry-run "$DRY_RUN" > "$WORK/report.txt" 2>&1 || cat "$WORK/report.txt"
 }
 
@@ -210,7 +210,7 @@ print("taken from the wheel folder:", ", ".join(taken) or "nothing")
 
 install() {
   if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "gpu_check: no wheelhouse at $WHEELS: run benchmarks/gpu_wheels.sh (with network) and carry gpu_wheels/"
+    echo "gpu_check: no wheelhouse at $WHEELS: run gpu_check/gpu_wheels.sh (with network) and carry gpu_wheels/"
     return 1
   fi
   if [ "$DRY_RUN" = "1" ]; then  # this machine's Python may not be the GPU machine's 3.12

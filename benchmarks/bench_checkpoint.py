@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     rates = hash_rates(args.hash_mib, args.rounds)
 
-    from megatron_lime.training.pretrain import init_distributed
+    from megatron_lime.training.distributed import init_distributed
 
     init_distributed()  # the trainer's own: a group of one, gloo on CPU
     engine, config, ds_config = build_engine(args.model)

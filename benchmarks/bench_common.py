@@ -1,14 +1,15 @@
 """What the benchmarks share: their clocks and memory figures (every benchmark), and the training benchmarks' batches,
 step timer, rows, the GPU's rates and a profile.
 
-    from bench_common import Stopwatch, device_ms_per_call, peak_memory_gib, pretraining_batch, seconds_per_step
+    from bench_common import Stopwatch, ms_per_call, peak_memory_gib, pretraining_batch, seconds_per_step
 
 Imported by every benchmark as a module beside it (a script's own folder is on Python's path). Tests do not
 import it: they run it in a subprocess with benchmarks/ on PYTHONPATH, as they run the benchmarks.
 
 Timing, one way for all: Stopwatch times a block on a host clock with the device drained at both ends (what a step,
-a save or a whole tool run costs), device_ms_per_call what back-to-back calls cost the device (CUDA events on a GPU,
-where a host clock would add the launch latency; the wall clock on a CPU). Peak GPU memory is the training log
+a save or a whole tool run costs); ms_per_call (the library's own, from megatron_lime.kernels, which its kernel plan
+times with) what back-to-back calls cost the device (CUDA events on a GPU, where a host clock would add the launch
+latency; the wall clock on a CPU). Peak GPU memory is the training log
 line's own figure (megatron_lime.training.metrics.peak_memory_gib), reset per row here.
 
 Batches are random tokens on the whole sequence ("pretrain") or packed SFT rows as megatron_lime.data.sft packs
@@ -33,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_lime.kernels import ms_per_call
 from megatron_lime.training.metrics import peak_memory_gib
 
 BATCH_KINDS = ("pretrain", "sft-packed")
@@ -201,24 +203,6 @@ class Stopwatch:
         return (self.now() if self.stopped is None else self.stopped) - self.started
 
 
-def device_ms_per_call(call: Callable[[], object], calls: int, device: torch.device) -> float:
-    """Milliseconds per call of call() over `calls` back-to-back calls, as the device spends them: between CUDA events
-    on the current stream on a GPU (a host clock would add the launch latency), on the wall clock, the device
-    drained, elsewhere (a CPU runs the op in the call)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            call()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / calls
-    with Stopwatch(device) as watch:
-        for _ in range(calls):
-            call()
-    return 1e3 * watch.seconds / calls
-
-
 def reset_peak_memory(device: torch.device) -> None:
     """Start peak_memory_gib's high-water mark afresh (a GPU; nothing on a CPU)."""
     if device.type == "cuda":
@@ -279,7 +263,7 @@ def matmul_tflops(size: int, device: torch.device, repeats: int = 20) -> float:
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    seconds = [device_ms_per_call(lambda: a @ b, 1, device) / 1e3 for _ in range(repeats)]
+    seconds = [ms_per_call(lambda: a @ b, device, 1) / 1e3 for _ in range(repeats)]
     return 2 * size**3 / statistics.median(seconds) / 1e12
 
 

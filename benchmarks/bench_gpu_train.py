@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_lime import kernels
     from megatron_lime.training.metrics import peak_tflops_for
-    from megatron_lime.training.pretrain import init_distributed
+    from megatron_lime.training.distributed import init_distributed
 
     # The kernel choice plan (wrap_model) logs its choices at INFO: print them.
     logging.basicConfig(format="%(name)s: %(message)s")

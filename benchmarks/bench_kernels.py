@@ -33,7 +33,7 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bench_common import Stopwatch, device_ms_per_call, synchronize
+from bench_common import Stopwatch, ms_per_call, synchronize
 from megatron_lime import kernels
 from megatron_lime.files import write_json
 
@@ -182,7 +182,7 @@ def cuda_graph_ms(fn: Callable[[], object], iterations: int, device: torch.devic
     except Exception:  # an op that synchronises or allocates in a way capture refuses
         synchronize(device)
         return None
-    return statistics.median([device_ms_per_call(graph.replay, iterations, device) for _ in range(3)])
+    return statistics.median([ms_per_call(graph.replay, device, iterations) for _ in range(3)])
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iterations: int) -> Timing:
@@ -195,7 +195,7 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, itera
     graph = cuda_graph_ms(fn, iterations, device)
     if graph is not None:
         return Timing(graph, host, "graph")
-    return Timing(device_ms_per_call(fn, iterations, device), host, "events")
+    return Timing(ms_per_call(fn, device, iterations), host, "events")
 
 
 def time_implementations(impls: dict[str, Callable[..., object]], inputs: list[torch.Tensor], device: torch.device,

@@ -62,7 +62,8 @@ def main() -> int:
     options = parse_args()
     from megatron_lime.training.config import parse_training_args
     from megatron_lime.training.metrics import peak_memory_gib, peak_tflops_for
-    from megatron_lime.training.pretrain import build_model, init_distributed, train_step
+    from megatron_lime.training.distributed import init_distributed
+    from megatron_lime.training.pretrain import build_model, train_step
     from megatron_lime.training.wrap import build_optimizer, resolve_precision, wrap_model
 
     flags = ["--model", options.model, "--train-iters", "1000000", "--micro-batch-size", str(options.micro_batch_size),

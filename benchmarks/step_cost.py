@@ -864,7 +864,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def setup_process_group() -> None:
     """One process, gloo, DeepSpeed's CPU accelerator (as tests/helpers.py and bench_train.py)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from megatron_lime.training.pretrain import init_distributed
+    from megatron_lime.training.distributed import init_distributed
 
     init_distributed()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -164,3 +165,14 @@ def train_tiny(data: tuple[str, str], save, *extra: str) -> subprocess.Completed
     return subprocess.run([sys.executable, "pretrain_lime.py", *flags], cwd=REPO_ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
 
+
+def run_with_benchmarks(code: str, *args: str, timeout: int = 300, **env: str) -> dict:
+    """Run `code` (with `args` as sys.argv[1:], `env` added to the environment) in a fresh Python with benchmarks/
+    on the path, as the benchmarks run (no test imports a benchmark in its own process); it prints one JSON line
+    last, which is returned."""
+    path = [os.path.join(REPO_ROOT, "benchmarks"), REPO_ROOT] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(path)}, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

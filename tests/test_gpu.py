@@ -21,20 +21,12 @@ import torch
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeModel
 
+from helpers import run_with_benchmarks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")  # bench_common.py: the benchmarks' batches (a module, not a package)
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
-
-
-def run_bench_common(code: str, *args: str) -> dict:
-    """Run `code` (with `args` as sys.argv[1:]) in a fresh Python with benchmarks/ on the path, as the benchmarks run;
-    it prints one JSON line last."""
-    path = [BENCHMARKS, REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env={**os.environ,
-                          "PYTHONPATH": os.pathsep.join(path)}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def attention_backends(device: str) -> list[str]:
@@ -101,7 +93,7 @@ def test_packed_sft_batch_has_the_sft_dataset_layout():
     """The benchmarks' packed batch: positions restart per document, the prompts carry no loss."""
     config = LimeConfig.from_name("lime-tiny")
     batch = {name: torch.tensor(tensor["values"], dtype=getattr(torch, tensor["dtype"].removeprefix("torch.")))
-             for name, tensor in run_bench_common(PACKED_BATCH, str(config.vocab_size)).items()}
+             for name, tensor in run_with_benchmarks(PACKED_BATCH, str(config.vocab_size)).items()}
     for row in range(3):
         documents = batch["document_ids"][row]
         starts = torch.cat((torch.tensor([True]), documents[1:] != documents[:-1]))
@@ -145,7 +137,7 @@ def test_a_row_that_does_not_fit_says_oom_and_a_row_waits_for_the_build(tmp_path
     """timed_steps: an out-of-memory error (torch's, or one torch.compile wraps as text) is the row's result, marked
     "oom", not raised, so the next row runs; any other error is raised. With a marker file (gpu_check.sh's running
     build), the timed steps start only once it is gone, after the warm-up, and the wait is not counted."""
-    results = run_bench_common(TIMED_STEPS, str(tmp_path / "build.running"))
+    results = run_with_benchmarks(TIMED_STEPS, str(tmp_path / "build.running"))
     for result in results["oom"]:
         assert result["oom"] is True and result["error"].startswith("out of memory: "), result
     assert results["raised"] == "ValueError", results
@@ -202,7 +194,8 @@ import torch
 from bench_common import packed_batch, pretraining_batch
 from megatron_lime import kernels
 from megatron_lime.training.config import parse_training_args
-from megatron_lime.training.pretrain import build_model, init_distributed, train_step
+from megatron_lime.training.distributed import init_distributed
+from megatron_lime.training.pretrain import build_model, train_step
 from megatron_lime.training.wrap import wrap_model
 
 bf16 = torch.cuda.is_available()

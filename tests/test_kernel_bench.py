@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from helpers import run_with_benchmarks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 BENCH = os.path.join(BENCHMARKS, "bench_kernels.py")
@@ -45,11 +47,7 @@ def test_the_add_and_rms_norm_baseline_adds_once():
     twice, so the baseline moved two more tensors than a user's code does)."""
     import torch
 
-    path = [BENCHMARKS] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    done = subprocess.run([sys.executable, "-c", ADD_RMS_NORM_BASELINE], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(path)}, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_with_benchmarks(ADD_RMS_NORM_BASELINE)
     assert result["full_size_adds"] == 1, result["full_size_adds"]
     residual, delta, weight = (torch.tensor(values, dtype=torch.float32) for values in result["inputs"])
     h, normed = (torch.tensor(result[name], dtype=torch.float32) for name in ("h", "normed"))

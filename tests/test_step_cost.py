@@ -14,18 +14,10 @@ import sys
 
 import pytest
 
+from helpers import run_with_benchmarks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "step_cost.py")
-
-
-def run_python(code: str, timeout: int = 300) -> dict:
-    """Run `code` with benchmarks/ on the path; it prints one JSON line last."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "benchmarks"),
-                                                         os.environ.get("PYTHONPATH", "")]),
-           "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # Inputs are made outside the mode; f32 = 4 bytes, bf16 = 2.
@@ -60,7 +52,7 @@ print(json.dumps({"ops": ops, "summary": counts.summary(), "mta": mta}))
 
 
 def test_counts_of_a_known_op_sequence():
-    result = run_python(KNOWN_OPS)
+    result = run_with_benchmarks(KNOWN_OPS, DS_ACCELERATOR="cpu")
     ops = result["ops"]
 
     def check(name, calls, launches, read, written, flops=0, syncs=0):

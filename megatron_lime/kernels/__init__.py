@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lime.kernels import _backend, rms_norm as _rms_norm_module, silu as _silu_module
-from megatron_lime.kernels._backend import KernelsUnavailableError
+from megatron_lime.kernels._backend import KernelsUnavailableError, ms_per_call
 from megatron_lime.kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from megatron_lime.kernels.silu import silu, silu_ref
 
@@ -71,6 +71,6 @@ def backend(device: torch.device | str | None = None) -> str:
 
 
 __all__ = [
-    "KernelsUnavailableError", "add_rms_norm", "add_rms_norm_ref", "backend", "rms_norm", "rms_norm_ref",
-    "plan_kernel_choices", "set_kernel_choice", "silu", "silu_ref",
+    "KernelsUnavailableError", "add_rms_norm", "add_rms_norm_ref", "backend", "ms_per_call", "rms_norm",
+    "rms_norm_ref", "plan_kernel_choices", "set_kernel_choice", "silu", "silu_ref",
 ]

@@ -222,27 +222,30 @@ else:
 
 # ---- ours or PyTorch's op, per shape: a plan made once before training, looked up on every call ----
 
-def measure_ms(fn: Callable[[], object], device: torch.device, calls: int = 10, rounds: int = 3) -> float:
-    """Milliseconds per call of fn, the median of `rounds` rounds of `calls` back-to-back calls: CUDA events
-    on the current stream for a CUDA device (a host clock would add the launch latency), the host clock else."""
-    for _ in range(2):  # warm-up: first-call allocations, lazy initialisation
+def ms_per_call(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Milliseconds per call of fn over `calls` back-to-back calls, as the device spends them: CUDA events on the
+    current stream for a CUDA device (a host clock would add the launch latency), the host clock elsewhere (a CPU
+    runs the op in the call). The one device timer: the kernel plan's, and the benchmarks' (bench_common.py)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    began = time.perf_counter()
+    for _ in range(calls):
         fn()
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / calls)
-        else:
-            began = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times.append(1000.0 * (time.perf_counter() - began) / calls)
-    return statistics.median(times)
+    return 1000.0 * (time.perf_counter() - began) / calls
+
+
+def measure_ms(fn: Callable[[], object], device: torch.device, calls: int = 10, rounds: int = 3) -> float:
+    """Milliseconds per call of fn after two warm-up calls (first-call allocations, lazy initialisation): the
+    median of `rounds` rounds of `calls` back-to-back calls (ms_per_call)."""
+    for _ in range(2):
+        fn()
+    return statistics.median(ms_per_call(fn, device, calls) for _ in range(rounds))
 
 
 def forward_backward(fn: Callable[..., object], inputs: tuple) -> Callable[[], None]:

@@ -302,8 +302,10 @@ def test_sft_script_finetunes_from_consolidated_weights(runs, tiny_data, tiny_sf
     assert f"loaded weights from consolidated checkpoint {consolidated}" in output
     per_step = losses(output)
     assert sorted(per_step) == list(range(1, 7))
-    # From scratch the first loss is about ln(512) = 6.24; the pretrained weights already know the text.
-    assert per_step[1] < 5.9, per_step
+    # From scratch the first loss is about ln(512) = 6.24; the pretrained weights already know the text. Every step:
+    # the weights are loaded after DeepSpeed's wrap, so its fp32 master copy must be refreshed from them, or the
+    # first optimizer step would bring the random initialisation back.
+    assert max(per_step.values()) < 5.9, per_step
     meta = json.load(open(os.path.join(save, "global_step6", "lime_config.json")))
     assert meta["dataset_type"] == "sft" and meta["iteration"] == 6
     assert meta["args"]["optimizer"]["lr"] == 8e-5 and meta["args"]["optimizer"]["lr_warmup_fraction"] == 0.1

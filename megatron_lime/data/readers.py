@@ -17,6 +17,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from megatron_lime.errors import LimeInputError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -26,7 +28,7 @@ DATASETS_MARKERS = ("state.json", "dataset_dict.json")
 METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"})
 
 
-class BadRecordError(ValueError):
+class BadRecordError(LimeInputError):
     """A record that cannot be used: where it is (file; line, row, ...) and what was wrong.
 
     Code that sees a row without knowing where it came from (the SFT adapters) raises

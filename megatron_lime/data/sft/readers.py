@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from megatron_lime.data.readers import GZIP_ERRORS, find_input_files, gzip_error_reason
+from megatron_lime.errors import LimeInputError
 
 DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
@@ -31,7 +32,7 @@ class RowLocation:
         return f"{self.file}, line {self.line}" if self.line is not None else f"{self.file}, row {self.row}"
 
 
-class DataFileError(ValueError):
+class DataFileError(LimeInputError):
     """A data file that cannot be read at all (not one bad row)."""
 
 

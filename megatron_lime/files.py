@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from megatron_lime.errors import LimeInputError
+
 TMP_MARK = ".tmp-"  # every temporary name this module makes contains it
 CACHE_ENV = "MEGATRON_LIME_CACHE"
 
@@ -104,9 +106,9 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+        raise LimeInputError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise LimeInputError(f"{path}: not valid JSON: not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
 class atomic_directory:

@@ -12,9 +12,11 @@ import os
 import sys
 import time
 
+from megatron_lime.errors import reports_input_errors
 from megatron_lime.sample_data import write_instruction_set, write_pretraining_corpus
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="Directory for pretrain.jsonl and sft_dolly.jsonl.")

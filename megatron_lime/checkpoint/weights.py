@@ -25,6 +25,7 @@ from megatron_lime.checkpoint.format import (MODEL_STATES, TAG_PATTERN, UNIVERSA
                                              optimizer_shards, resolve_load)
 from megatron_lime.checkpoint.safe_load import deepspeed_loads_safely, torch_load
 from megatron_lime.config import LimeConfig
+from megatron_lime.errors import LimeInputError
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def load_lime_weights(path: str | os.PathLike, tag: str | None = None) -> LimeWe
     path = str(path)
     kind = detect_layout(path)
     if tag is not None and kind != "deepspeed":
-        raise ValueError(f"{path}: --tag only applies to DeepSpeed checkpoints, this is a {kind} checkpoint")
+        raise LimeInputError(f"{path}: --tag only applies to DeepSpeed checkpoints, this is a {kind} checkpoint")
     if kind == "deepspeed":
         return read_deepspeed(path, tag)
     if kind == "consolidated":

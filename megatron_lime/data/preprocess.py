@@ -51,6 +51,7 @@ from megatron_lime.data.readers import (GZIP_ERRORS, BadRecordError, InputSource
                                         gzip_error_reason, jsonl_values, load_saved_dataset, open_binary, open_parquet,
                                         parse_jsonl_record)
 from megatron_lime.data.shards import shard_inputs, shard_suffix
+from megatron_lime.errors import LimeInputError, reports_input_errors
 from megatron_lime.tokenizer import LimeTokenizer, TokenizerSpec, add_tokenizer_args, build_tokenizer
 
 # Bytes of JSONL (or rows of parquet) per worker task: big enough to amortise the
@@ -121,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Work units. The main process makes them; workers turn them into tokens.
 
 
-class NoDocumentsError(ValueError):
+class NoDocumentsError(LimeInputError):
     """The input held no documents (and --allow-empty was not given)."""
 
 
@@ -548,17 +549,15 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status. Every failure is one line naming the file, exit 1."""
+    """The command line; returns the exit status. Bad input is one line naming the file, exit 1 (errors.py)."""
     args = parse_args(argv)
     try:
         summary = run(args)
     except BadRecordError as e:
-        print(f"error: {e} (no output written; pass --skip-bad-records to skip such records)", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError, OSError) as e:  # OSError: DatasetWriteError names the output file
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise BadRecordError(e.path, e.location, f"{e.reason} (no output written; pass --skip-bad-records to skip "
+                                                 "such records)") from None
     seconds = summary["seconds"]
     outputs = ", ".join(f"{output_prefix(args)}_{k}_document.{{bin,idx}}" for k in args.json_keys)
     filters: RecordFilters = summary["filters"]

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import torch
 
+from megatron_lime.errors import LimeInputError
 from megatron_lime.files import write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -444,8 +445,8 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if number == len(lines):  # no newline after it: the write was cut short
                 continue
-            raise ValueError(f"{path}:{number}: not valid JSON: {err.msg}") from None
+            raise LimeInputError(f"{path}:{number}: not valid JSON: {err.msg}") from None
         if not isinstance(record, dict) or "iteration" not in record or "kind" not in record:
-            raise ValueError(f"{path}:{number}: a metrics record needs \"kind\" and \"iteration\"")
+            raise LimeInputError(f"{path}:{number}: a metrics record needs \"kind\" and \"iteration\"")
         records.append(record)
     return records

@@ -67,6 +67,8 @@ CHUNK_ROWS = 512
 MAX_WORKER_ROW_GROUP_ROWS = 16 * CHUNK_ROWS
 # How many bad records are printed in full with --skip-bad-records (all are counted).
 MAX_BAD_RECORDS_SHOWN = 20
+# Read as JSON lines, in byte ranges: a .json too (Megatron's convention; SFT's reader also takes JSON arrays).
+JSON_LINES_KINDS = ("jsonl", "json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -161,10 +163,10 @@ def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: Reco
                 workers: int = 1) -> Iterator[Chunk]:
     columns = columns_to_read(keys, filters)
     # Plain JSONL bytes still to read after each source: the chunk size shrinks over the last few MB.
-    plain_sizes = [os.path.getsize(s.path) if s.kind == "jsonl" and not s.compressed else 0 for s in sources]
+    plain_sizes = [os.path.getsize(s.path) if s.kind in JSON_LINES_KINDS and not s.compressed else 0 for s in sources]
     after = list(itertools.accumulate(reversed(plain_sizes[1:]), initial=0))[::-1]  # one pass: thousands of files
     for source, bytes_after in zip(sources, after):
-        if source.kind == "jsonl":
+        if source.kind in JSON_LINES_KINDS:
             yield from jsonl_chunks(source.path, skip_bad, None if source.compressed else (bytes_after, workers))
         elif source.kind == "parquet":
             try:
@@ -179,7 +181,7 @@ def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: Reco
                                          f"unreadable parquet data ({type(e).__name__}: {e})") from None
                 yield Chunk(source.path, 0, bad_file_reason=f"{source.path}: unreadable parquet data ({e})")
         elif source.kind == "datasets":
-            dataset = load_saved_dataset(source.path, keys)
+            dataset = load_saved_dataset(source.path, keys=keys)
             check_filter_columns(source.path, "dataset", dataset.column_names, filters)
             row = 0
             for table in dataset.with_format("arrow").iter(batch_size=CHUNK_ROWS):

@@ -24,10 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_lime.data.indexed_dataset import DatasetWriteError, IndexedDatasetWriter, best_dtype, written_together
-from megatron_lime.data.readers import BadRecordError
+from megatron_lime.data.readers import BadRecordError, RowLocation, iter_input_rows
 from megatron_lime.data.sft.adapters import get_adapter
 from megatron_lime.data.sft.mixture import Mixture, MixtureEntry, MixtureError, load_mixture
-from megatron_lime.data.sft.readers import RowLocation, iter_rows, unreadable_reason
 from megatron_lime.data.sft.template import (OVER_LENGTH_POLICIES, SFTExample, SFTTokenizer, TemplateIds,
                                              encode_examples, render)
 from megatron_lime.errors import LimeInputError, reports_input_errors
@@ -104,13 +103,12 @@ def _read_examples(entry: MixtureEntry, summary: DatasetSummary, skip_bad_record
             summary.bad_record_examples.append(message)
             logger.warning("skipping bad record: %s", message)
 
-    rows = iter_rows(entry.path, entry.split)
+    rows = iter_input_rows(entry.path, entry.split)
     for location, row in tqdm(rows, desc=f"reading {entry.name}", unit=" rows", mininterval=0.5,
                               dynamic_ncols=True, disable=not progress):
         summary.rows_read += 1
-        reason = unreadable_reason(row)
-        if reason is not None:
-            bad(location, reason)
+        if isinstance(row, BadRecordError):  # a line that does not parse, or the damaged rest of a .gz
+            bad(location, row.reason)
             continue
         try:
             example = adapter.convert(row)

@@ -80,9 +80,6 @@ class CheckpointError(LimeInputError):
     """A checkpoint that cannot be used; the message is one line naming the file or tag and the reason."""
 
 
-CheckpointError.__module__ = "megatron_lime.checkpoint"  # its public name (training/failures.py matches by name)
-
-
 def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

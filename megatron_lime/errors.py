@@ -4,7 +4,8 @@ Bad input is what a user handed a command that it cannot use, and that the user 
 - a damaged, missing or malformed input file: a dataset's .bin/.idx, a checkpoint, a corpus line or
   row, a mixture, blend or results file;
 - a bad flag value or config (a --filter that does not parse, an unknown dataset name);
-- an output that cannot be written (a read-only or full disk, a folder that is not ours to replace).
+- an output that cannot be written (a read-only or full disk: OutputWriteError, raised by the writers of
+  megatron_lime/files.py; a folder that is not ours to replace).
 
 Each is a LimeInputError, or one of the subclasses each package keeps for its own files
 (CheckpointError, IndexedDatasetError, BadRecordError, ...), whose message is one line naming the
@@ -35,6 +36,18 @@ class LimeInputError(ValueError):
 
 class MissingInputError(FileNotFoundError, LimeInputError):
     """A file or folder the user named does not exist (a FileNotFoundError too, as it was before)."""
+
+
+class OutputWriteError(OSError, LimeInputError):
+    """An output that could not be written (a read-only or full disk): names the output, not its temporary name,
+    and the OS reason. An OSError too, with the OS error's errno."""
+
+    def __init__(self, path: str, error: OSError):
+        super().__init__(error.errno, f"{path}: cannot write: {error.strerror or error}")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def input_error_line(error: LimeInputError) -> str:

@@ -141,6 +141,17 @@ def test_verify_a_folder_that_is_not_a_checkpoint(tmp_path):
     assert "not a LIME checkpoint" in the_error_line(result, str(tmp_path), status=2)
 
 
+def test_an_unwritable_output(tmp_path):
+    # Root ignores permission bits: sysfs refuses new files to everyone.
+    place = "/sys/lime-cannot-write-here" if os.geteuid() == 0 else str(tmp_path / "read-only")
+    if os.geteuid() != 0:
+        os.mkdir(place, mode=0o555)
+    output = os.path.join(place, "sample")
+    result = run("tools/make_sample_data.py", "--output-dir", output, "--max-megabytes", "0.01",
+                 "--max-sft-examples", "1")
+    assert "cannot write" in the_error_line(result, output)
+
+
 def test_other_exceptions_keep_their_traceback(tmp_path):
     # A bug is not bad input: the decorator lets it through, with its traceback.
     script = tmp_path / "buggy.py"

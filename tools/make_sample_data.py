@@ -13,6 +13,7 @@ import sys
 import time
 
 from megatron_lime.errors import reports_input_errors
+from megatron_lime.files import naming_output
 from megatron_lime.sample_data import write_instruction_set, write_pretraining_corpus
 
 
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_megabytes <= 0 or args.max_sft_examples <= 0:
         parser.error("--max-megabytes and --max-sft-examples must be positive")
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    with naming_output(args.output_dir):  # a read-only place: one line naming it
+        os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
     corpus = write_pretraining_corpus(os.path.join(args.output_dir, "pretrain.jsonl"),
                                       max_bytes=int(args.max_megabytes * 1e6))

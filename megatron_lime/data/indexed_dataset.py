@@ -29,7 +29,7 @@ from typing import IO
 
 import numpy as np
 
-from megatron_lime.errors import LimeInputError
+from megatron_lime.errors import LimeInputError, OutputWriteError
 from megatron_lime.files import atomic_write
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -57,15 +57,8 @@ class IndexedDatasetError(LimeInputError):
     """A .bin/.idx pair that cannot be read (missing, truncated, corrupt, wrong dtype)."""
 
 
-class DatasetWriteError(OSError, LimeInputError):
+class DatasetWriteError(OutputWriteError):
     """The output of a writer could not be written (read-only or full disk): names the output and the OS reason."""
-
-    def __init__(self, path: str, error: OSError):
-        super().__init__(error.errno, f"{path}: cannot write: {error.strerror or error}")
-        self.path = path
-
-    def __str__(self) -> str:
-        return self.strerror
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ from megatron_lime.checkpoint.format import (MODEL_STATES, TAG_PATTERN, UNIVERSA
                                              optimizer_shards, resolve_load)
 from megatron_lime.checkpoint.safe_load import deepspeed_loads_safely, torch_load
 from megatron_lime.config import LimeConfig
-from megatron_lime.errors import LimeInputError
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +144,7 @@ def load_lime_weights(path: str | os.PathLike, tag: str | None = None) -> LimeWe
     path = str(path)
     kind = detect_layout(path)
     if tag is not None and kind != "deepspeed":
-        raise LimeInputError(f"{path}: --tag only applies to DeepSpeed checkpoints, this is a {kind} checkpoint")
+        raise CheckpointError(f"{path}: --tag only applies to DeepSpeed checkpoints, this is a {kind} checkpoint")
     if kind == "deepspeed":
         return read_deepspeed(path, tag)
     if kind == "consolidated":

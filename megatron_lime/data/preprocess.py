@@ -181,7 +181,7 @@ def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: Reco
                                          f"unreadable parquet data ({type(e).__name__}: {e})") from None
                 yield Chunk(source.path, 0, bad_file_reason=f"{source.path}: unreadable parquet data ({e})")
         elif source.kind == "datasets":
-            dataset = load_saved_dataset(source.path, keys=keys)
+            dataset, _ = load_saved_dataset(source.path, keys=keys)
             check_filter_columns(source.path, "dataset", dataset.column_names, filters)
             row = 0
             for table in dataset.with_format("arrow").iter(batch_size=CHUNK_ROWS):

@@ -46,7 +46,7 @@ BATCH_ROWS = 1024
 
 
 class BadRecordError(LimeInputError):
-    """A record that cannot be used: where it is (file; line, row, ...) and what was wrong.
+    """A file or a record that cannot be used: where it is (file; line, row, "file", ...) and what was wrong.
 
     Code that sees a row without knowing where it came from (the SFT adapters) raises
     `BadRecordError.of_row(reason)`; whoever read the row names the file and row when reporting it.
@@ -234,30 +234,31 @@ def open_parquet(path: str, keys: Sequence[str] = ()):
     return parquet
 
 
-def saved_dataset_split(loaded: Any, path: str, split: str | None) -> tuple[Any, str]:
-    """(the Dataset, its directory) of a `datasets.load_from_disk` result: a DatasetDict gives `split`,
-    else its "train" split, else its only split."""
+def load_saved_dataset(path: str, split: str | None = None, keys: Sequence[str] = ()) -> tuple[Any, str]:
+    """(a `datasets.Dataset` saved to disk, its directory), after checking it has the columns `keys`.
+
+    Of a DatasetDict: the split `split`, else its "train" split, else its only split.
+    """
     import datasets
 
-    if not isinstance(loaded, datasets.DatasetDict):
-        return loaded, path
-    name = split if split is not None else "train" if "train" in loaded or len(loaded) != 1 else next(iter(loaded))
-    if name not in loaded:
-        raise BadRecordError(path, None, f"the saved DatasetDict has no split {name!r} (splits: {', '.join(loaded)}); "
-                                         "name one of them as the split, or read one split's directory")
-    return loaded[name], os.path.join(path, name)
-
-
-def load_saved_dataset(path: str, split: str | None = None, keys: Sequence[str] = ()):
-    """A `datasets.Dataset` saved to disk (saved_dataset_split picks a DatasetDict's split), with the columns `keys`."""
-    import datasets
-
-    dataset, _ = saved_dataset_split(datasets.load_from_disk(path), path, split)
+    dataset, directory = datasets.load_from_disk(path), path
+    if isinstance(dataset, datasets.DatasetDict):
+        if split is not None:
+            name = split
+        elif "train" in dataset or len(dataset) != 1:
+            name = "train"
+        else:
+            name = next(iter(dataset))  # its only split
+        if name not in dataset:
+            raise BadRecordError(path, None, f"the saved DatasetDict has no split {name!r} (splits: "
+                                             f"{', '.join(dataset)}); name one of them as the split, or read one "
+                                             "split's directory")
+        dataset, directory = dataset[name], os.path.join(path, name)
     for key in keys:
         if key not in dataset.column_names:
             raise BadRecordError(path, "dataset",
                                  f"missing column {key!r} (columns: {', '.join(dataset.column_names)})")
-    return dataset
+    return dataset, directory
 
 
 Row = dict[str, Any] | BadRecordError
@@ -284,13 +285,7 @@ def iter_rows(source: InputSource, split: str | None = None,
         parquet = open_parquet(source.path, columns or ())
         yield from _iter_arrow_rows(parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns), source.path)
     elif source.kind == "datasets":
-        import datasets
-
-        dataset, directory = saved_dataset_split(datasets.load_from_disk(source.path), source.path, split)
-        missing = [c for c in columns or () if c not in dataset.column_names]
-        if missing:
-            raise BadRecordError(source.path, "dataset",
-                                 f"missing column {missing[0]!r} (columns: {', '.join(dataset.column_names)})")
+        dataset, directory = load_saved_dataset(source.path, split, columns or ())
         if columns is not None:
             dataset = dataset.select_columns(list(columns))
         # Arrow batches: far faster than datasets' row-by-row Python conversion on 300k-row sets.

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from megatron_lime.errors import LimeInputError, OutputWriteError
+
 TMP_MARK = ".tmp-"  # every temporary name this module makes contains it
 CACHE_ENV = "MEGATRON_LIME_CACHE"
 
@@ -55,21 +57,38 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
+def naming_output(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError while writing `path` as an OutputWriteError that names it (not its temporary name)."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as err:
+        raise OutputWriteError(str(path), err) from err
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; on success fsync it and rename it to `path`.
 
-    On an exception the temporary file is removed and `path` is left as it was.
+    On an exception the temporary file is removed and `path` is left as it was. Creating, flushing or
+    renaming the file (a read-only or full disk) raises OutputWriteError; what the caller's block raises,
+    it raises as it is.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
     path = Path(path)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
+        with naming_output(path):
+            handle = open(tmp, mode, encoding=None if "b" in mode else encoding)
+        with handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            with naming_output(path):
+                handle.flush()
+                os.fsync(handle.fileno())
+        with naming_output(path):
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -104,9 +123,9 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+        raise LimeInputError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise LimeInputError(f"{path}: not valid JSON: not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
 class atomic_directory:
@@ -122,8 +141,9 @@ class atomic_directory:
         self.tmp = _tmp_name(self.target)
 
     def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
+        with naming_output(self.target):
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -131,10 +151,17 @@ class atomic_directory:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
+        try:
+            with naming_output(self.target):
+                if self.target.exists():
+                    old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+                    os.rename(self.target, old)
+                os.rename(self.tmp, self.target)
+        except OutputWriteError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if old is not None and not self.target.exists():
+                os.rename(old, self.target)  # the earlier output stays as it was
+            raise
         _fsync_dir(self.target.parent)
         if old is not None:
             shutil.rmtree(old)

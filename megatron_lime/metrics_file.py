@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from megatron_lime.errors import LimeInputError
+
 METRICS_FILE = "metrics.jsonl"
 
 # Where a run's wall time goes (a "goodput" record's "seconds"), in the order the reports stack them.
@@ -43,8 +45,8 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if number == len(lines):  # no newline after it: the write was cut short
                 continue
-            raise ValueError(f"{path}:{number}: not valid JSON: {err.msg}") from None
+            raise LimeInputError(f"{path}:{number}: not valid JSON: {err.msg}") from None
         if not isinstance(record, dict) or "iteration" not in record or "kind" not in record:
-            raise ValueError(f"{path}:{number}: a metrics record needs \"kind\" and \"iteration\"")
+            raise LimeInputError(f"{path}:{number}: a metrics record needs \"kind\" and \"iteration\"")
         records.append(record)
     return records

@@ -182,9 +182,9 @@ def test_weight_map_is_one_table_read_both_ways(tiny_run):
     hf_state = lime_to_hf_state_dict(state, num_layers=2)
     assert hf_to_lime_state_dict(hf_state, num_layers=2).keys() == state.keys()
     assert len(HF_TO_LIME_WEIGHTS) == 8
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(CheckpointError, match="missing"):
         lime_to_hf_state_dict({k: v for k, v in state.items() if "layers.1." not in k}, num_layers=2)
-    with pytest.raises(ValueError, match="lm_head.weight differs"):
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
         hf_to_lime_state_dict({**hf_state, "lm_head.weight": torch.zeros(512, 64)}, num_layers=2)
 
 

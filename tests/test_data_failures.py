@@ -14,7 +14,8 @@ from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.data import preprocess as preprocessing
 from megatron_lime.data.builder import build_datasets
-from megatron_lime.data.indexed_dataset import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
+from megatron_lime.data.indexed_dataset import (DatasetWriteError, IndexedDataset, IndexedDatasetError,
+                                                IndexedDatasetWriter)
 from megatron_lime.data.sft import preprocess as sft_preprocessing
 from megatron_lime.sample_data import write_instruction_set
 from megatron_lime.training.config import parse_training_args
@@ -172,9 +173,9 @@ def test_a_failed_second_output_removes_the_first(tokenizer_dir, tmp_path, monke
     corpus.write_text("".join(json.dumps({"text": f"doc {i}", "url": f"u{i}"}) + "\n" for i in range(50)))
     original = IndexedDatasetWriter.finalize
 
-    def failing(self):
+    def failing(self):  # what the real finalize raises when the disk is full
         if self.prefix.endswith("_url_document"):
-            raise OSError(28, "No space left on device")
+            raise DatasetWriteError(self.idx_path, OSError(28, "No space left on device"))
         original(self)
 
     monkeypatch.setattr(IndexedDatasetWriter, "finalize", failing)

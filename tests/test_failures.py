@@ -123,7 +123,7 @@ def test_a_failing_run_exits(tiny_data, deepspeed_cpu_op_built, tmp_path, fault,
     environment = {k: v.format(last=processes - 1) for k, v in environment.items()}
     command = training_command(processes, tiny_data, str(tmp_path / "ckpt"), *extra)
     one_line = fault == "save-disk-full"
-    marker = "ERROR: " if one_line else "Traceback"
+    marker = "error: " if one_line else "Traceback"
     returncode, output, leftovers = run_bounded(command, clean_env(**environment), preexec_fn, marker)
     assert returncode == 1, output[-4000:]
     assert not leftovers, f"left running: {leftovers}\n{output[-3000:]}"

@@ -11,6 +11,7 @@ from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.data.indexed_dataset import IndexedDataset
 from megatron_lime.data import preprocess as preprocessing
+from megatron_lime.errors import LimeInputError
 from megatron_lime.tokenizer import load_tokenizer
 
 
@@ -227,8 +228,8 @@ def test_a_tokenizer_failing_the_export_check_writes_nothing_though_workers_star
     corpus, tokenizer_dir, _ = data
     monkeypatch.setattr(preprocessing, "CHUNK_BYTES", 2048)
 
-    def refuse(self):
-        raise ValueError(f"tokenizer {self.path}: encodes differently (test)")
+    def refuse(self):  # what the real check raises (LimeInputError: the tokenizer is bad input)
+        raise LimeInputError(f"tokenizer {self.path}: encodes differently (test)")
 
     monkeypatch.setattr(LimeTokenizer, "check_exportable", refuse)
     out = tmp_path / "out"

@@ -14,10 +14,9 @@ import pytest
 from helpers import train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.data.sft import sample_rows
-from megatron_lime.data.readers import BadRecordError, find_input_files
+from megatron_lime.data.readers import CORPUS_SUFFIXES, BadRecordError, find_input_files, iter_input_rows
 from megatron_lime.data.sft.adapters import ADAPTERS, conversation_to_example, get_adapter
 from megatron_lime.data.sft.mixture import MixtureError, load_mixture
-from megatron_lime.data.sft.readers import DATA_SUFFIXES, DataFileError, iter_rows, unreadable_reason
 from megatron_lime.data.sft.template import SFTExample, TemplateIds, Turn, encode_examples, render, render_examples
 from megatron_lime.tokenizer import load_tokenizer
 
@@ -170,7 +169,7 @@ ROWS = [{"instruction": "first", "n": 1}, {"instruction": "second", "n": 2}, {"i
 
 
 def read_all(path, split=None):
-    return [row for _, row in iter_rows(str(path), split)]
+    return [row for _, row in iter_input_rows(str(path), split)]
 
 
 def test_readers_json_layouts(tmp_path):
@@ -184,12 +183,12 @@ def test_readers_json_layouts(tmp_path):
     assert read_all(tmp_path / "d.json") == ROWS
     (tmp_path / "e.json").write_text(json.dumps({"train": ROWS, "test": ROWS[:1]}))
     assert read_all(tmp_path / "e.json", "test") == ROWS[:1]
-    with pytest.raises(DataFileError, match="several splits \\(train, test\\).*got 'validation'"):
+    with pytest.raises(BadRecordError, match="several splits \\(train, test\\).*got 'validation'"):
         read_all(tmp_path / "e.json", "validation")
     (tmp_path / "f.json").write_text(json.dumps(ROWS[0], indent=2))  # one pretty-printed row
     assert read_all(tmp_path / "f.json") == ROWS[:1]
     (tmp_path / "g.json").write_text('[{"instruction": "x"},')
-    with pytest.raises(DataFileError, match="g.json: invalid JSON at line 1"):
+    with pytest.raises(BadRecordError, match="g.json: line 1: malformed JSON"):
         read_all(tmp_path / "g.json")
 
 
@@ -206,7 +205,7 @@ def test_readers_parquet_glob_directory_and_split(tmp_path):
     assert read_all(tmp_path / "hub", "test") == [{"instruction": "t", "n": 9}]
     assert read_all(str(tmp_path / "hub" / "data" / "train-*.parquet")) == ROWS
     with pytest.raises(FileNotFoundError, match="no such file, directory or glob match"):
-        find_input_files(str(tmp_path / "missing-*.parquet"), DATA_SUFFIXES)
+        find_input_files(str(tmp_path / "missing-*.parquet"), CORPUS_SUFFIXES)
 
 
 def test_readers_saved_datasets(tmp_path):
@@ -215,18 +214,18 @@ def test_readers_saved_datasets(tmp_path):
                           "test_sft": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(tmp_path / "dict"))
     assert read_all(tmp_path / "plain") == ROWS
     assert read_all(tmp_path / "dict", "test_sft") == ROWS[:1]
-    with pytest.raises(DataFileError, match="no split 'train'.*train_sft"):
+    with pytest.raises(BadRecordError, match="no split 'train'.*train_sft"):
         read_all(tmp_path / "dict", "train")
 
 
 def test_reader_reports_unreadable_json_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"instruction": "ok"}\n\n{"instruction": \n[1, 2]\n')
-    rows = list(iter_rows(str(path)))
+    rows = list(iter_input_rows(str(path)))
     assert [str(loc) for loc, _ in rows] == [f"{path}, line 1", f"{path}, line 3", f"{path}, line 4"]
-    assert [unreadable_reason(r) for _, r in rows][0] is None
-    assert "invalid JSON" in unreadable_reason(rows[1][1])
-    assert "expected a JSON object" in unreadable_reason(rows[2][1])
+    assert rows[0][1] == {"instruction": "ok"}
+    assert isinstance(rows[1][1], BadRecordError) and "malformed JSON" in rows[1][1].reason
+    assert isinstance(rows[2][1], BadRecordError) and "expected a JSON object" in rows[2][1].reason
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_preprocess_bad_rows_fail_or_are_counted(tmp_path, tokenizer_dir, capsys
     assert rc == 0, err
     summary = summary_rows(prefix)["databricks/databricks-dolly-15k"]
     assert (summary["rows_read"], summary["skipped_bad"], summary["written"]) == (4, 2, 2)
-    assert f"{data}, line 3: invalid JSON" in out
+    assert f"{data}, line 3: malformed JSON" in out
 
     missing = tmp_path / "missing.yaml"
     missing.write_text("datasets:\n  - {name: databricks/databricks-dolly-15k, path: nowhere/*.jsonl}\n")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from megatron_lime.checkpoint import load_model
 from megatron_lime.conversion.hf_export import DTYPES, check_output_folder, export_to_hf, import_from_hf
+from megatron_lime.errors import LimeInputError, reports_input_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,28 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     output = Path(args.output)
     start = time.perf_counter()
-    try:
-        check_output_folder(output, args.load, args.overwrite)
-        if args.from_hf:
-            if args.tag is not None:
-                raise ValueError("--tag applies to DeepSpeed checkpoints, not to --from-hf")
-            weights = import_from_hf(args.load, output)
-            print(f"done: {args.load} -> consolidated checkpoint {output} "
-                  f"({weights.config.num_parameters() / 1e6:.1f}M parameters, fp32, "
-                  f"{time.perf_counter() - start:.1f} s); train with --load {output} --finetune")
-            return 0
-        logging.info("reading %s", args.load)
-        weights = load_model(args.load, tag=args.tag, tokenizer=args.tokenizer)
-        logging.info("read %s", weights.source)
-        export_to_hf(weights, output, dtype=args.dtype)
-    except (OSError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    check_output_folder(output, args.load, args.overwrite)
+    if args.from_hf:
+        if args.tag is not None:
+            raise LimeInputError("--tag applies to DeepSpeed checkpoints, not to --from-hf")
+        weights = import_from_hf(args.load, output)
+        print(f"done: {args.load} -> consolidated checkpoint {output} "
+              f"({weights.config.num_parameters() / 1e6:.1f}M parameters, fp32, "
+              f"{time.perf_counter() - start:.1f} s); train with --load {output} --finetune")
+        return 0
+    logging.info("reading %s", args.load)
+    weights = load_model(args.load, tag=args.tag, tokenizer=args.tokenizer)
+    logging.info("read %s", weights.source)
+    export_to_hf(weights, output, dtype=args.dtype)
     print(f"done: {weights.source} -> {output} ({weights.config.num_parameters() / 1e6:.1f}M parameters, "
           f"{args.dtype}, {time.perf_counter() - start:.1f} s)")
     return 0

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from megatron_lime.errors import reports_input_errors
+
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_lime.evaluation.tasks import DEFAULT_TASKS
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     try:
-        from megatron_lime.evaluation import LimeLM, MissingDatasetError, evaluate_tasks
+        from megatron_lime.evaluation import LimeLM, evaluate_tasks
         from megatron_lime.evaluation.tasks import check_tasks
     except ImportError as err:
         print(f"error: {err}: evaluation needs lm-eval: pip install -e \".[eval]\"", file=sys.stderr)
@@ -71,19 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_lime.files import write_json
 
     started = time.time()
-    try:
-        check_tasks(tasks, args.include_path)
-        lm = LimeLM(load=args.load, tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
-                    dtype=args.dtype, tag=args.tag)
-        print(f"> {lm.metadata.get('source', args.load)}: {lm.model.config.name}, "
-              f"{sum(p.numel() for p in lm.model.parameters()) / 1e6:.1f}M parameters, "
-              f"{next(lm.model.parameters()).dtype} on {lm.device}", flush=True)
-        report = evaluate_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, data_dir=args.data_dir,
-                                include_path=args.include_path, log_samples=args.log_samples, seed=args.seed)
-    except (FileNotFoundError, MissingDatasetError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    check_tasks(tasks, args.include_path)
+    lm = LimeLM(load=args.load, tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
+                dtype=args.dtype, tag=args.tag)
+    print(f"> {lm.metadata.get('source', args.load)}: {lm.model.config.name}, "
+          f"{sum(p.numel() for p in lm.model.parameters()) / 1e6:.1f}M parameters, "
+          f"{next(lm.model.parameters()).dtype} on {lm.device}", flush=True)
+    report = evaluate_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, data_dir=args.data_dir,
+                            include_path=args.include_path, log_samples=args.log_samples, seed=args.seed)
     meta = lm.metadata
     results = {
         "checkpoint": os.path.abspath(args.load),

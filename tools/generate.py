@@ -25,6 +25,7 @@ import time
 import torch
 
 from megatron_lime.conversion.generation import STRATEGIES, DecodingSettings, load_generator
+from megatron_lime.errors import reports_input_errors
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
@@ -67,12 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         num_beams=args.num_beams, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
-    try:
-        generator = load_generator(args.load, tokenizer_path=args.tokenizer, tag=args.tag, dtype=dtype,
-                                   device=args.device)
-    except (OSError, KeyError, ValueError) as err:  # bad checkpoints are CheckpointError (a ValueError): one line
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    generator = load_generator(args.load, tokenizer_path=args.tokenizer, tag=args.tag, dtype=dtype, device=args.device)
     print(f"[loaded {generator.source} on {args.device}, {dtype}; strategy {args.strategy}]", file=sys.stderr)
     prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
     for prompt in prompts:
@@ -80,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        try:
-            new_ids = generator.generate(prompt, settings, context=args.context, raw=args.raw, stream_to=sys.stdout)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        new_ids = generator.generate(prompt, settings, context=args.context, raw=args.raw, stream_to=sys.stdout)
         seconds = time.perf_counter() - start
         print(f"[{len(new_ids)} tokens in {seconds:.2f} s, {len(new_ids) / seconds:.1f} tokens/s]", file=sys.stderr)
     return 0

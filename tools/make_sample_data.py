@@ -12,9 +12,12 @@ import os
 import sys
 import time
 
+from megatron_lime.errors import reports_input_errors
+from megatron_lime.files import naming_output
 from megatron_lime.sample_data import write_instruction_set, write_pretraining_corpus
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="Directory for pretrain.jsonl and sft_dolly.jsonl.")
@@ -27,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_megabytes <= 0 or args.max_sft_examples <= 0:
         parser.error("--max-megabytes and --max-sft-examples must be positive")
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    with naming_output(args.output_dir):  # a read-only place: one line naming it
+        os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
     corpus = write_pretraining_corpus(os.path.join(args.output_dir, "pretrain.jsonl"),
                                       max_bytes=int(args.max_megabytes * 1e6))

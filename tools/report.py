@@ -19,6 +19,8 @@ import os
 import statistics
 import sys
 
+from megatron_lime.errors import LimeInputError, reports_input_errors
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -70,6 +72,7 @@ def run_summary_row(name: str, records: list[dict]) -> str:
             f"{final_train} | {first_valid} -> {last_valid} | {speed} | {mfu} |")
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -84,22 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {}
     results: dict[str, dict] = {}
     for path, name in zip(args.inputs, unique_names(args.inputs)):
-        try:
-            if path.endswith(".json") and os.path.isfile(path):
-                result = read_json(path)
-                if not isinstance(result, dict) or not isinstance(result.get("tasks"), dict):
-                    raise ValueError(f"{path}: not a tools/evaluate.py results file (no \"tasks\" object)")
-                results[name] = result
-                continue
-            metrics_path = os.path.join(path, METRICS_FILE)
-            if not os.path.isfile(metrics_path):
-                raise FileNotFoundError(f"{metrics_path}: missing (training writes it into its --save directory)")
-            records = read_metrics(metrics_path)
-            if not records:
-                raise ValueError(f"{metrics_path}: no records yet")
-        except (OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        if path.endswith(".json") and os.path.isfile(path):
+            result = read_json(path)
+            if not isinstance(result, dict) or not isinstance(result.get("tasks"), dict):
+                raise LimeInputError(f"{path}: not a tools/evaluate.py results file (no \"tasks\" object)")
+            results[name] = result
+            continue
+        metrics_path = os.path.join(path, METRICS_FILE)
+        if not os.path.isfile(metrics_path):
+            raise LimeInputError(f"{metrics_path}: missing (training writes it into its --save directory)")
+        records = read_metrics(metrics_path)
+        if not records:
+            raise LimeInputError(f"{metrics_path}: no records yet")
         runs[name] = records
         in_training = last_task_results(records)
         if in_training is not None:

@@ -19,7 +19,8 @@ import sys
 import time
 from typing import Iterator
 
-from megatron_lime.data.readers import BadRecordError, find_inputs, iter_records
+from megatron_lime.data.readers import find_inputs, iter_records
+from megatron_lime.errors import reports_input_errors
 from megatron_lime.tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -61,17 +62,13 @@ def sample_documents(args: argparse.Namespace, stats: dict[str, int]) -> Iterato
                 yield text
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     stats = {"documents": 0, "bytes": 0}
-    try:
-        train_tokenizer(sample_documents(args, stats), args.output_dir, vocab_size=args.vocab_size,
-                        num_threads=args.num_threads, max_document_chars=args.max_document_chars,
-                        verbose=args.verbose)
-    except (BadRecordError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    train_tokenizer(sample_documents(args, stats), args.output_dir, vocab_size=args.vocab_size,
+                    num_threads=args.num_threads, max_document_chars=args.max_document_chars, verbose=args.verbose)
     tokenizer = load_tokenizer(args.output_dir)
     print(f"trained a {tokenizer.vocab_size}-entry tokenizer on {stats['documents']} documents "
           f"({stats['bytes'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s -> {args.output_dir}")

@@ -17,7 +17,12 @@ import argparse
 import sys
 import time
 
+from megatron_lime.errors import input_error_line, reports_input_errors
 
+NOT_A_CHECKPOINT_STATUS = 2  # documented above; any other bad input is status 1 (megatron_lime/errors.py)
+
+
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", metavar="DIR", help="Checkpoint folder (any layout).")
@@ -30,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = integrity.check_folder(args.path, first_only=not args.all)
     except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(input_error_line(err), file=sys.stderr)
+        return NOT_A_CHECKPOINT_STATUS
     for folder in report.unverified:
         print(f"warning: {folder}: written before checkpoints recorded content hashes: not checked", file=sys.stderr)
     for problem in report.bad:

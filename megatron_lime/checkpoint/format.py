@@ -50,6 +50,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from megatron_lime.errors import LimeInputError
 from megatron_lime.files import read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -75,11 +76,8 @@ TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 _TAG_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LimeInputError):
     """A checkpoint that cannot be used; the message is one line naming the file or tag and the reason."""
-
-
-CheckpointError.__module__ = "megatron_lime.checkpoint"  # its public name (training/failures.py matches by name)
 
 
 def first_line(err: BaseException) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from megatron_lime.checkpoint.format import CheckpointError
 from megatron_lime.config import LimeConfig
 
 HF_TO_LIME_WEIGHTS: dict[str, str] = {
@@ -54,7 +55,7 @@ def _rename(name: str, table: dict[str, str], direction: str) -> str:
     match = _LAYER_INDEX.search(name)
     pattern = name[:match.start()] + ".{}." + name[match.end():] if match else name
     if pattern not in table:
-        raise KeyError(f"{direction}: no mapping for weight {name!r} (pattern {pattern!r}); "
+        raise CheckpointError(f"{direction}: no mapping for weight {name!r} (pattern {pattern!r}); "
                        f"known patterns: {', '.join(table)}")
     return table[pattern].format(match.group(1)) if match else table[pattern]
 
@@ -65,7 +66,7 @@ def _check_complete(converted: dict[str, torch.Tensor], table: dict[str, str], n
     missing = sorted(expected - converted.keys())
     extra = sorted(converted.keys() - expected)
     if missing or extra:
-        raise KeyError(f"{direction}: weights do not match a {num_layers}-layer LIME model; "
+        raise CheckpointError(f"{direction}: weights do not match a {num_layers}-layer LIME model; "
                        f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                        f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}")
 
@@ -82,7 +83,8 @@ def hf_to_lime_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) 
     state_dict = dict(state_dict)
     head = state_dict.pop(HF_TIED_HEAD, None)
     if head is not None and HF_TIED_SOURCE in state_dict and not torch.equal(head, state_dict[HF_TIED_SOURCE]):
-        raise ValueError(f"{HF_TIED_HEAD} differs from {HF_TIED_SOURCE}; LIME ties them, so this is not a LIME model")
+        raise CheckpointError(f"{HF_TIED_HEAD} differs from {HF_TIED_SOURCE}; LIME ties them, so this is not a "
+                              "LIME model")
     converted = {_rename(name, HF_TO_LIME_WEIGHTS, "HF -> megatron_lime"): t for name, t in state_dict.items()}
     _check_complete(converted, HF_TO_LIME_WEIGHTS, num_layers, "HF -> megatron_lime")
     return converted
@@ -96,8 +98,8 @@ def lime_config_to_hf(config: LimeConfig) -> dict[str, Any]:
 def hf_config_to_lime(hf_config: dict[str, Any], name: str = "custom") -> LimeConfig:
     """LimeConfig from a config.json dict (fields outside the map are ignored)."""
     if hf_config.get("model_type") not in (None, "lime"):
-        raise ValueError(f"config.json has model_type={hf_config.get('model_type')!r}, expected 'lime'")
+        raise CheckpointError(f"config.json has model_type={hf_config.get('model_type')!r}, expected 'lime'")
     missing = [hf for hf in HF_TO_LIME_CONFIG if hf not in hf_config]
     if missing:
-        raise KeyError(f"config.json lacks {missing}")
+        raise CheckpointError(f"config.json lacks {missing}")
     return LimeConfig(name=name, **{lime: hf_config[hf] for hf, lime in HF_TO_LIME_CONFIG.items()})

@@ -18,6 +18,7 @@ import torch
 
 from megatron_lime.checkpoint.weights import LimeWeights, load_lime_weights
 from megatron_lime.config import LimeConfig
+from megatron_lime.errors import LimeInputError, MissingInputError
 from megatron_lime.model import LimeModel
 from megatron_lime.tokenizer import describe_added_chat_tokens, load_tokenizer
 
@@ -45,14 +46,14 @@ def checkpoint_tokenizer(weights: LimeWeights, path: str, tokenizer_path: str | 
     """The tokenizer that goes with `weights` (see the module docstring); errors name what to pass instead."""
     tokenizer_path = tokenizer_path or (path if weights.kind == "hf" else weights.metadata.get("tokenizer"))
     if not tokenizer_path:
-        raise ValueError(f"{path}: the checkpoint does not record its tokenizer; pass --tokenizer DIR")
+        raise LimeInputError(f"{path}: the checkpoint does not record its tokenizer; pass --tokenizer DIR")
     if not os.path.exists(tokenizer_path):
-        raise FileNotFoundError(f"{path} names tokenizer {tokenizer_path}, which does not exist; pass --tokenizer DIR")
+        raise MissingInputError(f"{path} names tokenizer {tokenizer_path}, which does not exist; pass --tokenizer DIR")
     tokenizer = load_tokenizer(tokenizer_path)
     rows = weights.config.vocab_size
     if tokenizer.vocab_size > rows:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model only {rows} "
-                         f"embedding rows: wrong tokenizer for this checkpoint")
+        raise LimeInputError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model only {rows} "
+                             f"embedding rows: wrong tokenizer for this checkpoint")
     with_chat = tokenizer.with_chat_tokens()
     if with_chat.vocab_size <= rows:
         tokenizer = with_chat

@@ -126,7 +126,7 @@ def load_lime_weights(path: str | os.PathLike, tag: str | None = None) -> LimeWe
     path = str(path)
     kind = detect_layout(path)
     if tag is not None and kind != "deepspeed":
-        raise ValueError(f"{path}: --tag only applies to DeepSpeed checkpoints, this is a {kind} checkpoint")
+        raise CheckpointError(f"{path}: --tag only applies to DeepSpeed checkpoints, this is a {kind} checkpoint")
     if kind == "deepspeed":
         return read_deepspeed(path, tag)
     if kind == "consolidated":

@@ -24,6 +24,7 @@ from megatron_lime.checkpoint import LoadedModel, detect_layout, load_model
 from megatron_lime.conversion.card import CARD_DECODING
 from megatron_lime.checkpoint.hf_names import HF_TIED_HEAD, lime_config_to_hf, lime_to_hf_state_dict
 from megatron_lime.data.sft.template import encode_prompt
+from megatron_lime.errors import LimeInputError
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def load_generator(path: str | Path, tokenizer_path: str | None = None, tag: str
     path = Path(path)
     if detect_layout(path) == "hf":
         if tag is not None:
-            raise ValueError(f"{path}: --tag applies to DeepSpeed checkpoints, this is a Hugging Face folder")
+            raise LimeInputError(f"{path}: --tag applies to DeepSpeed checkpoints, this is a Hugging Face folder")
         if tokenizer_path is not None:
             logger.warning("%s carries its own tokenizer; ignoring --tokenizer %s", path, tokenizer_path)
             tokenizer_path = None

@@ -26,6 +26,7 @@ from megatron_lime.checkpoint import (CONSOLIDATED_WEIGHTS, EXPORT_RUN_FILE, HF_
                                       LoadedModel, integrity, load_lime_weights, write_consolidated, write_safetensors)
 from megatron_lime.conversion.card import generation_defaults, render_model_card
 from megatron_lime.checkpoint.hf_names import lime_config_to_hf, lime_to_hf_state_dict
+from megatron_lime.errors import LimeInputError
 from megatron_lime.files import atomic_directory, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -120,13 +121,13 @@ def check_output_folder(output: str | Path, source: str | Path, overwrite: bool)
     output, source = Path(output).resolve(), Path(source).resolve()
     if output == source or output in source.parents or source in output.parents:
         relation = "is" if output == source else "contains" if output in source.parents else "is inside"
-        raise ValueError(f"--output {output} {relation} the --load folder {source}: choose an output outside it")
+        raise LimeInputError(f"--output {output} {relation} the --load folder {source}: choose an output outside it")
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return
     if not overwrite:
-        raise ValueError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+        raise LimeInputError(f"{output} exists and is not empty (pass --overwrite to replace it)")
     if not output.is_dir():
-        raise ValueError(f"--output {output} is a file, not an export folder: not replacing it")
+        raise LimeInputError(f"--output {output} is a file, not an export folder: not replacing it")
     entries = sorted(output.iterdir())
     unexpected = [p.name + ("/" if p.is_dir() else "") for p in entries
                   if p.is_dir() or not p.name.endswith(EXPORT_SUFFIXES)]
@@ -134,8 +135,8 @@ def check_output_folder(output: str | Path, source: str | Path, overwrite: bool)
     if unexpected or CONSOLIDATED_WEIGHTS not in names or not names & {HF_CONFIG, LIME_CONFIG}:
         found = ", ".join(unexpected[:5]) if unexpected else \
             f"no {CONSOLIDATED_WEIGHTS} with {HF_CONFIG} or {LIME_CONFIG}"
-        raise ValueError(f"--overwrite: {output} does not look like an export made by this tool ({found}); "
-                         f"not deleting it: remove it yourself or choose another --output")
+        raise LimeInputError(f"--overwrite: {output} does not look like an export made by this tool ({found}); "
+                             f"not deleting it: remove it yourself or choose another --output")
 
 
 def export_to_hf(loaded: LoadedModel, output_dir: str | Path, dtype: str = "bf16") -> Path:
@@ -190,7 +191,7 @@ def import_from_hf(hf_dir: str | Path, output_dir: str | Path) -> LimeWeights:
     """
     hf_dir = Path(hf_dir)
     if not (hf_dir / HF_CONFIG).is_file():
-        raise ValueError(f"{hf_dir}: not a Hugging Face folder (no {HF_CONFIG})")
+        raise LimeInputError(f"{hf_dir}: not a Hugging Face folder (no {HF_CONFIG})")
     weights = load_lime_weights(hf_dir)
     state_dict = {name: t.to(torch.float32) for name, t in weights.state_dict.items()}
     metadata = dict(weights.metadata)

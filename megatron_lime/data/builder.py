@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 from megatron_lime.native import compiled_helpers
 from megatron_lime.data.indexed_dataset import IndexedDataset, strip_extension
+from megatron_lime.errors import LimeInputError
 from megatron_lime.files import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def parse_split(split: str) -> list[float]:
     except ValueError:
         parts = []
     if not parts or len(parts) > 3 or any(p < 0 or not math.isfinite(p) for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split {split!r}: split must be up to three non-negative weights like 969,30,1")
+        raise LimeInputError(f"--split {split!r}: split must be up to three non-negative weights like 969,30,1")
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)
     return [p / total for p in parts]
@@ -99,10 +100,10 @@ def read_data_path_file(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--data-path {path}: cannot read the blend file ({e})") from None
+        raise LimeInputError(f"--data-path {path}: cannot read the blend file ({e})") from None
     items = [item for line in lines for item in line.split("#", 1)[0].split()]
     if not items:
-        raise ValueError(f"--data-path {path}: the blend file lists no datasets")
+        raise LimeInputError(f"--data-path {path}: the blend file lists no datasets")
     return items
 
 
@@ -115,21 +116,21 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
     """
     items = [p for item in data_path for p in str(item).split()]
     if not items:
-        raise ValueError("--data-path is empty")
+        raise LimeInputError("--data-path is empty")
     if len(items) == 1 and os.path.isfile(items[0]) and not _is_dataset_prefix(items[0]) \
             and not items[0].endswith((".bin", ".idx")):
         items = read_data_path_file(items[0])
     if len(items) >= 2 and _is_number(items[0]):
         if len(items) % 2:
-            raise ValueError(f"--data-path {' '.join(items)}: expected weight/prefix pairs")
+            raise LimeInputError(f"--data-path {' '.join(items)}: expected weight/prefix pairs")
         if not all(_is_number(w) for w in items[0::2]):
-            raise ValueError(f"--data-path {' '.join(items)}: expected weight/prefix pairs")
+            raise LimeInputError(f"--data-path {' '.join(items)}: expected weight/prefix pairs")
         pairs = [(float(items[i]), items[i + 1]) for i in range(0, len(items), 2)]
         if any(w < 0 or not math.isfinite(w) for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:
-            raise ValueError(f"--data-path {' '.join(items)}: weights must be non-negative and not all zero")
+            raise LimeInputError(f"--data-path {' '.join(items)}: weights must be non-negative and not all zero")
         return pairs
     if any(_is_number(s) and not _is_dataset_prefix(s) for s in items):
-        raise ValueError(f"--data-path {' '.join(items)}: give a weight before every prefix, or none at all")
+        raise LimeInputError(f"--data-path {' '.join(items)}: give a weight before every prefix, or none at all")
     return [(math.nan, p) for p in items]
 
 

@@ -26,6 +26,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from megatron_lime.errors import LimeInputError
+
 ALLOWED = ("column names, string/number/True/False/None literals, == != < <= > >=, in / not in [list], "
            "and, or, not, parentheses")
 
@@ -48,11 +50,11 @@ _REFUSED = {ast.Call: "function calls are", ast.Attribute: "attribute access is"
 Evaluator = Callable[[Mapping[str, Any]], Any]
 
 
-class FilterSyntaxError(ValueError):
+class FilterSyntaxError(LimeInputError):
     """A --filter expression outside the small language (the message names the expression and the position)."""
 
 
-class FilterValueError(ValueError):
+class FilterValueError(LimeInputError):
     """A record a filter cannot be evaluated on: a missing column, or values that do not compare."""
 
 

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from megatron_lime.data.builder import INDEX_FORMAT_VERSION, SPLIT_NAMES, DatasetConfig, IndexCache, check_token_ids
 from megatron_lime.native import compiled_helpers
-from megatron_lime.data.indexed_dataset import IndexedDataset
+from megatron_lime.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 
 
 def build_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
@@ -81,7 +81,7 @@ class GPTDataset(Dataset):
         sizes = np.asarray(indexed.sequence_lengths[begin:end])
         self.tokens_per_epoch = int(sizes.sum(dtype=np.int64))
         if self.tokens_per_epoch < 1:
-            raise ValueError(f"{indexed.prefix}: documents [{begin}, {end}) have no tokens")
+            raise IndexedDatasetError(f"{indexed.prefix}: documents [{begin}, {end}) have no tokens")
         self.num_epochs = self.epochs_needed(num_samples)
         description = {
             "class": "GPTDataset",

@@ -29,6 +29,7 @@ from typing import IO
 
 import numpy as np
 
+from megatron_lime.errors import LimeInputError, OutputWriteError
 from megatron_lime.files import atomic_write
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -52,19 +53,12 @@ SCAN_CHUNK_TOKENS = 32 << 20
 UINT16_VOCAB_LIMIT = 65_500
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(LimeInputError):
     """A .bin/.idx pair that cannot be read (missing, truncated, corrupt, wrong dtype)."""
 
 
-class DatasetWriteError(OSError):
+class DatasetWriteError(OutputWriteError):
     """The output of a writer could not be written (read-only or full disk): names the output and the OS reason."""
-
-    def __init__(self, path: str, error: OSError):
-        super().__init__(error.errno, f"{path}: cannot write: {error.strerror or error}")
-        self.path = path
-
-    def __str__(self) -> str:
-        return self.strerror
 
 
 @contextlib.contextmanager
@@ -147,10 +141,11 @@ class IndexedDatasetWriter:
         """Append every document of another dataset (same dtype), copying its .bin in large blocks."""
         other = IndexedDataset(other_prefix)
         if other.dtype != self.dtype:
-            raise ValueError(f"{other.bin_path}: dtype {np.dtype(other.dtype)} differs from {np.dtype(self.dtype)}")
+            raise IndexedDatasetError(f"{other.bin_path}: dtype {np.dtype(other.dtype)} differs from "
+                                      f"{np.dtype(self.dtype)}")
         if not np.array_equal(other.document_indices, np.arange(len(other) + 1)):
-            raise ValueError(f"{other.idx_path}: documents split into sentences (document_indices is not 0..n); "
-                             "only one-sequence-per-document datasets can be merged")
+            raise IndexedDatasetError(f"{other.idx_path}: documents split into sentences (document_indices is not "
+                                      "0..n); only one-sequence-per-document datasets can be merged")
         with open(other.bin_path, "rb") as source:
             while block := source.read(64 << 20):
                 self._write(block)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 from megatron_lime.data.indexed_dataset import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter,
                                                 strip_extension)
+from megatron_lime.errors import LimeInputError, reports_input_errors
 
 
 def input_prefixes(inputs: list[str]) -> list[str]:
@@ -26,35 +26,32 @@ def input_prefixes(inputs: list[str]) -> list[str]:
         if os.path.isdir(item):
             found = sorted(strip_extension(os.path.join(item, n)) for n in os.listdir(item) if n.endswith(".idx"))
             if not found:
-                raise FileNotFoundError(f"{item}: no .idx files in this directory")
+                raise IndexedDatasetError(f"{item}: no .idx files in this directory")
             prefixes.extend(found)
         else:
             prefixes.append(strip_extension(item))
     return prefixes
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="Dataset prefixes or directories of them.")
     parser.add_argument("--output-prefix", required=True, help="Prefix of the merged .bin/.idx.")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        prefixes = input_prefixes(args.input)
-        if strip_extension(args.output_prefix) in prefixes:
-            raise ValueError(f"--output-prefix {args.output_prefix} is also an input")
-        datasets = [IndexedDataset(p) for p in prefixes]  # validates every pair before writing anything
-        dtypes = {d.dtype for d in datasets}
-        if len(dtypes) > 1:
-            raise ValueError("inputs have different token dtypes: "
-                             + ", ".join(f"{d.prefix}: {d.dtype.__name__}" for d in datasets))
-        with IndexedDatasetWriter(args.output_prefix, datasets[0].dtype) as writer:
-            for prefix in prefixes:
-                writer.add_index(prefix)
-    except (IndexedDatasetError, FileNotFoundError, ValueError,
-            OSError) as e:  # OSError: DatasetWriteError names the output
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    prefixes = input_prefixes(args.input)
+    if strip_extension(args.output_prefix) in prefixes:
+        raise LimeInputError(f"--output-prefix {args.output_prefix} is also an input")
+    datasets = [IndexedDataset(p) for p in prefixes]  # validates every pair before writing anything
+    dtypes = {d.dtype for d in datasets}
+    if len(dtypes) > 1:
+        raise IndexedDatasetError("inputs have different token dtypes: "
+                                  + ", ".join(f"{d.prefix}: {d.dtype.__name__}" for d in datasets))
+    # A failed write (DatasetWriteError) leaves only temporary names, which the writer removes.
+    with IndexedDatasetWriter(args.output_prefix, datasets[0].dtype) as writer:
+        for prefix in prefixes:
+            writer.add_index(prefix)
     print(f"merged {len(prefixes)} datasets: {writer.num_documents:,} documents, {writer.num_tokens:,} tokens "
           f"in {time.perf_counter() - start:.1f} s -> {strip_extension(args.output_prefix)}.{{bin,idx}}")
     return 0

@@ -51,6 +51,7 @@ from megatron_lime.data.readers import (GZIP_ERRORS, BadRecordError, InputSource
                                         gzip_error_reason, jsonl_values, load_saved_dataset, open_binary, open_parquet,
                                         parse_jsonl_record)
 from megatron_lime.data.shards import shard_inputs, shard_suffix
+from megatron_lime.errors import LimeInputError, reports_input_errors
 from megatron_lime.tokenizer import LimeTokenizer, TokenizerSpec, add_tokenizer_args, build_tokenizer
 
 # Bytes of JSONL (or rows of parquet) per worker task: big enough to amortise the
@@ -66,6 +67,8 @@ CHUNK_ROWS = 512
 MAX_WORKER_ROW_GROUP_ROWS = 16 * CHUNK_ROWS
 # How many bad records are printed in full with --skip-bad-records (all are counted).
 MAX_BAD_RECORDS_SHOWN = 20
+# Read as JSON lines, in byte ranges: a .json too (Megatron's convention; SFT's reader also takes JSON arrays).
+JSON_LINES_KINDS = ("jsonl", "json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Work units. The main process makes them; workers turn them into tokens.
 
 
-class NoDocumentsError(ValueError):
+class NoDocumentsError(LimeInputError):
     """The input held no documents (and --allow-empty was not given)."""
 
 
@@ -160,10 +163,10 @@ def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: Reco
                 workers: int = 1) -> Iterator[Chunk]:
     columns = columns_to_read(keys, filters)
     # Plain JSONL bytes still to read after each source: the chunk size shrinks over the last few MB.
-    plain_sizes = [os.path.getsize(s.path) if s.kind == "jsonl" and not s.compressed else 0 for s in sources]
+    plain_sizes = [os.path.getsize(s.path) if s.kind in JSON_LINES_KINDS and not s.compressed else 0 for s in sources]
     after = list(itertools.accumulate(reversed(plain_sizes[1:]), initial=0))[::-1]  # one pass: thousands of files
     for source, bytes_after in zip(sources, after):
-        if source.kind == "jsonl":
+        if source.kind in JSON_LINES_KINDS:
             yield from jsonl_chunks(source.path, skip_bad, None if source.compressed else (bytes_after, workers))
         elif source.kind == "parquet":
             try:
@@ -178,7 +181,7 @@ def iter_chunks(sources: list[InputSource], keys: tuple[str, ...], filters: Reco
                                          f"unreadable parquet data ({type(e).__name__}: {e})") from None
                 yield Chunk(source.path, 0, bad_file_reason=f"{source.path}: unreadable parquet data ({e})")
         elif source.kind == "datasets":
-            dataset = load_saved_dataset(source.path, keys)
+            dataset, _ = load_saved_dataset(source.path, keys=keys)
             check_filter_columns(source.path, "dataset", dataset.column_names, filters)
             row = 0
             for table in dataset.with_format("arrow").iter(batch_size=CHUNK_ROWS):
@@ -548,17 +551,15 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status. Every failure is one line naming the file, exit 1."""
+    """The command line; returns the exit status. Bad input is one line naming the file, exit 1 (errors.py)."""
     args = parse_args(argv)
     try:
         summary = run(args)
     except BadRecordError as e:
-        print(f"error: {e} (no output written; pass --skip-bad-records to skip such records)", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError, OSError) as e:  # OSError: DatasetWriteError names the output file
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise BadRecordError(e.path, e.location, f"{e.reason} (no output written; pass --skip-bad-records to skip "
+                                                 "such records)") from None
     seconds = summary["seconds"]
     outputs = ", ".join(f"{output_prefix(args)}_{k}_document.{{bin,idx}}" for k in args.json_keys)
     filters: RecordFilters = summary["filters"]

@@ -21,6 +21,8 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
+from megatron_lime.errors import LimeInputError
+
 # Our reading of the model card's benchmark chart (the card shows only an image): the standard
 # zero-shot set for small English models.
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "openbookqa", "mmlu")
@@ -30,7 +32,7 @@ DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande",
 PREFERRED_METRICS = ("acc_norm", "acc", "exact_match", "f1", "word_perplexity")
 
 
-class MissingDatasetError(FileNotFoundError):
+class MissingDatasetError(FileNotFoundError, LimeInputError):
     """A task's dataset is not in --data-dir; the message is the one line to show."""
 
 
@@ -130,8 +132,8 @@ def check_tasks(tasks: Sequence[str], include_path: str | None = None) -> None:
     known = set(task_manager(include_path).all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise KeyError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm_eval ls tasks`, or give "
-                       f"--include-path with your own task YAMLs)")
+        raise LimeInputError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm_eval ls tasks`, or give "
+                             f"--include-path with your own task YAMLs)")
 
 
 def evaluate_tasks(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: int | float | None = None,

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_lime import kernels
 from megatron_lime.config import LimeConfig
+from megatron_lime.errors import LimeInputError
 from megatron_lime.model.attention import CausalSelfAttention, DocumentMask, document_mask
 from megatron_lime.model.linear import Linear, weights_changed
 from megatron_lime.model.loss import chunked_language_model_loss, language_model_loss
@@ -145,11 +146,11 @@ class LimeModel(nn.Module):
         weights = {name: tensor for name, tensor in state_dict.items() if name != POSITION_TABLE}
         missing, unexpected = sorted(reference.keys() - weights.keys()), sorted(weights.keys() - reference.keys())
         if missing or unexpected:
-            raise KeyError(f"{where}: weights do not fit {config.num_layers}-layer LIME ({config.name}); "
+            raise LimeInputError(f"{where}: weights do not fit {config.num_layers}-layer LIME ({config.name}); "
                            f"missing {missing[:6]}, unexpected {unexpected[:6]}")
         for name, tensor in reference.items():
             if weights[name].shape != tensor.shape:
-                raise ValueError(f"{where}: {name} has shape {tuple(weights[name].shape)}, "
+                raise LimeInputError(f"{where}: {name} has shape {tuple(weights[name].shape)}, "
                                  f"the config gives {tuple(tensor.shape)}")
         return weights
 

@@ -9,6 +9,7 @@ import functools
 import os
 from typing import Any, Iterable, Sequence
 
+from megatron_lime.errors import LimeInputError, MissingInputError
 from megatron_lime.files import read_json, write_json, write_text
 from megatron_lime.tokenizer.agreement import encode_by_words, lossless_router
 from megatron_lime.tokenizer.conversion_cache import converted_form
@@ -44,22 +45,22 @@ def build_tokenizer(spec: TokenizerSpec, chat_tokens: bool = False, check: bool 
     """
     kind = spec.tokenizer_type
     if kind is not None and kind not in TOKENIZER_TYPES:
-        raise ValueError(f"--tokenizer-type {kind}: not one of {', '.join(TOKENIZER_TYPES)}")
+        raise LimeInputError(f"--tokenizer-type {kind}: not one of {', '.join(TOKENIZER_TYPES)}")
     if kind == "GPT2BPETokenizer":
         if not spec.vocab_file or not spec.merge_file:
-            raise ValueError("--tokenizer-type GPT2BPETokenizer needs --vocab-file (vocab.json) and "
-                             "--merge-file (merges.txt)")
+            raise LimeInputError("--tokenizer-type GPT2BPETokenizer needs --vocab-file (vocab.json) and "
+                                 "--merge-file (merges.txt)")
         tokenizer: LimeTokenizer = HuggingFaceTokenizer.from_gpt2_files(spec.vocab_file, spec.merge_file)
     else:
         if not spec.tokenizer_model:
-            raise ValueError("--tokenizer-model is required (our tokenizer folder, a sentencepiece .model or a "
-                             "Hugging Face tokenizer folder)")
+            raise LimeInputError("--tokenizer-model is required (our tokenizer folder, a sentencepiece .model or a "
+                                 "Hugging Face tokenizer folder)")
         tokenizer = load_tokenizer(spec.tokenizer_model)
         is_sentencepiece = os.path.isfile(spec.tokenizer_model) and not spec.tokenizer_model.endswith(".json") or \
             os.path.isfile(os.path.join(spec.tokenizer_model, SENTENCEPIECE_FILE))
         if kind in SENTENCEPIECE_TYPES and not is_sentencepiece:
-            raise ValueError(f"--tokenizer-type {kind}: {spec.tokenizer_model} is not a sentencepiece model "
-                             "(use --tokenizer-type HuggingFaceTokenizer)")
+            raise LimeInputError(f"--tokenizer-type {kind}: {spec.tokenizer_model} is not a sentencepiece model "
+                                 "(use --tokenizer-type HuggingFaceTokenizer)")
     if check:
         tokenizer.check_exportable()
     return tokenizer.with_chat_tokens() if chat_tokens else tokenizer
@@ -115,10 +116,10 @@ class LimeTokenizer:
         backend.encode_special_tokens = True
         got = backend.encode(CONVERSION_PROBE, add_special_tokens=False).ids
         if got != self.encode(CONVERSION_PROBE):
-            raise ValueError(f"tokenizer {self.path}: its Hugging Face form (tokenizers library) encodes text "
-                             "differently from the tokenizer itself, so an exported model would not see the ids it "
-                             "was trained on; not supported (use a BPE or unigram sentencepiece model, a "
-                             "tokenizer.json, or tools/train_tokenizer.py)")
+            raise LimeInputError(f"tokenizer {self.path}: its Hugging Face form (tokenizers library) encodes text "
+                                 "differently from the tokenizer itself, so an exported model would not see the ids it "
+                                 "was trained on; not supported (use a BPE or unigram sentencepiece model, a "
+                                 "tokenizer.json, or tools/train_tokenizer.py)")
 
     def save_hf(self, output_dir: str) -> None:
         """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json: files that
@@ -189,7 +190,7 @@ class SentencePieceTokenizer(LimeTokenizer):
             if eos is None:
                 eos = self._piece_id("</s>")
         if eos is None or eos < 0:
-            raise ValueError(f"{self.path}: the sentencepiece model has no end-of-sequence piece (eos_id is -1)")
+            raise LimeInputError(f"{self.path}: the sentencepiece model has no end-of-sequence piece (eos_id is -1)")
         self.eos_id = eos
         pad = self.processor.pad_id()
         self.pad_id = pad if pad >= 0 else eos
@@ -290,7 +291,7 @@ class HuggingFaceTokenizer(LimeTokenizer):
         if eos is None:
             eos = token_id(SPECIAL_TOKENS.eos)
         if eos is None:
-            raise ValueError(f"{path}: the tokenizer has no eos_token (set it in tokenizer_config.json)")
+            raise LimeInputError(f"{path}: the tokenizer has no eos_token (set it in tokenizer_config.json)")
         self.eos_id = eos
         pad = token_id(pad_token)
         self.pad_id = pad if pad is not None else eos
@@ -328,13 +329,13 @@ class HuggingFaceTokenizer(LimeTokenizer):
 
             loaded = AutoTokenizer.from_pretrained(directory)
         except Exception as err:  # transformers raises many kinds; the message is what the user needs
-            raise FileNotFoundError(f"{directory}: not a tokenizer we can load: no {SENTENCEPIECE_FILE}, no "
+            raise MissingInputError(f"{directory}: not a tokenizer we can load: no {SENTENCEPIECE_FILE}, no "
                                     f"tokenizer.json, and AutoTokenizer failed: {err}") from None
         backend = getattr(loaded, "backend_tokenizer", None)
         if backend is None:
-            raise ValueError(f"{directory}: AutoTokenizer gives a slow (Python) tokenizer, {type(loaded).__name__}; "
-                             "only tokenizers with a fast (tokenizers library) form are supported: save it with "
-                             "a fast tokenizer (tokenizer.json)")
+            raise LimeInputError(f"{directory}: AutoTokenizer gives a slow (Python) tokenizer, "
+                                 f"{type(loaded).__name__}; only tokenizers with a fast (tokenizers library) form are "
+                                 "supported: save it with a fast tokenizer (tokenizer.json)")
         return cls(Tokenizer.from_str(backend.to_str()), directory, loaded.eos_token, loaded.pad_token,
                    loaded.unk_token, type(loaded).__name__)
 
@@ -345,13 +346,13 @@ class HuggingFaceTokenizer(LimeTokenizer):
 
         for name, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{name} {path}: no such file")
+                raise MissingInputError(f"{name} {path}: no such file")
         backend = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         eos = "<|endoftext|>"
         if backend.token_to_id(eos) is None:
-            raise ValueError(f"--vocab-file {vocab_file}: no {eos} entry, which GPT2BPETokenizer uses as its eos")
+            raise LimeInputError(f"--vocab-file {vocab_file}: no {eos} entry, which GPT2BPETokenizer uses as its eos")
         backend.add_special_tokens([eos])
         return cls(backend, os.path.dirname(os.path.abspath(vocab_file)), eos, tokenizer_class="GPT2TokenizerFast")
 
@@ -485,7 +486,7 @@ def load_tokenizer(path: str) -> LimeTokenizer:
         if not os.path.isfile(os.path.join(path, "tokenizer.json")) and all(map(os.path.isfile, gpt2_files)):
             return HuggingFaceTokenizer.from_gpt2_files(*gpt2_files)
         return HuggingFaceTokenizer.from_directory(path)
-    raise FileNotFoundError(f"tokenizer not found: {path} (expected a directory or a sentencepiece .model file)")
+    raise MissingInputError(f"tokenizer not found: {path} (expected a directory or a sentencepiece .model file)")
 
 
 def load_sentencepiece(model_file: str, path: str) -> LimeTokenizer:

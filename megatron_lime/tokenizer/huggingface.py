@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron_lime.errors import LimeInputError
+
 
 def sentencepiece_bpe_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
     """BPE merges that reproduce sentencepiece's BPE segmentation in the `tokenizers` library.
@@ -40,7 +42,7 @@ def lossless_sentencepiece_backend(proto: Any) -> Any:
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
     if proto.trainer_spec.model_type != sp_pb2.TrainerSpec.BPE:
-        raise ValueError("only sentencepiece BPE models without whitespace escaping can be exported this way")
+        raise LimeInputError("only sentencepiece BPE models without whitespace escaping can be exported this way")
     piece_type = sp_pb2.ModelProto.SentencePiece
     vocab, normal_vocab, scores, unk_piece = {}, {}, {}, None
     for i, p in enumerate(proto.pieces):  # one pass: reading protobuf fields is the slow part
@@ -72,8 +74,8 @@ def converted_sentencepiece_backend(proto: Any, path: str) -> Any:
 
         build = SpmConverter.build_tokenizer_from_spm_proto
     except (ImportError, AttributeError):
-        raise ValueError(f"tokenizer {path}: converting a sentencepiece model with whitespace escaping or a dummy "
-                         "prefix needs transformers >= 5 (SpmConverter.build_tokenizer_from_spm_proto)") from None
+        raise LimeInputError(f"tokenizer {path}: converting a sentencepiece model with whitespace escaping or a dummy "
+                             "prefix needs transformers >= 5 (SpmConverter.build_tokenizer_from_spm_proto)") from None
     model_type = proto.trainer_spec.model_type
     if model_type == sp_pb2.TrainerSpec.BPE:
         vocab: Any = {p.piece: i for i, p in enumerate(proto.pieces)}
@@ -81,12 +83,12 @@ def converted_sentencepiece_backend(proto: Any, path: str) -> Any:
         vocab = [(p.piece, p.score) for p in proto.pieces]
     else:
         kind = sp_pb2.TrainerSpec.ModelType.Name(model_type)
-        raise ValueError(f"tokenizer {path}: a sentencepiece {kind} model has no Hugging Face equivalent; "
-                         "only BPE and unigram models are supported")
+        raise LimeInputError(f"tokenizer {path}: a sentencepiece {kind} model has no Hugging Face equivalent; "
+                             "only BPE and unigram models are supported")
     # legacy=True: the dummy prefix before every text piece between special tokens, as the SFT
     # template encodes each piece on its own with sentencepiece.
     backend = build(proto, vocab, legacy=True)
     if backend is None:
-        raise ValueError(f"tokenizer {path}: transformers could not convert this sentencepiece model")
+        raise LimeInputError(f"tokenizer {path}: transformers could not convert this sentencepiece model")
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _special_pieces(proto)])
     return backend

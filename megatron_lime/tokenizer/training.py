@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+from megatron_lime.errors import LimeInputError
 from megatron_lime.files import write_bytes, write_json
 from megatron_lime.tokenizer.core import SentencePieceTokenizer
 from megatron_lime.tokenizer.spec import SENTENCEPIECE_FILE, SPECIAL_TOKENS
@@ -26,7 +27,7 @@ def train_tokenizer(texts: Iterable[str], output_dir: str, vocab_size: int = 50_
 
     num_reserved = len(SPECIAL_TOKENS.as_list()) + 256
     if vocab_size <= num_reserved:
-        raise ValueError(f"vocab_size {vocab_size} must exceed the {num_reserved} special and byte pieces")
+        raise LimeInputError(f"vocab_size {vocab_size} must exceed the {num_reserved} special and byte pieces")
     num_documents = 0
     # sentencepiece turns an exception raised by the iterator into a bare RuntimeError;
     # keep the original (a BadRecordError naming file and line) to re-raise it.
@@ -72,12 +73,12 @@ def train_tokenizer(texts: Iterable[str], output_dir: str, vocab_size: int = 50_
         if reader_errors:
             raise reader_errors[0] from None
         if num_documents == 0:
-            raise ValueError("no non-empty documents to train the tokenizer on") from None
+            raise LimeInputError("no non-empty documents to train the tokenizer on") from None
         raise
     if reader_errors:
         raise reader_errors[0]
     if num_documents == 0:
-        raise ValueError("no non-empty documents to train the tokenizer on")
+        raise LimeInputError("no non-empty documents to train the tokenizer on")
 
     # Lossless rewrite (module docstring): pieces hold real spaces, no meta-symbol escaping.
     proto = sp_pb2.ModelProto()

@@ -205,7 +205,7 @@ class Checkpointer:
         saved_world = (source.meta or {}).get("world_size")
         if not weights_only and not universal and saved_world not in (None, self.world_size):
             tag_dir = source.tag_dir
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{tag_dir}: saved with data-parallel size {saved_world}, this run has {self.world_size}. "
                 f"Convert it to a universal checkpoint and resume with --universal-checkpoint:\n"
                 f"  python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state "
@@ -221,7 +221,7 @@ class Checkpointer:
         if weights_only:
             return TrainState()
         if not client_state or "lime" not in client_state:
-            raise RuntimeError(f"{load_path}: no training state in the checkpoint (not written by megatron-lime?)")
+            raise CheckpointError(f"{load_path}: no training state in the checkpoint (not written by megatron-lime?)")
         state = TrainState(**client_state["lime"])
         rng_path = rng_file(source.tag_dir, self.rank)
         if os.path.isfile(rng_path) and saved_world == self.world_size:
@@ -319,9 +319,10 @@ def restore(engine, checkpointer: Checkpointer, options: CheckpointConfig, model
         state = TrainState()
         say(f"> loaded weights from {weights.source} (fresh optimizer, step 0)")
     if state.consumed_samples != state.iteration * global_batch:
-        raise RuntimeError(f"checkpoint at iteration {state.iteration} has consumed {state.consumed_samples} "
-                           f"samples; with --global-batch-size {global_batch} the run would not continue "
-                           f"where it stopped (changing the global batch size mid-run is not supported)")
+        raise CheckpointError(f"{source.path}: the checkpoint at iteration {state.iteration} has consumed "
+                              f"{state.consumed_samples} samples; with --global-batch-size {global_batch} the run "
+                              f"would not continue where it stopped (changing the global batch size mid-run is not "
+                              f"supported)")
     return state
 
 

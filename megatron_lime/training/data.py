@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from megatron_lime.errors import LimeInputError
 from megatron_lime.training.config import TrainArgs
 from megatron_lime.training.failures import die_with_parent, inject_fault
 
@@ -80,7 +81,7 @@ def dataset_spec(args: TrainArgs, num_samples: tuple[int, int, int], pad_id: int
 
     data = args.data
     if not data.data_path:
-        raise ValueError("--data-path is required (or set DATA_PATH for the example scripts)")
+        raise LimeInputError("--data-path is required (or set DATA_PATH for the example scripts)")
     config = DatasetConfig(data_path=data.data_path, split=data.split, seq_length=args.seq_length,
                            seed=args.training.seed, num_samples=num_samples, cache_path=data.data_cache_path,
                            vocab_size=args.model.vocab_size)

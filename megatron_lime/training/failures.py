@@ -5,11 +5,11 @@
 - success: leftover DataLoader workers are stopped and the process group is destroyed while the
   interpreter is still whole, not left to its exit.
 - an exception on any rank: the first failing rank prints its traceback once, with its rank (for bad
-  input, BAD_INPUT_ERRORS, its one-line message instead); a rank that fails because of it (a peer's
-  socket closed under a collective) prints one line naming the first failing rank. The first is agreed
-  on through the c10d store the process group already runs (MASTER_ADDR:MASTER_PORT). Then the rank
-  kills its DataLoader workers and leaves with os._exit(1): nothing (a worker join at exit, a
-  collective, a destructor) can keep it alive. The launcher stops the other ranks
+  input, a LimeInputError, its one line `error: <message>` instead: megatron_lime/errors.py); a rank
+  that fails because of it (a peer's socket closed under a collective) prints one line naming the
+  first failing rank. The first is agreed on through the c10d store the process group already runs
+  (MASTER_ADDR:MASTER_PORT). Then the rank kills its DataLoader workers and leaves with os._exit(1):
+  nothing (a worker join at exit, a collective, a destructor) can keep it alive. The launcher stops the other ranks
   (megatron_lime.training.launch, or DeepSpeed's, both do).
 - SIGTERM / SIGINT: inside the training loop (from `TerminationRequest()` on) the first one asks the
   loop to save after the current step and exit 0. Anywhere else (start-up, while an error is being
@@ -46,16 +46,12 @@ import traceback
 from datetime import timedelta
 from typing import Callable
 
+from megatron_lime.errors import LimeInputError, input_error_line
+
 REPEAT_WINDOW_S = 2.0
 TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FAULT_ENV = "LIME_FAULT_INJECT"
 FIRST_FAILURE_KEY = "megatron_lime/first_failed_rank"
-# Bad input (a damaged checkpoint or dataset, an unwritable output): their message is one line naming the
-# file and the reason, printed as it is, without a traceback. By name: an unimported module raised none.
-BAD_INPUT_ERRORS = {"megatron_lime.checkpoint.CheckpointError",
-                    "megatron_lime.data.indexed_dataset.IndexedDatasetError",
-                    "megatron_lime.data.indexed_dataset.DatasetWriteError",
-                    "megatron_lime.data.readers.BadRecordError"}
 PR_SET_PDEATHSIG = 1
 
 
@@ -275,8 +271,10 @@ def _fail(error: BaseException) -> None:
     rank = int(os.environ.get("RANK", "0"))
     first = _first_failing_rank(rank) if world_size > 1 else rank
     if first == rank or (first is None and not _is_peer_failure(error)):
-        bad_input = any(f"{c.__module__}.{c.__qualname__}" in BAD_INPUT_ERRORS for c in type(error).__mro__)
-        report = f"ERROR: {error}\n" if bad_input else "".join(traceback.format_exception(error))
+        if isinstance(error, LimeInputError):
+            report = input_error_line(error) + "\n"
+        else:
+            report = "".join(traceback.format_exception(error))
         if world_size > 1:
             report = f"[rank {rank}] failed; stopping every rank:\n{report}"
         sys.stderr.write(report)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.data.builder import build_datasets
+from megatron_lime.errors import LimeInputError
 from megatron_lime.model import LimeModel
 from megatron_lime.tokenizer import TokenizerSpec, build_tokenizer, describe_added_chat_tokens
 from megatron_lime.training.checkpointing import Checkpointer, restore
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     train_set, valid_set, _ = build_datasets(*dataset_spec(args, num_samples, pad_id=tokenizer.pad_id,
                                                            eod_id=tokenizer.eos_id))
     if train_set is None:
-        raise ValueError(f"--data-path {args.data.data_path} with --split {args.data.split} gives no training samples")
+        raise LimeInputError(f"--data-path {args.data.data_path} with --split {args.data.split} gives no training "
+                             "samples")
 
     engine, ds_config = wrap_model(build_model(args.model, args.training.seed, env.device), args, env.device,
                                    env.world_size)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Mapping
 
 from megatron_lime.data.readers import BadRecordError
 from megatron_lime.data.sft.template import SFTExample, Turn
+from megatron_lime.errors import LimeInputError
 
 
 def text_field(row: Mapping[str, Any], column: str, *, required: bool = True, allow_numbers: bool = False) -> str:
@@ -244,8 +245,8 @@ def get_adapter(name: str, options: Mapping[str, Any] | None = None) -> Adapter:
     by_lower = {key.lower(): cls for key, cls in ADAPTERS.items()}
     cls = by_lower.get(name.strip().lower())
     if cls is None:
-        raise ValueError(f"no SFT adapter for dataset {name!r}; known datasets: {', '.join(ADAPTERS)}")
+        raise LimeInputError(f"no SFT adapter for dataset {name!r}; known datasets: {', '.join(ADAPTERS)}")
     try:
         return cls(**dict(options or {}))
     except TypeError as e:
-        raise ValueError(f"bad options {dict(options or {})!r} for dataset {name!r}: {e}") from None
+        raise LimeInputError(f"bad options {dict(options or {})!r} for dataset {name!r}: {e}") from None

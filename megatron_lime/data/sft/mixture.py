@@ -27,9 +27,10 @@ import yaml
 
 from megatron_lime.data.sft.adapters import get_adapter
 from megatron_lime.data.sft.template import OVER_LENGTH_POLICIES
+from megatron_lime.errors import LimeInputError
 
 
-class MixtureError(ValueError):
+class MixtureError(LimeInputError):
     """A mixture file that is wrong; the message names the file and the entry."""
 
 

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -24,14 +23,13 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from megatron_lime.data.indexed_dataset import (DatasetWriteError, IndexedDatasetError, IndexedDatasetWriter,
-                                                best_dtype, written_together)
-from megatron_lime.data.readers import BadRecordError
+from megatron_lime.data.indexed_dataset import DatasetWriteError, IndexedDatasetWriter, best_dtype, written_together
+from megatron_lime.data.readers import BadRecordError, RowLocation, iter_input_rows
 from megatron_lime.data.sft.adapters import get_adapter
 from megatron_lime.data.sft.mixture import Mixture, MixtureEntry, MixtureError, load_mixture
-from megatron_lime.data.sft.readers import DataFileError, RowLocation, iter_rows, unreadable_reason
 from megatron_lime.data.sft.template import (OVER_LENGTH_POLICIES, SFTExample, SFTTokenizer, TemplateIds,
                                              encode_examples, render)
+from megatron_lime.errors import LimeInputError, reports_input_errors
 from megatron_lime.files import write_json
 from megatron_lime.tokenizer import TokenizerSpec, add_tokenizer_args, build_tokenizer, describe_added_chat_tokens
 
@@ -41,7 +39,7 @@ TOKENIZE_CHUNK = 512  # examples per encode_batch call
 BAD_RECORDS_SHOWN = 5  # skipped bad rows whose reason is logged, per dataset
 
 
-class SFTDataError(ValueError):
+class SFTDataError(LimeInputError):
     """SFT data that cannot be used, in one line: a bad row when bad rows are not skipped (names the dataset,
     the file and the row), a mixture without examples, or a preprocessed pair the datasets cannot use
     (mismatched text and loss-mask files, examples longer than the sequence)."""
@@ -58,8 +56,8 @@ def loss_mask_prefix(output_prefix: str) -> str:
 def loss_mask_prefix_for(text_document_prefix: str) -> str:
     """The loss-mask prefix that goes with a `..._text_document` prefix."""
     if not text_document_prefix.endswith("_text_document"):
-        raise ValueError(f"an SFT data prefix must end in '_text_document' (as written by "
-                         f"tools/preprocess_sft_data.py), got {text_document_prefix!r}")
+        raise SFTDataError(f"an SFT data prefix must end in '_text_document' (as written by "
+                           f"tools/preprocess_sft_data.py), got {text_document_prefix!r}")
     return text_document_prefix.removesuffix("_text_document") + "_loss_mask_document"
 
 
@@ -105,13 +103,12 @@ def _read_examples(entry: MixtureEntry, summary: DatasetSummary, skip_bad_record
             summary.bad_record_examples.append(message)
             logger.warning("skipping bad record: %s", message)
 
-    rows = iter_rows(entry.path, entry.split)
+    rows = iter_input_rows(entry.path, entry.split)
     for location, row in tqdm(rows, desc=f"reading {entry.name}", unit=" rows", mininterval=0.5,
                               dynamic_ncols=True, disable=not progress):
         summary.rows_read += 1
-        reason = unreadable_reason(row)
-        if reason is not None:
-            bad(location, reason)
+        if isinstance(row, BadRecordError):  # a line that does not parse, or the damaged rest of a .gz
+            bad(location, row.reason)
             continue
         try:
             example = adapter.convert(row)
@@ -298,26 +295,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    try:
-        mixture = load_mixture(args.mixture, data_root=args.data_root)
-        overrides = {k: v for k, v in (("seq_length", args.seq_length), ("over_length", args.over_length),
-                                       ("seed", args.seed)) if v is not None}
-        mixture = dataclasses.replace(mixture, **overrides)
-        if mixture.seq_length <= 0:
-            raise MixtureError(f"--seq-length must be positive, got {mixture.seq_length}")
-        tokenizer = build_tokenizer(TokenizerSpec.from_args(args), chat_tokens=True)
-        if describe_added_chat_tokens(tokenizer):
-            print(describe_added_chat_tokens(tokenizer))
-        summaries = preprocess_mixture(mixture, tokenizer, args.output_prefix, skip_bad_records=args.skip_bad_records,
-                                       progress=not args.quiet)
-    except (SFTDataError, MixtureError, DataFileError, IndexedDatasetError, FileNotFoundError, ValueError,
-            OSError) as e:  # OSError: DatasetWriteError names the output file
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    mixture = load_mixture(args.mixture, data_root=args.data_root)
+    overrides = {k: v for k, v in (("seq_length", args.seq_length), ("over_length", args.over_length),
+                                   ("seed", args.seed)) if v is not None}
+    mixture = dataclasses.replace(mixture, **overrides)
+    if mixture.seq_length <= 0:
+        raise MixtureError(f"--seq-length must be positive, got {mixture.seq_length}")
+    tokenizer = build_tokenizer(TokenizerSpec.from_args(args), chat_tokens=True)
+    if describe_added_chat_tokens(tokenizer):
+        print(describe_added_chat_tokens(tokenizer))
+    summaries = preprocess_mixture(mixture, tokenizer, args.output_prefix, skip_bad_records=args.skip_bad_records,
+                                   progress=not args.quiet)
     print(f"\nSFT mixture {args.mixture}: seq_length {mixture.seq_length} (examples up to {mixture.seq_length + 1} "
           f"tokens), over-length policy {mixture.over_length}, seed {mixture.seed}")
     print(format_summary(summaries))

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
+from megatron_lime.errors import LimeInputError
+
 OverLengthPolicy = Literal["drop", "truncate"]
 OVER_LENGTH_POLICIES: tuple[str, ...] = ("drop", "truncate")
 
@@ -148,7 +150,7 @@ def render(encoded: EncodedExample, ids: TemplateIds, max_tokens: int | None = N
         example only when its first turn alone is too long.
     """
     if over_length not in OVER_LENGTH_POLICIES:
-        raise ValueError(f"over_length must be one of {OVER_LENGTH_POLICIES}, got {over_length!r}")
+        raise LimeInputError(f"over_length must be one of {OVER_LENGTH_POLICIES}, got {over_length!r}")
     turn_parts = [_turn_tokens(user, assistant, ids) for user, assistant in encoded.turns]
     turn_lengths = [len(tokens) for tokens, _ in turn_parts]
     context = encoded.context

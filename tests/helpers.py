@@ -176,3 +176,29 @@ def run_with_benchmarks(code: str, *args: str, timeout: int = 300, **env: str) -
                           env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(path)}, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tiny_corpus_with_tokenizer(root, num_docs: int = 120) -> tuple[str, str, list[dict]]:
+    """(corpus.jsonl, tokenizer folder, the corpus's records) under `root`: the preprocessing tests' inputs."""
+    corpus = write_tiny_corpus(os.path.join(root, "corpus.jsonl"), num_docs=num_docs)
+    tokenizer_dir = train_tiny_tokenizer(os.path.join(root, "tokenizer"), corpus)
+    with open(corpus, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return corpus, tokenizer_dir, records
+
+
+def tiny_sft_dataset(root, tokenizer_dir: str, seq_length: int, *mixture_lines: str) -> str:
+    """About 300 dolly-schema examples written under `root` and preprocessed at `seq_length` (plus `mixture_lines`
+    in the mixture file, e.g. "over_length: truncate"); returns the dataset's prefix."""
+    from megatron_lime.data.sft.preprocess import main as preprocess_sft
+    from megatron_lime.sample_data import write_instruction_set
+
+    data = os.path.join(root, "dolly.jsonl")
+    write_instruction_set(data, max_examples=300)
+    mixture = os.path.join(root, "m.yaml")
+    with open(mixture, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in (f"seq_length: {seq_length}", *mixture_lines, "datasets:",
+                                                  f"  - {{name: databricks/databricks-dolly-15k, path: {data}}}")))
+    assert preprocess_sft(["--mixture", mixture, "--tokenizer", tokenizer_dir,
+                           "--output-prefix", os.path.join(root, "dolly"), "--quiet"]) == 0
+    return os.path.join(root, "dolly_text_document")

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import train_tiny_tokenizer, write_tiny_corpus
+from helpers import tiny_corpus_with_tokenizer
 
 from megatron_lime.data.indexed_dataset import IndexedDataset
 from megatron_lime.data import preprocess as preprocessing
@@ -18,11 +18,7 @@ from megatron_lime.tokenizer import load_tokenizer
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("pre")
-    corpus = write_tiny_corpus(str(root / "corpus.jsonl"), num_docs=120)
-    tokenizer_dir = train_tiny_tokenizer(str(root / "tokenizer"), corpus)
-    with open(corpus, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    return corpus, tokenizer_dir, records
+    return tiny_corpus_with_tokenizer(str(root))
 
 
 def preprocess(*args: str) -> int:

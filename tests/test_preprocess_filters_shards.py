@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from helpers import train_tiny_tokenizer, write_tiny_corpus
+from helpers import tiny_corpus_with_tokenizer
 from megatron_lime.data import merge
 
 from megatron_lime.data import preprocess as preprocessing
@@ -21,10 +21,7 @@ def data(tmp_path_factory):
     import pyarrow.parquet as pq
 
     root = tmp_path_factory.mktemp("filters")
-    corpus = write_tiny_corpus(str(root / "corpus.jsonl"), num_docs=120)
-    tokenizer_dir = train_tiny_tokenizer(str(root / "tokenizer"), corpus)
-    with open(corpus, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
+    corpus, tokenizer_dir, records = tiny_corpus_with_tokenizer(str(root))
     for i, record in enumerate(records):
         record["int_score"] = i % 5
         record["language"] = LANGUAGES[i % 7 % 5]

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import train_tiny_tokenizer, write_tiny_corpus
+from helpers import tiny_sft_dataset, train_tiny_tokenizer, write_tiny_corpus
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.data.builder import DatasetConfig, build_datasets, parse_split
@@ -22,7 +22,6 @@ from megatron_lime.data.sft import sample_rows
 from megatron_lime.data.sft.dataset import SFTDataset, SFTOptions, pack_best_fit, split_example_ids
 from megatron_lime.data.sft.preprocess import SFTDataError
 from megatron_lime.model import LimeModel
-from megatron_lime.sample_data import write_instruction_set
 from megatron_lime.tokenizer import load_tokenizer
 
 SEQ = 128  # lime-tiny's max_position_embeddings
@@ -143,13 +142,7 @@ def test_caps_weights_and_determinism(tmp_path, tokenizer_dir, capsys):
 @pytest.fixture(scope="module")
 def dolly_prefix(tmp_path_factory, tokenizer_dir):
     """~300 dolly-schema examples about the standard library, preprocessed at SEQ."""
-    tmp = tmp_path_factory.mktemp("sft_dolly")
-    write_instruction_set(str(tmp / "dolly.jsonl"), max_examples=300)
-    (tmp / "m.yaml").write_text(f"seq_length: {SEQ}\ndatasets:\n"
-                                f"  - {{name: databricks/databricks-dolly-15k, path: {tmp / 'dolly.jsonl'}}}\n")
-    assert preprocess(["--mixture", str(tmp / "m.yaml"), "--tokenizer", tokenizer_dir,
-                       "--output-prefix", str(tmp / "dolly")]) == 0
-    return str(tmp / "dolly_text_document")
+    return tiny_sft_dataset(str(tmp_path_factory.mktemp("sft_dolly")), tokenizer_dir, SEQ)
 
 
 def check_sequence(item: dict, tokens: IndexedDataset, masks: IndexedDataset, pad_id: int) -> list[int]:

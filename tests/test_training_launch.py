@@ -269,17 +269,9 @@ def test_sigterm_to_the_launcher_completes_the_checkpoint_and_the_resumed_run_ma
 @pytest.fixture(scope="module")
 def tiny_sft_data(tiny_data, tmp_path_factory):
     """~300 dolly-schema examples, preprocessed with the pretraining run's tokenizer (seq 64)."""
-    from megatron_lime.sample_data import write_instruction_set
-    from megatron_lime.data.sft.preprocess import main as preprocess_sft
+    from helpers import tiny_sft_dataset
 
-    tmp = tmp_path_factory.mktemp("sft")
-    write_instruction_set(str(tmp / "dolly.jsonl"), max_examples=300)
-    (tmp / "m.yaml").write_text(f"seq_length: 64\nover_length: truncate\ndatasets:\n"
-                                f"  - {{name: databricks/databricks-dolly-15k, path: {tmp / 'dolly.jsonl'}}}\n")
-    rc = preprocess_sft(["--mixture", str(tmp / "m.yaml"), "--tokenizer", tiny_data[1],
-                                                "--output-prefix", str(tmp / "dolly"), "--quiet"])
-    assert rc == 0
-    return str(tmp / "dolly_text_document")
+    return tiny_sft_dataset(str(tmp_path_factory.mktemp("sft")), tiny_data[1], 64, "over_length: truncate")
 
 
 def test_sft_script_finetunes_from_consolidated_weights(runs, tiny_data, tiny_sft_data, tmp_path):

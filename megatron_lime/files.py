@@ -57,14 +57,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def naming_output(path: str | os.PathLike) -> Iterator[None]:
-    """Re-raise an OSError while writing `path` as an OutputWriteError that names it (not its temporary name)."""
+def naming_output(path: str | os.PathLike, error_type: type[OutputWriteError] = OutputWriteError) -> Iterator[None]:
+    """Re-raise an OSError while writing `path` as an `error_type` (OutputWriteError or a package's subclass of
+    it) that names `path` (not its temporary name)."""
     try:
         yield
-    except OutputWriteError:
+    except error_type:
         raise
     except OSError as err:
-        raise OutputWriteError(str(path), err) from err
+        raise error_type(str(path), err) from err
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from typing import IO
 import numpy as np
 
 from megatron_lime.errors import LimeInputError, OutputWriteError
-from megatron_lime.files import atomic_write
+from megatron_lime.files import atomic_write, naming_output
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -59,17 +59,6 @@ class IndexedDatasetError(LimeInputError):
 
 class DatasetWriteError(OutputWriteError):
     """The output of a writer could not be written (read-only or full disk): names the output and the OS reason."""
-
-
-@contextlib.contextmanager
-def _output_errors(path: str):
-    """Re-raise an OSError while writing `path` as one that names it (the temporary name means nothing to a user)."""
-    try:
-        yield
-    except DatasetWriteError:
-        raise
-    except OSError as e:
-        raise DatasetWriteError(path, e) from e
 
 
 def best_dtype(vocab_size: int) -> type:
@@ -107,7 +96,7 @@ class IndexedDatasetWriter:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype {np.dtype(dtype)} has no code in the indexed dataset format")
         self.itemsize = np.dtype(self.dtype).itemsize
-        with _output_errors(self.bin_path):
+        with naming_output(self.bin_path, DatasetWriteError):
             os.makedirs(os.path.dirname(os.path.abspath(self.bin_path)), exist_ok=True)
             self._bin_writer = atomic_write(self.bin_path, "wb")
             self.bin_file: IO[bytes] = self._bin_writer.__enter__()
@@ -154,7 +143,7 @@ class IndexedDatasetWriter:
         self.num_tokens += int(other.sequence_lengths.sum(dtype=np.int64))
 
     def _write(self, data: bytes) -> None:
-        with _output_errors(self.bin_path):
+        with naming_output(self.bin_path, DatasetWriteError):
             self.bin_file.write(data)
 
     def _as_tokens(self, ids: np.ndarray | list[int]) -> np.ndarray:
@@ -173,11 +162,11 @@ class IndexedDatasetWriter:
             return
         bin_renamed = False
         try:
-            with _output_errors(self.idx_path), atomic_write(self.idx_path, "wb") as index_file:
+            with naming_output(self.idx_path, DatasetWriteError), atomic_write(self.idx_path, "wb") as index_file:
                 _write_index_to(index_file, self.dtype, np.frombuffer(self.lengths, dtype=np.int32))
                 index_file.flush()
                 os.fsync(index_file.fileno())  # a full disk fails here, before anything is renamed
-                with _output_errors(self.bin_path):
+                with naming_output(self.bin_path, DatasetWriteError):
                     self.closed = True
                     self._bin_writer.__exit__(None, None, None)  # fsync and rename the .bin
                     bin_renamed = True

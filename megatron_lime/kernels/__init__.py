@@ -6,6 +6,7 @@ references.
     h, y = kernels.add_rms_norm(x, delta, weight, eps)  # h = x + delta, y = rms_norm(h): one read of x
     a = kernels.silu(x)                               # any shape -> same shape
     kernels.backend()                                 # e.g. "fused-cpu": what the default device uses
+    kernels.ms_per_call(fn, device, calls)            # the one device timer (the plan's and the benchmarks')
 
 The backend is chosen once at import (see _backend.py: LIME_KERNELS=auto|reference|fused|apex)
 and dispatched per tensor device, so CPU tensors take the CPU kernels even on a GPU machine; on

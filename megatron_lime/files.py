@@ -119,7 +119,7 @@ def write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2, sort_k
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a malformed one raises ValueError naming the file, line and reason."""
+    """Read a JSON file; a malformed one raises LimeInputError (a ValueError) naming the file, line and reason."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)

@@ -9,10 +9,11 @@ import torch
 
 from megatron_lime.config import LimeConfig
 from megatron_lime.model import LimeModel
-from megatron_lime.checkpoint import CheckpointError, resolve_load
+from megatron_lime.checkpoint import CheckpointError, LoadSource, resolve_load
 from megatron_lime.checkpoint import read_consolidated as load_consolidated
 from megatron_lime.checkpoint import write_consolidated as save_consolidated
-from megatron_lime.training.config import TrainingConfig, parse_training_args, train_iters
+from megatron_lime.training import checkpointing
+from megatron_lime.training.config import CheckpointConfig, TrainingConfig, parse_training_args, train_iters
 from megatron_lime.training.data import MicroBatchSampler
 from megatron_lime.training.metrics import StepMetrics, peak_tflops_for
 from megatron_lime.training.schedule import lr_at, lr_for_config, warmup_steps
@@ -207,3 +208,27 @@ def test_the_cpu_memory_figure_counts_what_the_process_owns_not_the_files_it_map
     assert rss_mib > 90, "the file's pages were not resident: the test proves nothing"
     assert mapped_mib < 4
     assert 90 < allocated_mib < 110
+
+
+def test_restore_checks_what_load_names_against_the_run(monkeypatch, tmp_path):
+    """restore(): an empty --load directory starts from scratch (with a warning); a full resume must come from the
+    same model and continue at the run's global batch; each refusal is one CheckpointError naming the checkpoint."""
+    model = LimeConfig.from_name("lime-tiny").to_dict()
+    said = []
+    state = checkpointing.restore(None, None, CheckpointConfig(load=str(tmp_path)), model, {}, 8, said.append)
+    assert state == checkpointing.TrainState() and "holds no checkpoint yet" in said[0]
+
+    class Resuming:  # the Checkpointer's DeepSpeed load: the state a save at iteration 2 of 5-sample batches holds
+        def resume(self, engine, source, weights_only, universal):
+            return checkpointing.TrainState(iteration=2, consumed_samples=10, consumed_tokens=640)
+
+    source = LoadSource("deepspeed", "/runs/a", tag="global_step2", meta={"model": model})
+    monkeypatch.setattr(checkpointing, "find_load_source", lambda options, say: source)
+    options = CheckpointConfig(load="/runs/a")
+    assert checkpointing.restore(None, Resuming(), options, model, {}, 5, said.append).iteration == 2
+    with pytest.raises(CheckpointError, match="/runs/a: the checkpoint at iteration 2 has consumed 10 samples; "
+                                              "with --global-batch-size 8"):
+        checkpointing.restore(None, Resuming(), options, model, {}, 8, said.append)
+    with pytest.raises(CheckpointError, match="the checkpoint's model differs from this run's: num_layers"):
+        checkpointing.restore(None, Resuming(), options, {**model, "num_layers": 3}, {}, 5, said.append)
+

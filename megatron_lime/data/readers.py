@@ -360,8 +360,6 @@ def _iter_arrow_rows(batches, path: str) -> Iterator[tuple[RowLocation, Row]]:
             for record in batch.to_pylist():
                 yield RowLocation(path, row), record
                 row += 1
-    except BadRecordError:
-        raise
     except Exception as e:  # a corrupt page part-way through the file: pyarrow raises several types
         raise BadRecordError(path, f"row {row}", f"unreadable data ({type(e).__name__}: {e})") from None
 
@@ -378,9 +376,10 @@ def iter_records(source: InputSource, keys: tuple[str, ...]) -> Iterator[tuple[s
         except GZIP_ERRORS as e:
             raise BadRecordError(source.path, "file", gzip_error_reason(e)) from None
         try:
-            yield (data.decode("utf-8"),) * len(keys)
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BadRecordError(source.path, f"byte {e.start}", "invalid UTF-8") from None
+        yield (text,) * len(keys)
         return
     columns = keys if source.kind in ("parquet", "datasets") else None
     for location, row in iter_rows(source, columns=columns):

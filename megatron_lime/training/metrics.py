@@ -169,19 +169,20 @@ class StepMetrics:
                 f" time left {format_duration(self.seconds_left)}")
 
 
+@dataclass
 class StepWindow:
     """The steps since the last log line. Losses and gradient norms stay on the device, summed there, and are read
     once, when the window closes into the log line's StepMetrics: a step never waits for the GPU on the log's
     account. The run's constants are given once."""
 
-    def __init__(self, train_iters: int, tokens_per_step: int, world_size: int, flops_per_token: float,
-                 peak_tflops: float | None, device: torch.device):
-        self.train_iters = train_iters
-        self.tokens_per_step = tokens_per_step
-        self.world_size = world_size
-        self.flops_per_token = flops_per_token
-        self.peak_tflops = peak_tflops
-        self.device = device
+    train_iters: int
+    tokens_per_step: int
+    world_size: int
+    flops_per_token: float
+    peak_tflops: float | None
+    device: torch.device
+
+    def __post_init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
